@@ -1,0 +1,3 @@
+// pipar: the command-line trainer (placeholder until the trainer lands).
+#include <cstdio>
+int main() { std::puts("pipar"); return 0; }

@@ -1,0 +1,18 @@
+// CPU threading: one process-wide thread count (default: all cores), used by every CPU kernel.
+#pragma once
+#include <cstdint>
+
+namespace pipar::kernels {
+
+void set_num_threads(int n);  // n <= 0 means all cores
+int num_threads();
+int hardware_threads();
+
+// The widest vector instruction set the CPU kernels use on this machine (detected at run time).
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+// Force a narrower ISA (tests and benchmarks compare paths); PIPAR_ISA=generic|avx2|avx512 does too.
+void set_cpu_isa(Isa isa);
+
+}  // namespace pipar::kernels
