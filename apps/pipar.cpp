@@ -1,3 +1,194 @@
-// pipar: the command-line trainer (placeholder until the trainer lands).
+// pipar: the command-line program. `pipar train` trains (local mode now; the distributed modes come
+// with the transport), `pipar models` lists the model zoo with split points, `pipar devices` the
+// backends found.
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <csignal>
 #include <cstdio>
-int main() { std::puts("pipar"); return 0; }
+#include <iostream>
+#include <sstream>
+
+#include "kernels/device.h"
+#include "kernels/parallel.h"
+#include "runtime/trainer.h"
+
+using namespace pipar;
+
+namespace {
+
+// --- progress on stderr: a redrawn bar on a terminal, plain lines otherwise -------------------------
+class ProgressBar : public ProgressSink {
+ public:
+  ProgressBar() : tty_(isatty(STDERR_FILENO) != 0) {}
+  void on_start(const std::string& d) override { std::fprintf(stderr, "%s\n", d.c_str()); }
+  void on_batch(int epoch, int epochs, int64_t batch, int64_t batches, int64_t samples, double seconds, double loss,
+                double acc) override {
+    const double rate = seconds > 0 ? samples / seconds : 0;
+    const double eta = batch > 0 ? seconds / batch * (batches - batch) : 0;
+    if (tty_) {
+      const int width = 30;
+      const int filled = static_cast<int>(width * batch / std::max<int64_t>(1, batches));
+      std::string bar(filled, '#');
+      bar.resize(width, '.');
+      std::fprintf(stderr, "\repoch %d/%d [%s] %3d%% %6.0f samples/s  loss %.4f  acc %5.2f%%  ETA %4.0fs ", epoch, epochs,
+                   bar.c_str(), static_cast<int>(100 * batch / std::max<int64_t>(1, batches)), rate, loss, 100 * acc, eta);
+      std::fflush(stderr);
+      return;
+    }
+    // Not a terminal: a line every 10% of an epoch.
+    const int64_t step = std::max<int64_t>(1, batches / 10);
+    if (batch % step == 0 || batch == batches)
+      std::fprintf(stderr, "epoch %d/%d batch %lld/%lld  %.0f samples/s  loss %.4f  acc %.2f%%  ETA %.0fs\n", epoch,
+                   epochs, static_cast<long long>(batch), static_cast<long long>(batches), rate, loss, 100 * acc, eta);
+  }
+  void on_epoch(const EpochMetrics& m, int epochs) override {
+    if (tty_) std::fprintf(stderr, "\n");
+    std::fprintf(stderr,
+                 "epoch %d/%d done: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.1f s (%.0f samples/s), "
+                 "eval %.1f s\n",
+                 m.epoch, epochs, m.train_loss, 100 * m.train_accuracy, m.test_loss, 100 * m.test_accuracy,
+                 m.train_seconds, m.samples_per_second, m.eval_seconds);
+  }
+  void on_message(const std::string& line) override {
+    if (tty_) std::fprintf(stderr, "\n");
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+
+ private:
+  bool tty_;
+};
+
+void on_signal(int) { stop_requested() = true; }
+
+std::string human_bytes(double b) {
+  char buf[32];
+  if (b >= 1 << 20) std::snprintf(buf, sizeof buf, "%.2f MiB", b / (1 << 20));
+  else if (b >= 1 << 10) std::snprintf(buf, sizeof buf, "%.1f KiB", b / (1 << 10));
+  else std::snprintf(buf, sizeof buf, "%.0f B", b);
+  return buf;
+}
+
+Shape4 dataset_input(const std::string& ds) {
+  if (ds == "cifar10" || ds == "synthetic-cifar") return {1, 3, 32, 32};
+  if (ds == "fmnist" || ds == "fashion-mnist" || ds == "mnist" || ds == "synthetic") return {1, 1, 28, 28};
+  throw Error("unknown data set '" + ds + "' (fmnist, mnist, cifar10, synthetic, synthetic-cifar)");
+}
+
+int cmd_models(const std::string& only, const std::string& dataset, const std::string& norm, int batch) {
+  ModelOptions o;
+  o.input = dataset_input(dataset);
+  o.batch_norm = norm != "none";
+  for (const std::string& name : model_names()) {
+    if (!only.empty() && only != name) continue;
+    auto m = build_model(name, o);
+    std::printf("%s — %zu blocks, %lld parameters, input %s, %.1f MFLOP forward per sample\n", name.c_str(),
+                m->num_blocks(), static_cast<long long>(m->param_count()), o.input.str().c_str(),
+                m->forward_flops() / 1e6);
+    std::printf("  %-5s %-10s %-16s %12s %14s %14s  %s\n", "block", "kind", "output", "params", "cut activation",
+                ("x batch " + std::to_string(batch)).c_str(), "layers");
+    int64_t cumulative = 0;
+    for (size_t i = 0; i < m->num_blocks(); ++i) {
+      const Shape4 s = m->block_out_shape(i);
+      const int64_t p = m->param_count(i, i + 1);
+      cumulative += p;
+      const std::string cut = i + 1 < m->num_blocks() ? human_bytes(s.numel() * 4.0) : "-";
+      const std::string cutb = i + 1 < m->num_blocks() ? human_bytes(s.numel() * 4.0 * batch) : "-";
+      std::ostringstream shape;
+      shape << s.c << "x" << s.h << "x" << s.w;
+      std::printf("  %-5zu %-10s %-16s %12lld %14s %14s  %s\n", i + 1, m->block(i).kind.c_str(), shape.str().c_str(),
+                  static_cast<long long>(p), cut.c_str(), cutb.c_str(), m->block(i).body->describe().c_str());
+    }
+    std::printf("  (split point P cuts after block P: the device runs blocks 1..P and sends the cut activation)\n\n");
+  }
+  if (!only.empty()) {
+    bool found = false;
+    for (const auto& n : model_names()) found |= n == only;
+    if (!found) build_model(only, o);  // throws the list of known models
+  }
+  return 0;
+}
+
+int cmd_devices() {
+  std::printf("CPU: %d hardware threads, vector ISA %s\n", kernels::hardware_threads(),
+              kernels::isa_name(kernels::cpu_isa()));
+  if (!kernels::cuda_built()) {
+    std::printf("CUDA: not built (%s)\n", kernels::cuda_unavailable_reason().c_str());
+    return 0;
+  }
+  const std::string why = kernels::cuda_unavailable_reason();
+  if (!why.empty()) std::printf("CUDA: built, %s\n", why.c_str());
+  else std::printf("CUDA: %d device(s)%s\n", kernels::cuda_device_count(), kernels::cuda_ops_built() ? "" : " (CUDA kernels not built yet)");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"PiPar: pipelined split learning across CPU edge devices and a GPU server"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "pipar 0.1.0");
+
+  TrainConfig cfg;
+  auto* train = app.add_subcommand("train", "Train a model (writes metrics.jsonl and summary.json under --out)");
+  train->add_option("--mode", cfg.mode, "local (whole model, one process); fl, sl, sfl, pipar come with the distributed runtime")
+      ->capture_default_str();
+  train->add_option("--model", cfg.model, "Model: vgg5, vgg11, vgg16, resnet18, resnet50, mobilenetv3-small, mobilenetv3-large")
+      ->capture_default_str();
+  train->add_option("--dataset", cfg.dataset, "fmnist, mnist, cifar10, synthetic, synthetic-cifar")->capture_default_str();
+  train->add_option("--data-dir", cfg.data_dir, "Directory of the data files (default: the data set's standard place)");
+  train->add_option("--norm", cfg.norm, "VGG normalization: batch or none")->capture_default_str();
+  train->add_option("--epochs", cfg.epochs, "Epochs")->capture_default_str()->check(CLI::PositiveNumber);
+  train->add_option("--batch-size", cfg.batch_size, "Batch size")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  train->add_option("--lr", cfg.lr, "SGD learning rate")->capture_default_str();
+  train->add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str();
+  train->add_option("--weight-decay", cfg.weight_decay, "SGD weight decay")->capture_default_str();
+  train->add_option("--threads,--device-threads", cfg.threads, "CPU threads (0: all cores)")->capture_default_str();
+  train->add_option("--backend", cfg.backend, "cpu, cuda or auto")->capture_default_str();
+  train->add_option("--seed", cfg.seed, "Seed: initialization, shuffling, augmentation")->capture_default_str();
+  train->add_option("--limit-train", cfg.limit_train, "Use only the first N training samples (0: all)");
+  train->add_option("--limit-test", cfg.limit_test, "Use only the first N test samples (0: all)");
+  train->add_option("--devices", cfg.devices, "Devices (distributed modes)")->capture_default_str();
+  train->add_option("--split", cfg.split, "Split point P (distributed modes)");
+  train->add_option("--micro-batches", cfg.micro_batches, "Micro-batches per batch (pipar mode)");
+  train->add_option("--partition", cfg.partition, "iid or dirichlet (distributed modes)")->capture_default_str();
+  train->add_option("--out", cfg.out_dir, "Output directory (default runs/<timestamp>)");
+  train->add_option("--save", cfg.save_path, "Checkpoint written after every epoch");
+  train->add_option("--load", cfg.load_path, "Resume from a checkpoint");
+  train->add_flag("!--no-augment", cfg.augment, "CIFAR-10: no random crop and flip");
+
+  std::string models_only, models_dataset = "fmnist", models_norm = "batch";
+  int models_batch = 100;
+  auto* models = app.add_subcommand("models", "List the models: blocks, parameters and the activation at every cut");
+  models->add_option("--model", models_only, "Only this model");
+  models->add_option("--dataset", models_dataset, "Input shape of this data set")->capture_default_str();
+  models->add_option("--norm", models_norm, "batch or none")->capture_default_str();
+  models->add_option("--batch-size", models_batch, "Batch size for the per-batch cut size")->capture_default_str();
+
+  auto* devices = app.add_subcommand("devices", "Show the CPU and the CUDA devices found");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (*models) return cmd_models(models_only, models_dataset, models_norm, models_batch);
+    if (*devices) return cmd_devices();
+    if (*train) {
+      if (cfg.mode != "local")
+        throw Unsupported("--mode " + cfg.mode +
+                          " needs the distributed runtime (server and device processes), which is not built yet; use "
+                          "--mode local");
+      std::signal(SIGINT, on_signal);
+      std::signal(SIGTERM, on_signal);
+      ProgressBar bar;
+      const TrainResult r = train_local(cfg, &bar);
+      std::printf("%s: test accuracy %.2f%% after %zu epoch(s), %.1f s training (%.1f s wall); outputs in %s\n",
+                  r.interrupted ? "interrupted" : "done", 100 * r.test_accuracy, r.epochs.size(), r.train_seconds,
+                  r.wall_seconds, r.out_dir.c_str());
+      return r.interrupted ? 130 : 0;
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "pipar: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -9,7 +9,8 @@
 
 namespace pipar::kernels {
 
-bool cuda_built();                     // the CUDA backend was compiled in
+bool cuda_built();                     // the CUDA runtime part was compiled in
+bool cuda_ops_built();                 // ... and every op of ops.h has a CUDA implementation
 std::string cuda_unavailable_reason(); // "" when a CUDA device is usable, else why not
 inline bool cuda_available() { return cuda_unavailable_reason().empty(); }
 int cuda_device_count();               // 0 where none is usable

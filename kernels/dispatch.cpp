@@ -364,6 +364,7 @@ void sgd_step(const SgdParams& p, View param, ConstView grad, View momentum_buf,
 // --- devices and memory ---------------------------------------------------------------------------
 
 bool cuda_built() { return PIPAR_HAS_CUDA != 0; }
+bool cuda_ops_built() { return PIPAR_HAS_CUDA != 0 && PIPAR_CUDA_OPS != 0; }
 
 std::string cuda_unavailable_reason() {
 #if PIPAR_HAS_CUDA

@@ -1,0 +1,212 @@
+// Checkpoint writing and reading (format in checkpoint.h).
+#include "runtime/checkpoint.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+
+namespace pipar {
+namespace {
+
+constexpr char kMagic[8] = {'P', 'I', 'P', 'A', 'R', 'C', 'K', 'P'};
+constexpr uint64_t kMaxMeta = 1 << 20;
+
+struct Writer {
+  std::string buf;
+  template <class T>
+  void put(T v) {
+    buf.append(reinterpret_cast<const char*>(&v), sizeof(T));
+  }
+  void put_bytes(const void* p, size_t n) { buf.append(static_cast<const char*>(p), n); }
+};
+
+struct Reader {
+  const std::string& buf;
+  const std::string& path;
+  size_t pos = 0;
+  void need(size_t n) const {
+    if (pos + n > buf.size())
+      throw IoError(detail::concat("checkpoint ", path, " is truncated (needed ", n, " bytes at offset ", pos,
+                                   ", file has ", buf.size(), ")"));
+  }
+  template <class T>
+  T get() {
+    need(sizeof(T));
+    T v;
+    std::memcpy(&v, buf.data() + pos, sizeof(T));
+    pos += sizeof(T);
+    return v;
+  }
+  std::string get_string(size_t n) {
+    need(n);
+    std::string s = buf.substr(pos, n);
+    pos += n;
+    return s;
+  }
+};
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw IoError("checkpoint " + path + " not found or unreadable");
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+nlohmann::json meta_to_json(const CheckpointMeta& m) {
+  nlohmann::json j;
+  j["model"] = m.model;
+  j["input"] = {m.options.input.c, m.options.input.h, m.options.input.w};
+  j["num_classes"] = m.options.num_classes;
+  j["batch_norm"] = m.options.batch_norm;
+  j["width"] = m.options.width;
+  j["seed"] = m.options.seed;
+  j["epoch"] = m.epoch;
+  j["extra"] = nlohmann::json::parse(m.extra_json.empty() ? "{}" : m.extra_json);
+  return j;
+}
+
+// Validates the header and checksum; returns the metadata and leaves the reader after it.
+CheckpointMeta parse_header(Reader& r) {
+  const std::string& path = r.path;
+  if (r.buf.size() < sizeof(kMagic) + 12 || std::memcmp(r.buf.data(), kMagic, sizeof(kMagic)) != 0)
+    throw IoError("checkpoint " + path + " is not a PiPar checkpoint (bad magic or too short)");
+  uint32_t stored_crc;
+  std::memcpy(&stored_crc, r.buf.data() + r.buf.size() - 4, 4);
+  const uint32_t crc = static_cast<uint32_t>(
+      crc32(0L, reinterpret_cast<const Bytef*>(r.buf.data()), static_cast<uInt>(r.buf.size() - 4)));
+  if (crc != stored_crc) throw IoError("checkpoint " + path + " is corrupt: checksum mismatch (truncated or modified file)");
+  r.pos = sizeof(kMagic);
+  const uint32_t version = r.get<uint32_t>();
+  if (version != kCheckpointVersion)
+    throw IoError(detail::concat("checkpoint ", path, " has format version ", version, "; this build reads version ",
+                                 kCheckpointVersion));
+  const uint32_t meta_len = r.get<uint32_t>();
+  if (meta_len > kMaxMeta) throw IoError("checkpoint " + path + ": metadata too large");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(r.get_string(meta_len));
+    CheckpointMeta m;
+    m.model = j.at("model").get<std::string>();
+    m.options.input = {1, j.at("input").at(0).get<int64_t>(), j.at("input").at(1).get<int64_t>(),
+                       j.at("input").at(2).get<int64_t>()};
+    m.options.num_classes = j.at("num_classes").get<int>();
+    m.options.batch_norm = j.at("batch_norm").get<bool>();
+    m.options.width = j.at("width").get<float>();
+    m.options.seed = j.at("seed").get<uint64_t>();
+    m.epoch = j.at("epoch").get<int>();
+    m.extra_json = j.value("extra", nlohmann::json::object()).dump();
+    return m;
+  } catch (const nlohmann::json::exception& e) {
+    throw IoError("checkpoint " + path + ": bad metadata: " + e.what());
+  }
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta& meta) {
+  Writer w;
+  w.put_bytes(kMagic, sizeof(kMagic));
+  w.put<uint32_t>(kCheckpointVersion);
+  const std::string mj = meta_to_json(meta).dump();
+  w.put<uint32_t>(static_cast<uint32_t>(mj.size()));
+  w.put_bytes(mj.data(), mj.size());
+
+  struct Item {
+    std::string name;
+    uint8_t kind;
+    const Tensor* t;
+  };
+  std::vector<Item> items;
+  const auto params = model.params();
+  const auto buffers = model.buffers();
+  for (Param* p : params) {
+    items.push_back({p->name, 0, &p->value});
+    items.push_back({p->name, 1, &p->momentum});
+  }
+  for (const Buffer& b : buffers) items.push_back({b.name, 2, b.value});
+  w.put<uint32_t>(static_cast<uint32_t>(items.size()));
+  for (const Item& it : items) {
+    w.put<uint16_t>(static_cast<uint16_t>(it.name.size()));
+    w.put_bytes(it.name.data(), it.name.size());
+    w.put<uint8_t>(it.kind);
+    const Shape4 s = it.t->shape();
+    for (int64_t d : {s.n, s.c, s.h, s.w}) w.put<int64_t>(d);
+    const std::vector<float> v = it.t->to_vector();
+    w.put_bytes(v.data(), v.size() * sizeof(float));
+  }
+  w.put<uint32_t>(static_cast<uint32_t>(crc32(0L, reinterpret_cast<const Bytef*>(w.buf.data()), static_cast<uInt>(w.buf.size()))));
+
+  const std::filesystem::path target(path);
+  if (target.has_parent_path()) std::filesystem::create_directories(target.parent_path());
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw IoError("cannot write checkpoint " + tmp + ": " + std::strerror(errno));
+  size_t off = 0;
+  while (off < w.buf.size()) {
+    const ssize_t n = ::write(fd, w.buf.data() + off, w.buf.size() - off);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const std::string err = std::strerror(errno);
+      ::close(fd);
+      throw IoError("cannot write checkpoint " + tmp + ": " + err);
+    }
+    off += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) throw IoError("cannot flush checkpoint " + tmp + ": " + std::strerror(errno));
+  std::filesystem::rename(tmp, target);
+}
+
+CheckpointMeta read_checkpoint_meta(const std::string& path) {
+  const std::string buf = read_file(path);
+  Reader r{buf, path};
+  return parse_header(r);
+}
+
+CheckpointMeta load_checkpoint(const std::string& path, Model& model) {
+  const std::string buf = read_file(path);
+  Reader r{buf, path};
+  CheckpointMeta meta = parse_header(r);
+  if (meta.model != model.name())
+    throw IoError("checkpoint " + path + " holds model " + meta.model + ", not " + model.name());
+
+  std::map<std::pair<std::string, uint8_t>, Tensor*> targets;
+  for (Param* p : model.params()) {
+    targets[{p->name, 0}] = &p->value;
+    targets[{p->name, 1}] = &p->momentum;
+  }
+  for (const Buffer& b : model.buffers()) targets[{b.name, 2}] = b.value;
+
+  const uint32_t count = r.get<uint32_t>();
+  if (count != targets.size())
+    throw IoError(detail::concat("checkpoint ", path, " holds ", count, " tensors but model ", model.name(), " has ",
+                                 targets.size()));
+  for (uint32_t i = 0; i < count; ++i) {
+    const uint16_t name_len = r.get<uint16_t>();
+    const std::string name = r.get_string(name_len);
+    const uint8_t kind = r.get<uint8_t>();
+    Shape4 s;
+    s.n = r.get<int64_t>(), s.c = r.get<int64_t>(), s.h = r.get<int64_t>(), s.w = r.get<int64_t>();
+    auto it = targets.find({name, kind});
+    if (it == targets.end())
+      throw IoError("checkpoint " + path + " has tensor " + name + " that model " + model.name() + " lacks");
+    Tensor* t = it->second;
+    if (!(t->shape() == s))
+      throw IoError("checkpoint " + path + ": tensor " + name + " has shape " + s.str() + " but the model expects " +
+                    t->shape().str());
+    const size_t bytes = static_cast<size_t>(s.numel()) * sizeof(float);
+    r.need(bytes);
+    Tensor host = Tensor::empty(s);
+    std::memcpy(host.data(), buf.data() + r.pos, bytes);
+    r.pos += bytes;
+    *t = host.to(t->device());
+  }
+  if (r.pos + 4 != buf.size()) throw IoError("checkpoint " + path + " has trailing bytes after its tensors");
+  return meta;
+}
+
+}  // namespace pipar

@@ -1,0 +1,43 @@
+// Softmax cross-entropy with accuracy, and SGD over parameter lists.
+#include "runtime/loss.h"
+
+namespace pipar {
+
+LossStats softmax_cross_entropy(const Tensor& logits, const Tensor& labels, float scale, Tensor* dlogits, StreamRef s) {
+  const Shape4 ls = logits.shape();
+  Tensor probs = Tensor::empty(ls, logits.device());
+  Tensor losses = Tensor::empty({ls.n, 1, 1, 1}, logits.device());
+  kernels::softmax_cross_entropy_forward(logits.view(), labels.iview(), probs.view(), losses.view(), s);
+  if (dlogits) {
+    if (!dlogits->defined() || !(dlogits->shape() == ls)) *dlogits = Tensor::empty(ls, logits.device());
+    kernels::softmax_cross_entropy_backward(probs.view(), labels.iview(), scale, dlogits->view(), s);
+  }
+  // Statistics on the host (a small [n] and [n, k] copy on CUDA).
+  const std::vector<float> l = losses.to_vector();
+  const std::vector<float> p = probs.to_vector();
+  const std::vector<int32_t> y = labels.to_ivector();
+  LossStats st;
+  const int64_t k = ls.per_sample();
+  for (int64_t i = 0; i < ls.n; ++i) {
+    st.loss_sum += l[i];
+    int64_t best = 0;
+    for (int64_t j = 1; j < k; ++j)
+      if (p[i * k + j] > p[i * k + best]) best = j;
+    st.correct += best == y[i];
+  }
+  st.count = ls.n;
+  return st;
+}
+
+void Sgd::step(const std::vector<Param*>& params, StreamRef s) {
+  kernels::SgdParams no_decay = p_;
+  no_decay.weight_decay = 0.0f;
+  for (Param* p : params)
+    kernels::sgd_step(p->decay ? p_ : no_decay, p->value.view(), p->grad.view(), p->momentum.view(), s);
+}
+
+void Sgd::zero_grad(const std::vector<Param*>& params) {
+  for (Param* p : params) p->grad.zero();
+}
+
+}  // namespace pipar

@@ -1,0 +1,40 @@
+// Training-step helpers shared by every mode: softmax cross-entropy with accuracy, and SGD over a
+// list of parameters.
+#pragma once
+#include <vector>
+
+#include "kernels/ops.h"
+#include "runtime/layers.h"
+
+namespace pipar {
+
+struct LossStats {
+  double loss_sum = 0;  // sum of per-sample losses
+  int64_t correct = 0;  // samples whose arg-max logit is the label
+  int64_t count = 0;
+  LossStats& operator+=(const LossStats& o) {
+    loss_sum += o.loss_sum, correct += o.correct, count += o.count;
+    return *this;
+  }
+  double mean_loss() const { return count ? loss_sum / count : 0.0; }
+  double accuracy() const { return count ? static_cast<double>(correct) / count : 0.0; }
+};
+
+// logits [n, k]; labels int32 [n] on the logits' device. With dlogits non-null, writes the gradient
+// scale * (softmax - onehot): scale = 1/batch for a batch's mean loss, or a micro-batch's share of it.
+LossStats softmax_cross_entropy(const Tensor& logits, const Tensor& labels, float scale, Tensor* dlogits,
+                                StreamRef s = {});
+
+// SGD with momentum (PyTorch semantics); weight decay only on params with decay == true.
+class Sgd {
+ public:
+  explicit Sgd(kernels::SgdParams p) : p_(p) {}
+  void step(const std::vector<Param*>& params, StreamRef s = {});
+  static void zero_grad(const std::vector<Param*>& params);
+  kernels::SgdParams& params() { return p_; }
+
+ private:
+  kernels::SgdParams p_;
+};
+
+}  // namespace pipar

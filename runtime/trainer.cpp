@@ -1,0 +1,312 @@
+// The local training mode and the run outputs every mode shares.
+#include "runtime/trainer.h"
+
+#include <chrono>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "kernels/device.h"
+#include "kernels/parallel.h"
+#include "kernels/rng.h"
+#include "runtime/checkpoint.h"
+
+namespace pipar {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+std::atomic<bool>& stop_requested() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+
+Device resolve_backend(const std::string& backend) {
+  if (backend == "cpu") return Device::kCpu;
+  if (backend == "cuda" || backend == "auto") {
+    const std::string why = kernels::cuda_unavailable_reason();
+    if (why.empty() && kernels::cuda_ops_built()) return Device::kCuda;
+    if (backend == "auto") return Device::kCpu;
+    if (!why.empty()) throw Unsupported("--backend cuda: " + why);
+    throw Unsupported("--backend cuda: this build has no CUDA kernels yet (the CUDA backend issue); use --backend cpu");
+  }
+  throw Error("unknown backend '" + backend + "'; use cpu, cuda or auto");
+}
+
+std::string prepare_out_dir(const std::string& out_dir) {
+  std::string dir = out_dir;
+  if (dir.empty()) {
+    const std::time_t t = std::time(nullptr);
+    char buf[32];
+    std::strftime(buf, sizeof buf, "%Y%m%d-%H%M%S", std::localtime(&t));
+    dir = std::string("runs/") + buf;
+  }
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw IoError("cannot create output directory " + dir + ": " + ec.message());
+  return dir;
+}
+
+namespace {
+// The first n rows of a batch buffer: the buffers themselves when full, exact-size copies otherwise.
+std::pair<Tensor, Tensor> first_rows(const Tensor& images, const Tensor& labels, int64_t n) {
+  if (n == images.shape().n) return {images, labels};
+  const Shape4 s = images.shape();
+  Tensor x = Tensor::empty({n, s.c, s.h, s.w});
+  std::copy(images.data(), images.data() + x.numel(), x.data());
+  Tensor y = Tensor::empty({n, 1, 1, 1}, Device::kCpu, DType::kI32);
+  std::copy(labels.idata(), labels.idata() + n, y.idata());
+  return {x, y};
+}
+}  // namespace
+
+LossStats evaluate(Model& model, const data::Dataset& ds, int batch_size, const Context& ctx_in) {
+  Context ctx = ctx_in;
+  ctx.training = false;
+  LossStats total;
+  std::vector<int64_t> order(static_cast<size_t>(ds.size()));
+  for (int64_t i = 0; i < ds.size(); ++i) order[static_cast<size_t>(i)] = i;
+  const Shape4 ss = ds.sample_shape();
+  Tensor images = Tensor::empty({batch_size, ss.c, ss.h, ss.w});
+  Tensor labels = Tensor::empty({batch_size, 1, 1, 1}, Device::kCpu, DType::kI32);
+  for (int64_t b = 0; b < ds.size(); b += batch_size) {
+    const int64_t n = std::min<int64_t>(batch_size, ds.size() - b);
+    data::gather_batch(ds, order, b, n, images, labels);
+    auto [x, y] = first_rows(images, labels, n);
+    Tensor logits = model.forward(x.to(ctx.device), nullptr, ctx);
+    total += softmax_cross_entropy(logits, y.to(ctx.device), 1.0f, nullptr, ctx.stream);
+  }
+  return total;
+}
+
+namespace {
+
+nlohmann::json epoch_json(const EpochMetrics& m) {
+  return {{"epoch", m.epoch},
+          {"train_loss", m.train_loss},
+          {"train_accuracy", m.train_accuracy},
+          {"test_loss", m.test_loss},
+          {"test_accuracy", m.test_accuracy},
+          {"train_seconds", m.train_seconds},
+          {"eval_seconds", m.eval_seconds},
+          {"samples", m.samples},
+          {"samples_per_second", m.samples_per_second}};
+}
+
+nlohmann::json config_json(const TrainConfig& c) {
+  return {{"mode", c.mode},       {"model", c.model},       {"dataset", c.dataset},
+          {"norm", c.norm},       {"epochs", c.epochs},     {"batch_size", c.batch_size},
+          {"lr", c.lr},           {"momentum", c.momentum}, {"weight_decay", c.weight_decay},
+          {"seed", c.seed},       {"devices", c.devices},   {"split", c.split},
+          {"micro_batches", c.micro_batches}};
+}
+
+void write_json_file(const std::string& path, const nlohmann::json& j) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    if (!f) throw IoError("cannot write " + tmp);
+    f << j.dump(2) << "\n";
+  }
+  fs::rename(tmp, path);
+}
+
+}  // namespace
+
+TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
+  const auto wall_start = Clock::now();
+  if (cfg.epochs < 1) throw Error("--epochs must be at least 1");
+  if (cfg.batch_size < 2) throw Error("--batch-size must be at least 2 (batch-norm needs two samples)");
+  if (cfg.norm != "batch" && cfg.norm != "none") throw Error("--norm must be batch or none, got '" + cfg.norm + "'");
+  kernels::set_num_threads(cfg.threads);
+  const Device device = resolve_backend(cfg.backend);
+  {
+    bool known = false;
+    for (const auto& n : model_names()) known |= n == cfg.model;
+    if (!known) build_model(cfg.model, ModelOptions{});  // throws the list of known models, before loading data
+  }
+
+  data::Dataset train = data::load_dataset(cfg.dataset, cfg.data_dir, true, cfg.seed, cfg.limit_train);
+  data::Dataset test = data::load_dataset(cfg.dataset, cfg.data_dir, false, cfg.seed, cfg.limit_test);
+
+  ModelOptions mo;
+  mo.input = train.sample_shape();
+  mo.num_classes = train.num_classes;
+  mo.batch_norm = cfg.norm == "batch";
+  mo.seed = cfg.seed;
+  int start_epoch = 0;
+  std::unique_ptr<Model> model;
+  if (!cfg.load_path.empty()) {
+    const CheckpointMeta meta = read_checkpoint_meta(cfg.load_path);
+    if (meta.model != cfg.model)
+      throw Error("checkpoint " + cfg.load_path + " holds " + meta.model + ", but --model is " + cfg.model);
+    if (!(meta.options.input == mo.input) || meta.options.num_classes != mo.num_classes)
+      throw Error("checkpoint " + cfg.load_path + " was trained on inputs " + meta.options.input.str() + " with " +
+                  std::to_string(meta.options.num_classes) + " classes; data set " + cfg.dataset + " has " +
+                  mo.input.str());
+    model = build_model(cfg.model, meta.options);
+    start_epoch = load_checkpoint(cfg.load_path, *model).epoch;
+  } else {
+    model = build_model(cfg.model, mo);
+  }
+  model->to(device);
+
+  TrainResult result;
+  result.out_dir = prepare_out_dir(cfg.out_dir);
+  const std::string metrics_path = result.out_dir + "/metrics.jsonl";
+  std::ofstream metrics(metrics_path, start_epoch > 0 ? std::ios::app : std::ios::trunc);
+  if (!metrics) throw IoError("cannot write " + metrics_path);
+
+  if (progress)
+    progress->on_start(detail::concat("local training: ", model->name(), " (", model->param_count(), " params, ",
+                                      model->num_blocks(), " blocks) on ", train.name, " (", train.size(), " train, ",
+                                      test.size(), " test), ", device_name(device), " backend, ",
+                                      kernels::num_threads(), " threads, ", kernels::isa_name(kernels::cpu_isa()),
+                                      ", batch ", cfg.batch_size, ", lr ", cfg.lr, ", momentum ", cfg.momentum));
+
+  kernels::SgdParams sp;
+  sp.lr = cfg.lr;
+  sp.momentum = cfg.momentum;
+  sp.weight_decay = cfg.weight_decay;
+  Sgd opt(sp);
+  const std::vector<Param*> params = model->params();
+  Context ctx;
+  ctx.device = device;
+  ctx.training = true;
+
+  const Shape4 ss = train.sample_shape();
+  const int64_t bs = cfg.batch_size;
+  const bool augment = cfg.augment && train.name.find("cifar") != std::string::npos && ss.h == 32;
+  data::Augment aug;
+  aug.random_crop = aug.hflip = true;
+  // A final batch of one sample is dropped: batch-norm cannot normalize one value per channel.
+  const int64_t batches = train.size() / bs + (train.size() % bs >= 2 ? 1 : 0);
+
+  auto save = [&](int epochs_done, const char* why) {
+    if (cfg.save_path.empty()) return;
+    CheckpointMeta meta;
+    meta.model = model->name();
+    meta.options = model->options();
+    meta.epoch = epochs_done;
+    meta.extra_json = config_json(cfg).dump();
+    save_checkpoint(cfg.save_path, *model, meta);
+    if (progress) progress->on_message(detail::concat("checkpoint (", why, ", ", epochs_done, " epochs) → ", cfg.save_path));
+  };
+
+  int epochs_done = start_epoch;
+  try {
+    Tensor images = Tensor::empty({bs, ss.c, ss.h, ss.w});
+    Tensor labels = Tensor::empty({bs, 1, 1, 1}, Device::kCpu, DType::kI32);
+    Tensor dlogits;
+    for (int epoch = start_epoch; epoch < cfg.epochs && !result.interrupted; ++epoch) {
+      const std::vector<int64_t> order = data::shuffled_indices(train.size(), hash64(cfg.seed, 1000 + epoch));
+      ctx.seed = hash64(cfg.seed, 2000 + epoch);
+      LossStats running;
+      const auto t0 = Clock::now();
+      int64_t b = 0;
+      for (; b < batches; ++b) {
+        if (stop_requested().load()) {
+          result.interrupted = true;
+          break;
+        }
+        const int64_t n = std::min(bs, train.size() - b * bs);
+        data::gather_batch(train, order, b * bs, n, images, labels, augment ? &aug : nullptr, ctx.seed);
+        auto [x, y] = first_rows(images, labels, n);
+        Sgd::zero_grad(params);
+        Tape tape;
+        Tensor logits = model->forward(x.to(device), &tape, ctx);
+        running += softmax_cross_entropy(logits, y.to(device), 1.0f / static_cast<float>(n), &dlogits, ctx.stream);
+        Context bctx = ctx;
+        bctx.input_grad = false;  // nothing consumes the gradient of the images
+        model->backward(dlogits, tape, bctx);
+        opt.step(params, ctx.stream);
+        if (progress)
+          progress->on_batch(epoch + 1, cfg.epochs, b + 1, batches, running.count,
+                             std::chrono::duration<double>(Clock::now() - t0).count(), running.mean_loss(),
+                             running.accuracy());
+      }
+      const double train_s = std::chrono::duration<double>(Clock::now() - t0).count();
+      if (result.interrupted && b == 0) break;
+      const auto e0 = Clock::now();
+      const LossStats ev = evaluate(*model, test, cfg.batch_size, ctx);
+      EpochMetrics m;
+      m.epoch = epoch + 1;
+      m.train_loss = running.mean_loss();
+      m.train_accuracy = running.accuracy();
+      m.test_loss = ev.mean_loss();
+      m.test_accuracy = ev.accuracy();
+      m.train_seconds = train_s;
+      m.eval_seconds = std::chrono::duration<double>(Clock::now() - e0).count();
+      m.samples = running.count;
+      m.samples_per_second = train_s > 0 ? running.count / train_s : 0;
+      result.epochs.push_back(m);
+      result.train_seconds += train_s;
+      result.test_accuracy = m.test_accuracy;
+      nlohmann::json line = epoch_json(m);
+      line["complete"] = !result.interrupted;
+      metrics << line.dump() << "\n";
+      metrics.flush();
+      if (progress) progress->on_epoch(m, cfg.epochs);
+      if (!result.interrupted) {
+        epochs_done = epoch + 1;
+        save(epochs_done, "end of epoch");
+      }
+    }
+    if (result.interrupted) {
+      // Save the partly trained weights too, beside the last complete checkpoint, never over it.
+      if (!cfg.save_path.empty()) {
+        CheckpointMeta meta;
+        meta.model = model->name();
+        meta.options = model->options();
+        meta.epoch = epochs_done;
+        meta.extra_json = R"({"interrupted": true})";
+        save_checkpoint(cfg.save_path + ".interrupted", *model, meta);
+        if (progress) progress->on_message("interrupted: partial epoch saved to " + cfg.save_path + ".interrupted");
+      } else if (progress) {
+        progress->on_message("interrupted (pass --save PATH to keep the weights)");
+      }
+    }
+  } catch (const std::exception& e) {
+    // Nothing already trained is lost: keep the weights of the last finished step.
+    if (!cfg.save_path.empty()) {
+      try {
+        CheckpointMeta meta;
+        meta.model = model->name();
+        meta.options = model->options();
+        meta.epoch = epochs_done;
+        meta.extra_json = R"({"error": true})";
+        save_checkpoint(cfg.save_path + ".error", *model, meta);
+        if (progress) progress->on_message("error: weights saved to " + cfg.save_path + ".error");
+      } catch (...) {
+      }
+    }
+    throw;
+  }
+
+  result.wall_seconds = std::chrono::duration<double>(Clock::now() - wall_start).count();
+  nlohmann::json summary = config_json(cfg);
+  summary["dataset"] = train.name;
+  summary["model"] = model->name();
+  summary["test_accuracy"] = result.test_accuracy;
+  summary["test_loss"] = result.epochs.empty() ? 0.0 : result.epochs.back().test_loss;
+  summary["train_accuracy"] = result.epochs.empty() ? 0.0 : result.epochs.back().train_accuracy;
+  summary["train_loss"] = result.epochs.empty() ? 0.0 : result.epochs.back().train_loss;
+  summary["train_seconds"] = result.train_seconds;
+  summary["wall_seconds"] = result.wall_seconds;
+  nlohmann::json per_epoch = nlohmann::json::array();
+  for (const auto& m : result.epochs) per_epoch.push_back(m.train_seconds);
+  summary["epoch_seconds"] = per_epoch;
+  summary["epochs_completed"] = epochs_done;
+  summary["interrupted"] = result.interrupted;
+  summary["backend"] = device_name(device);
+  summary["threads"] = kernels::num_threads();
+  summary["isa"] = kernels::isa_name(kernels::cpu_isa());
+  summary["params"] = model->param_count();
+  summary["train_samples"] = train.size();
+  summary["test_samples"] = test.size();
+  write_json_file(result.out_dir + "/summary.json", summary);
+  return result;
+}
+
+}  // namespace pipar

@@ -1,0 +1,81 @@
+// The trainer: configuration, per-epoch metrics, run outputs (metrics.jsonl, summary.json,
+// checkpoints) and the `local` mode (whole model, one process, one backend).
+#pragma once
+#include <atomic>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "runtime/data.h"
+#include "runtime/loss.h"
+#include "runtime/model.h"
+
+namespace pipar {
+
+struct TrainConfig {
+  std::string mode = "local";
+  std::string model = "vgg5";
+  std::string dataset = "fmnist";
+  std::string data_dir;  // "" = the data set's default directory
+  std::string norm = "batch";  // VGG: batch | none
+  int epochs = 2;
+  int batch_size = 100;
+  float lr = 0.01f;
+  float momentum = 0.9f;
+  float weight_decay = 0.0f;
+  int threads = 0;  // 0 = all cores
+  std::string backend = "cpu";  // cpu | cuda | auto
+  uint64_t seed = 1;
+  int64_t limit_train = 0, limit_test = 0;  // > 0: use only the first samples
+  int devices = 1, split = 0, micro_batches = 1;  // recorded; the distributed modes use them
+  std::string partition = "iid";
+  double dirichlet_alpha = 0.5;
+  std::string out_dir;     // "" = runs/<timestamp>
+  std::string save_path;   // checkpoint written after every epoch (and on interrupt or error)
+  std::string load_path;   // resume from a checkpoint
+  bool augment = true;     // CIFAR-10: random crop and flip
+};
+
+struct EpochMetrics {
+  int epoch = 0;  // 1-based
+  double train_loss = 0, train_accuracy = 0, test_loss = 0, test_accuracy = 0;
+  double train_seconds = 0, eval_seconds = 0, samples_per_second = 0;
+  int64_t samples = 0;
+};
+
+// Progress callbacks (the CLI draws a bar on stderr); all optional.
+struct ProgressSink {
+  virtual ~ProgressSink() = default;
+  virtual void on_start(const std::string& description) { (void)description; }
+  virtual void on_batch(int epoch, int epochs, int64_t batch, int64_t batches, int64_t samples, double seconds,
+                        double loss, double accuracy) {
+    (void)epoch, (void)epochs, (void)batch, (void)batches, (void)samples, (void)seconds, (void)loss, (void)accuracy;
+  }
+  virtual void on_epoch(const EpochMetrics& m, int epochs) { (void)m, (void)epochs; }
+  virtual void on_message(const std::string& line) { (void)line; }
+};
+
+struct TrainResult {
+  std::vector<EpochMetrics> epochs;
+  double test_accuracy = 0, train_seconds = 0, wall_seconds = 0;
+  bool interrupted = false;
+  std::string out_dir;
+};
+
+// Set by SIGINT/SIGTERM handlers: the trainer stops after the current batch, saves and reports.
+std::atomic<bool>& stop_requested();
+
+// Evaluates a model (inference mode) on a whole data set in batches.
+LossStats evaluate(Model& model, const data::Dataset& ds, int batch_size, const Context& ctx);
+
+// Resolves "auto"/"cpu"/"cuda" against this build and machine; a clear error for cuda where none is.
+Device resolve_backend(const std::string& backend);
+
+// `pipar train --mode local`: trains, evaluates every epoch, writes <out>/metrics.jsonl and
+// <out>/summary.json, and a checkpoint after each epoch when save_path is set.
+TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress = nullptr);
+
+// Creates the output directory (default runs/<timestamp>) and returns it.
+std::string prepare_out_dir(const std::string& out_dir);
+
+}  // namespace pipar
