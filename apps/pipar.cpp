@@ -12,6 +12,7 @@
 
 #include "kernels/device.h"
 #include "kernels/parallel.h"
+#include "runtime/modes/distributed.h"
 #include "runtime/trainer.h"
 
 using namespace pipar;
@@ -132,31 +133,63 @@ int main(int argc, char** argv) {
 
   TrainConfig cfg;
   auto* train = app.add_subcommand("train", "Train a model (writes metrics.jsonl and summary.json under --out)");
-  train->add_option("--mode", cfg.mode, "local (whole model, one process); fl, sl, sfl, pipar come with the distributed runtime")
+  auto add_train_options = [&](CLI::App* a) {
+    a->add_option("--mode", cfg.mode,
+                  "local (whole model, one process), fl (federated averaging), sl (split learning, devices in turn), "
+                  "sfl (SplitFed), pipar (SplitFed with micro-batch pipelining)")
+        ->capture_default_str();
+    a->add_option("--model", cfg.model, "Model: vgg5, vgg11, vgg16, resnet18, resnet50, mobilenetv3-small, mobilenetv3-large")
+        ->capture_default_str();
+    a->add_option("--dataset", cfg.dataset, "fmnist, mnist, cifar10, synthetic, synthetic-cifar")->capture_default_str();
+    a->add_option("--data-dir", cfg.data_dir, "Directory of the data files (default: the data set's standard place)");
+    a->add_option("--norm", cfg.norm, "VGG normalization: batch or none")->capture_default_str();
+    a->add_option("--epochs", cfg.epochs, "Epochs")->capture_default_str()->check(CLI::PositiveNumber);
+    a->add_option("--batch-size", cfg.batch_size, "Batch size")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+    a->add_option("--lr", cfg.lr, "SGD learning rate")->capture_default_str();
+    a->add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str();
+    a->add_option("--weight-decay", cfg.weight_decay, "SGD weight decay")->capture_default_str();
+    a->add_option("--threads", cfg.threads, "CPU threads of this process: local trainer or server (0: all cores)")->capture_default_str();
+    a->add_option("--backend", cfg.backend, "cpu, cuda or auto")->capture_default_str();
+    a->add_option("--seed", cfg.seed, "Seed: initialization, shuffling, augmentation")->capture_default_str();
+    a->add_option("--limit-train", cfg.limit_train, "Use only the first N training samples (0: all)");
+    a->add_option("--limit-test", cfg.limit_test, "Use only the first N test samples (0: all)");
+    a->add_option("--devices", cfg.devices, "Devices (distributed modes)")->capture_default_str();
+    a->add_option("--split", cfg.split, "Split point P (distributed modes)");
+    a->add_option("--micro-batches", cfg.micro_batches, "Micro-batches per batch (pipar mode)");
+    a->add_option("--partition", cfg.partition, "iid or dirichlet (distributed modes)")->capture_default_str();
+    a->add_option("--dirichlet-alpha", cfg.dirichlet_alpha, "Label skew of --partition dirichlet")->capture_default_str();
+    a->add_option("--out", cfg.out_dir, "Output directory (default runs/<timestamp>)");
+    a->add_option("--save", cfg.save_path, "Checkpoint written after every epoch");
+    a->add_option("--load", cfg.load_path, "Resume from a checkpoint");
+    a->add_flag("!--no-augment", cfg.augment, "CIFAR-10: no random crop and flip");
+  };
+  add_train_options(train);
+
+  NetConfig net;
+  int device_threads = 1;
+  auto add_net = [&](CLI::App* a) {
+    a->add_option("--uplink-mbps", net.uplink_mbps, "Every device's uplink rate, Mbit/s (0: unshaped)")->capture_default_str();
+    a->add_option("--downlink-mbps", net.downlink_mbps, "Every device's downlink rate, Mbit/s (0: unshaped)")->capture_default_str();
+    a->add_option("--latency-ms", net.latency_ms, "One-way link latency, ms")->capture_default_str();
+    a->add_option("--device-timeout", net.device_timeout_s, "Seconds of silence after which a device leaves its round")
+        ->capture_default_str();
+  };
+  add_net(train);
+  train->add_option("--device-threads", device_threads, "CPU threads of each device process (distributed modes)")
       ->capture_default_str();
-  train->add_option("--model", cfg.model, "Model: vgg5, vgg11, vgg16, resnet18, resnet50, mobilenetv3-small, mobilenetv3-large")
-      ->capture_default_str();
-  train->add_option("--dataset", cfg.dataset, "fmnist, mnist, cifar10, synthetic, synthetic-cifar")->capture_default_str();
-  train->add_option("--data-dir", cfg.data_dir, "Directory of the data files (default: the data set's standard place)");
-  train->add_option("--norm", cfg.norm, "VGG normalization: batch or none")->capture_default_str();
-  train->add_option("--epochs", cfg.epochs, "Epochs")->capture_default_str()->check(CLI::PositiveNumber);
-  train->add_option("--batch-size", cfg.batch_size, "Batch size")->capture_default_str()->check(CLI::Range(2, 1 << 20));
-  train->add_option("--lr", cfg.lr, "SGD learning rate")->capture_default_str();
-  train->add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str();
-  train->add_option("--weight-decay", cfg.weight_decay, "SGD weight decay")->capture_default_str();
-  train->add_option("--threads,--device-threads", cfg.threads, "CPU threads (0: all cores)")->capture_default_str();
-  train->add_option("--backend", cfg.backend, "cpu, cuda or auto")->capture_default_str();
-  train->add_option("--seed", cfg.seed, "Seed: initialization, shuffling, augmentation")->capture_default_str();
-  train->add_option("--limit-train", cfg.limit_train, "Use only the first N training samples (0: all)");
-  train->add_option("--limit-test", cfg.limit_test, "Use only the first N test samples (0: all)");
-  train->add_option("--devices", cfg.devices, "Devices (distributed modes)")->capture_default_str();
-  train->add_option("--split", cfg.split, "Split point P (distributed modes)");
-  train->add_option("--micro-batches", cfg.micro_batches, "Micro-batches per batch (pipar mode)");
-  train->add_option("--partition", cfg.partition, "iid or dirichlet (distributed modes)")->capture_default_str();
-  train->add_option("--out", cfg.out_dir, "Output directory (default runs/<timestamp>)");
-  train->add_option("--save", cfg.save_path, "Checkpoint written after every epoch");
-  train->add_option("--load", cfg.load_path, "Resume from a checkpoint");
-  train->add_flag("!--no-augment", cfg.augment, "CIFAR-10: no random crop and flip");
+
+  auto* server = app.add_subcommand("server", "Run the server of a distributed run (devices connect with `pipar device`)");
+  server->add_option("--listen", net.listen, "Endpoint to bind, e.g. tcp://0.0.0.0:5555")->capture_default_str();
+  add_train_options(server);
+  add_net(server);
+
+  DeviceOptions dev_opts;
+  auto* device = app.add_subcommand("device", "Run one device of a distributed run");
+  device->add_option("--connect", dev_opts.connect, "Server endpoint, e.g. tcp://server:5555")->required();
+  device->add_option("--id", dev_opts.id, "Device id, 0..devices-1")->required();
+  device->add_option("--threads", dev_opts.threads, "CPU threads")->capture_default_str();
+  device->add_option("--data-dir", dev_opts.data_dir, "Data directory on this device");
+  device->add_option("--timeout", dev_opts.timeout_s, "Seconds to wait for the server")->capture_default_str();
 
   std::string models_only, models_dataset = "fmnist", models_norm = "batch";
   int models_batch = 100;
@@ -172,15 +205,20 @@ int main(int argc, char** argv) {
   try {
     if (*models) return cmd_models(models_only, models_dataset, models_norm, models_batch);
     if (*devices) return cmd_devices();
-    if (*train) {
-      if (cfg.mode != "local")
-        throw Unsupported("--mode " + cfg.mode +
-                          " needs the distributed runtime (server and device processes), which is not built yet; use "
-                          "--mode local");
+    if (*device) return run_device(dev_opts);
+    if (*train || *server) {
       std::signal(SIGINT, on_signal);
       std::signal(SIGTERM, on_signal);
       ProgressBar bar;
-      const TrainResult r = train_local(cfg, &bar);
+      TrainResult r;
+      if (*server) {
+        r = run_server(cfg, net, &bar, [](const std::string& ep) { std::fprintf(stderr, "listening on %s\n", ep.c_str()); });
+      } else if (cfg.mode == "local") {
+        r = train_local(cfg, &bar);
+      } else {
+        kernels::set_num_threads(cfg.threads);
+        r = train_distributed(cfg, net, &bar, "/proc/self/exe", device_threads);
+      }
       std::printf("%s: test accuracy %.2f%% after %zu epoch(s), %.1f s training (%.1f s wall); outputs in %s\n",
                   r.interrupted ? "interrupted" : "done", 100 * r.test_accuracy, r.epochs.size(), r.train_seconds,
                   r.wall_seconds, r.out_dir.c_str());

@@ -238,7 +238,9 @@ std::vector<PackedA>& pack_weights(const MicroKernel& uk, const ConvGeom& g, con
 
 // Samples are processed in chunks laid side by side as GEMM columns (cs * ohw >= kTargetColumns, so
 // that small images still fill whole micro-tiles and amortise C updates). Chunks go to threads when
-// there are at least as many as threads; otherwise chunks run in order with the GEMM threaded.
+// there are at least as many as threads (dynamically: outputs are disjoint, so results do not depend
+// on the schedule, and a thread the OS preempts holds up no one); otherwise chunks run in order with
+// the GEMM threaded.
 constexpr int64_t kTargetColumns = 512;
 
 struct Chunking {
@@ -261,7 +263,7 @@ Chunking chunking(int64_t n, int64_t ohw, int threads) {
 template <class F>
 void for_each_chunk(const Chunking& ch, int threads, F&& f) {
   if (ch.across_threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t i = 0; i < ch.chunks; ++i) f(i, 1);
   } else {
     for (int64_t i = 0; i < ch.chunks; ++i) f(i, ch.gemm_threads);

@@ -1,0 +1,851 @@
+// Server and device roles of the distributed modes, and the launcher that runs them on loopback.
+#include "runtime/modes/distributed.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include "kernels/parallel.h"
+#include "kernels/rng.h"
+#include "runtime/aggregation.h"
+#include "runtime/split.h"
+#include "runtime/trace.h"
+#include "transport/link.h"
+
+namespace pipar {
+
+namespace tp = transport;
+using json = nlohmann::json;
+using ms = std::chrono::milliseconds;
+
+namespace {
+
+// --- configuration that travels in the plan ---------------------------------------------------------
+
+json config_to_json(const TrainConfig& c, const NetConfig& n) {
+  return {{"mode", c.mode},
+          {"model", c.model},
+          {"dataset", c.dataset},
+          {"data_dir", c.data_dir},
+          {"norm", c.norm},
+          {"epochs", c.epochs},
+          {"batch_size", c.batch_size},
+          {"lr", c.lr},
+          {"momentum", c.momentum},
+          {"weight_decay", c.weight_decay},
+          {"seed", c.seed},
+          {"limit_train", c.limit_train},
+          {"devices", c.devices},
+          {"split", c.split},
+          {"micro_batches", c.micro_batches},
+          {"partition", c.partition},
+          {"dirichlet_alpha", c.dirichlet_alpha},
+          {"augment", c.augment},
+          {"latency_ms", n.latency_ms}};
+}
+
+TrainConfig config_from_json(const json& j) {
+  TrainConfig c;
+  c.mode = j.at("mode");
+  c.model = j.at("model");
+  c.dataset = j.at("dataset");
+  c.data_dir = j.at("data_dir");
+  c.norm = j.at("norm");
+  c.epochs = j.at("epochs");
+  c.batch_size = j.at("batch_size");
+  c.lr = j.at("lr");
+  c.momentum = j.at("momentum");
+  c.weight_decay = j.at("weight_decay");
+  c.seed = j.at("seed");
+  c.limit_train = j.at("limit_train");
+  c.devices = j.at("devices");
+  c.split = j.at("split");
+  c.micro_batches = j.at("micro_batches");
+  c.partition = j.at("partition");
+  c.dirichlet_alpha = j.at("dirichlet_alpha");
+  c.augment = j.at("augment");
+  return c;
+}
+
+bool is_split_mode(const std::string& mode) { return mode == "sl" || mode == "sfl" || mode == "pipar"; }
+
+ModelOptions model_options(const TrainConfig& c, const data::Dataset& ds) {
+  ModelOptions o;
+  o.input = ds.sample_shape();
+  o.num_classes = ds.num_classes;
+  o.batch_norm = c.norm == "batch";
+  o.seed = c.seed;
+  return o;
+}
+
+std::vector<std::vector<int64_t>> make_partition(const TrainConfig& c, const data::Dataset& train) {
+  if (c.partition == "iid") return data::partition_iid(train.size(), c.devices, hash64(c.seed, 77));
+  if (c.partition == "dirichlet")
+    return data::partition_dirichlet(train.labels, train.num_classes, c.devices, c.dirichlet_alpha, hash64(c.seed, 77));
+  throw Error("--partition must be iid or dirichlet, got '" + c.partition + "'");
+}
+
+// Batches of a device's n samples: a final batch of one sample is dropped (batch-norm needs two).
+int64_t batch_count(int64_t n, int64_t bs) { return n / bs + (n % bs >= 2 ? 1 : 0); }
+int64_t batch_len(int64_t n, int64_t bs, int64_t b) { return std::min(bs, n - b * bs); }
+
+// The range of blocks whose state a message carries.
+std::pair<size_t, size_t> part_range(tp::WeightsPart part, const Model& m, size_t split) {
+  switch (part) {
+    case tp::WeightsPart::kDevice: return {0, split};
+    case tp::WeightsPart::kServer: return {split, m.num_blocks()};
+    case tp::WeightsPart::kWhole: return {0, m.num_blocks()};
+  }
+  return {0, 0};
+}
+
+std::vector<std::string> state_names(Model& m, size_t begin, size_t end) {
+  std::vector<std::string> names;
+  for (Param* p : m.params(begin, end)) names.push_back(p->name);
+  for (const Buffer& b : m.buffers(begin, end)) names.push_back(b.name);
+  return names;
+}
+
+std::vector<tp::NamedTensor> named_state(Model& m, size_t begin, size_t end) {
+  const std::vector<std::string> names = state_names(m, begin, end);
+  std::vector<Tensor> state = copy_state(m, begin, end);
+  std::vector<tp::NamedTensor> out;
+  for (size_t i = 0; i < state.size(); ++i) out.push_back({names[i], std::move(state[i])});
+  return out;
+}
+
+// Unpacks a Weights message for blocks [begin, end) of m: names and shapes must match.
+std::vector<Tensor> unpack_state(Model& m, size_t begin, size_t end, const tp::Weights& w) {
+  const std::vector<std::string> names = state_names(m, begin, end);
+  if (w.tensors.size() != names.size())
+    throw Error(detail::concat("weights message holds ", w.tensors.size(), " tensors; expected ", names.size()));
+  std::vector<Tensor> state;
+  const std::vector<Tensor*> dst = state_tensors(m, begin, end);
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (w.tensors[i].name != names[i] || !(w.tensors[i].tensor.shape() == dst[i]->shape()))
+      throw Error("weights message tensor " + w.tensors[i].name + " " + w.tensors[i].tensor.shape().str() +
+                  " does not match " + names[i] + " " + dst[i]->shape().str());
+    state.push_back(w.tensors[i].tensor);
+  }
+  return state;
+}
+
+double seconds_of(tp::Clock::time_point t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
+
+// --- device ----------------------------------------------------------------------------------------
+
+class DeviceRunner {
+ public:
+  explicit DeviceRunner(const DeviceOptions& o) : o_(o), link_(o.connect, o.id, link_options()) {}
+
+  int run() {
+    tp::Hello hello;
+    hello.device = o_.id;
+    hello.capabilities = std::string("cpu,") + kernels::isa_name(kernels::cpu_isa());
+    link_.send(hello);
+    while (true) {
+      tp::Message m = next();
+      if (auto* plan = std::get_if<tp::Plan>(&m)) {
+        if (plan->finished) {
+          link_.flush(ms(5000));
+          return 0;
+        }
+        round(*plan);
+      } else if (auto* err = std::get_if<tp::ErrorReply>(&m)) {
+        throw Error("server error: " + err->text);
+      } else {
+        log(std::string("ignoring unexpected ") + tp::message_type_name(tp::message_type(m)));
+      }
+    }
+  }
+
+ private:
+  tp::LinkOptions link_options() {
+    tp::LinkOptions lo;
+    lo.heartbeat_interval = ms(1000);
+    lo.log = [this](const std::string& s) { log(s); };
+    return lo;
+  }
+  void log(const std::string& s) const { std::fprintf(stderr, "device %u: %s\n", o_.id, s.c_str()); }
+
+  tp::Message next() {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(o_.timeout_s);
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto r = link_.recv(ms(200));
+      if (!r) continue;
+      if (!r->ok()) {
+        log("dropping a malformed message from the server: " + r->error());
+        continue;
+      }
+      return std::move(r->value());
+    }
+    throw Error(detail::concat("device ", o_.id, ": no message from the server for ", o_.timeout_s, " s"));
+  }
+
+  void setup(const tp::Plan& plan) {
+    cfg_ = config_from_json(json::parse(plan.config));
+    if (!o_.data_dir.empty()) cfg_.data_dir = o_.data_dir;
+    kernels::set_num_threads(o_.threads);
+    train_ = data::load_dataset(cfg_.dataset, cfg_.data_dir, true, cfg_.seed, cfg_.limit_train);
+    const auto parts = make_partition(cfg_, train_);
+    if (o_.id >= parts.size()) throw Error(detail::concat("device id ", o_.id, " but the run has ", parts.size(), " devices"));
+    part_ = parts[o_.id];
+    model_ = build_model(cfg_.model, model_options(cfg_, train_));
+    kernels::SgdParams sp;
+    sp.lr = cfg_.lr, sp.momentum = cfg_.momentum, sp.weight_decay = cfg_.weight_decay;
+    sgd_ = sp;
+    if (is_split_mode(cfg_.mode)) device_part_ = std::make_unique<DevicePart>(*model_, static_cast<size_t>(plan.split_point), sp);
+    else local_opt_ = std::make_unique<Sgd>(sp);
+    const Shape4 ss = train_.sample_shape();
+    images_ = Tensor::empty({cfg_.batch_size, ss.c, ss.h, ss.w});
+    labels_ = Tensor::empty({cfg_.batch_size, 1, 1, 1}, Device::kCpu, DType::kI32);
+  }
+
+  void round(const tp::Plan& plan) {
+    if (!model_) setup(plan);
+    split_ = static_cast<size_t>(plan.split_point);
+    for (const auto& d : plan.devices)
+      if (d.device == o_.id) link_.set_shape({d.uplink_mbps, cfg_latency(plan)});
+    // The round's starting weights.
+    tp::Message m = next();
+    auto* w = std::get_if<tp::Weights>(&m);
+    if (!w) throw Error("expected the round's weights after the plan");
+    const auto [b0, b1] = part_range(w->part, *model_, split_);
+    load_state(*model_, unpack_state(*model_, b0, b1, *w), b0, b1);
+
+    events_.clear();
+    link_.take_transfers();
+    LossStats stats;
+    const double t0 = now_seconds();
+    if (is_split_mode(cfg_.mode)) split_round(plan, stats);
+    else local_round(plan, stats);
+    const double t1 = now_seconds();
+
+    tp::Weights out;
+    out.round = plan.round;
+    out.device = o_.id;
+    out.part = is_split_mode(cfg_.mode) ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
+    out.samples = static_cast<int64_t>(part_.size());
+    const auto [c0, c1] = part_range(out.part, *model_, split_);
+    out.tensors = named_state(*model_, c0, c1);
+    link_.send(out);
+    link_.flush(ms(600000));
+    for (const auto& t : link_.take_transfers())
+      if (t.ok && t.type != tp::MessageType::kHeartbeat)
+        events_.push_back({"device " + std::to_string(o_.id) + " uplink", tp::message_type_name(t.type),
+                           seconds_of(t.started), seconds_of(t.finished)});
+    tp::RoundEnd end;
+    end.round = plan.round;
+    end.device = o_.id;
+    end.samples = stats.count;
+    end.loss_sum = stats.loss_sum;
+    end.correct = stats.correct;
+    end.stats["round_seconds"] = t1 - t0;
+    end.details = events_to_json(events_);
+    link_.send(end);
+  }
+
+  double cfg_latency(const tp::Plan& plan) const {
+    (void)plan;
+    return json::parse(plan.config).value("latency_ms", 0.0);
+  }
+
+  std::pair<Tensor, Tensor> rows(int64_t begin, int64_t n) {
+    const Shape4 s = images_.shape();
+    Tensor x = Tensor::empty({n, s.c, s.h, s.w});
+    std::copy(images_.data() + begin * s.per_sample(), images_.data() + (begin + n) * s.per_sample(), x.data());
+    Tensor y = Tensor::empty({n, 1, 1, 1}, Device::kCpu, DType::kI32);
+    std::copy(labels_.idata() + begin, labels_.idata() + begin + n, y.idata());
+    return {x, y};
+  }
+
+  void trace(const std::string& name, double b, double e) {
+    events_.push_back({"device " + std::to_string(o_.id), name, b, e});
+  }
+
+  void split_round(const tp::Plan& plan, LossStats& stats) {
+    const int64_t n = static_cast<int64_t>(part_.size()), bs = cfg_.batch_size;
+    const auto order = data::shuffled_indices(part_, hash64(cfg_.seed, 1000 + plan.round * 1000 + o_.id));
+    const bool aug = cfg_.augment && train_.name.find("cifar") != std::string::npos;
+    data::Augment augment;
+    augment.random_crop = augment.hflip = true;
+    for (int64_t b = 0; b < batch_count(n, bs); ++b) {
+      const int64_t len = batch_len(n, bs, b);
+      data::gather_batch(train_, order, b * bs, len, images_, labels_, aug ? &augment : nullptr, hash64(cfg_.seed, plan.round));
+      const std::vector<int64_t> sizes = micro_batch_sizes(len, plan.micro_batches);
+      int64_t off = 0;
+      for (size_t m = 0; m < sizes.size(); ++m) {
+        auto [x, y] = rows(off, sizes[m]);
+        off += sizes[m];
+        const double t0 = now_seconds();
+        tp::Activation a;
+        a.data = device_part_->forward(static_cast<int>(m), x);
+        trace("forward", t0, now_seconds());
+        a.round = plan.round, a.batch = static_cast<int32_t>(b), a.micro_batch = static_cast<int32_t>(m);
+        a.device = o_.id, a.samples = static_cast<int32_t>(sizes[m]);
+        a.labels = y;
+        link_.send(a);  // asynchronous: the next forward overlaps this upload
+      }
+      for (size_t got = 0; got < sizes.size();) {
+        tp::Message msg = next();
+        auto* g = std::get_if<tp::Gradient>(&msg);
+        if (!g) {
+          if (auto* e = std::get_if<tp::ErrorReply>(&msg)) throw Error("server error: " + e->text);
+          log(std::string("ignoring unexpected ") + tp::message_type_name(tp::message_type(msg)) + " during a batch");
+          continue;
+        }
+        if (g->round != plan.round || g->batch != b || g->micro_batch < 0 || g->micro_batch >= static_cast<int>(sizes.size()))
+          throw Error(detail::concat("gradient for round ", g->round, " batch ", g->batch, " micro-batch ", g->micro_batch,
+                                     " while in round ", plan.round, " batch ", b));
+        const double t0 = now_seconds();
+        device_part_->backward(g->micro_batch, g->data);
+        trace("backward", t0, now_seconds());
+        ++got;
+      }
+      const double t0 = now_seconds();
+      device_part_->step();
+      trace("step", t0, now_seconds());
+      stats.count += len;
+    }
+  }
+
+  void local_round(const tp::Plan& plan, LossStats& stats) {
+    const int64_t n = static_cast<int64_t>(part_.size()), bs = cfg_.batch_size;
+    const auto order = data::shuffled_indices(part_, hash64(cfg_.seed, 1000 + plan.round * 1000 + o_.id));
+    const auto params = model_->params();
+    Context ctx;
+    ctx.seed = hash64(cfg_.seed, plan.round);
+    Tensor dlogits;
+    for (int64_t b = 0; b < batch_count(n, bs); ++b) {
+      const int64_t len = batch_len(n, bs, b);
+      data::gather_batch(train_, order, b * bs, len, images_, labels_);
+      auto [x, y] = rows(0, len);
+      const double t0 = now_seconds();
+      Sgd::zero_grad(params);
+      Tape tape;
+      Tensor logits = model_->forward(x, &tape, ctx);
+      stats += softmax_cross_entropy(logits, y, 1.0f / static_cast<float>(len), &dlogits);
+      Context bctx = ctx;
+      bctx.input_grad = false;
+      model_->backward(dlogits, tape, bctx);
+      local_opt_->step(params);
+      trace("train", t0, now_seconds());
+    }
+  }
+
+  DeviceOptions o_;
+  tp::DeviceLink link_;
+  TrainConfig cfg_;
+  data::Dataset train_;
+  std::vector<int64_t> part_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<DevicePart> device_part_;
+  std::unique_ptr<Sgd> local_opt_;
+  kernels::SgdParams sgd_;
+  size_t split_ = 0;
+  Tensor images_, labels_;
+  std::vector<TraceEvent> events_;
+};
+
+// --- server ----------------------------------------------------------------------------------------
+
+struct DeviceSlot {
+  uint32_t id = 0;
+  bool connected = false;     // said hello (and not dropped since)
+  bool in_round = false;      // takes part in the current round
+  bool done = false;          // its weights and round end arrived
+  int64_t samples = 0;        // partition size
+  std::unique_ptr<Model> replica;  // server part (sfl, pipar)
+  std::unique_ptr<ServerPart> server_part;
+  std::map<int64_t, int> micro_done;  // batch → micro-batches served
+  std::optional<tp::Weights> weights;
+  std::optional<tp::RoundEnd> end;
+  LossStats stats;            // server-side loss of its micro-batches
+  double last_seen = 0;
+};
+
+class ServerRunner {
+ public:
+  ServerRunner(const TrainConfig& cfg, const NetConfig& net, ProgressSink* progress)
+      : cfg_(cfg), net_(net), progress_(progress), server_(net.listen, link_options()) {}
+
+  const std::string& endpoint() const { return server_.bound_endpoint(); }
+
+  TrainResult run() {
+    const double wall0 = now_seconds();
+    validate();
+    train_ = data::load_dataset(cfg_.dataset, cfg_.data_dir, true, cfg_.seed, cfg_.limit_train);
+    test_ = data::load_dataset(cfg_.dataset, cfg_.data_dir, false, cfg_.seed, cfg_.limit_test);
+    const auto parts = make_partition(cfg_, train_);
+    model_ = build_model(cfg_.model, model_options(cfg_, train_));
+    split_ = split_mode() ? static_cast<size_t>(cfg_.split) : model_->num_blocks();
+    if (split_mode()) check_split(*model_, split_);
+    kernels::SgdParams sp;
+    sp.lr = cfg_.lr, sp.momentum = cfg_.momentum, sp.weight_decay = cfg_.weight_decay;
+    slots_.resize(static_cast<size_t>(cfg_.devices));
+    for (size_t d = 0; d < slots_.size(); ++d) {
+      slots_[d].id = static_cast<uint32_t>(d);
+      slots_[d].samples = static_cast<int64_t>(parts[d].size());
+      if (split_mode() && (cfg_.mode != "sl" || d == 0)) {
+        slots_[d].replica = build_model(cfg_.model, model_options(cfg_, train_));
+        slots_[d].server_part = std::make_unique<ServerPart>(*slots_[d].replica, split_, sp);
+      }
+    }
+    result_.out_dir = prepare_out_dir(cfg_.out_dir);
+    metrics_.open(result_.out_dir + "/metrics.jsonl");
+    if (!metrics_) throw IoError("cannot write " + result_.out_dir + "/metrics.jsonl");
+    say(detail::concat(cfg_.mode, " training: ", model_->name(), " (", model_->num_blocks(), " blocks",
+                       split_mode() ? detail::concat(", split after block ", split_) : std::string(),
+                       cfg_.mode == "pipar" ? detail::concat(", ", cfg_.micro_batches, " micro-batches") : std::string(),
+                       ") on ", train_.name, ", ", cfg_.devices, " devices, uplink ", net_.uplink_mbps, " Mbit/s, downlink ",
+                       net_.downlink_mbps, " Mbit/s, server at ", endpoint()));
+    wait_for_devices();
+    origin_ = now_seconds();
+    for (int r = 0; r < cfg_.epochs && !stop_requested().load(); ++r) run_round(r);
+    finish();
+    result_.wall_seconds = now_seconds() - wall0;
+    write_summary();
+    return result_;
+  }
+
+ private:
+  bool split_mode() const { return is_split_mode(cfg_.mode); }
+
+  tp::LinkOptions link_options() {
+    tp::LinkOptions lo;
+    lo.shape = {net_.downlink_mbps, net_.latency_ms};
+    lo.log = [this](const std::string& s) { say("transport: " + s); };
+    return lo;
+  }
+
+  void say(const std::string& s) {
+    if (progress_) progress_->on_message(s);
+  }
+
+  void validate() {
+    if (cfg_.mode != "fl" && !split_mode()) throw Error("unknown mode '" + cfg_.mode + "'; use local, fl, sl, sfl or pipar");
+    if (cfg_.devices < 1 || cfg_.devices > 1024) throw Error("--devices must be 1..1024");
+    if (cfg_.batch_size < 2) throw Error("--batch-size must be at least 2");
+    if (cfg_.micro_batches < 1) throw Error("--micro-batches must be at least 1");
+    if (cfg_.mode != "pipar" && cfg_.micro_batches != 1) cfg_.micro_batches = 1;  // whole batches
+  }
+
+  void wait_for_devices() {
+    const double deadline = now_seconds() + net_.connect_timeout_s;
+    size_t connected = 0;
+    while (connected < slots_.size()) {
+      if (now_seconds() > deadline || stop_requested().load())
+        throw Error(detail::concat("only ", connected, " of ", slots_.size(), " devices connected within ",
+                                   net_.connect_timeout_s, " s"));
+      auto r = server_.recv(ms(200));
+      if (!r) continue;
+      if (!r->message.ok()) continue;
+      if (auto* h = std::get_if<tp::Hello>(&r->message.value())) {
+        if (h->device >= slots_.size()) {
+          server_.send(r->peer, tp::ErrorReply{tp::ErrorCode::kUnexpected, detail::concat("device id ", h->device, " outside 0..", slots_.size() - 1)});
+          continue;
+        }
+        DeviceSlot& s = slots_[h->device];
+        if (!s.connected) ++connected;
+        s.connected = true;
+        s.last_seen = now_seconds();
+        say(detail::concat("device ", h->device, " connected (", h->capabilities, ")"));
+      }
+    }
+  }
+
+  tp::Plan make_plan(int r) const {
+    tp::Plan p;
+    p.round = r;
+    p.epoch = r;
+    p.mode = cfg_.mode;
+    p.split_point = static_cast<int32_t>(split_);
+    p.micro_batches = cfg_.micro_batches;
+    p.batch_size = cfg_.batch_size;
+    p.learning_rate = cfg_.lr;
+    p.seed = cfg_.seed;
+    p.config = config_to_json(cfg_, net_).dump();
+    for (const DeviceSlot& s : slots_)
+      p.devices.push_back({s.id, s.samples, static_cast<int32_t>(batch_count(s.samples, cfg_.batch_size)), net_.uplink_mbps,
+                           net_.downlink_mbps});
+    return p;
+  }
+
+  void start_device(DeviceSlot& s, int r) {
+    s.in_round = true;
+    s.done = false;
+    s.weights.reset();
+    s.end.reset();
+    s.stats = {};
+    s.micro_done.clear();
+    s.last_seen = now_seconds();
+    server_.send(s.id, make_plan(r));
+    tp::Weights w;
+    w.round = r;
+    w.part = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
+    w.tensors = named_state(*model_, 0, split_);
+    server_.send(s.id, w);
+  }
+
+  // Serves messages until every device in the round is done (or dropped).
+  void serve_round(int r) {
+    while (true) {
+      bool waiting = false;
+      for (const DeviceSlot& s : slots_) waiting |= s.in_round && !s.done;
+      if (!waiting) return;
+      if (stop_requested().load()) throw Error("interrupted");
+      auto rec = server_.recv(ms(100));
+      const double now = now_seconds();
+      if (!rec) {
+        for (DeviceSlot& s : slots_)
+          if (s.in_round && !s.done && now - s.last_seen > net_.device_timeout_s) drop(s, "silent for too long");
+        continue;
+      }
+      if (!rec->message.ok()) {
+        ++bad_messages_;
+        continue;  // the link logged it and answered with an error
+      }
+      const std::optional<uint32_t> dev = rec->device;
+      if (!dev || *dev >= slots_.size()) {
+        server_.send(rec->peer, tp::ErrorReply{tp::ErrorCode::kUnexpected, "unknown device"});
+        continue;
+      }
+      DeviceSlot& s = slots_[*dev];
+      s.last_seen = now;
+      std::visit([&](auto& m) { handle(s, r, m, rec->peer); }, rec->message.value());
+    }
+  }
+
+  void reject(const tp::PeerId& peer, const std::string& why) {
+    ++bad_messages_;
+    say("rejected a message from " + peer + ": " + why);
+    server_.send(peer, tp::ErrorReply{tp::ErrorCode::kUnexpected, why});
+  }
+
+  void handle(DeviceSlot& s, int, tp::Hello&, const tp::PeerId&) {
+    if (!s.connected) say(detail::concat("device ", s.id, " rejoined; it takes part from the next round"));
+    s.connected = true;
+  }
+
+  void handle(DeviceSlot& s, int r, tp::Activation& a, const tp::PeerId& peer) {
+    if (!split_mode() || !s.in_round || s.done || a.round != r) return reject(peer, detail::concat("unexpected activation for round ", a.round));
+    if (a.batch < 0 || a.batch >= batch_count(s.samples, cfg_.batch_size)) return reject(peer, detail::concat("batch ", a.batch, " out of range"));
+    const int64_t len = batch_len(s.samples, cfg_.batch_size, a.batch);
+    const int micros = static_cast<int>(std::min<int64_t>(len, cfg_.micro_batches));
+    const Shape4 cut = model_->block_out_shape(split_ - 1);
+    const Shape4 xs = a.data.shape();
+    if (a.micro_batch < 0 || a.micro_batch >= micros || a.samples != xs.n || xs.n < 1 || xs.n > len || xs.c != cut.c ||
+        xs.h != cut.h || xs.w != cut.w || a.data.dtype() != DType::kF32 || !a.labels.defined() ||
+        a.labels.dtype() != DType::kI32 || a.labels.numel() != xs.n)
+      return reject(peer, detail::concat("activation ", xs.str(), " does not fit the cut ", cut.str(), " of batch ", a.batch));
+    for (int32_t y : a.labels.to_ivector())
+      if (y < 0 || y >= model_->options().num_classes) return reject(peer, detail::concat("label ", y, " out of range"));
+    DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;  // sl: one server part, used in turn
+    const double t0 = now_seconds();
+    ServerPart::Result res = owner.server_part->train_micro(a.data, a.labels.reshape({xs.n, 1, 1, 1}), len);
+    s.stats += res.stats;
+    tp::Gradient g;
+    g.round = r, g.batch = a.batch, g.micro_batch = a.micro_batch, g.device = s.id, g.samples = a.samples;
+    g.data = res.grad;
+    if (++s.micro_done[a.batch] == micros) {
+      owner.server_part->step();
+      s.micro_done.erase(a.batch);
+    }
+    trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch), t0, now_seconds());
+    server_.send(s.id, g);
+  }
+
+  void handle(DeviceSlot& s, int r, tp::Weights& w, const tp::PeerId& peer) {
+    const tp::WeightsPart want = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
+    if (!s.in_round || w.round != r || w.part != want) return reject(peer, "unexpected weights");
+    try {
+      unpack_state(*model_, 0, split_, w);
+    } catch (const Error& e) {
+      return reject(peer, e.what());
+    }
+    s.weights = std::move(w);
+    s.done = s.weights && s.end;
+  }
+
+  void handle(DeviceSlot& s, int r, tp::RoundEnd& e, const tp::PeerId& peer) {
+    if (!s.in_round || e.round != r) return reject(peer, "unexpected round end");
+    s.end = std::move(e);
+    s.done = s.weights && s.end;
+  }
+
+  template <class M>
+  void handle(DeviceSlot& s, int, M&, const tp::PeerId& peer) {
+    if constexpr (!std::is_same_v<M, tp::Heartbeat>) reject(peer, "unexpected message type");
+    (void)s;
+  }
+
+  void drop(DeviceSlot& s, const std::string& why) {
+    say(detail::concat("device ", s.id, " dropped from this round: ", why, "; the round goes on without it"));
+    s.in_round = false;
+    s.connected = false;
+    s.done = false;
+  }
+
+  void run_round(int r) {
+    const double t0 = now_seconds();
+    const auto stats0 = server_.total_stats();
+    std::vector<DeviceSlot*> active;
+    for (DeviceSlot& s : slots_) {
+      s.in_round = false;
+      if (s.connected) active.push_back(&s);
+    }
+    if (active.empty()) throw Error("no device is connected");
+    if (cfg_.mode == "sl") {
+      // Devices take turns; each starts from the device part its predecessor trained.
+      for (DeviceSlot* s : active) {
+        start_device(*s, r);
+        serve_round(r);
+        if (s->done) load_state(*model_, unpack_state(*model_, 0, split_, *s->weights), 0, split_);
+        s->in_round = s->done;  // keep it in this round's statistics
+      }
+    } else {
+      for (DeviceSlot* s : active) start_device(*s, r);
+      serve_round(r);
+    }
+    const double t_agg = now_seconds();
+    aggregate();
+    const double t1 = now_seconds();
+    trace_.add("server", "aggregate", t_agg, t1);
+    record_round(r, t0, t1, stats0);
+  }
+
+  void aggregate() {
+    std::vector<std::vector<Tensor>> dev_states, srv_states;
+    std::vector<double> weights;
+    for (DeviceSlot& s : slots_) {
+      if (!s.in_round || !s.done) continue;
+      weights.push_back(static_cast<double>(s.samples));
+      if (cfg_.mode != "sl") dev_states.push_back(unpack_state(*model_, 0, split_, *s.weights));
+      if (split_mode() && cfg_.mode != "sl") srv_states.push_back(copy_state(*s.replica, split_));
+    }
+    if (weights.empty()) throw Error("no device finished the round");
+    if (cfg_.mode != "sl") load_state(*model_, fedavg(dev_states, weights), 0, split_);
+    if (cfg_.mode == "sl") {
+      load_state(*model_, copy_state(*slots_[0].replica, split_), split_);
+    } else if (split_mode()) {
+      const std::vector<Tensor> avg = fedavg(srv_states, weights);
+      load_state(*model_, avg, split_);
+      for (DeviceSlot& s : slots_)
+        if (s.replica) load_state(*s.replica, avg, split_);
+    }
+  }
+
+  void record_round(int r, double t0, double t1, const tp::LinkStats& stats0) {
+    // Transfers (downlink from here; uplink and device compute reported by the devices).
+    for (const auto& t : server_.take_transfers())
+      if (t.ok && t.type != tp::MessageType::kHeartbeat)
+        trace_.add("device " + std::to_string(tp::device_of(t.peer).value_or(999)) + " downlink", tp::message_type_name(t.type),
+                   seconds_of(t.started), seconds_of(t.finished));
+    LossStats train;
+    json dev_busy = json::array(), dev_idle = json::array();
+    std::vector<std::string> resources = {"server"};
+    for (DeviceSlot& s : slots_) {
+      const std::string dn = "device " + std::to_string(s.id);
+      if (s.in_round && s.done && s.end) {
+        trace_.add_all(events_from_json(s.end->details));
+        train += split_mode() ? s.stats : LossStats{s.end->loss_sum, s.end->correct, s.end->samples};
+      }
+      const double busy = trace_.busy_seconds(dn, t0, t1);
+      dev_busy.push_back(busy);
+      dev_idle.push_back(std::max(0.0, (t1 - t0) - busy));
+      for (const char* suffix : {"", " uplink", " downlink"}) resources.push_back(dn + suffix);
+    }
+    const double round_s = t1 - t0;
+    const double server_busy = trace_.busy_seconds("server", t0, t1);
+    double busiest = 0;
+    std::string bottleneck;
+    for (const auto& res : resources) {
+      const double b = trace_.busy_seconds(res, t0, t1);
+      if (b > busiest) busiest = b, bottleneck = res;
+    }
+    const auto stats1 = server_.total_stats();
+    const double e0 = now_seconds();
+    Context ctx;
+    const LossStats ev = evaluate(*model_, test_, cfg_.batch_size, ctx);
+    EpochMetrics m;
+    m.epoch = r + 1;
+    m.train_loss = train.mean_loss();
+    m.train_accuracy = train.accuracy();
+    m.test_loss = ev.mean_loss();
+    m.test_accuracy = ev.accuracy();
+    m.train_seconds = round_s;
+    m.eval_seconds = now_seconds() - e0;
+    m.samples = train.count;
+    m.samples_per_second = round_s > 0 ? train.count / round_s : 0;
+    result_.epochs.push_back(m);
+    result_.train_seconds += round_s;
+    result_.test_accuracy = m.test_accuracy;
+    json line = {{"epoch", m.epoch},
+                 {"round", r},
+                 {"train_loss", m.train_loss},
+                 {"train_accuracy", m.train_accuracy},
+                 {"test_loss", m.test_loss},
+                 {"test_accuracy", m.test_accuracy},
+                 {"round_seconds", round_s},
+                 {"eval_seconds", m.eval_seconds},
+                 {"samples", m.samples},
+                 {"server_busy_seconds", server_busy},
+                 {"server_idle_seconds", std::max(0.0, round_s - server_busy)},
+                 {"device_busy_seconds", dev_busy},
+                 {"device_idle_seconds", dev_idle},
+                 {"bytes_up", stats1.bytes_received - stats0.bytes_received},
+                 {"bytes_down", stats1.bytes_sent - stats0.bytes_sent},
+                 {"pipeline_efficiency", round_s > 0 ? busiest / round_s : 0.0},
+                 {"bottleneck", bottleneck},
+                 {"bad_messages", bad_messages_}};
+    int finished = 0;
+    for (const DeviceSlot& s : slots_) finished += s.in_round && s.done;
+    line["devices_finished"] = finished;
+    metrics_ << line.dump() << "\n";
+    metrics_.flush();
+    rounds_.push_back(line);
+    if (progress_) progress_->on_epoch(m, cfg_.epochs);
+    say(detail::concat("  round ", r + 1, ": ", round_s, " s, server busy ", server_busy, " s, pipeline efficiency ",
+                       line["pipeline_efficiency"].get<double>(), " (bottleneck: ", bottleneck, "), up ",
+                       line["bytes_up"].get<uint64_t>() / 1e6, " MB, down ", line["bytes_down"].get<uint64_t>() / 1e6, " MB"));
+  }
+
+  void finish() {
+    tp::Plan done;
+    done.finished = true;
+    done.config = config_to_json(cfg_, net_).dump();
+    for (DeviceSlot& s : slots_) server_.send(s.id, done);
+    server_.flush(ms(5000));
+    trace_.write_chrome_json(result_.out_dir + "/trace.json", origin_);
+  }
+
+  void write_summary() {
+    json s = config_to_json(cfg_, net_);
+    s.erase("data_dir");
+    s["dataset"] = train_.name;
+    s["model"] = model_->name();
+    s["split"] = split_mode() ? static_cast<int>(split_) : 0;
+    s["uplink_mbps"] = net_.uplink_mbps;
+    s["downlink_mbps"] = net_.downlink_mbps;
+    s["test_accuracy"] = result_.test_accuracy;
+    s["train_seconds"] = result_.train_seconds;
+    s["wall_seconds"] = result_.wall_seconds;
+    double sb = 0, si = 0, up = 0, down = 0, eff = 0;
+    std::vector<double> db(slots_.size(), 0), di(slots_.size(), 0);
+    for (const json& r : rounds_) {
+      sb += r["server_busy_seconds"].get<double>();
+      si += r["server_idle_seconds"].get<double>();
+      up += r["bytes_up"].get<double>();
+      down += r["bytes_down"].get<double>();
+      eff += r["pipeline_efficiency"].get<double>() * r["round_seconds"].get<double>();
+      for (size_t d = 0; d < slots_.size(); ++d) {
+        db[d] += r["device_busy_seconds"][d].get<double>();
+        di[d] += r["device_idle_seconds"][d].get<double>();
+      }
+    }
+    s["server_busy_seconds"] = sb;
+    s["server_idle_seconds"] = si;
+    s["device_busy_seconds"] = db;
+    s["device_idle_seconds"] = di;
+    s["bytes_up"] = up;
+    s["bytes_down"] = down;
+    s["pipeline_efficiency"] = result_.train_seconds > 0 ? eff / result_.train_seconds : 0.0;
+    json per = json::array();
+    for (const auto& m : result_.epochs) per.push_back(m.train_seconds);
+    s["epoch_seconds"] = per;
+    s["epochs_completed"] = result_.epochs.size();
+    s["threads"] = kernels::num_threads();
+    s["params"] = model_->param_count();
+    std::ofstream f(result_.out_dir + "/summary.json");
+    f << s.dump(2) << "\n";
+  }
+
+  TrainConfig cfg_;
+  NetConfig net_;
+  ProgressSink* progress_;
+  tp::Server server_;
+  data::Dataset train_, test_;
+  std::unique_ptr<Model> model_;
+  size_t split_ = 0;
+  std::vector<DeviceSlot> slots_;
+  Trace trace_;
+  double origin_ = 0;
+  std::ofstream metrics_;
+  std::vector<json> rounds_;
+  uint64_t bad_messages_ = 0;
+  TrainResult result_;
+};
+
+}  // namespace
+
+TrainResult run_server(const TrainConfig& cfg, const NetConfig& net, ProgressSink* progress,
+                       const std::function<void(const std::string&)>& on_bound) {
+  ServerRunner runner(cfg, net, progress);
+  if (on_bound) on_bound(runner.endpoint());
+  return runner.run();
+}
+
+int run_device(const DeviceOptions& options) {
+  try {
+    DeviceRunner runner(options);
+    return runner.run();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "device %u: error: %s\n", options.id, e.what());
+    return 1;
+  }
+}
+
+TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, ProgressSink* progress,
+                              const std::string& self_exe, int device_threads) {
+  std::vector<pid_t> children;
+  auto spawn = [&](const std::string& endpoint) {
+    for (int d = 0; d < cfg.devices; ++d) {
+      std::vector<std::string> args = {self_exe, "device", "--connect", endpoint, "--id", std::to_string(d),
+                                       "--threads", std::to_string(device_threads)};
+      const pid_t pid = fork();
+      if (pid < 0) throw Error(std::string("fork failed: ") + std::strerror(errno));
+      if (pid == 0) {
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        execv(self_exe.c_str(), argv.data());
+        std::fprintf(stderr, "exec %s failed: %s\n", self_exe.c_str(), std::strerror(errno));
+        _exit(127);
+      }
+      children.push_back(pid);
+    }
+  };
+  auto reap = [&](bool kill_them) {
+    for (pid_t pid : children) {
+      int status = 0;
+      for (int i = 0; i < 100 && waitpid(pid, &status, WNOHANG) == 0; ++i) {
+        if (kill_them || i == 50) kill(pid, SIGTERM);
+        std::this_thread::sleep_for(ms(50));
+      }
+      if (waitpid(pid, &status, WNOHANG) == 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+      }
+    }
+    children.clear();
+  };
+  try {
+    TrainResult r = run_server(cfg, net, progress, spawn);
+    reap(false);
+    return r;
+  } catch (...) {
+    reap(true);
+    throw;
+  }
+}
+
+}  // namespace pipar

@@ -1,0 +1,44 @@
+// The distributed training modes: a server process and K device processes talking over the transport
+// (ZeroMQ + flatbuffers, shaped links). fl: federated averaging of whole models; sl: sequential split
+// learning (devices take turns through one server part); sfl: SplitFed (devices in parallel, one
+// server-side replica each, whole batches); pipar: SplitFed with each batch cut into micro-batches
+// whose device forward, uplink, server step, downlink and device backward overlap.
+#pragma once
+#include <functional>
+#include <string>
+
+#include "runtime/trainer.h"
+
+namespace pipar {
+
+struct NetConfig {
+  std::string listen = "tcp://127.0.0.1:*";  // server endpoint; "*" port: chosen by the OS
+  double uplink_mbps = 10;     // every device's uplink (0: unshaped)
+  double downlink_mbps = 25;   // every device's downlink (0: unshaped)
+  double latency_ms = 0;       // one-way, each direction
+  double connect_timeout_s = 120;  // server: waiting for the devices' hellos
+  double device_timeout_s = 60;    // a device silent this long is dropped from its round
+};
+
+// Runs the server of a distributed run to the end: waits for cfg.devices devices, trains cfg.epochs
+// rounds, evaluates the averaged model on the test set after each, writes metrics.jsonl,
+// summary.json and trace.json under the output directory. on_bound receives the bound endpoint.
+TrainResult run_server(const TrainConfig& cfg, const NetConfig& net, ProgressSink* progress = nullptr,
+                       const std::function<void(const std::string&)>& on_bound = {});
+
+struct DeviceOptions {
+  std::string connect;          // server endpoint
+  uint32_t id = 0;
+  int threads = 1;              // CPU threads of this device
+  std::string data_dir;         // overrides the server's data directory on this device
+  double timeout_s = 300;       // how long to wait for the server before giving up
+};
+// Runs one device until the server says training is finished; returns a process exit code.
+int run_device(const DeviceOptions& options);
+
+// `pipar train --mode fl|sl|sfl|pipar`: a server in this process and cfg.devices device processes
+// (this executable, `device` subcommand) on loopback, run to the end.
+TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, ProgressSink* progress,
+                              const std::string& self_exe, int device_threads);
+
+}  // namespace pipar
