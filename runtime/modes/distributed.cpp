@@ -159,6 +159,17 @@ class DeviceRunner {
           link_.flush(ms(5000));
           return 0;
         }
+        if (plan->round < 0) {
+          // Set-up before the first round (data, model), so that no round's time includes it; the
+          // device answers with a hello that carries its partition size.
+          if (!model_) setup(*plan);
+          tp::Hello ready;
+          ready.device = o_.id;
+          ready.capabilities = hello.capabilities;
+          ready.data_size = static_cast<int64_t>(part_.size());
+          link_.send(ready);
+          continue;
+        }
         round(*plan);
       } else if (auto* err = std::get_if<tp::ErrorReply>(&m)) {
         throw Error("server error: " + err->text);
@@ -409,6 +420,7 @@ class ServerRunner {
                        ") on ", train_.name, ", ", cfg_.devices, " devices, uplink ", net_.uplink_mbps, " Mbit/s, downlink ",
                        net_.downlink_mbps, " Mbit/s, server at ", endpoint()));
     wait_for_devices();
+    prepare_devices();
     origin_ = now_seconds();
     for (int r = 0; r < cfg_.epochs && !stop_requested().load(); ++r) run_round(r);
     finish();
@@ -460,6 +472,28 @@ class ServerRunner {
         s.last_seen = now_seconds();
         say(detail::concat("device ", h->device, " connected (", h->capabilities, ")"));
       }
+    }
+  }
+
+  // Sends the configuration (a plan for round -1) and waits until every device has loaded its data
+  // and built its model (a second hello with its partition size).
+  void prepare_devices() {
+    std::set<uint32_t> ready;
+    for (const DeviceSlot& s : slots_) server_.send(s.id, make_plan(-1));
+    const double deadline = now_seconds() + net_.connect_timeout_s;
+    while (ready.size() < slots_.size()) {
+      if (now_seconds() > deadline || stop_requested().load())
+        throw Error(detail::concat("only ", ready.size(), " of ", slots_.size(), " devices got ready within ",
+                                   net_.connect_timeout_s, " s"));
+      auto r = server_.recv(ms(200));
+      if (!r || !r->message.ok()) continue;
+      auto* h = std::get_if<tp::Hello>(&r->message.value());
+      if (!h || h->device >= slots_.size() || h->data_size <= 0) continue;
+      if (h->data_size != slots_[h->device].samples)
+        throw Error(detail::concat("device ", h->device, " holds ", h->data_size, " samples but its partition has ",
+                                   slots_[h->device].samples, ": the devices' data differ from the server's"));
+      ready.insert(h->device);
+      slots_[h->device].last_seen = now_seconds();
     }
   }
 
