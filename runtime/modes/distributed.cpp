@@ -479,22 +479,36 @@ class ServerRunner {
   // and built its model (a second hello with its partition size).
   void prepare_devices() {
     std::set<uint32_t> ready;
-    for (const DeviceSlot& s : slots_) server_.send(s.id, make_plan(-1));
-    const double deadline = now_seconds() + net_.connect_timeout_s;
-    while (ready.size() < slots_.size()) {
-      if (now_seconds() > deadline || stop_requested().load())
-        throw Error(detail::concat("only ", ready.size(), " of ", slots_.size(), " devices got ready within ",
-                                   net_.connect_timeout_s, " s"));
+    for (DeviceSlot& s : slots_) {
+      server_.send(s.id, make_plan(-1));
+      s.last_seen = now_seconds();
+    }
+    // Devices send heartbeats while they load, so silence means gone: such a device is left out
+    // (it may rejoin later) and the others start.
+    auto pending = [&] {
+      size_t n = 0;
+      for (const DeviceSlot& s : slots_) n += s.connected && !ready.count(s.id);
+      return n;
+    };
+    while (pending() > 0) {
+      if (stop_requested().load()) throw Error("interrupted");
       auto r = server_.recv(ms(200));
-      if (!r || !r->message.ok()) continue;
+      const double now = now_seconds();
+      for (DeviceSlot& s : slots_)
+        if (s.connected && !ready.count(s.id) && now - s.last_seen > net_.device_timeout_s) {
+          say(detail::concat("device ", s.id, " did not get ready (silent for ", net_.device_timeout_s, " s); going on without it"));
+          s.connected = false;
+        }
+      if (!r || !r->message.ok() || !r->device || *r->device >= slots_.size()) continue;
+      slots_[*r->device].last_seen = now;
       auto* h = std::get_if<tp::Hello>(&r->message.value());
-      if (!h || h->device >= slots_.size() || h->data_size <= 0) continue;
+      if (!h || h->data_size <= 0 || h->device != *r->device) continue;
       if (h->data_size != slots_[h->device].samples)
         throw Error(detail::concat("device ", h->device, " holds ", h->data_size, " samples but its partition has ",
                                    slots_[h->device].samples, ": the devices' data differ from the server's"));
       ready.insert(h->device);
-      slots_[h->device].last_seen = now_seconds();
     }
+    if (ready.empty()) throw Error("no device got ready");
   }
 
   tp::Plan make_plan(int r) const {

@@ -55,6 +55,13 @@ TrainResult run_cluster(const TrainConfig& c, const NetConfig& n, int devices,
                         const std::function<void(const std::string&)>& extra = {}) {
   std::vector<std::thread> threads;
   std::vector<int> codes(static_cast<size_t>(devices), -1);
+  struct JoinAll {  // a failing server must not leave joinable threads behind
+    std::vector<std::thread>& t;
+    ~JoinAll() {
+      for (auto& x : t)
+        if (x.joinable()) x.join();
+    }
+  } join_all{threads};
   TrainResult r = run_server(c, n, nullptr, [&](const std::string& endpoint) {
     for (int d = 0; d < devices; ++d)
       threads.emplace_back([&, d, endpoint] {
