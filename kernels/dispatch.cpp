@@ -10,6 +10,7 @@
 #include "kernels/device.h"
 #include "kernels/ops.h"
 #if PIPAR_HAS_CUDA
+#include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/runtime_cuda.h"
 #endif
 
@@ -59,7 +60,7 @@ void require_present(const char* op, std::initializer_list<Arg> args) {
     if (!a.present) throw Error(detail::concat(op, ": tensor ", a.name, " is missing (null data)"));
 }
 
-[[noreturn]] void no_cuda(const char* op) {
+[[noreturn, maybe_unused]] void no_cuda(const char* op) {
 #if PIPAR_HAS_CUDA
   throw Unsupported(detail::concat(op, ": no CUDA implementation in this build"));
 #else

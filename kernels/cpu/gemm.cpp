@@ -79,6 +79,14 @@ MicroKernel select_micro_kernel() {
   return micro_kernel_generic();
 }
 
+IndirectKernel select_indirect_kernel(int nv) {
+#if PIPAR_X86
+  if (cpu_isa() == Isa::kAvx512) return indirect_kernel_avx512(nv);
+#endif
+  (void)nv;
+  return {};
+}
+
 // --- dot-product kernel (C += A B^T) ------------------------------------------------------------------
 
 namespace {

@@ -73,9 +73,49 @@ void dot_kernel_avx512_impl(int64_t len, const float* const* a, const float* con
   }
 }
 
+// mr × nv accumulators (at most 24 of the 32 zmm): per step one offset, nv B loads and mr broadcasts
+// from the row pointers, which stay in general registers (mr <= 8).
+template <int kMr, int kNv>
+void indirect_kernel_avx512_impl(int64_t steps, const int64_t* off, const float* const* a, const float* b,
+                                 int64_t ldb, float* out) {
+  __m512 acc[kMr][kNv];
+  const float* rows[kMr];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMr; ++r) {
+    rows[r] = a[r];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNv; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < steps; ++q) {
+    const int64_t o = off[q];
+    __m512 bv[kNv];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNv; ++v) bv[v] = _mm512_loadu_ps(b + q * ldb + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < kMr; ++r) {
+      const __m512 av = _mm512_set1_ps(rows[r][o]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNv; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kMr; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNv; ++v) _mm512_storeu_ps(out + (r * kNv + v) * 16, acc[r][v]);
+}
+
 }  // namespace
 
 DotKernel dot_kernel_avx512() { return {16, &dot_kernel_avx512_impl}; }
+
+IndirectKernel indirect_kernel_avx512(int nv) {
+  switch (nv) {
+    case 1: return {8, 1, &indirect_kernel_avx512_impl<8, 1>};
+    case 2: return {8, 2, &indirect_kernel_avx512_impl<8, 2>};
+    case 3: return {8, 3, &indirect_kernel_avx512_impl<8, 3>};
+    default: return {6, 4, &indirect_kernel_avx512_impl<6, 4>};
+  }
+}
 
 MicroKernel micro_kernel_avx512() { return {16, 16, &micro_kernel_avx512_impl<16, 1>, "avx512 16x16"}; }
 

@@ -50,6 +50,22 @@ DotKernel select_dot_kernel();
 void gemm_nt_accumulate(int64_t m, int64_t n, int64_t len, const float* a, int64_t lda, const float* b, int64_t ldb,
                         float* c, int64_t ldc);
 
+// Indirect kernel for direct convolution (conv2d.cpp): out[r][j] = sum_{q < steps} a[r][off[q]] ·
+// b[q·ldb + j] for r < mr, j < 16·nv, out row stride 16·nv. Each A row is read through its own pointer
+// at offsets shared by all rows (output pixels at a convolution's tap offsets, or taps at pixel
+// offsets), so the image is read in place, without im2col; B rows (weights or dy, channels last) are
+// vectors. AVX-512 only: fn is null elsewhere and callers keep the GEMM path.
+using IndirectKernelFn = void (*)(int64_t steps, const int64_t* off, const float* const* a, const float* b,
+                                  int64_t ldb, float* out);
+struct IndirectKernel {
+  int mr = 0, nv = 0;
+  IndirectKernelFn fn = nullptr;
+};
+#if PIPAR_X86
+IndirectKernel indirect_kernel_avx512(int nv);  // nv in 1..4 vectors of 16 channels
+#endif
+IndirectKernel select_indirect_kernel(int nv);  // by cpu_isa(); fn null unless AVX-512
+
 // --- scratch ----------------------------------------------------------------------------------------
 // A 64-byte aligned float buffer that only grows (per-thread scratch; reused across calls).
 class AlignedBuffer {

@@ -1,0 +1,359 @@
+// CUDA conv2d: im2col into the stream's workspace + the GEMM of gemm.cu (handwritten tiled kernel or
+// cuBLAS, per set_gemm_backend) for regular and grouped convolutions, samples batched in gridDim.z;
+// 1x1 stride-1 unpadded convolutions read x directly; direct kernels for depthwise ones (one input
+// channel per group). col2im is a gather (one thread per dx element): no atomics, deterministic.
+// Checked only in a CPU emulation (blocks run as std::threads with barriers; handwritten kernels
+// against the CPU backend, guard elements intact). NOT verified on a GPU: every kernel's results against the CPU,
+// speed, and the workspace chunking for large inputs.
+#include "kernels/cuda/kernel_util.cuh"
+#include "kernels/cuda/ops_cuda.h"
+#include "kernels/cuda/stream.h"
+
+namespace pipar::kernels::cuda {
+namespace {
+
+struct ConvGeom {
+  int64_t n, c, h, w;  // input
+  int64_t k, oh, ow;   // output channels and size
+  int64_t kh, kw, sh, sw, ph, pw;
+  int64_t groups, cg, kg;  // groups; input and output channels per group
+  int64_t ckk, hw, ohw;    // im2col rows per group (cg*kh*kw), input and output plane sizes
+  bool pointwise() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
+  bool depthwise() const { return groups > 1 && groups == c && cg == 1; }
+};
+
+ConvGeom geometry(const Conv2dParams& p, Shape4 x, Shape4 y) {
+  ConvGeom g{};
+  g.n = x.n, g.c = x.c, g.h = x.h, g.w = x.w;
+  g.k = y.c, g.oh = y.h, g.ow = y.w;
+  g.kh = p.kh, g.kw = p.kw, g.sh = p.sh, g.sw = p.sw, g.ph = p.ph, g.pw = p.pw;
+  g.groups = p.groups, g.cg = x.c / p.groups, g.kg = y.c / p.groups;
+  g.ckk = g.cg * g.kh * g.kw, g.hw = g.h * g.w, g.ohw = g.oh * g.ow;
+  return g;
+}
+
+// im2col/col2im layout of a chunk of cs samples: element (s, row, p) of the column matrix lives at
+// col[s*s_stride + row*r_stride + p], row = (c*kh + i)*kw + j, p = oy*ow + ox.
+struct ColLayout {
+  int64_t s_stride, r_stride;
+};
+
+// Scratch of the GEMM passes is bounded: samples are processed in chunks of at most this many floats.
+constexpr int64_t kWorkspaceFloats = int64_t{32} << 20;  // 128 MiB
+constexpr int64_t kMaxChunk = 65535;
+
+int64_t chunk_samples(int64_t n, int64_t floats_per_sample) {
+  int64_t cs = floats_per_sample > 0 ? kWorkspaceFloats / floats_per_sample : n;
+  if (cs < 1) cs = 1;
+  if (cs > n) cs = n;
+  return cs < kMaxChunk ? cs : kMaxChunk;
+}
+
+// --- kernels --------------------------------------------------------------------------------------
+
+// y[s, oc, :] = b[oc] for every sample (the GEMM then accumulates onto it).
+__global__ void conv2d_bias_broadcast_kernel(const float* __restrict__ b, float* __restrict__ y, int64_t total,
+                                             int64_t k, int64_t plane) {
+  for (int64_t i = global_index(); i < total; i += grid_stride()) y[i] = b[(i / plane) % k];
+}
+
+// x points at channel 0 of the group in sample 0 of the chunk; a sample's stride is g.c*g.hw.
+__global__ void conv2d_im2col_kernel(ConvGeom g, const float* __restrict__ x, float* __restrict__ col, int64_t cs,
+                                     ColLayout lay) {
+  const int64_t total = cs * g.ckk * g.ohw;
+  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
+    const int64_t p = idx % g.ohw, t = idx / g.ohw;
+    const int64_t row = t % g.ckk, s = t / g.ckk;
+    const int64_t ch = row / (g.kh * g.kw), ij = row % (g.kh * g.kw);
+    const int64_t i = ij / g.kw, j = ij % g.kw;
+    const int64_t iy = (p / g.ow) * g.sh - g.ph + i, ix = (p % g.ow) * g.sw - g.pw + j;
+    float v = 0.0f;
+    if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[(s * g.c + ch) * g.hw + iy * g.w + ix];
+    col[s * lay.s_stride + row * lay.r_stride + p] = v;
+  }
+}
+
+// dx (channel 0 of the group, sample 0 of the chunk) = col2im(col): each dx element gathers the column
+// entries that im2col copied it to, so dx is overwritten and no two threads write one address.
+__global__ void conv2d_col2im_kernel(ConvGeom g, const float* __restrict__ col, float* __restrict__ dx, int64_t cs,
+                                     ColLayout lay) {
+  const int64_t total = cs * g.cg * g.hw;
+  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
+    const int64_t ix = idx % g.w, t = idx / g.w;
+    const int64_t iy = t % g.h, t2 = t / g.h;
+    const int64_t ch = t2 % g.cg, s = t2 / g.cg;
+    const float* cs_base = col + s * lay.s_stride;
+    float sum = 0.0f;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ty = iy + g.ph - i;
+      if (ty < 0 || ty % g.sh != 0) continue;
+      const int64_t oy = ty / g.sh;
+      if (oy >= g.oh) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t tx = ix + g.pw - j;
+        if (tx < 0 || tx % g.sw != 0) continue;
+        const int64_t ox = tx / g.sw;
+        if (ox >= g.ow) continue;
+        sum += cs_base[((ch * g.kh + i) * g.kw + j) * lay.r_stride + oy * g.ow + ox];
+      }
+    }
+    dx[(s * g.c + ch) * g.hw + iy * g.w + ix] = sum;
+  }
+}
+
+// dst [k, cs*ohw] = dy chunk [cs, k, ohw] with samples laid side by side as columns.
+__global__ void conv2d_pack_dy_kernel(const float* __restrict__ dy, float* __restrict__ dst, int64_t cs, int64_t k,
+                                      int64_t ohw) {
+  const int64_t total = cs * k * ohw, len = cs * ohw;
+  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
+    const int64_t p = idx % ohw, t = idx / ohw;
+    const int64_t kk = t % k, s = t / k;
+    dst[kk * len + s * ohw + p] = dy[idx];
+  }
+}
+
+// Depthwise forward, one thread per output element; sums in the CPU's order (bias, then i, then j).
+__global__ void conv2d_depthwise_forward_kernel(ConvGeom g, const float* __restrict__ x, const float* __restrict__ w,
+                                                const float* __restrict__ b, float* __restrict__ y) {
+  const int64_t total = g.n * g.k * g.ohw;
+  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
+    const int64_t ox = idx % g.ow, t = idx / g.ow;
+    const int64_t oy = t % g.oh, t2 = t / g.oh;
+    const int64_t oc = t2 % g.k, s = t2 / g.k;
+    const int64_t ic = oc / g.kg;
+    const float* xp = x + (s * g.c + ic) * g.hw;
+    const float* wp = w + oc * g.kh * g.kw;
+    float sum = b ? b[oc] : 0.0f;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t iy = oy * g.sh - g.ph + i;
+      if (iy < 0 || iy >= g.h) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t ix = ox * g.sw - g.pw + j;
+        if (ix < 0 || ix >= g.w) continue;
+        sum += wp[i * g.kw + j] * xp[iy * g.w + ix];
+      }
+    }
+    y[idx] = sum;
+  }
+}
+
+// Depthwise backward input, one thread per dx element (gather over the kg outputs of its channel).
+__global__ void conv2d_depthwise_backward_input_kernel(ConvGeom g, const float* __restrict__ dy,
+                                                       const float* __restrict__ w, float* __restrict__ dx) {
+  const int64_t total = g.n * g.c * g.hw;
+  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
+    const int64_t ix = idx % g.w, t = idx / g.w;
+    const int64_t iy = t % g.h, t2 = t / g.h;
+    const int64_t ic = t2 % g.c, s = t2 / g.c;
+    float sum = 0.0f;
+    for (int64_t oc = ic * g.kg; oc < (ic + 1) * g.kg; ++oc) {
+      const float* dyp = dy + (s * g.k + oc) * g.ohw;
+      const float* wp = w + oc * g.kh * g.kw;
+      for (int64_t i = 0; i < g.kh; ++i) {
+        const int64_t ty = iy + g.ph - i;
+        if (ty < 0 || ty % g.sh != 0) continue;
+        const int64_t oy = ty / g.sh;
+        if (oy >= g.oh) continue;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t tx = ix + g.pw - j;
+          if (tx < 0 || tx % g.sw != 0) continue;
+          const int64_t ox = tx / g.sw;
+          if (ox >= g.ow) continue;
+          sum += wp[i * g.kw + j] * dyp[oy * g.ow + ox];
+        }
+      }
+    }
+    dx[idx] = sum;
+  }
+}
+
+// Depthwise backward weight: one block per weight element (oc, i, j), a block-wide sum (in double)
+// over samples and output positions, then dw += (one writer per element: no race).
+__global__ void __launch_bounds__(kThreads)
+    conv2d_depthwise_backward_weight_kernel(ConvGeom g, const float* __restrict__ x, const float* __restrict__ dy,
+                                            float* __restrict__ dw) {
+  const int64_t e = blockIdx.x;  // grid is exactly k*kh*kw blocks
+  const int64_t oc = e / (g.kh * g.kw), ij = e % (g.kh * g.kw);
+  const int64_t i = ij / g.kw, j = ij % g.kw, ic = oc / g.kg;
+  double sum = 0.0;
+  const int64_t total = g.n * g.ohw;
+  for (int64_t t = threadIdx.x; t < total; t += blockDim.x) {
+    const int64_t p = t % g.ohw, s = t / g.ohw;
+    const int64_t iy = (p / g.ow) * g.sh - g.ph + i, ix = (p % g.ow) * g.sw - g.pw + j;
+    if (iy < 0 || iy >= g.h || ix < 0 || ix >= g.w) continue;
+    sum += static_cast<double>(dy[(s * g.k + oc) * g.ohw + p]) * x[(s * g.c + ic) * g.hw + iy * g.w + ix];
+  }
+  sum = block_reduce_sum(sum);
+  if (threadIdx.x == 0) dw[e] += static_cast<float>(sum);
+}
+
+// db[ch] += sum over samples and the plane of dy[s, ch, :]; one block per channel, sums in double.
+__global__ void __launch_bounds__(kThreads)
+    conv2d_backward_bias_kernel(const float* __restrict__ dy, float* __restrict__ db, int64_t n, int64_t k,
+                                int64_t plane) {
+  const int64_t ch = blockIdx.x;  // grid is exactly k blocks
+  double sum = 0.0;
+  const int64_t total = n * plane;
+  for (int64_t t = threadIdx.x; t < total; t += blockDim.x) {
+    const int64_t s = t / plane, e = t % plane;
+    sum += dy[(s * k + ch) * plane + e];
+  }
+  sum = block_reduce_sum(sum);
+  if (threadIdx.x == 0) db[ch] += static_cast<float>(sum);
+}
+
+// --- launchers ------------------------------------------------------------------------------------
+
+void conv2d_bias_broadcast(const float* b, float* y, int64_t total, int64_t k, int64_t plane, cudaStream_t s) {
+  if (total == 0) return;
+  conv2d_bias_broadcast_kernel<<<grid_1d(total), kThreads, 0, s>>>(b, y, total, k, plane);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+void conv2d_im2col(const ConvGeom& g, const float* x, float* col, int64_t cs, ColLayout lay, cudaStream_t s) {
+  const int64_t total = cs * g.ckk * g.ohw;
+  if (total == 0) return;
+  conv2d_im2col_kernel<<<grid_1d(total), kThreads, 0, s>>>(g, x, col, cs, lay);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+void conv2d_col2im(const ConvGeom& g, const float* col, float* dx, int64_t cs, ColLayout lay, cudaStream_t s) {
+  const int64_t total = cs * g.cg * g.hw;
+  if (total == 0) return;
+  conv2d_col2im_kernel<<<grid_1d(total), kThreads, 0, s>>>(g, col, dx, cs, lay);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+void conv2d_pack_dy(const float* dy, float* dst, int64_t cs, int64_t k, int64_t ohw, cudaStream_t s) {
+  const int64_t total = cs * k * ohw;
+  if (total == 0) return;
+  conv2d_pack_dy_kernel<<<grid_1d(total), kThreads, 0, s>>>(dy, dst, cs, k, ohw);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+void conv2d_depthwise_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y,
+                              cudaStream_t s) {
+  const int64_t total = g.n * g.k * g.ohw;
+  if (total == 0) return;
+  conv2d_depthwise_forward_kernel<<<grid_1d(total), kThreads, 0, s>>>(g, x, w, b, y);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+void conv2d_depthwise_backward_input(const ConvGeom& g, const float* dy, const float* w, float* dx, cudaStream_t s) {
+  const int64_t total = g.n * g.c * g.hw;
+  if (total == 0) return;
+  conv2d_depthwise_backward_input_kernel<<<grid_1d(total), kThreads, 0, s>>>(g, dy, w, dx);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+void conv2d_depthwise_backward_weight(const ConvGeom& g, const float* x, const float* dy, float* dw, cudaStream_t s) {
+  const int64_t blocks = g.k * g.kh * g.kw;
+  if (blocks == 0) return;
+  PIPAR_CHECK(blocks <= 0x7fffffff, "conv2d_backward_weight: too many weights for one grid: ", blocks);
+  conv2d_depthwise_backward_weight_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(g, x, dy, dw);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+// Declared in kernel_util.cuh (linear.cu uses it too).
+void channel_sum_accumulate(const float* dy, float* db, int64_t n, int64_t k, int64_t plane, cudaStream_t s) {
+  if (k == 0) return;
+  PIPAR_CHECK(k <= 0x7fffffff, "bias gradient: too many channels for one grid: ", k);
+  conv2d_backward_bias_kernel<<<static_cast<unsigned>(k), kThreads, 0, s>>>(dy, db, n, k, plane);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
+// --- entry points ---------------------------------------------------------------------------------
+
+void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
+  const cudaStream_t st = checked_stream(s, "conv2d_forward");
+  const ConvGeom g = geometry(p, x.shape, y.shape);
+  if (y.numel() == 0) return;
+  if (g.depthwise()) {
+    conv2d_depthwise_forward(g, x.data, w.data, b.data, y.data, st);
+    return;
+  }
+  if (b.data) conv2d_bias_broadcast(b.data, y.data, y.numel(), g.k, g.ohw, st);
+  const float beta = b.data ? 1.0f : 0.0f;
+  const int64_t cs_max = chunk_samples(g.n, g.pointwise() ? 0 : g.ckk * g.ohw);
+  float* col = g.pointwise() ? nullptr
+                             : static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * g.ckk * g.ohw));
+  // Y_g[s] [kg, ohw] (+)= W_g [kg, ckk] . col_g[s] [ckk, ohw], batched over the chunk's samples.
+  for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
+    const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const float* xg = x.data + (s0 * g.c + grp * g.cg) * g.hw;
+      const float* bmat = xg;
+      int64_t ldb = g.hw, stride_b = g.c * g.hw;
+      if (!g.pointwise()) {
+        conv2d_im2col(g, xg, col, cs, ColLayout{g.ckk * g.ohw, g.ohw}, st);
+        bmat = col, ldb = g.ohw, stride_b = g.ckk * g.ohw;
+      }
+      gemm_strided_batched(false, false, g.kg, g.ohw, g.ckk, 1.0f, w.data + grp * g.kg * g.ckk, g.ckk, 0, bmat, ldb,
+                           stride_b, beta, y.data + (s0 * g.k + grp * g.kg) * g.ohw, g.ohw, g.k * g.ohw, cs, s);
+    }
+  }
+}
+
+void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, View dx, StreamRef s) {
+  const cudaStream_t st = checked_stream(s, "conv2d_backward_input");
+  const ConvGeom g = geometry(p, dx.shape, dy.shape);
+  if (dx.numel() == 0) return;
+  if (g.depthwise()) {
+    conv2d_depthwise_backward_input(g, dy.data, w.data, dx.data, st);
+    return;
+  }
+  const int64_t cs_max = chunk_samples(g.n, g.pointwise() ? 0 : g.ckk * g.ohw);
+  float* col = g.pointwise() ? nullptr
+                             : static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * g.ckk * g.ohw));
+  // dcol_g[s] [ckk, ohw] = W_g^T [ckk, kg] . dy_g[s] [kg, ohw], then col2im (overwrites dx).
+  for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
+    const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      const float* wg = w.data + grp * g.kg * g.ckk;
+      const float* dyg = dy.data + (s0 * g.k + grp * g.kg) * g.ohw;
+      float* dxg = dx.data + (s0 * g.c + grp * g.cg) * g.hw;
+      if (g.pointwise()) {
+        gemm_strided_batched(true, false, g.ckk, g.ohw, g.kg, 1.0f, wg, g.ckk, 0, dyg, g.ohw, g.k * g.ohw, 0.0f, dxg,
+                             g.hw, g.c * g.hw, cs, s);
+      } else {
+        gemm_strided_batched(true, false, g.ckk, g.ohw, g.kg, 1.0f, wg, g.ckk, 0, dyg, g.ohw, g.k * g.ohw, 0.0f, col,
+                             g.ohw, g.ckk * g.ohw, cs, s);
+        conv2d_col2im(g, col, dxg, cs, ColLayout{g.ckk * g.ohw, g.ohw}, st);
+      }
+    }
+  }
+}
+
+void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, View dw, StreamRef s) {
+  const cudaStream_t st = checked_stream(s, "conv2d_backward_weight");
+  const ConvGeom g = geometry(p, x.shape, dy.shape);
+  if (dw.numel() == 0 || g.n == 0) return;
+  if (g.depthwise()) {
+    conv2d_depthwise_backward_weight(g, x.data, dy.data, dw.data, st);
+    return;
+  }
+  // dW_g [kg, ckk] += dy_g [kg, L] . col_g [ckk, L]^T, L = cs*ohw: the chunk's samples side by side as
+  // columns, so one GEMM sums over samples and positions.
+  const int64_t cs_max = chunk_samples(g.n, (g.k + g.ckk) * g.ohw);
+  float* ws = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + g.ckk) * g.ohw));
+  float* dyc = ws;
+  float* col = ws + cs_max * g.k * g.ohw;
+  for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
+    const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max, len = cs * g.ohw;
+    conv2d_pack_dy(dy.data + s0 * g.k * g.ohw, dyc, cs, g.k, g.ohw, st);
+    for (int64_t grp = 0; grp < g.groups; ++grp) {
+      conv2d_im2col(g, x.data + (s0 * g.c + grp * g.cg) * g.hw, col, cs, ColLayout{g.ohw, len}, st);
+      gemm(false, true, g.kg, g.ckk, len, 1.0f, dyc + grp * g.kg * len, len, col, len, 1.0f,
+           dw.data + grp * g.kg * g.ckk, g.ckk, s);
+    }
+  }
+}
+
+void conv2d_backward_bias(ConstView dy, View db, StreamRef s) {
+  const cudaStream_t st = checked_stream(s, "conv2d_backward_bias");
+  channel_sum_accumulate(dy.data, db.data, dy.shape.n, dy.shape.c, dy.shape.h * dy.shape.w, st);
+}
+
+}  // namespace pipar::kernels::cuda
