@@ -233,9 +233,13 @@ int main(int argc, char** argv) {
         kernels::set_num_threads(cfg.threads);
         r = train_distributed(cfg, net, &bar, "/proc/self/exe", device_threads);
       }
-      std::printf("%s: test accuracy %.2f%% after %zu epoch(s), %.1f s training (%.1f s wall); outputs in %s\n",
-                  r.interrupted ? "interrupted" : "done", 100 * r.test_accuracy, r.epochs.size(), r.train_seconds,
-                  r.wall_seconds, r.out_dir.c_str());
+      if (r.epochs.empty())
+        std::printf("interrupted before the first epoch ended (%.1f s training); outputs in %s\n", r.train_seconds,
+                    r.out_dir.c_str());
+      else
+        std::printf("%s: test accuracy %.2f%% after %zu epoch(s), %.1f s training (%.1f s wall); outputs in %s\n",
+                    r.interrupted ? "interrupted" : "done", 100 * r.test_accuracy, r.epochs.size(), r.train_seconds,
+                    r.wall_seconds, r.out_dir.c_str());
       return r.interrupted ? 130 : 0;
     }
   } catch (const std::exception& e) {

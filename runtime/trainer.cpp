@@ -183,15 +183,20 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   // A final batch of one sample is dropped: batch-norm cannot normalize one value per channel.
   const int64_t batches = train.size() / bs + (train.size() % bs >= 2 ? 1 : 0);
 
-  auto save = [&](int epochs_done, const char* why) {
+  // Writes a checkpoint of the model as it is now; `suffix` keeps partial states beside the last
+  // complete one ("" after a finished epoch, ".interrupted" or ".error" otherwise).
+  auto save = [&](int epochs_done, const std::string& suffix, const char* why) {
     if (cfg.save_path.empty()) return;
     CheckpointMeta meta;
     meta.model = model->name();
     meta.options = model->options();
     meta.epoch = epochs_done;
-    meta.extra_json = config_json(cfg).dump();
-    save_checkpoint(cfg.save_path, *model, meta);
-    if (progress) progress->on_message(detail::concat("checkpoint (", why, ", ", epochs_done, " epochs) → ", cfg.save_path));
+    nlohmann::json extra = config_json(cfg);
+    extra["state"] = why;
+    meta.extra_json = extra.dump();
+    save_checkpoint(cfg.save_path + suffix, *model, meta);
+    if (progress)
+      progress->on_message(detail::concat("checkpoint (", why, ", ", epochs_done, " epochs complete) → ", cfg.save_path, suffix));
   };
 
   int epochs_done = start_epoch;
@@ -227,7 +232,13 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
                              running.accuracy());
       }
       const double train_s = std::chrono::duration<double>(Clock::now() - t0).count();
-      if (result.interrupted && b == 0) break;
+      if (result.interrupted) {  // stop at once: a partial epoch is saved, not evaluated
+        nlohmann::json line = {{"epoch", epoch + 1}, {"complete", false}, {"train_loss", running.mean_loss()},
+                               {"train_accuracy", running.accuracy()}, {"samples", running.count}, {"train_seconds", train_s}};
+        metrics << line.dump() << "\n";
+        result.train_seconds += train_s;
+        break;
+      }
       const auto e0 = Clock::now();
       const LossStats ev = evaluate(*model, test, cfg.batch_size, ctx);
       EpochMetrics m;
@@ -244,42 +255,23 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
       result.train_seconds += train_s;
       result.test_accuracy = m.test_accuracy;
       nlohmann::json line = epoch_json(m);
-      line["complete"] = !result.interrupted;
+      line["complete"] = true;
       metrics << line.dump() << "\n";
       metrics.flush();
       if (progress) progress->on_epoch(m, cfg.epochs);
-      if (!result.interrupted) {
-        epochs_done = epoch + 1;
-        save(epochs_done, "end of epoch");
-      }
+      epochs_done = epoch + 1;
+      save(epochs_done, "", "end of epoch");
     }
     if (result.interrupted) {
-      // Save the partly trained weights too, beside the last complete checkpoint, never over it.
-      if (!cfg.save_path.empty()) {
-        CheckpointMeta meta;
-        meta.model = model->name();
-        meta.options = model->options();
-        meta.epoch = epochs_done;
-        meta.extra_json = R"({"interrupted": true})";
-        save_checkpoint(cfg.save_path + ".interrupted", *model, meta);
-        if (progress) progress->on_message("interrupted: partial epoch saved to " + cfg.save_path + ".interrupted");
-      } else if (progress) {
-        progress->on_message("interrupted (pass --save PATH to keep the weights)");
-      }
+      // The partly trained weights go beside the last complete checkpoint, never over it.
+      if (cfg.save_path.empty() && progress) progress->on_message("interrupted (pass --save PATH to keep the weights)");
+      save(epochs_done, ".interrupted", "interrupted");
     }
-  } catch (const std::exception& e) {
+  } catch (const std::exception&) {
     // Nothing already trained is lost: keep the weights of the last finished step.
-    if (!cfg.save_path.empty()) {
-      try {
-        CheckpointMeta meta;
-        meta.model = model->name();
-        meta.options = model->options();
-        meta.epoch = epochs_done;
-        meta.extra_json = R"({"error": true})";
-        save_checkpoint(cfg.save_path + ".error", *model, meta);
-        if (progress) progress->on_message("error: weights saved to " + cfg.save_path + ".error");
-      } catch (...) {
-      }
+    try {
+      save(epochs_done, ".error", "error");
+    } catch (...) {
     }
     throw;
   }
