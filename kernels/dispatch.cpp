@@ -4,6 +4,9 @@
 #include <string>
 
 #include <cstdlib>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <cstring>
 #include <new>
 
@@ -383,8 +386,25 @@ int cuda_device_count() {
 #endif
 }
 
+namespace {
+// Tensors and message buffers are freed and allocated again every batch. glibc serves blocks above
+// 128 KiB with fresh mmaps by default, each page-faulted anew: the transport benchmark measured
+// that cost; local VGG5 training showed no difference either way (3.0k samples/s both).
+void tune_host_allocator() {
+#if defined(__GLIBC__)
+  static const bool done = [] {
+    mallopt(M_MMAP_THRESHOLD, 256 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
+    return true;
+  }();
+  (void)done;
+#endif
+}
+}  // namespace
+
 void* device_alloc(Device d, size_t bytes) {
   if (d == Device::kCpu) {
+    tune_host_allocator();
     const size_t rounded = (bytes + 63) / 64 * 64;
     void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
     if (!p) throw Error(detail::concat("out of host memory allocating ", bytes, " bytes"));
