@@ -1,12 +1,15 @@
-// CPU conv2d: im2col + the packed GEMM (gemm_internal.h) for regular and grouped convolutions (1x1
-// stride-1 unpadded ones read x directly), direct loops for depthwise ones (one input channel per
-// group). Batches are split across threads sample by sample; batch-1 calls thread inside the GEMM.
+// CPU conv2d: on AVX-512, direct passes through the indirect kernel (gemm_internal.h) that read the
+// padded image in place (forward, stride-1 backward-input as a transposed convolution, and weight
+// gradient); elsewhere, and for convolutions with few taps or channels, im2col + the packed GEMM (1x1
+// stride-1 unpadded ones read x directly); direct loops for depthwise ones.
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
+#include "kernels/cpu/cpu_parallel.h"
 #include "kernels/cpu/gemm_internal.h"
 #include "kernels/ops.h"
 #include "kernels/parallel.h"
@@ -284,13 +287,22 @@ void zero_columns(float* m, int64_t rows, int64_t ld, int64_t from) {
 // The image is zero-padded once per chunk (x is 1/kh·kw the size of its im2col) and read in place: an
 // output pixel's window starts at its own pointer into the padded planes, and tap (c, i, j) sits at
 // the same offset c·hp·wp + i·wp + j from every window. Channels are the vector dimension (weights and
-// dy are laid channels last), so 7- and 14-wide rows waste no lanes. Measured on the VGG5 layers
-// (Zen 4, 1 thread): forward and backward-input of fmnist.conv3 from 62-74 to ~XX GFLOP/s, because
-// im2col/col2im of short rows (memcpy/memset of 7 floats) had cost ~35% of the time.
+// dy are laid channels last, through 16 × 16 register transposes), so 7- and 14-wide rows waste no
+// lanes. The backward-input pass is the forward pass of the transposed convolution (stride 1), so it
+// needs no col2im. Measured on the VGG5 layers (Zen 4, 1 thread, b10): forward and backward-input of
+// fmnist.conv3 from 62/74 to 120 GFLOP/s (counted on all taps; ~92% of the measured FMA peak before
+// border taps were skipped), backward-weight from 50 to 97, because im2col/col2im of short rows
+// (memcpy/memset of 7 floats), the dot-product kernel's reductions and the 256+256+64 split of K = 576
+// had cost 25-45% of the time.
 
-constexpr int64_t kDirectMinTaps = 64;  // below (conv1: 9 or 27 taps) the per-tile transpose dominates
-// Samples per kernel call in the weight gradient: ~256 pixels amortise the tile's load and store
-// (64 to 512 measured the same on the VGG5 layers).
+// Below 64 taps the GEMM over pixels is faster: conv1 (9 or 27 taps) forward took 1.6-2x as long
+// direct, and its weight gradient 1.3-1.6x (too little work per tile for the transposes and padding).
+constexpr int64_t kDirectMinTaps = 64;
+// ~1024 pixels per chunk: each border class then fills whole tiles and few edge pixels fall back to
+// mixed tiles over every tap (1 thread, b10: 2-4% faster than 256-pixel chunks).
+constexpr int64_t kDirectChunkPixels = 1024;
+// Pixels per kernel call in the weight gradient: ~256 amortise the tile's load and store (64 to 512
+// measured the same on the VGG5 layers).
 constexpr int64_t kWeightStepPixels = 256;
 
 int64_t round16(int64_t v) { return (v + 15) / 16 * 16; }
@@ -326,64 +338,160 @@ std::vector<int64_t> tap_offsets(const ConvGeom& g, const PaddedGeom& pg) {
   return off;
 }
 
-// Window corner of output pixel e of a chunk (e over samples × oh × ow).
-inline int64_t window_offset(const ConvGeom& g, const PaddedGeom& pg, int64_t e) {
-  const int64_t s = e / g.ohw, pix = e % g.ohw;
-  return s * pg.per_sample + (pix / g.ow) * g.sh * pg.wp + (pix % g.ow) * g.sw;
+// Border classes: output pixels whose windows have the same kernel rows [i0, i1) and columns [j0, j1)
+// inside the image share a step list of only those taps (A: offset in the padded planes, B: weight
+// row · kp), so taps that read the zero padding are skipped, as oneDNN's direct kernels do: on 7x7
+// pad 1 that is 18% of the multiply-adds, 9% on 14x14 (torch's conv3 ran at 126 GFLOP/s per thread
+// counted on all taps, above our 117 FMA peak). Class 0 holds every tap, for tiles of mixed pixels.
+struct TapClasses {
+  std::vector<int> of_pixel;                // class of each pixel of a plane (oh × ow)
+  std::vector<std::vector<int64_t>> steps;  // per class: (A offset, B offset) pairs
+};
+
+// Kernel rows (or columns) [lo, hi) that output row (column) o reads inside the image.
+inline void inside(int64_t o, int64_t s, int64_t pad, int64_t k, int64_t in, int64_t& lo, int64_t& hi) {
+  lo = std::clamp<int64_t>(pad - o * s, 0, k);
+  hi = std::clamp<int64_t>(in + pad - o * s, lo, k);
 }
 
-bool direct_applies(const ConvGeom& g, int threads, int64_t vector_channels) {
+TapClasses tap_classes(const ConvGeom& g, const PaddedGeom& pg, int64_t kp) {
+  TapClasses tc;
+  std::vector<std::array<int64_t, 4>> keys = {{0, g.kh, 0, g.kw}};
+  tc.of_pixel.resize(g.ohw);
+  for (int64_t oy = 0; oy < g.oh; ++oy)
+    for (int64_t ox = 0; ox < g.ow; ++ox) {
+      std::array<int64_t, 4> key;
+      inside(oy, g.sh, g.ph, g.kh, g.h, key[0], key[1]);
+      inside(ox, g.sw, g.pw, g.kw, g.w, key[2], key[3]);
+      const auto it = std::find(keys.begin(), keys.end(), key);
+      tc.of_pixel[oy * g.ow + ox] = static_cast<int>(it - keys.begin());
+      if (it == keys.end()) keys.push_back(key);
+    }
+  for (const auto& key : keys) {
+    std::vector<int64_t> st;
+    for (int64_t c = 0; c < g.cg; ++c)
+      for (int64_t i = key[0]; i < key[1]; ++i)
+        for (int64_t j = key[2]; j < key[3]; ++j)
+          st.push_back(c * pg.plane + i * pg.wp + j), st.push_back(((c * g.kh + i) * g.kw + j) * kp);
+    tc.steps.push_back(std::move(st));
+  }
+  return tc;
+}
+
+// Calls f(q, window corner in the padded planes, oy, ox) for the pixels q of [e0, e1)
+// of the flattened n × oh × ow range, the corner relative to sample e0 / ohw (counters, not divisions:
+// 3 divisions per pixel had cost ~5% of the 7x7 forward).
+template <class F>
+void for_each_window(const ConvGeom& g, const PaddedGeom& pg, int64_t e0, int64_t e1, F&& f) {
+  int64_t s = 0, pix = e0 % g.ohw, oy = pix / g.ow, ox = pix % g.ow;
+  for (int64_t q = 0; q < e1 - e0; ++q) {
+    f(q, s * pg.per_sample + oy * g.sh * pg.wp + ox * g.sw, oy, ox);
+    if (++ox == g.ow) {
+      ox = 0;
+      if (++oy == g.oh) oy = 0, ++s;
+    }
+  }
+}
+
+bool direct_applies(const ConvGeom& g, int64_t vector_channels) {
   return detail::select_indirect_kernel(4).fn && !g.depthwise() && !g.pointwise() && g.ckk >= kDirectMinTaps &&
-         vector_channels >= 16 && (threads <= 1 || g.n >= threads);
+         vector_channels >= 16;
+}
+
+// Output pixels [e0, e1) of the flattened n × oh × ow range, and the samples they touch.
+struct PixelRange {
+  int64_t e0, e1, s0, cs;  // first sample s0, cs samples
+  PixelRange(const ConvGeom& g, int64_t begin, int64_t end)
+      : e0(begin), e1(end), s0(begin / g.ohw), cs(end > begin ? (end - 1) / g.ohw - begin / g.ohw + 1 : 0) {}
+  // Pixels [p0, p1) of the range's sample s (0 <= s < cs), as offsets within that sample's plane.
+  int64_t p0(const ConvGeom& g, int64_t s) const { return std::max(e0, (s0 + s) * g.ohw) - (s0 + s) * g.ohw; }
+  int64_t p1(const ConvGeom& g, int64_t s) const { return std::min(e1, (s0 + s + 1) * g.ohw) - (s0 + s) * g.ohw; }
+};
+
+// Ranges of ~kDirectChunkPixels, as many as a multiple of the threads: splitting pixels rather than
+// samples balances any batch (sample chunks of >= 512 columns, the GEMM's, gave b10 fmnist.conv2
+// chunks of 2,3,2,3 samples: 1.65x on 2 threads instead of ~1.9x).
+int64_t pixel_chunks(int64_t total, int threads) {
+  return std::max<int64_t>(1, threads * ((total + threads * kDirectChunkPixels - 1) / (threads * kDirectChunkPixels)));
+}
+int64_t chunk_bound(int64_t total, int64_t chunks, int64_t i) {
+  return i >= chunks ? total : total * i / chunks;
 }
 
 // y [n, k, oh, ow] = conv(x, W) (+ bias), W given channels last: wt[grp][tap][kp], zero past kg.
 void conv2d_forward_direct(const ConvGeom& g, const float* x, const float* wt, int64_t kp, const float* bias, float* y,
                            int threads) {
   const PaddedGeom pg = padded(g);
-  const std::vector<int64_t> taps = tap_offsets(g, pg);
-  const Chunking ch = chunking(g.n, g.ohw, threads);
-  for_each_chunk(ch, threads, [&](int64_t ci, int) {
-    thread_local AlignedBuffer pad_buf;
-    const int64_t s0 = ch.begin(ci, g.n), cs = ch.begin(ci + 1, g.n) - s0, pixels = cs * g.ohw;
-    float* xp = pad_buf.get(static_cast<size_t>(cs * pg.per_sample));
+  const TapClasses tc = tap_classes(g, pg, kp);
+  const int64_t total = g.n * g.ohw, chunks = pixel_chunks(total, threads);
+  // Dynamic: outputs are disjoint, so results do not depend on the schedule, and a thread the OS
+  // preempts (2 cores shared with other work) holds up no one.
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+  for (int64_t ci = 0; ci < chunks; ++ci) {
+    thread_local AlignedBuffer pad_buf, out_buf;
+    thread_local std::vector<std::vector<int64_t>> members;
+    thread_local std::vector<int64_t> order, window;
+    thread_local std::vector<int> tile_class;
+    const PixelRange pr(g, chunk_bound(total, chunks, ci), chunk_bound(total, chunks, ci + 1));
+    const int64_t pixels = pr.e1 - pr.e0;
+    if (pixels <= 0) continue;
+    float* xp = pad_buf.get(static_cast<size_t>(pr.cs * pg.per_sample));
+    // The kernel's tiles go to rows of kp channels (channels last); one transpose per sample writes y.
+    float* out = out_buf.get(static_cast<size_t>(pixels * kp));
+    members.resize(tc.steps.size());
+    for (auto& m : members) m.clear();
+    window.resize(pixels);
+    for_each_window(g, pg, pr.e0, pr.e1, [&](int64_t q, int64_t corner, int64_t oy, int64_t ox) {
+      window[q] = corner;
+      members[tc.of_pixel[oy * g.ow + ox]].push_back(q);
+    });
     for (int64_t grp = 0; grp < g.groups; ++grp) {
-      for (int64_t s = 0; s < cs; ++s)
-        pad_planes(g, pg, x + ((s0 + s) * g.c + grp * g.cg) * g.hw, g.cg, xp + s * pg.per_sample);
+      for (int64_t s = 0; s < pr.cs; ++s)
+        pad_planes(g, pg, x + ((pr.s0 + s) * g.c + grp * g.cg) * g.hw, g.cg, xp + s * pg.per_sample);
       for (int64_t k0 = 0; k0 < g.kg; k0 += 64) {
         const int nv = static_cast<int>(std::min<int64_t>(4, (g.kg - k0 + 15) / 16));
         const detail::IndirectKernel uk = detail::select_indirect_kernel(nv);
-        const int64_t kv = std::min<int64_t>(16 * nv, g.kg - k0);
-        for (int64_t t0 = 0; t0 < pixels; t0 += uk.mr) {
-          const int64_t rv = std::min<int64_t>(uk.mr, pixels - t0);
+        // Whole tiles of each class, then the rest in mixed tiles over every tap (class 0).
+        order.clear(), tile_class.clear();
+        std::vector<int64_t>& rest = members[0];
+        const size_t rest_size = rest.size();
+        for (size_t c = 1; c < members.size(); ++c) {
+          const size_t whole = members[c].size() / uk.mr * uk.mr;
+          order.insert(order.end(), members[c].begin(), members[c].begin() + whole);
+          tile_class.insert(tile_class.end(), whole / uk.mr, static_cast<int>(c));
+          rest.insert(rest.end(), members[c].begin() + whole, members[c].end());
+        }
+        order.insert(order.end(), rest.begin(), rest.end());
+        tile_class.insert(tile_class.end(), (rest.size() + uk.mr - 1) / uk.mr, 0);
+        rest.resize(rest_size);
+        for (size_t ti = 0; ti < tile_class.size(); ++ti) {
+          const int64_t t0 = static_cast<int64_t>(ti) * uk.mr, rv = std::min<int64_t>(uk.mr, pixels - t0);
           const float* rows[8];
-          float* dst[8];
-          for (int64_t r = 0; r < uk.mr; ++r) {
-            const int64_t e = t0 + std::min(r, rv - 1);  // rows past the end repeat the last one
-            rows[r] = xp + window_offset(g, pg, e);
-            dst[r] = y + ((s0 + e / g.ohw) * g.k + grp * g.kg + k0) * g.ohw + e % g.ohw;
-          }
+          for (int64_t r = 0; r < uk.mr; ++r)  // rows past the end repeat the last pixel
+            rows[r] = xp + window[order[t0 + std::min(r, rv - 1)]];
+          const std::vector<int64_t>& steps = tc.steps[tile_class[ti]];
           alignas(64) float tile[8 * 64];
-          uk.fn(g.ckk, taps.data(), rows, wt + grp * g.ckk * kp + k0, kp, tile);
-          for (int64_t kk = 0; kk < kv; ++kk) {
-            const float bv = bias ? bias[grp * g.kg + k0 + kk] : 0.0f;
-            for (int64_t r = 0; r < rv; ++r) dst[r][kk * g.ohw] = tile[r * nv * 16 + kk] + bv;
-          }
+          uk.fn(static_cast<int64_t>(steps.size() / 2), steps.data(), rows, wt + grp * g.ckk * kp + k0, tile, 16 * nv);
+          for (int64_t r = 0; r < rv; ++r)
+            std::memcpy(out + order[t0 + r] * kp + k0, tile + r * 16 * nv, sizeof(float) * 16 * nv);
         }
       }
+      for (int64_t s = 0; s < pr.cs; ++s) {
+        const int64_t p0 = pr.p0(g, s), p1 = pr.p1(g, s);
+        detail::transpose(p1 - p0, g.kg, out + ((pr.s0 + s) * g.ohw + p0 - pr.e0) * kp, kp,
+                          y + ((pr.s0 + s) * g.k + grp * g.kg) * g.ohw + p0, g.ohw, bias ? bias + grp * g.kg : nullptr);
+      }
     }
-  });
+  }
 }
 
 // W [k, cg, kh, kw] channels last for the forward pass: wt[grp][(c, i, j)][kk], kk < kp (zeros past kg).
 float* pack_weights_forward(const ConvGeom& g, const float* w, int64_t kp) {
   thread_local AlignedBuffer buf;
   float* wt = buf.get(static_cast<size_t>(g.groups * g.ckk * kp));
+  if (g.kg < kp) std::memset(wt, 0, sizeof(float) * g.groups * g.ckk * kp);
   for (int64_t grp = 0; grp < g.groups; ++grp)
-    for (int64_t q = 0; q < g.ckk; ++q) {
-      float* d = wt + (grp * g.ckk + q) * kp;
-      for (int64_t kk = 0; kk < kp; ++kk) d[kk] = kk < g.kg ? w[(grp * g.kg + kk) * g.ckk + q] : 0.0f;
-    }
+    detail::transpose(g.kg, g.ckk, w + grp * g.kg * g.ckk, g.ckk, wt + grp * g.ckk * kp, kp, nullptr);
   return wt;
 }
 
@@ -399,84 +507,107 @@ ConvGeom transposed_geometry(const ConvGeom& g) {
 
 float* pack_weights_transposed(const ConvGeom& g, const float* w, int64_t kp) {
   thread_local AlignedBuffer buf;
-  const int64_t taps = g.kg * g.kh * g.kw;
-  float* wt = buf.get(static_cast<size_t>(g.groups * taps * kp));
+  const int64_t taps = g.kh * g.kw, rows = g.kg * taps;
+  float* wt = buf.get(static_cast<size_t>(g.groups * rows * kp));
+  if (g.cg < kp) std::memset(wt, 0, sizeof(float) * g.groups * rows * kp);
+  // W[k] is [cg, taps]; its transpose written from the last tap row upwards (ldd = -kp) flips the taps:
+  // (kh-1-i)·kw + (kw-1-j) = taps-1 - (i·kw + j).
   for (int64_t grp = 0; grp < g.groups; ++grp)
     for (int64_t kk = 0; kk < g.kg; ++kk)
-      for (int64_t i = 0; i < g.kh; ++i)
-        for (int64_t j = 0; j < g.kw; ++j) {
-          float* d = wt + (grp * taps + (kk * g.kh + i) * g.kw + j) * kp;
-          const float* src = w + (grp * g.kg + kk) * g.ckk + (g.kh - 1 - i) * g.kw + (g.kw - 1 - j);
-          for (int64_t c = 0; c < kp; ++c) d[c] = c < g.cg ? src[c * g.kh * g.kw] : 0.0f;
-        }
+      detail::transpose(g.cg, taps, w + (grp * g.kg + kk) * g.ckk, taps, wt + (grp * rows + kk * taps + taps - 1) * kp,
+                        -kp, nullptr);
   return wt;
 }
 
 // dW [k, cg, kh, kw] += sum over pixels of dy[k, pixel] · x[tap of pixel]: taps are the kernel's rows
-// (read through pointers at pixel offsets), dy laid channels last (kp wide) its vectors. Threads own
-// contiguous sample ranges and per-thread partial sums, added in thread order: the result does not
-// depend on the schedule.
+// (read through pointers at pixel offsets), dy laid channels last (kp wide) its vectors.
 void conv2d_backward_weight_direct(const ConvGeom& g, const float* x, const float* dy, float* dw, int threads) {
   const PaddedGeom pg = padded(g);
   const std::vector<int64_t> taps = tap_offsets(g, pg);
   const int64_t kp = round16(g.kg), part_size = g.groups * g.ckk * kp;
-  // Samples per kernel call: at least ~256 pixels, so that loading and storing the tile is amortised.
-  const int64_t step = std::max<int64_t>(1, (kWeightStepPixels + g.ohw - 1) / g.ohw);
+  // One partial sum per chunk (chunks fixed by the size and thread count), chunks taken dynamically (a
+  // thread the OS preempts holds up no one; a static split per thread cost 4-8 ms stalls on the shared
+  // 2 cores), partials added in chunk order: the result does not depend on the schedule.
+  // At most 2 chunks per thread: each chunk's partial (74-147 KB on VGG5) then stays in L2 (b100
+  // fmnist.conv2, 1 thread: 7.6 ms against 8-10 ms with one chunk per ~1024 pixels).
+  const int64_t total = g.n * g.ohw, chunks = std::min<int64_t>(pixel_chunks(total, threads), 2 * threads);
   thread_local AlignedBuffer part_buf;
-  float* parts = part_buf.get(static_cast<size_t>(part_size * threads));
-#pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* part = parts + t * part_size;
+  float* parts = part_buf.get(static_cast<size_t>(part_size * chunks));
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
+  for (int64_t ci = 0; ci < chunks; ++ci) {
+    float* part = parts + ci * part_size;
     std::memset(part, 0, sizeof(float) * part_size);
     thread_local AlignedBuffer pad_buf, dyt_buf;
     thread_local std::vector<int64_t> pix_off;
-    for (int64_t c0 = g.n * t / nt, c1 = g.n * (t + 1) / nt; c0 < c1; c0 += step) {
-      const int64_t cs = std::min(step, c1 - c0), pixels = cs * g.ohw;
-      float* xp = pad_buf.get(static_cast<size_t>(cs * pg.per_sample));
+    thread_local std::vector<std::vector<int64_t>> by_position;
+    const int64_t end = chunk_bound(total, chunks, ci + 1);
+    for (int64_t e = chunk_bound(total, chunks, ci); e < end; e += kWeightStepPixels) {
+      const PixelRange pr(g, e, std::min(end, e + kWeightStepPixels));
+      const int64_t pixels = pr.e1 - pr.e0;
+      float* xp = pad_buf.get(static_cast<size_t>(pr.cs * pg.per_sample));
       float* dyt = dyt_buf.get(static_cast<size_t>(pixels * kp));
-      pix_off.resize(pixels);
-      for (int64_t e = 0; e < pixels; ++e) pix_off[e] = window_offset(g, pg, e);
+      // Steps (window corner, dy row): every pixel, and per kernel position (i, j) the pixels whose
+      // tap (i, j) lies inside the image (border taps skipped as in the forward pass).
+      pix_off.resize(2 * pixels);
+      by_position.resize(g.kh * g.kw);
+      for (auto& v : by_position) v.clear();
+      for_each_window(g, pg, pr.e0, pr.e1, [&](int64_t q, int64_t corner, int64_t oy, int64_t ox) {
+        pix_off[2 * q] = corner, pix_off[2 * q + 1] = q * kp;
+        int64_t i0, i1, j0, j1;
+        inside(oy, g.sh, g.ph, g.kh, g.h, i0, i1);
+        inside(ox, g.sw, g.pw, g.kw, g.w, j0, j1);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < j1; ++j) by_position[i * g.kw + j].push_back(corner), by_position[i * g.kw + j].push_back(q * kp);
+      });
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        for (int64_t s = 0; s < cs; ++s) {
-          pad_planes(g, pg, x + ((c0 + s) * g.c + grp * g.cg) * g.hw, g.cg, xp + s * pg.per_sample);
-          for (int64_t pix = 0; pix < g.ohw; ++pix) {
-            float* d = dyt + (s * g.ohw + pix) * kp;
-            const float* src = dy + ((c0 + s) * g.k + grp * g.kg) * g.ohw + pix;
-            for (int64_t kk = 0; kk < g.kg; ++kk) d[kk] = src[kk * g.ohw];
-            for (int64_t kk = g.kg; kk < kp; ++kk) d[kk] = 0.0f;
-          }
+        for (int64_t s = 0; s < pr.cs; ++s) {
+          pad_planes(g, pg, x + ((pr.s0 + s) * g.c + grp * g.cg) * g.hw, g.cg, xp + s * pg.per_sample);
+          const int64_t p0 = pr.p0(g, s), p1 = pr.p1(g, s);
+          float* d = dyt + ((pr.s0 + s) * g.ohw + p0 - pr.e0) * kp;
+          detail::transpose(g.kg, p1 - p0, dy + ((pr.s0 + s) * g.k + grp * g.kg) * g.ohw + p0, g.ohw, d, kp, nullptr);
+          if (g.kg < kp)
+            for (int64_t q = 0; q < p1 - p0; ++q) std::memset(d + q * kp + g.kg, 0, sizeof(float) * (kp - g.kg));
         }
         float* pg_part = part + grp * g.ckk * kp;
         for (int64_t k0 = 0; k0 < kp; k0 += 64) {
           const int nv = static_cast<int>(std::min<int64_t>(4, (kp - k0) / 16));
           const detail::IndirectKernel uk = detail::select_indirect_kernel(nv);
-          for (int64_t q0 = 0; q0 < g.ckk; q0 += uk.mr) {
-            const int64_t rv = std::min<int64_t>(uk.mr, g.ckk - q0);
+          // Tiles of taps in (i, j, c) order: a tile within one kernel position takes its step list.
+          for (int64_t t0 = 0; t0 < g.ckk; t0 += uk.mr) {
+            const int64_t rv = std::min<int64_t>(uk.mr, g.ckk - t0);
             const float* rows[8];
-            for (int64_t r = 0; r < uk.mr; ++r) rows[r] = xp + taps[q0 + std::min(r, rv - 1)];
+            int64_t tap[8];
+            for (int64_t r = 0; r < uk.mr; ++r) {
+              const int64_t u = t0 + std::min(r, rv - 1), ij = u / g.cg, c = u % g.cg;
+              tap[r] = c * g.kh * g.kw + ij;
+              rows[r] = xp + taps[tap[r]];
+            }
+            const int64_t ij = t0 / g.cg;
+            const std::vector<int64_t>& st = (t0 + rv - 1) / g.cg == ij ? by_position[ij] : pix_off;
             alignas(64) float tile[8 * 64];
-            uk.fn(pixels, pix_off.data(), rows, dyt + k0, kp, tile);
+            uk.fn(static_cast<int64_t>(st.size() / 2), st.data(), rows, dyt + k0, tile, 16 * nv);
             for (int64_t r = 0; r < rv; ++r) {
-              float* d = pg_part + (q0 + r) * kp + k0;
+              float* d = pg_part + tap[r] * kp + k0;
               for (int64_t j = 0; j < 16 * nv; ++j) d[j] += tile[r * nv * 16 + j];
             }
           }
         }
       }
     }
-#pragma omp barrier
-    // dw [oc, q] += the partials' [grp, q, kk] in thread order (a transpose: rows of dw per thread).
-#pragma omp for schedule(static)
-    for (int64_t oc = 0; oc < g.k; ++oc) {
-      const float* from = parts + (oc / g.kg) * g.ckk * kp + oc % g.kg;
-      float* to = dw + oc * g.ckk;
-      for (int64_t q = 0; q < g.ckk; ++q) {
-        float sum = to[q];
-        for (int64_t u = 0; u < nt; ++u) sum += from[u * part_size + q * kp];
-        to[q] = sum;
-      }
-    }
+  }
+  const int sum_threads = par::threads_for(part_size * chunks);
+#pragma omp parallel for num_threads(sum_threads) schedule(static) if (sum_threads > 1)
+  for (int64_t e = 0; e < part_size; ++e) {
+    float sum = parts[e];
+    for (int64_t u = 1; u < chunks; ++u) sum += parts[u * part_size + e];
+    parts[e] = sum;
+  }
+  thread_local AlignedBuffer dwt_buf;
+  float* dwt = dwt_buf.get(static_cast<size_t>(g.kg * g.ckk));
+  for (int64_t grp = 0; grp < g.groups; ++grp) {
+    detail::transpose(g.ckk, g.kg, parts + grp * g.ckk * kp, kp, dwt, g.ckk, nullptr);
+    float* to = dw + grp * g.kg * g.ckk;
+    for (int64_t e = 0; e < g.kg * g.ckk; ++e) to[e] += dwt[e];
   }
 }
 
@@ -491,7 +622,7 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
     return;
   }
   const int threads = conv_threads(g);
-  if (direct_applies(g, threads, g.kg)) {
+  if (direct_applies(g, g.kg)) {
     const int64_t kp = round16(g.kg);
     conv2d_forward_direct(g, x.data, pack_weights_forward(g, w.data, kp), kp, b.data, y.data, threads);
     return;
@@ -530,7 +661,7 @@ void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, Vie
   const int threads = conv_threads(g);
   if (g.sh == 1 && g.sw == 1 && g.ph < g.kh && g.pw < g.kw) {
     const ConvGeom t = transposed_geometry(g);
-    if (direct_applies(t, threads, t.kg)) {
+    if (direct_applies(t, t.kg)) {
       const int64_t kp = round16(t.kg);
       conv2d_forward_direct(t, dy.data, pack_weights_transposed(g, w.data, kp), kp, nullptr, dx.data, threads);
       return;
@@ -572,7 +703,7 @@ void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, Vi
     return;
   }
   const int threads = conv_threads(g);
-  if (direct_applies(g, threads, g.kg)) {
+  if (direct_applies(g, g.kg)) {
     conv2d_backward_weight_direct(g, x.data, dy.data, dw.data, threads);
     return;
   }

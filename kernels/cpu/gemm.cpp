@@ -87,6 +87,16 @@ IndirectKernel select_indirect_kernel(int nv) {
   return {};
 }
 
+void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
+#if PIPAR_X86
+  if (cpu_isa() == Isa::kAvx512) return transpose_avx512(rows, cols, src, lds, dst, ldd, bias);
+#endif
+  for (int64_t j = 0; j < cols; ++j) {
+    const float b = bias ? bias[j] : 0.0f;
+    for (int64_t i = 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j] + b;
+  }
+}
+
 // --- dot-product kernel (C += A B^T) ------------------------------------------------------------------
 
 namespace {

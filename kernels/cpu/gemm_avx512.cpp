@@ -1,7 +1,10 @@
-// The AVX-512 GEMM micro-kernel (compiled with -mavx512f etc. on x86-64 only; picked at run time by
-// select_micro_kernel()). 16 rows × 16 columns: 16 zmm accumulators, one B load and 16 FMAs with an
-// embedded A broadcast per k step.
+// The AVX-512 kernels (compiled with -mavx512f etc. on x86-64 only; picked at run time by cpu_isa()):
+// the GEMM micro-kernel, 16 rows × 16 columns (16 zmm accumulators, one B load and 16 FMAs with an
+// A broadcast per k step); the dot-product kernel; and for the direct convolution the indirect kernel
+// and a 16 × 16 register transpose.
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "kernels/cpu/gemm_internal.h"
 
@@ -73,11 +76,11 @@ void dot_kernel_avx512_impl(int64_t len, const float* const* a, const float* con
   }
 }
 
-// mr × nv accumulators (at most 24 of the 32 zmm): per step one offset, nv B loads and mr broadcasts
+// mr × nv accumulators (at most 24 of the 32 zmm): per step two offsets, nv B loads and mr broadcasts
 // from the row pointers, which stay in general registers (mr <= 8).
 template <int kMr, int kNv>
 void indirect_kernel_avx512_impl(int64_t steps, const int64_t* off, const float* const* a, const float* b,
-                                 int64_t ldb, float* out) {
+                                 float* out, int64_t ldo) {
   __m512 acc[kMr][kNv];
   const float* rows[kMr];
 #pragma GCC unroll 8
@@ -87,10 +90,11 @@ void indirect_kernel_avx512_impl(int64_t steps, const int64_t* off, const float*
     for (int v = 0; v < kNv; ++v) acc[r][v] = _mm512_setzero_ps();
   }
   for (int64_t q = 0; q < steps; ++q) {
-    const int64_t o = off[q];
+    const int64_t o = off[2 * q];
+    const float* brow = b + off[2 * q + 1];
     __m512 bv[kNv];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNv; ++v) bv[v] = _mm512_loadu_ps(b + q * ldb + 16 * v);
+    for (int v = 0; v < kNv; ++v) bv[v] = _mm512_loadu_ps(brow + 16 * v);
 #pragma GCC unroll 8
     for (int r = 0; r < kMr; ++r) {
       const __m512 av = _mm512_set1_ps(rows[r][o]);
@@ -101,12 +105,58 @@ void indirect_kernel_avx512_impl(int64_t steps, const int64_t* off, const float*
 #pragma GCC unroll 8
   for (int r = 0; r < kMr; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < kNv; ++v) _mm512_storeu_ps(out + (r * kNv + v) * 16, acc[r][v]);
+    for (int v = 0; v < kNv; ++v) _mm512_storeu_ps(out + r * ldo + v * 16, acc[r][v]);
 }
+
+// GCC 12 reports the _mm512_undefined_ps() inside the unpack/shuffle intrinsics as maybe-uninitialized.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// One block of up to 16 × 16 (masked loads and stores at the edges): unpack pairs, then 64-bit and
+// 128-bit lane shuffles, the usual 4-stage transpose (64 shuffles per 256 floats).
+void transpose_block16(int rows, int cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1), row_mask = static_cast<__mmask16>((1u << rows) - 1);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * lds) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < 16; h += 8)
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0x88);
+      t[h + 4 + i] = _mm512_shuffle_f32x4(r[h + i], r[h + 4 + i], 0xDD);
+    }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j)
+    if (j < cols) {
+      const __m512 v = bias ? _mm512_add_ps(r[j], _mm512_set1_ps(bias[j])) : r[j];
+      _mm512_mask_storeu_ps(dst + j * ldd, row_mask, v);
+    }
+}
+#pragma GCC diagnostic pop
 
 }  // namespace
 
 DotKernel dot_kernel_avx512() { return {16, &dot_kernel_avx512_impl}; }
+
+void transpose_avx512(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd,
+                      const float* bias) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 16)
+    for (int64_t i0 = 0; i0 < rows; i0 += 16)
+      transpose_block16(static_cast<int>(std::min<int64_t>(16, rows - i0)), static_cast<int>(std::min<int64_t>(16, cols - j0)),
+                        src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd, bias ? bias + j0 : nullptr);
+}
 
 IndirectKernel indirect_kernel_avx512(int nv) {
   switch (nv) {

@@ -50,21 +50,28 @@ DotKernel select_dot_kernel();
 void gemm_nt_accumulate(int64_t m, int64_t n, int64_t len, const float* a, int64_t lda, const float* b, int64_t ldb,
                         float* c, int64_t ldc);
 
-// Indirect kernel for direct convolution (conv2d.cpp): out[r][j] = sum_{q < steps} a[r][off[q]] ·
-// b[q·ldb + j] for r < mr, j < 16·nv, out row stride 16·nv. Each A row is read through its own pointer
-// at offsets shared by all rows (output pixels at a convolution's tap offsets, or taps at pixel
-// offsets), so the image is read in place, without im2col; B rows (weights or dy, channels last) are
-// vectors. AVX-512 only: fn is null elsewhere and callers keep the GEMM path.
+// Indirect kernel for direct convolution (conv2d.cpp): out[r·ldo + j] = sum_{q < steps} a[r][off[2q]] ·
+// b[off[2q+1] + j] for r < mr, j < 16·nv. Each A row is read through its own pointer at offsets shared
+// by all rows (output pixels at a convolution's tap offsets, or taps at pixel offsets), so the image is
+// read in place, without im2col; B rows (weights or dy, channels last) are vectors, also picked by
+// offset, so that a step list can leave out taps (those in the zero padding for a class of pixels).
+// AVX-512 only: fn is null elsewhere and callers keep the GEMM path.
 using IndirectKernelFn = void (*)(int64_t steps, const int64_t* off, const float* const* a, const float* b,
-                                  int64_t ldb, float* out);
+                                  float* out, int64_t ldo);
 struct IndirectKernel {
   int mr = 0, nv = 0;
   IndirectKernelFn fn = nullptr;
 };
 #if PIPAR_X86
 IndirectKernel indirect_kernel_avx512(int nv);  // nv in 1..4 vectors of 16 channels
+// transpose() in 16 × 16 register blocks.
+void transpose_avx512(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd,
+                      const float* bias);
 #endif
 IndirectKernel select_indirect_kernel(int nv);  // by cpu_isa(); fn null unless AVX-512
+// dst[j·ldd + i] = src[i·lds + j] (+ bias[j] when bias is not null) for i < rows, j < cols: AVX-512
+// blocks where available, a plain loop elsewhere.
+void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias);
 
 // --- scratch ----------------------------------------------------------------------------------------
 // A 64-byte aligned float buffer that only grows (per-thread scratch; reused across calls).

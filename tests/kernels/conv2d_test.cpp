@@ -48,6 +48,15 @@ const std::vector<ConvCase> kCases = {
     {4, 1, 28, 28, 32, params(3, 3, 1, 1, 1, 1, 1)},  {3, 32, 14, 14, 64, params(3, 3, 1, 1, 1, 1, 1)},
     {5, 64, 7, 7, 64, params(3, 3, 1, 1, 1, 1, 1)},   {2, 3, 32, 32, 32, params(3, 3, 1, 1, 1, 1, 1)},
     {1, 16, 5, 5, 16, params(3, 3, 1, 1, 1, 1, 16)},  {13, 6, 6, 5, 9, params(3, 3, 1, 2, 1, 0, 3)},
+    // The direct (indirect-kernel) passes on AVX-512: >= 64 taps and >= 16 vector channels, with
+    // channel counts off multiples of 16 and above 64 (two channel blocks), pad 0 and 2, a 3x2
+    // kernel, groups, stride 2 and 1x1 stride 2 (forward and weight only), batch 1, and padding >=
+    // the kernel (backward-input falls back to col2im).
+    {2, 16, 9, 11, 20, params(3, 3, 1, 1, 0, 0, 1)},  {1, 17, 8, 10, 18, params(5, 5, 1, 1, 2, 2, 1)},
+    {2, 16, 6, 7, 16, params(3, 3, 1, 1, 2, 2, 1)},   {3, 20, 7, 5, 33, params(3, 2, 1, 1, 1, 0, 1)},
+    {2, 32, 8, 8, 64, params(3, 3, 1, 1, 1, 1, 2)},   {2, 16, 9, 9, 32, params(3, 3, 2, 2, 1, 1, 1)},
+    {2, 64, 6, 6, 16, params(1, 1, 2, 2, 0, 0, 1)},   {1, 8, 6, 6, 80, params(3, 3, 1, 1, 1, 1, 1)},
+    {2, 16, 5, 5, 16, params(2, 2, 1, 1, 2, 2, 1)},   {4, 80, 5, 6, 17, params(3, 3, 1, 1, 1, 1, 1)},
 };
 
 // Small cases for finite differences (each gradient entry costs two reference convolutions).

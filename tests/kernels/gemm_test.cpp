@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
+#include "kernels/cpu/gemm_internal.h"
 #include "kernels/ops.h"
 #include "tests/kernels/gemm_configs.h"
 #include "tests/random.h"
@@ -137,6 +139,36 @@ TEST(GemmTest, ZeroDepthScalesCAndBetaZeroIgnoresNaN) {
     kernels::cpu::gemm(false, false, 3, 4, 5, 1.0f, a.data(), 5, b.data(), 4, 0.0f, d.data(), 4);
     for (float v : d) EXPECT_EQ(v, 10.0f);
   }
+}
+
+// The channels-last <-> planar transpose under the direct convolution: every ISA, sizes off and on the
+// 16 x 16 blocks, a bias per output row, and a negative output stride (rows written bottom-up, which
+// flips the kernel taps for the backward-input weights).
+TEST(GemmTest, TransposeExactEveryIsaEdgesBiasAndNegativeStride) {
+  SCOPED_TRACE(seed_trace());
+  Rng rng(14);
+  for (kernels::Isa isa : supported_isas())
+    for (int64_t rows : {1, 5, 16, 17, 33})
+      for (int64_t cols : {1, 9, 16, 20, 64})
+        for (bool with_bias : {false, true})
+          for (bool flip : {false, true}) {
+            ScopedCpuConfig scope({isa, 1});
+            SCOPED_TRACE(std::string(kernels::isa_name(isa)) + " " + std::to_string(rows) + "x" + std::to_string(cols));
+            const int64_t lds = cols + 3, ldd = rows + 5;
+            const auto src = rng.small_int_vec(rows * lds), bias = rng.small_int_vec(cols);
+            std::vector<float> dst(cols * ldd, -100.0f);
+            float* d0 = flip ? dst.data() + (cols - 1) * ldd : dst.data();
+            kernels::cpu::detail::transpose(rows, cols, src.data(), lds, d0, flip ? -ldd : ldd,
+                                            with_bias ? bias.data() : nullptr);
+            int64_t wrong = 0;
+            for (int64_t j = 0; j < cols; ++j)
+              for (int64_t i = 0; i < ldd; ++i) {
+                const int64_t row = flip ? cols - 1 - j : j;
+                const float want = i < rows ? src[i * lds + j] + (with_bias ? bias[j] : 0.0f) : -100.0f;
+                wrong += !(dst[row * ldd + i] == want);  // padding past rows untouched
+              }
+            EXPECT_EQ(wrong, 0);
+          }
 }
 
 }  // namespace
