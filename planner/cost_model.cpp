@@ -1,0 +1,390 @@
+// The cost model: an event-ordered recurrence over devices, batches and micro-batches (see the header).
+#include "planner/cost_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <queue>
+
+#include "runtime/split.h"
+
+namespace pipar::planner {
+
+const char* mode_name(Mode m) {
+  switch (m) {
+    case Mode::kPipar: return "pipar";
+    case Mode::kSfl: return "sfl";
+    case Mode::kSl: return "sl";
+    case Mode::kFl: return "fl";
+  }
+  return "?";
+}
+
+Mode parse_mode(const std::string& name) {
+  if (name == "pipar") return Mode::kPipar;
+  if (name == "sfl") return Mode::kSfl;
+  if (name == "sl") return Mode::kSl;
+  if (name == "fl") return Mode::kFl;
+  throw Error("unknown mode '" + name + "'; the planner knows pipar, sfl, sl and fl");
+}
+
+std::vector<int64_t> batch_lengths(int64_t n, int64_t bs) {
+  PIPAR_CHECK(bs >= 1 && n >= 0, "batch_lengths(", n, ", ", bs, ")");
+  if (n == 0) return {bs};
+  std::vector<int64_t> lens(static_cast<size_t>(n / bs), bs);
+  if (n % bs >= 2) lens.push_back(n % bs);
+  return lens;
+}
+
+Cluster make_cluster(const Profile& device, size_t k, const LinkSpec& link, int64_t batch_size, int64_t samples_per_device) {
+  Cluster c;
+  c.device_profiles = {device};
+  c.batch_size = batch_size;
+  DeviceSpec s;
+  s.link = link;
+  s.samples = samples_per_device;
+  c.devices.assign(k, s);
+  return c;
+}
+
+double CostModel::transfer_s(double bytes, double rate_mbps, double per_message_s) {
+  return per_message_s + (rate_mbps > 0 ? bytes * 8.0 / (rate_mbps * 1e6) : 0.0);
+}
+
+CostModel::CostModel(Cluster cluster) : c_(std::move(cluster)) {
+  if (c_.device_profiles.empty()) throw Error("cost model: no device profile");
+  if (c_.devices.empty()) throw Error("cost model: no devices");
+  if (c_.batch_size < 1) throw Error("cost model: batch size must be at least 1");
+  if (!(c_.server_time_scale > 0) || !(c_.aggregation_s >= 0)) throw Error("cost model: server_time_scale must be > 0");
+  for (const Profile& p : c_.device_profiles) p.validate();
+  if (c_.server_profile) c_.server_profile->validate();
+  blocks_ = c_.device_profiles[0].num_blocks();
+  auto same_model = [&](const Profile& p) {
+    if (p.num_blocks() != blocks_ || p.model != c_.device_profiles[0].model)
+      throw Error(detail::concat("cost model: profiles of different models (", c_.device_profiles[0].model, ", ",
+                                 blocks_, " blocks vs ", p.model, ", ", p.num_blocks(), " blocks)"));
+  };
+  for (const Profile& p : c_.device_profiles) {
+    same_model(p);
+    min_micro_ = std::max(min_micro_, p.min_micro_batch);
+  }
+  if (c_.server_profile) {
+    same_model(*c_.server_profile);
+    min_micro_ = std::max(min_micro_, c_.server_profile->min_micro_batch);
+  }
+  for (size_t d = 0; d < c_.devices.size(); ++d) {
+    const DeviceSpec& s = c_.devices[d];
+    if (s.profile >= c_.device_profiles.size())
+      throw Error(detail::concat("cost model: device ", d, " uses profile ", s.profile, " of ", c_.device_profiles.size()));
+    if (!(s.time_scale > 0) || !(s.link.up_mbps >= 0) || !(s.link.down_mbps >= 0) || !(s.link.latency_s >= 0) ||
+        !(s.link.per_message_s >= 0) || s.samples < 0)
+      throw Error(detail::concat("cost model: device ", d, " has a negative rate, latency, scale or sample count"));
+  }
+}
+
+bool CostModel::micro_batches_fit(int micro_batches) const {
+  if (micro_batches < 1) return false;
+  for (const DeviceSpec& d : c_.devices)
+    for (int64_t len : batch_lengths(d.samples, c_.batch_size))
+      if (micro_batch_sizes(len, micro_batches).back() < min_micro_) return false;
+  return true;
+}
+
+void CostModel::check_split(const std::vector<int>& split, Mode mode) const {
+  if (mode == Mode::kFl) return;
+  if (split.size() != c_.devices.size())
+    throw Error(detail::concat("cost model: ", split.size(), " split points for ", c_.devices.size(), " devices"));
+  for (int p : split)
+    if (p < 1 || static_cast<size_t>(p) >= blocks_)
+      throw Error(detail::concat("cost model: split point ", p, " outside 1..", blocks_ - 1));
+}
+
+// --- stage times -----------------------------------------------------------------------------------
+
+struct CostModel::Stage {
+  double f = 0, b = 0, up = 0, down = 0, s = 0;  // device forward/backward, links, server micro-batch
+};
+
+CostModel::Stage CostModel::stage(size_t d, int split, int64_t m, Mode mode) const {
+  const DeviceSpec& ds = c_.devices[d];
+  const Profile& dp = device_profile(d);
+  const double mm = static_cast<double>(m);
+  Stage st;
+  if (mode == Mode::kFl) {
+    st.f = (dp.forward_s(0, blocks_, mm) + dp.loss_time_s(mm) + dp.backward_s(0, blocks_, mm)) * ds.time_scale;
+    return st;
+  }
+  const size_t p = static_cast<size_t>(split);
+  const Profile& sp = server_profile();
+  st.f = dp.forward_s(0, p, mm) * ds.time_scale;
+  st.b = dp.backward_s(0, p, mm) * ds.time_scale;
+  st.up = transfer_s(static_cast<double>(dp.activation_bytes(p)) * mm, ds.link.up_mbps, ds.link.per_message_s);
+  st.down = transfer_s(static_cast<double>(dp.gradient_bytes(p)) * mm, ds.link.down_mbps, ds.link.per_message_s);
+  st.s = (sp.forward_s(p, blocks_, mm) + sp.loss_time_s(mm) + sp.backward_s(p, blocks_, mm)) * c_.server_time_scale;
+  return st;
+}
+
+// --- the recurrence --------------------------------------------------------------------------------
+
+namespace {
+
+struct Arrival {
+  double t;
+  size_t d;
+  size_t i;
+  bool operator>(const Arrival& o) const {
+    if (t != o.t) return t > o.t;
+    if (d != o.d) return d > o.d;
+    return i > o.i;
+  }
+};
+
+std::string device_name(size_t d) { return "device " + std::to_string(d); }
+
+// Resource order in Timing::busy: server, then per device: compute, uplink, downlink.
+Timing make_timing(size_t k) {
+  Timing t;
+  t.busy.push_back({"server", 0});
+  for (size_t d = 0; d < k; ++d) {
+    t.busy.push_back({device_name(d), 0});
+    t.busy.push_back({device_name(d) + " uplink", 0});
+    t.busy.push_back({device_name(d) + " downlink", 0});
+  }
+  return t;
+}
+
+void finish_timing(Timing& t) {
+  t.bottleneck.clear();
+  t.bottleneck_busy_s = -1;
+  for (const ResourceBusy& r : t.busy)
+    if (r.busy_s > t.bottleneck_busy_s) t.bottleneck = r.name, t.bottleneck_busy_s = r.busy_s;
+}
+
+}  // namespace
+
+double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
+                           const std::vector<size_t>& devices, std::vector<double>& busy) const {
+  const size_t k = c_.devices.size();
+  busy.assign(1 + 3 * k, 0.0);
+  double& server_busy = busy[0];
+  auto compute_busy = [&](size_t d) -> double& { return busy[1 + 3 * d]; };
+  auto up_busy = [&](size_t d) -> double& { return busy[2 + 3 * d]; };
+  auto down_busy = [&](size_t d) -> double& { return busy[3 + 3 * d]; };
+  const int n = (mode == Mode::kPipar) ? micro_batches : 1;
+  PIPAR_CHECK(n >= 1, "micro-batches ", micro_batches);
+
+  struct Dev {
+    std::vector<int64_t> lens;   // batch lengths still to run (front: current)
+    size_t batch = 0;
+    std::vector<int64_t> sizes;  // the current batch's micro-batch sizes
+    std::vector<Stage> st;       // their stage times
+    double f_end = 0, up_free = 0, down_free = 0, b_end = 0;
+    double step_dev = 0, step_srv = 0, w_up = 0, w_down = 0, latency = 0;
+    std::vector<std::pair<int64_t, Stage>> cache;  // stage times by micro-batch size (few distinct)
+  };
+  std::vector<Dev> dev(k);
+  std::priority_queue<Arrival, std::vector<Arrival>, std::greater<Arrival>> heap;
+  double span = 0;
+
+  auto stage_of = [&](size_t d, int64_t m) -> const Stage& {
+    for (const auto& [size, s] : dev[d].cache)
+      if (size == m) return s;
+    dev[d].cache.emplace_back(m, stage(d, split[d], m, mode));
+    return dev[d].cache.back().second;
+  };
+  auto start_batch = [&](size_t d, double t0) {
+    Dev& v = dev[d];
+    v.sizes = micro_batch_sizes(v.lens[v.batch], n);
+    v.st.clear();
+    double f = t0;
+    for (size_t i = 0; i < v.sizes.size(); ++i) {
+      const Stage s = stage_of(d, v.sizes[i]);
+      v.st.push_back(s);
+      f += s.f;
+      compute_busy(d) += s.f;
+      const double u = std::max(f, v.up_free) + s.up;
+      up_busy(d) += s.up;
+      v.up_free = u;
+      heap.push({u + v.latency, d, i});
+    }
+    v.f_end = v.b_end = f;
+  };
+  auto end_device = [&](size_t d, double t_end) {
+    Dev& v = dev[d];
+    if (whole_round) {
+      const double u = std::max(t_end, v.up_free) + v.w_up;
+      up_busy(d) += v.w_up;
+      v.up_free = u;
+      t_end = u + v.latency;
+    }
+    span = std::max(span, t_end);
+  };
+
+  for (size_t d : devices) {
+    Dev& v = dev[d];
+    const DeviceSpec& ds = c_.devices[d];
+    const size_t p = static_cast<size_t>(split[d]);
+    v.lens = whole_round ? batch_lengths(ds.samples, c_.batch_size) : std::vector<int64_t>{c_.batch_size};
+    v.latency = ds.link.latency_s;
+    v.step_dev = device_profile(d).step_s(0, p) * ds.time_scale;
+    v.step_srv = server_profile().step_s(p, blocks_) * c_.server_time_scale;
+    const double w = static_cast<double>(device_profile(d).state_bytes(0, p));
+    v.w_down = transfer_s(w, ds.link.down_mbps, ds.link.per_message_s);
+    v.w_up = transfer_s(w, ds.link.up_mbps, ds.link.per_message_s);
+    double t0 = 0;
+    if (whole_round) {
+      down_busy(d) += v.w_down;
+      v.down_free = v.w_down;
+      t0 = v.w_down + v.latency;
+    }
+    start_batch(d, t0);
+  }
+
+  double server_free = 0;
+  while (!heap.empty()) {
+    const Arrival a = heap.top();
+    heap.pop();
+    Dev& v = dev[a.d];
+    const Stage& s = v.st[a.i];
+    const bool last = a.i + 1 == v.sizes.size();
+    const double start = std::max(a.t, server_free);
+    const double end = start + s.s + (last ? v.step_srv : 0.0);  // the server steps before the last gradient goes
+    server_busy += end - start;
+    server_free = end;
+    const double down = std::max(end, v.down_free) + s.down;
+    down_busy(a.d) += s.down;
+    v.down_free = down;
+    v.b_end = std::max(down + v.latency, v.b_end) + s.b;  // gradients of one device arrive in order
+    compute_busy(a.d) += s.b;
+    if (!last) continue;
+    const double batch_end = v.b_end + v.step_dev;
+    compute_busy(a.d) += v.step_dev;
+    if (++v.batch < v.lens.size()) start_batch(a.d, batch_end);
+    else end_device(a.d, batch_end);
+  }
+  return span;
+}
+
+Timing CostModel::simulate_timing(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
+                                  const std::vector<size_t>& devices) const {
+  Timing t = make_timing(c_.devices.size());
+  std::vector<double> busy;
+  t.span_s = simulate(mode, split, micro_batches, whole_round, devices, busy);
+  for (size_t r = 0; r < busy.size(); ++r) t.busy[r].busy_s = busy[r];
+  return t;
+}
+
+std::vector<size_t> CostModel::all_devices() const {
+  std::vector<size_t> all(c_.devices.size());
+  for (size_t d = 0; d < all.size(); ++d) all[d] = d;
+  return all;
+}
+
+Timing CostModel::batch(Mode mode, const std::vector<int>& split, int micro_batches) const {
+  check_split(split, mode);
+  PIPAR_CHECK(micro_batches >= 1, "micro-batches ", micro_batches);
+  const size_t k = c_.devices.size();
+  Timing t = make_timing(k);
+  if (mode == Mode::kFl) {
+    for (size_t d = 0; d < k; ++d) {
+      const double c = stage(d, 0, c_.batch_size, mode).f + device_profile(d).step_s(0, blocks_) * c_.devices[d].time_scale;
+      t.busy[1 + 3 * d].busy_s = c;
+      t.span_s = std::max(t.span_s, c);
+    }
+  } else if (mode == Mode::kSl) {
+    for (size_t d = 0; d < k; ++d) {
+      const Timing one = simulate_timing(mode, split, 1, false, {d});
+      t.span_s += one.span_s;
+      for (size_t r = 0; r < t.busy.size(); ++r) t.busy[r].busy_s += one.busy[r].busy_s;
+    }
+  } else {
+    t = simulate_timing(mode, split, micro_batches, false, all_devices());
+  }
+  finish_timing(t);
+  return t;
+}
+
+Timing CostModel::round(Mode mode, const std::vector<int>& split, int micro_batches) const {
+  check_split(split, mode);
+  PIPAR_CHECK(micro_batches >= 1, "micro-batches ", micro_batches);
+  const size_t k = c_.devices.size();
+  Timing t = make_timing(k);
+  if (mode == Mode::kFl) {
+    for (size_t d = 0; d < k; ++d) {
+      const DeviceSpec& ds = c_.devices[d];
+      const double w = static_cast<double>(device_profile(d).state_bytes(0, blocks_));
+      const double down = transfer_s(w, ds.link.down_mbps, ds.link.per_message_s);
+      const double up = transfer_s(w, ds.link.up_mbps, ds.link.per_message_s);
+      double c = 0;
+      for (int64_t len : batch_lengths(ds.samples, c_.batch_size))
+        c += stage(d, 0, len, mode).f + device_profile(d).step_s(0, blocks_) * ds.time_scale;
+      t.busy[1 + 3 * d].busy_s = c;
+      t.busy[2 + 3 * d].busy_s = up;
+      t.busy[3 + 3 * d].busy_s = down;
+      t.span_s = std::max(t.span_s, down + up + 2 * ds.link.latency_s + c);
+    }
+  } else if (mode == Mode::kSl) {
+    for (size_t d = 0; d < k; ++d) {
+      const Timing one = simulate_timing(mode, split, 1, true, {d});
+      t.span_s += one.span_s;
+      for (size_t r = 0; r < t.busy.size(); ++r) t.busy[r].busy_s += one.busy[r].busy_s;
+    }
+  } else {
+    t = simulate_timing(mode, split, micro_batches, true, all_devices());
+  }
+  t.span_s += c_.aggregation_s;
+  t.busy[0].busy_s += c_.aggregation_s;
+  finish_timing(t);
+  return t;
+}
+
+double CostModel::round_estimate_s(Mode mode, const std::vector<int>& split, int micro_batches) const {
+  if (mode == Mode::kFl || mode == Mode::kSl) return round(mode, split, micro_batches).span_s;
+  check_split(split, mode);
+  PIPAR_CHECK(micro_batches >= 1, "micro-batches ", micro_batches);
+  std::vector<double> busy;
+  const double batch_span = simulate(mode, split, micro_batches, false, all_devices(), busy);
+  size_t most = 0;
+  double exchange = 0;
+  for (size_t d = 0; d < c_.devices.size(); ++d) {
+    const DeviceSpec& ds = c_.devices[d];
+    most = std::max(most, batch_lengths(ds.samples, c_.batch_size).size());
+    const double w = static_cast<double>(device_profile(d).state_bytes(0, static_cast<size_t>(split[d])));
+    exchange = std::max(exchange, transfer_s(w, ds.link.down_mbps, ds.link.per_message_s) +
+                                      transfer_s(w, ds.link.up_mbps, ds.link.per_message_s) + 2 * ds.link.latency_s);
+  }
+  return batch_span * static_cast<double>(most) + exchange + c_.aggregation_s;
+}
+
+// --- memory ----------------------------------------------------------------------------------------
+
+int64_t CostModel::device_memory_bytes(size_t d, int split, int micro_batches) const {
+  PIPAR_CHECK(d < c_.devices.size(), "device ", d);
+  const Profile& p = device_profile(d);
+  const int64_t bs = c_.batch_size;
+  if (split <= 0 || static_cast<size_t>(split) >= blocks_) {  // fl: the whole model
+    return 3 * p.param_bytes(0, blocks_) + (p.state_bytes(0, blocks_) - p.param_bytes(0, blocks_)) + bs * p.tape_bytes(0, blocks_);
+  }
+  const size_t s = static_cast<size_t>(split);
+  const int64_t m_max = micro_batch_sizes(bs, std::max(1, micro_batches)).front();
+  return 3 * p.param_bytes(0, s) + (p.state_bytes(0, s) - p.param_bytes(0, s)) +
+         bs * (p.tape_bytes(0, s) + p.activation_bytes(s)) + m_max * p.gradient_bytes(s);
+}
+
+int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split, int micro_batches) const {
+  const Profile& sp = server_profile();
+  const int64_t bs = c_.batch_size;
+  const int n = mode == Mode::kPipar ? std::max(1, micro_batches) : 1;
+  if (mode == Mode::kFl) return static_cast<int64_t>(c_.devices.size() + 1) * sp.state_bytes(0, blocks_);
+  check_split(split, mode);
+  const int64_t m_max = micro_batch_sizes(bs, n).front();
+  int64_t total = 0, tape = 0;
+  for (size_t d = 0; d < split.size(); ++d) {
+    const size_t s = static_cast<size_t>(split[d]);
+    if (mode != Mode::kSl || d == 0) total += 3 * sp.param_bytes(s, blocks_) + (sp.state_bytes(s, blocks_) - sp.param_bytes(s, blocks_));
+    tape = std::max(tape, m_max * sp.tape_bytes(s, blocks_));
+    if (mode != Mode::kSl || d == 0) total += bs * sp.activation_bytes(s);
+  }
+  return total + tape;
+}
+
+}  // namespace pipar::planner

@@ -1,0 +1,126 @@
+// The cost model: predicted time of a batch and of a round of the distributed modes for given split
+// points (one per device) and micro-batch count, as the critical path of the pipeline. K devices, each
+// with its own profile, speed and link (up/down rate, latency, FIFO as transport/shaping.h); one
+// server shared by all of them, serving micro-batches in arrival order (as runtime/modes/distributed.cpp).
+//
+// Per device d and micro-batch i of a batch (sizes as runtime/split.h's micro_batch_sizes):
+//   F[i] = F[i-1] + f_d(m_i)                                 device forward, back to back
+//   U[i] = max(F[i], U[i-1]) + up_d(m_i);  A[i] = U[i] + lat  uplink FIFO, arrival at the server
+//   S    = max(A[i], S_prev) + s(m_i) (+ server step after a device's last micro-batch)
+//   D[i] = max(S, D[i-1]) + down_d(m_i);   G[i] = D[i] + lat  downlink FIFO, gradient arrival
+//   B[i] = max(G[i], B[i-1], F[N-1]) + b_d(m_i)               all forwards first, then backwards
+//   batch end = B[N-1] + device step; the next batch of that device starts there.
+// The server takes arrivals of all devices in time order (a heap: O(K N log K) per batch). With
+// K = 1 and N = 1 a batch is exactly the sum of its stages.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "planner/profile.h"
+
+namespace pipar::planner {
+
+enum class Mode { kPipar, kSfl, kSl, kFl };
+const char* mode_name(Mode m);               // "pipar", "sfl", "sl", "fl"
+Mode parse_mode(const std::string& name);    // throws pipar::Error naming the modes
+
+// One device's link, both directions. A rate of 0 means unlimited (as LinkShape).
+struct LinkSpec {
+  double up_mbps = 10;
+  double down_mbps = 25;
+  double latency_s = 0;      // one way, added to every message in each direction
+  double per_message_s = 0;  // (optional) fixed link occupancy per message: framing, syscalls
+};
+
+struct DeviceSpec {
+  LinkSpec link;
+  double time_scale = 1;  // compute time = profile time * time_scale (2: twice as slow)
+  size_t profile = 0;     // index into Cluster::device_profiles
+  int64_t samples = 0;    // partition size (batches per round as the runtime counts them); 0: one batch
+};
+
+struct Cluster {
+  std::vector<Profile> device_profiles;   // at least one; all of the same model
+  std::optional<Profile> server_profile;  // (optional) the server's; absent: device_profiles[0]
+  double server_time_scale = 1;           // server compute = server profile time * this
+  std::vector<DeviceSpec> devices;        // K >= 1
+  int64_t batch_size = 100;
+  double aggregation_s = 0;               // (optional) server time to average weights after a round
+};
+
+// K identical devices on identical links (pipar plan --devices K --uplink-mbps X ...); the server
+// uses the device profile times server_time_scale unless a server profile is set afterwards.
+Cluster make_cluster(const Profile& device, size_t k, const LinkSpec& link, int64_t batch_size, int64_t samples_per_device = 0);
+
+// A busy resource: "server", "device 2", "device 2 uplink", "device 2 downlink" (the names
+// distributed.cpp writes into metrics.jsonl).
+struct ResourceBusy {
+  std::string name;
+  double busy_s = 0;
+};
+
+struct Timing {
+  double span_s = 0;                 // batch() : the batch's critical path; round(): the round's
+  std::string bottleneck;            // the busiest resource over the span
+  double bottleneck_busy_s = 0;
+  std::vector<ResourceBusy> busy;    // every resource: server, then per device compute, uplink, downlink
+};
+
+// Batches of a partition of n samples at batch size bs, as the runtime cuts them (a last batch of a
+// single sample is dropped: batch-norm needs two). n = 0 means one full batch.
+std::vector<int64_t> batch_lengths(int64_t n, int64_t bs);
+
+class CostModel {
+ public:
+  explicit CostModel(Cluster cluster);  // validates; throws pipar::Error
+  const Cluster& cluster() const { return c_; }
+  size_t num_blocks() const { return blocks_; }
+  size_t num_devices() const { return c_.devices.size(); }
+  int64_t batch_size() const { return c_.batch_size; }
+  // The largest min_micro_batch of the profiles; micro_batches_fit(N): every micro-batch of every
+  // batch of every device (micro_batch_sizes as the runtime cuts them) has at least that many samples.
+  int64_t min_micro_batch() const { return min_micro_; }
+  bool micro_batches_fit(int micro_batches) const;
+
+  // One full batch of every device, all starting together at t = 0. split[d] = device d's split
+  // point (1 <= P < B; ignored for fl, may be empty then). sfl and sl use one micro-batch; sl runs
+  // the devices one after another (span = sum of the devices' batch times).
+  Timing batch(Mode mode, const std::vector<int>& split, int micro_batches) const;
+  // A whole round: device-part weights down, every batch of every device (its partition), weights
+  // up, aggregation. fl exchanges the whole model and trains it on the devices.
+  Timing round(Mode mode, const std::vector<int>& split, int micro_batches) const;
+  // A cheap stand-in for round(): the batch() span times the most batches any device has, plus the
+  // slowest device's weight exchange and the aggregation (exact when every device has one batch).
+  double round_estimate_s(Mode mode, const std::vector<int>& split, int micro_batches) const;
+
+  // Estimated peak memory. Device: weights, gradients and momentum of its part, batch-norm state,
+  // and the tapes and queued activations of all N micro-batches of a batch (every forward precedes
+  // every backward). Server: one server part per device (sl: one), the tape of one micro-batch, and
+  // every device's activations of a batch queued.
+  int64_t device_memory_bytes(size_t d, int split, int micro_batches) const;
+  int64_t server_memory_bytes(Mode mode, const std::vector<int>& split, int micro_batches) const;
+
+  // Seconds to send `bytes` in one message over a link direction at rate_mbps (0: unlimited).
+  static double transfer_s(double bytes, double rate_mbps, double per_message_s);
+
+ private:
+  struct Stage;  // per-micro-batch-size stage times of one device at one split
+  Stage stage(size_t d, int split, int64_t m, Mode mode) const;
+  // The recurrence over `devices`; returns the span, busy[] as Timing::busy's order.
+  double simulate(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
+                  const std::vector<size_t>& devices, std::vector<double>& busy) const;
+  Timing simulate_timing(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
+                         const std::vector<size_t>& devices) const;
+  std::vector<size_t> all_devices() const;
+  const Profile& device_profile(size_t d) const { return c_.device_profiles[c_.devices[d].profile]; }
+  const Profile& server_profile() const { return c_.server_profile ? *c_.server_profile : c_.device_profiles[0]; }
+  void check_split(const std::vector<int>& split, Mode mode) const;
+
+  Cluster c_;
+  size_t blocks_ = 0;
+  int64_t min_micro_ = 1;
+};
+
+}  // namespace pipar::planner

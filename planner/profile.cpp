@@ -1,0 +1,396 @@
+// The profiler (measured block times at a few micro-batch sizes) and the Profile's queries and JSON.
+#include "planner/profile.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <sstream>
+
+#include "kernels/parallel.h"
+#include "runtime/loss.h"
+
+namespace pipar::planner {
+
+using json = nlohmann::json;
+
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t h = v.size() / 2;
+  return v.size() % 2 ? v[h] : 0.5 * (v[h - 1] + v[h]);
+}
+
+// Value at m of the piecewise-linear function through (sizes[i], t[i]), extended with the nearest
+// segment's slope, clamped at 0. One size: proportional to m.
+double interpolate(const std::vector<int64_t>& sizes, const std::vector<double>& t, double m) {
+  const size_t n = sizes.size();
+  if (n == 1) return t[0] * m / static_cast<double>(sizes[0]);
+  size_t i = 1;
+  while (i + 1 < n && static_cast<double>(sizes[i]) < m) ++i;
+  const double x0 = static_cast<double>(sizes[i - 1]), x1 = static_cast<double>(sizes[i]);
+  const double v = t[i - 1] + (t[i] - t[i - 1]) * (m - x0) / (x1 - x0);
+  return std::max(0.0, v);
+}
+
+// Sum over blocks [begin, end) of per-size values picked by `field`, then interpolated at m. The
+// interpolation weights are shared by every block, so this equals the sum of interpolations.
+template <class F>
+double range_at(const Profile& p, size_t begin, size_t end, double m, F field) {
+  PIPAR_CHECK(begin <= end && end <= p.blocks.size(), "block range [", begin, ", ", end, ") of ", p.blocks.size());
+  std::vector<double> sum(p.sizes.size(), 0.0);
+  for (size_t b = begin; b < end; ++b) {
+    const std::vector<double>& v = field(p.blocks[b]);
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += v[i];
+  }
+  return begin == end ? 0.0 : interpolate(p.sizes, sum, m);
+}
+
+void make_non_decreasing(std::vector<double>& v) {
+  for (size_t i = 1; i < v.size(); ++i) v[i] = std::max(v[i], v[i - 1]);
+}
+
+Tensor random_tensor(Shape4 s, std::mt19937_64& gen) {
+  std::vector<float> v(static_cast<size_t>(s.numel()));
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (float& x : v) x = u(gen);
+  return Tensor::from_vector(v, s);
+}
+
+}  // namespace
+
+// --- queries ---------------------------------------------------------------------------------------
+
+double Profile::forward_s(size_t begin, size_t end, double m) const {
+  return range_at(*this, begin, end, m, [](const BlockProfile& b) -> const std::vector<double>& { return b.forward_s; });
+}
+
+double Profile::backward_s(size_t begin, size_t end, double m) const {
+  return range_at(*this, begin, end, m, [](const BlockProfile& b) -> const std::vector<double>& { return b.backward_s; });
+}
+
+double Profile::loss_time_s(double m) const { return interpolate(sizes, loss_s, m); }
+
+double Profile::step_s(size_t begin, size_t end) const {
+  double s = 0;
+  for (size_t b = begin; b < end; ++b) s += blocks.at(b).step_s;
+  return s;
+}
+
+int64_t Profile::param_bytes(size_t begin, size_t end) const {
+  int64_t s = 0;
+  for (size_t b = begin; b < end; ++b) s += blocks.at(b).params * 4;
+  return s;
+}
+
+int64_t Profile::state_bytes(size_t begin, size_t end) const {
+  int64_t s = 0;
+  for (size_t b = begin; b < end; ++b) s += (blocks.at(b).params + blocks.at(b).buffers) * 4;
+  return s;
+}
+
+int64_t Profile::tape_bytes(size_t begin, size_t end) const {
+  int64_t s = 0;
+  for (size_t b = begin; b < end; ++b) s += blocks.at(b).tape_bytes;
+  return s;
+}
+
+void Profile::validate() const {
+  auto fail = [&](const std::string& why) { throw Error("profile of '" + model + "': " + why); };
+  if (blocks.size() < 2) fail(detail::concat(blocks.size(), " blocks; a split needs at least 2"));
+  if (sizes.empty()) fail("no micro-batch sizes");
+  for (size_t i = 0; i < sizes.size(); ++i)
+    if (sizes[i] < 1 || (i > 0 && sizes[i] <= sizes[i - 1])) fail("sizes must be positive and strictly increasing");
+  auto check_times = [&](const std::vector<double>& v, const std::string& what) {
+    if (v.size() != sizes.size()) fail(detail::concat(what, " has ", v.size(), " values for ", sizes.size(), " sizes"));
+    for (double t : v)
+      if (!std::isfinite(t) || t < 0) fail(what + " holds a negative or non-finite time");
+  };
+  check_times(loss_s, "loss_s");
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const BlockProfile& bp = blocks[b];
+    const std::string name = detail::concat("block ", b + 1);
+    check_times(bp.forward_s, name + " forward_s");
+    check_times(bp.backward_s, name + " backward_s");
+    if (!std::isfinite(bp.step_s) || bp.step_s < 0) fail(name + " step_s is negative or non-finite");
+    if (bp.params < 0 || bp.buffers < 0 || bp.out_floats < 1 || bp.tape_bytes < 0) fail(name + " has a negative or zero size");
+  }
+  if (threads < 1) fail("threads must be at least 1");
+  if (min_micro_batch < 1) fail("min_micro_batch must be at least 1");
+}
+
+// --- JSON ------------------------------------------------------------------------------------------
+
+std::string Profile::to_json() const {
+  json blocks_j = json::array();
+  for (const BlockProfile& b : blocks)
+    blocks_j.push_back({{"kind", b.kind},
+                        {"forward_s", b.forward_s},
+                        {"backward_s", b.backward_s},
+                        {"step_s", b.step_s},
+                        {"params", b.params},
+                        {"buffers", b.buffers},
+                        {"out_floats", b.out_floats},
+                        {"tape_bytes", b.tape_bytes}});
+  const json j = {{"version", kVersion},
+                  {"model", model},
+                  {"input", {input.c, input.h, input.w}},
+                  {"num_classes", num_classes},
+                  {"batch_norm", batch_norm},
+                  {"backend", backend},
+                  {"isa", isa},
+                  {"threads", threads},
+                  {"source", source},
+                  {"seconds", seconds},
+                  {"sizes", sizes},
+                  {"min_micro_batch", min_micro_batch},
+                  {"loss_s", loss_s},
+                  {"blocks", blocks_j}};
+  return j.dump();
+}
+
+Profile Profile::from_json(const std::string& text) {
+  Profile p;
+  try {
+    const json j = json::parse(text);
+    const int version = j.at("version").get<int>();
+    if (version != kVersion) throw Error(detail::concat("profile version ", version, "; this build reads version ", kVersion));
+    p.model = j.at("model").get<std::string>();
+    const auto in = j.at("input").get<std::vector<int64_t>>();
+    if (in.size() != 3) throw Error("profile: input must be [c, h, w]");
+    p.input = {1, in[0], in[1], in[2]};
+    p.num_classes = j.at("num_classes").get<int>();
+    p.batch_norm = j.at("batch_norm").get<bool>();
+    p.backend = j.value("backend", "cpu");
+    p.isa = j.value("isa", "");
+    p.threads = j.at("threads").get<int>();
+    p.source = j.value("source", "measured");
+    p.seconds = j.value("seconds", 0.0);
+    p.sizes = j.at("sizes").get<std::vector<int64_t>>();
+    p.min_micro_batch = j.value("min_micro_batch", int64_t{1});
+    p.loss_s = j.at("loss_s").get<std::vector<double>>();
+    for (const json& b : j.at("blocks")) {
+      BlockProfile bp;
+      bp.kind = b.at("kind").get<std::string>();
+      bp.forward_s = b.at("forward_s").get<std::vector<double>>();
+      bp.backward_s = b.at("backward_s").get<std::vector<double>>();
+      bp.step_s = b.at("step_s").get<double>();
+      bp.params = b.at("params").get<int64_t>();
+      bp.buffers = b.at("buffers").get<int64_t>();
+      bp.out_floats = b.at("out_floats").get<int64_t>();
+      bp.tape_bytes = b.at("tape_bytes").get<int64_t>();
+      p.blocks.push_back(std::move(bp));
+    }
+  } catch (const json::exception& e) {
+    throw Error(std::string("profile JSON: ") + e.what());
+  }
+  p.validate();
+  return p;
+}
+
+Profile Profile::load(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw IoError("cannot read profile " + path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  try {
+    return from_json(ss.str());
+  } catch (const Error& e) {
+    throw Error(path + ": " + e.what());
+  }
+}
+
+void Profile::save(const std::string& path) const {
+  std::ofstream f(path);
+  if (!f) throw IoError("cannot write profile " + path);
+  f << to_json() << "\n";
+  if (!f) throw IoError("cannot write profile " + path);
+}
+
+// --- measurement -----------------------------------------------------------------------------------
+
+namespace {
+
+// Fills the size-independent fields of every block (kinds, parameter and byte counts).
+Profile describe(Model& model) {
+  Profile p;
+  p.model = model.name();
+  p.input = model.options().input;
+  p.input.n = 1;
+  p.num_classes = model.options().num_classes;
+  p.batch_norm = model.options().batch_norm;
+  p.isa = kernels::isa_name(kernels::cpu_isa());
+  p.threads = kernels::num_threads();
+  for (size_t b = 0; b < model.num_blocks(); ++b) {
+    BlockProfile bp;
+    bp.kind = model.block(b).kind;
+    bp.params = model.param_count(b, b + 1);
+    for (const Buffer& buf : model.buffers(b, b + 1)) bp.buffers += buf.value->numel();
+    bp.out_floats = model.block_out_shape(b).per_sample();
+    p.blocks.push_back(std::move(bp));
+  }
+  return p;
+}
+
+}  // namespace
+
+Profile profile_model(Model& model, const ProfileOptions& options) {
+  PIPAR_CHECK(model.device() == Device::kCpu, "the profiler measures the CPU backend");
+  PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
+  std::vector<int64_t> sizes = options.sizes;
+  std::sort(sizes.begin(), sizes.end());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  PIPAR_CHECK(!sizes.empty() && sizes.front() >= 1, "profile sizes must be >= 1");
+
+  const int saved_threads = kernels::num_threads();
+  if (options.threads > 0) kernels::set_num_threads(options.threads);
+  struct Restore {
+    int n;
+    ~Restore() { kernels::set_num_threads(n); }
+  } restore{saved_threads};
+
+  const auto t_start = std::chrono::steady_clock::now();
+  Profile p = describe(model);
+  p.sizes = sizes;
+  const size_t nb = model.num_blocks();
+  std::vector<std::vector<Param*>> params(nb);
+  for (size_t b = 0; b < nb; ++b) params[b] = model.params(b, b + 1);
+  kernels::SgdParams sp;
+  sp.lr = 1e-4f;  // small: the weights stay sane over the profiling steps
+  sp.momentum = 0.9f;
+  Sgd sgd(sp);
+  std::vector<std::vector<double>> step_samples(nb);
+  std::mt19937_64 gen(options.seed);
+  Context ctx;
+  ctx.training = true;
+
+  // One pass: forward block by block (timed), loss, backward block by block (timed), step per block
+  // (timed). Returns nothing; appends to the sample vectors when `record`.
+  std::vector<std::vector<double>> fwd(nb), bwd(nb);
+  std::vector<double> loss;
+  auto pass = [&](int64_t m, bool record) {
+    Shape4 in = p.input;
+    in.n = m;
+    Tensor x = random_tensor(in, gen);
+    std::vector<int32_t> ys(static_cast<size_t>(m));
+    for (auto& y : ys) y = static_cast<int32_t>(gen() % static_cast<uint64_t>(p.num_classes));
+    const Tensor labels = Tensor::from_vector(ys, {m, 1, 1, 1});
+    Tape tape;
+    ctx.seed = gen();
+    for (size_t b = 0; b < nb; ++b) {
+      const size_t before = tape.bytes();
+      const auto t0 = std::chrono::steady_clock::now();
+      x = model.forward(x, &tape, ctx, b, b + 1);
+      if (record) fwd[b].push_back(seconds_since(t0));
+      if (record && m == sizes.back()) p.blocks[b].tape_bytes = static_cast<int64_t>((tape.bytes() - before) / static_cast<size_t>(m));
+    }
+    Tensor d;
+    auto t0 = std::chrono::steady_clock::now();
+    softmax_cross_entropy(x, labels, 1.0f / static_cast<float>(m), &d);
+    if (record) loss.push_back(seconds_since(t0));
+    for (size_t b = nb; b-- > 0;) {
+      Context c = ctx;
+      c.input_grad = b > 0;  // as DevicePart: nothing consumes the raw input's gradient
+      t0 = std::chrono::steady_clock::now();
+      d = model.backward(d, tape, c, b, b + 1);
+      if (record) bwd[b].push_back(seconds_since(t0));
+    }
+    for (size_t b = 0; b < nb; ++b) {
+      t0 = std::chrono::steady_clock::now();
+      sgd.step(params[b]);
+      Sgd::zero_grad(params[b]);
+      if (record) step_samples[b].push_back(seconds_since(t0));
+    }
+  };
+
+  model.zero_grad();
+  // Warm-up (threads, allocations) at the smallest size: at these sizes a pass costs little more than
+  // its fixed part. Batch-norm in training needs more than one value per channel, so a model whose
+  // last feature maps are 1x1 cannot train on micro-batches of one sample (nor can the runtime): the
+  // first pass at size 1 doubles as that probe.
+  int warmed = 0;
+  if (sizes.front() == 1) {
+    try {
+      pass(1, false);
+      ++warmed;
+    } catch (const ShapeError&) {
+      p.min_micro_batch = 2;
+      sizes.front() = 2;
+      sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+      p.sizes = sizes;
+      model.zero_grad();
+    }
+  }
+  for (; warmed < options.warmup; ++warmed) pass(sizes.front(), false);
+  for (int64_t m : sizes) {
+    for (auto& v : fwd) v.clear();
+    for (auto& v : bwd) v.clear();
+    loss.clear();
+    const auto t_size = std::chrono::steady_clock::now();
+    for (int r = 0; r < options.repeats && (r == 0 || seconds_since(t_size) < options.max_seconds_per_size); ++r) pass(m, true);
+    for (size_t b = 0; b < nb; ++b) {
+      p.blocks[b].forward_s.push_back(median(fwd[b]));
+      p.blocks[b].backward_s.push_back(median(bwd[b]));
+    }
+    p.loss_s.push_back(median(loss));
+  }
+  for (size_t b = 0; b < nb; ++b) {
+    make_non_decreasing(p.blocks[b].forward_s);
+    make_non_decreasing(p.blocks[b].backward_s);
+    p.blocks[b].step_s = median(step_samples[b]);
+  }
+  make_non_decreasing(p.loss_s);
+  p.seconds = seconds_since(t_start);
+  p.validate();
+  return p;
+}
+
+Profile profile_model(const std::string& name, const ModelOptions& model_options, const ProfileOptions& options) {
+  auto model = build_model(name, model_options);
+  return profile_model(*model, options);
+}
+
+Profile estimate_profile(Model& model, double flops_per_s, double fixed_s, const std::vector<int64_t>& sizes) {
+  PIPAR_CHECK(flops_per_s > 0 && fixed_s >= 0, "flops_per_s ", flops_per_s, ", fixed_s ", fixed_s);
+  Profile p = describe(model);
+  p.source = "estimated";
+  p.isa = "";
+  p.threads = 1;
+  p.sizes = sizes;
+  for (int64_t m : sizes) p.loss_s.push_back(1e-9 * static_cast<double>(m * p.num_classes));
+  for (size_t b = 0; b < model.num_blocks(); ++b) {
+    BlockProfile& bp = p.blocks[b];
+    const double f = static_cast<double>(model.forward_flops(b, b + 1));
+    for (int64_t m : sizes) {
+      const double t = fixed_s + f * static_cast<double>(m) / flops_per_s;
+      bp.forward_s.push_back(t);
+      bp.backward_s.push_back(2 * t);
+    }
+    bp.step_s = static_cast<double>(bp.params) * 4.0 * 4.0 / 10e9;  // ~4 float streams at 10 GB/s
+    bp.tape_bytes = bp.out_floats * 4 * 3;
+  }
+  p.validate();
+  return p;
+}
+
+Profile scaled(const Profile& p, double factor) {
+  PIPAR_CHECK(factor >= 0 && std::isfinite(factor), "scale factor ", factor);
+  Profile q = p;
+  for (double& t : q.loss_s) t *= factor;
+  for (BlockProfile& b : q.blocks) {
+    for (double& t : b.forward_s) t *= factor;
+    for (double& t : b.backward_s) t *= factor;
+    b.step_s *= factor;
+  }
+  return q;
+}
+
+}  // namespace pipar::planner

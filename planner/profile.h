@@ -1,0 +1,92 @@
+// The profiler: MEASURED forward and backward time of every block of a model on the CPU backend at a
+// thread count and a few micro-batch sizes (time(m) interpolated between them), plus the bytes that
+// matter to a split (activation at every cut, weights and batch-norm state, stashed tape). A Profile
+// is plain data with a JSON form, so devices can ship theirs in the hello message.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/model.h"
+
+namespace pipar::planner {
+
+// One block's measurements. Times are in seconds, one value per Profile::sizes entry (medians),
+// made non-decreasing in the size after measurement so that noise cannot make a bigger micro-batch
+// cheaper.
+struct BlockProfile {
+  std::string kind;                  // "conv", "residual", ...
+  std::vector<double> forward_s;     // training-mode forward (with a tape) at each size
+  std::vector<double> backward_s;    // backward at each size (block 0 without the input gradient)
+  double step_s = 0;                 // SGD step + zero_grad of the block's parameters (size-free)
+  int64_t params = 0;                // trainable floats
+  int64_t buffers = 0;               // non-trainable state floats (batch-norm statistics)
+  int64_t out_floats = 0;            // per-sample floats of the block's output (the cut activation)
+  int64_t tape_bytes = 0;            // per-sample bytes the forward leaves on the tape
+};
+
+struct Profile {
+  static constexpr int kVersion = 1;
+  std::string model;                 // zoo name
+  Shape4 input{1, 1, 28, 28};        // per-sample input shape (n = 1)
+  int num_classes = 10;
+  bool batch_norm = true;
+  std::string backend = "cpu";       // where it was measured
+  std::string isa;                   // "avx2", ... (the CPU's, informational)
+  int threads = 1;                   // kernels::num_threads() while measuring
+  std::string source = "measured";   // "measured" | "estimated" (estimate_profile) | "synthetic"
+  double seconds = 0;                // how long profiling took
+  std::vector<int64_t> sizes;        // micro-batch sizes measured, strictly increasing, >= 1
+  int64_t min_micro_batch = 1;       // the smallest size training accepts (2 where batch-norm sees one value per channel at 1)
+  std::vector<double> loss_s;        // softmax cross-entropy (forward + gradient) at each size
+  std::vector<BlockProfile> blocks;
+
+  size_t num_blocks() const { return blocks.size(); }
+  // Time at micro-batch size m (any m >= 0) of blocks [begin, end): piecewise-linear between the
+  // measured sizes, extended with the nearest segment's slope outside them, never below 0.
+  double forward_s(size_t begin, size_t end, double m) const;
+  double backward_s(size_t begin, size_t end, double m) const;
+  double loss_time_s(double m) const;
+  double step_s(size_t begin, size_t end) const;
+  // Bytes: the activation sent up when cutting after block p-1 (p = split point, 1 <= p < B), per
+  // sample, with the 4-byte label; the gradient sent down (same floats, no label).
+  int64_t activation_bytes(size_t p) const { return blocks.at(p - 1).out_floats * 4 + 4; }
+  int64_t gradient_bytes(size_t p) const { return blocks.at(p - 1).out_floats * 4; }
+  int64_t param_bytes(size_t begin, size_t end) const;   // trainable weights, float32
+  int64_t state_bytes(size_t begin, size_t end) const;   // weights + buffers (what a Weights message holds)
+  int64_t tape_bytes(size_t begin, size_t end) const;    // per sample
+
+  // Throws pipar::Error naming the problem (sizes not increasing, array lengths, no blocks).
+  void validate() const;
+  std::string to_json() const;                            // one line
+  static Profile from_json(const std::string& text);     // validates; throws pipar::Error
+  static Profile load(const std::string& path);          // from a file (IoError when unreadable)
+  void save(const std::string& path) const;
+};
+
+struct ProfileOptions {
+  std::vector<int64_t> sizes = {1, 4, 16, 64};  // micro-batch sizes to measure (sorted, deduplicated); a size 1
+                                                // the model cannot train on becomes 2 (min_micro_batch = 2)
+  int threads = 0;      // kernels::set_num_threads for the measurement (restored after); 0: as is
+  int warmup = 1;       // untimed passes at the smallest size first
+  int repeats = 3;      // timed passes per size (at most); the median is kept
+  double max_seconds_per_size = 1.0;  // no further repeat of a size once its passes took this long (>= 1 pass)
+  uint64_t seed = 1;
+};
+
+// Measures a model (on the CPU; its weights change, as a few SGD steps are taken): per size, passes of
+// forward (with a tape) block by block, loss, backward block by block, SGD step per block, each timed.
+Profile profile_model(Model& model, const ProfileOptions& options = {});
+// Builds the zoo model `name` with `model_options` and measures it.
+Profile profile_model(const std::string& name, const ModelOptions& model_options, const ProfileOptions& options = {});
+
+// A FLOP-based estimate (no measurement): forward = fixed_s + flops/flops_per_s per block, backward
+// twice the forward; bytes as measured would report, except tape_bytes (the block's output floats * 4
+// * 3, a rough stand-in). For tests and for a server whose profile is unknown. source = "estimated".
+Profile estimate_profile(Model& model, double flops_per_s, double fixed_s = 0,
+                         const std::vector<int64_t>& sizes = {1, 100});
+
+// The same profile with every time multiplied by `factor` (a slower or faster machine).
+Profile scaled(const Profile& p, double factor);
+
+}  // namespace pipar::planner

@@ -1,0 +1,120 @@
+// Re-planning policy: drift detection against the plan's basis, then a fresh search with hysteresis.
+#include "planner/replan.h"
+
+#include <cmath>
+#include <sstream>
+
+namespace pipar::planner {
+
+namespace {
+
+bool measured(double v) { return std::isfinite(v) && v > 0; }
+
+std::string percent(double from, double to) {
+  std::ostringstream os;
+  os.precision(3);
+  os << from << " -> " << to;
+  const double pct = std::round((to / from - 1) * 100);
+  os << " (" << (pct >= 0 ? "+" : "") << pct << "%)";
+  return os.str();
+}
+
+void check_size(const std::vector<double>& v, size_t k, const char* what) {
+  if (!v.empty() && v.size() != k)
+    throw Error(detail::concat("replan: ", v.size(), " ", what, " measurements for ", k, " devices"));
+}
+
+}  // namespace
+
+ReplanDecision replan(const Cluster& used, const Plan& current, const Measurement& m, const ReplanOptions& options) {
+  PIPAR_CHECK(options.drift >= 0 && options.min_gain >= 0, "drift ", options.drift, ", min_gain ", options.min_gain);
+  const size_t k = used.devices.size();
+  check_size(m.up_mbps, k, "uplink");
+  check_size(m.down_mbps, k, "downlink");
+  check_size(m.device_time_scale, k, "device speed");
+  ReplanDecision out;
+  out.cluster = used;
+  out.plan = current;
+
+  // A rate of 0 (unlimited) in the basis cannot drift relative to it; a measured rate then replaces it
+  // only when a re-plan happens for another reason.
+  auto consider = [&](double old_v, double new_v, double& slot, const std::string& what) {
+    if (!measured(new_v)) return;
+    slot = new_v;
+    if (old_v > 0 && std::abs(new_v / old_v - 1) > options.drift) {
+      out.drifted = true;
+      out.reasons.push_back(what + " " + percent(old_v, new_v));
+    }
+  };
+  for (size_t d = 0; d < k; ++d) {
+    const std::string dn = "device " + std::to_string(d);
+    DeviceSpec& ds = out.cluster.devices[d];
+    if (!m.up_mbps.empty()) consider(used.devices[d].link.up_mbps, m.up_mbps[d], ds.link.up_mbps, dn + " uplink Mbit/s");
+    if (!m.down_mbps.empty())
+      consider(used.devices[d].link.down_mbps, m.down_mbps[d], ds.link.down_mbps, dn + " downlink Mbit/s");
+    if (!m.device_time_scale.empty())
+      consider(used.devices[d].time_scale, m.device_time_scale[d], ds.time_scale, dn + " time scale");
+  }
+  consider(used.server_time_scale, m.server_time_scale, out.cluster.server_time_scale, "server time scale");
+
+  if (!out.drifted) {
+    out.cluster = used;
+    const CostModel model(used);
+    out.current_round_s = model.round(current.mode, current.split, current.micro_batches).span_s;
+    return out;
+  }
+  const CostModel model(out.cluster);
+  const Plan again = evaluate_plan(model, current.mode, current.split, current.micro_batches);
+  out.current_round_s = again.round_s;
+  SearchOptions so = options.search;
+  so.mode = current.mode;
+  const SearchResult found = search(model, so);
+  const bool fits = static_cast<double>(again.device_memory_bytes) <= so.device_memory_limit &&
+                    static_cast<double>(again.server_memory_bytes) <= so.server_memory_limit;
+  const bool same = found.best.split == current.split && found.best.micro_batches == current.micro_batches;
+  if (!same && (!fits || found.best.round_s < again.round_s * (1 - options.min_gain))) {
+    out.plan = found.best;
+    out.changed = true;
+  } else {
+    out.plan = again;  // the current plan, re-scored under the measurements
+  }
+  return out;
+}
+
+Measurement measurement_from_round(const Cluster& used, const Plan& plan, const std::vector<double>& device_busy_s,
+                                   double server_busy_s, const std::vector<double>& up_mbps,
+                                   const std::vector<double>& down_mbps) {
+  const size_t k = used.devices.size();
+  check_size(device_busy_s, k, "device busy");
+  const Timing predicted = CostModel(used).round(plan.mode, plan.split, plan.micro_batches);
+  Measurement m;
+  m.up_mbps = up_mbps;
+  m.down_mbps = down_mbps;
+  if (!device_busy_s.empty()) {
+    m.device_time_scale.assign(k, 0.0);
+    for (size_t d = 0; d < k; ++d) {
+      const double r = measured_time_scale(device_busy_s[d], predicted.busy[1 + 3 * d].busy_s);
+      m.device_time_scale[d] = r > 0 ? r * used.devices[d].time_scale : 0.0;
+    }
+  }
+  const double server_pred = predicted.busy[0].busy_s - used.aggregation_s;
+  const double r = plan.mode == Mode::kFl ? 0.0 : measured_time_scale(server_busy_s, server_pred);
+  m.server_time_scale = r > 0 ? r * used.server_time_scale : 0.0;
+  return m;
+}
+
+double measured_mbps(const std::vector<std::pair<double, double>>& transfers) {
+  double bytes = 0, seconds = 0;
+  for (const auto& [b, s] : transfers) {
+    if (!(b >= 0) || !(s >= 0)) continue;
+    bytes += b;
+    seconds += s;
+  }
+  return seconds > 0 ? bytes * 8.0 / seconds / 1e6 : 0.0;
+}
+
+double measured_time_scale(double measured_s, double predicted_s) {
+  return measured(measured_s) && measured(predicted_s) ? measured_s / predicted_s : 0.0;
+}
+
+}  // namespace pipar::planner

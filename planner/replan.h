@@ -1,0 +1,56 @@
+// Re-planning policy at round boundaries: compare the link rates and compute speeds measured during
+// training with those the plan in force was made for; when any drifted by more than a fraction
+// (default 20%), update the cluster with the measurements and search again. Pure logic, no clock.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "planner/search.h"
+
+namespace pipar::planner {
+
+// Measured in the last round(s). Per-device vectors are either empty (nothing measured) or hold one
+// value per device; a value <= 0 or NaN means "not measured" for that device.
+struct Measurement {
+  std::vector<double> up_mbps;
+  std::vector<double> down_mbps;
+  std::vector<double> device_time_scale;  // measured compute time / profile time (as DeviceSpec::time_scale)
+  double server_time_scale = 0;           // measured server time / server profile time
+};
+
+struct ReplanOptions {
+  double drift = 0.2;      // relative change |new/old - 1| that triggers a re-plan
+  double min_gain = 0.02;  // switch plans only when the new one is predicted this fraction faster
+  SearchOptions search;    // its mode is overridden by the current plan's
+};
+
+struct ReplanDecision {
+  bool drifted = false;              // some measurement moved by more than options.drift
+  bool changed = false;              // plan differs from the current one (split or N)
+  std::vector<std::string> reasons;  // "device 2 uplink 10 -> 5 Mbit/s (-50%)", one per drift
+  Cluster cluster;                   // the basis of `plan`: the measurements applied when drifted, else unchanged
+  Plan plan;                         // the plan for the next round (the current one when !changed)
+  double current_round_s = 0;        // the current plan's predicted round under `cluster`
+};
+
+// Decides whether to re-plan. `used` is the cluster the current plan was made for; pass the returned
+// cluster as `used` next time.
+ReplanDecision replan(const Cluster& used, const Plan& current, const Measurement& measured,
+                      const ReplanOptions& options = {});
+
+// A Measurement from one round's measured busy seconds (metrics.jsonl's device_busy_seconds and
+// server_busy_seconds, aggregation excluded) and link rates: the time scales are the basis's scaled by
+// measured / predicted busy time of `plan` under `used` (so they stay relative to the profiles).
+// Empty or non-positive entries mean "not measured".
+Measurement measurement_from_round(const Cluster& used, const Plan& plan, const std::vector<double>& device_busy_s,
+                                   double server_busy_s, const std::vector<double>& up_mbps = {},
+                                   const std::vector<double>& down_mbps = {});
+
+// Link rate from real transfers: total bytes * 8 / total transmission seconds, in Mbit/s (0 when no
+// transfer took time). Each pair is (bytes, seconds from first to last bit, latency excluded).
+double measured_mbps(const std::vector<std::pair<double, double>>& transfers);
+// A compute speed factor: measured seconds over the seconds the profile predicts (0 when unknown).
+double measured_time_scale(double measured_s, double predicted_s);
+
+}  // namespace pipar::planner

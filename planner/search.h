@@ -1,0 +1,57 @@
+// Selection: the split point(s) P and micro-batch count N with the smallest predicted time, within
+// memory limits. Every shared (P, N) is scored with the cost model's cheap round estimate; per-device
+// split points are then refined by coordinate descent from the best shared plans; the leaders are
+// re-scored with the exact round recurrence and ranked.
+#pragma once
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "planner/cost_model.h"
+
+namespace pipar::planner {
+
+struct Plan {
+  Mode mode = Mode::kPipar;
+  std::vector<int> split;      // per device split point (all equal for a shared plan); empty for fl
+  int micro_batches = 1;       // N (1 for sfl, sl, fl)
+  double batch_s = 0;          // predicted: one batch of every device, starting together
+  double round_s = 0;          // predicted: a whole round (weights down, all batches, weights up)
+  std::string bottleneck;      // busiest resource over the round: "server", "device 2 uplink", ...
+  double bottleneck_busy_s = 0;
+  int64_t device_memory_bytes = 0;  // the largest device's estimate
+  int64_t server_memory_bytes = 0;
+
+  bool shared_split() const;   // every device splits at the same block
+  std::string describe() const;  // "pipar P=2 N=8: batch 0.123 s, round 4.56 s, bottleneck server"
+  std::string to_json() const;   // {"mode","split":[..],"micro_batches","batch_s","round_s","bottleneck",...}
+};
+
+struct SearchOptions {
+  Mode mode = Mode::kPipar;
+  std::vector<int> splits;          // candidate split points; empty: 1..B-1
+  std::vector<int> micro_batches;   // candidate N (pipar); empty: 1..min(batch, 64)
+  bool per_device_split = true;     // refine split points per device (heterogeneous devices)
+  int descent_starts = 2;           // best shared plans (distinct P) that coordinate descent starts from
+  double device_memory_limit = std::numeric_limits<double>::infinity();  // bytes, every device
+  double server_memory_limit = std::numeric_limits<double>::infinity();  // bytes
+  size_t runners_up = 5;            // plans ranked after the best
+  size_t exact_rescore = 12;        // leaders re-scored with the exact round recurrence
+};
+
+struct SearchResult {
+  Plan best;
+  std::vector<Plan> ranked;   // best first, then the runners-up (distinct plans), by round_s
+  int evaluated = 0;          // cost-model evaluations
+  double seconds = 0;         // search time
+};
+
+// Fills a plan's predicted times, bottleneck and memory from the cost model.
+Plan evaluate_plan(const CostModel& model, Mode mode, std::vector<int> split, int micro_batches);
+// The best plan of options.mode. Throws pipar::Error when no candidate fits the memory limits
+// (naming the smallest need found).
+SearchResult search(const CostModel& model, const SearchOptions& options = {});
+// The best plan of every mode (pipar, sfl, sl, fl) that fits the memory limits, fastest first.
+std::vector<Plan> compare_modes(const CostModel& model, const SearchOptions& options = {});
+
+}  // namespace pipar::planner

@@ -1,0 +1,246 @@
+// The cost model: exact sum of stages at K = 1, N = 1; hand-computed pipelines (K = 2, N = 2); the
+// busiest resource as the limit for large N; monotonicity in rates, latency, speed and device count;
+// the other modes' structure (sl = sequential, fl = local training + weight exchange).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "planner/cost_model.h"
+#include "tests/planner/planner_test_util.h"
+#include "tests/random.h"
+
+namespace pipar::planner {
+namespace {
+
+using test::SyntheticBlock;
+using test::synthetic_profile;
+
+// Two blocks: device forward 1 s/sample, backward 2 s/sample; server 0.5 + 0.5 s/sample; the cut
+// activation is 250000 floats (1,000,004 bytes with the label, 1,000,000 bytes of gradient).
+Cluster two_block_cluster(size_t k, double latency_s, double dev_step, double srv_step) {
+  Cluster c;
+  c.device_profiles = {synthetic_profile({{1.0, 2.0, 250000, 0, dev_step}, {0.5, 0.5, 10, 0, srv_step}})};
+  c.batch_size = 2;
+  for (size_t d = 0; d < k; ++d) {
+    DeviceSpec s;
+    s.link.up_mbps = 8.0 * 1000004 / 1e6;  // 1 s per sample up
+    s.link.down_mbps = 8.0;                // 1 s per sample down
+    s.link.latency_s = latency_s;
+    c.devices.push_back(s);
+  }
+  return c;
+}
+
+TEST(CostModel, OneDeviceOneMicroBatchIsTheSumOfStages) {
+  SCOPED_TRACE(pipar::test::seed_trace());
+  pipar::test::Rng rng(5);
+  for (int trial = 0; trial < 20; ++trial) {
+    std::vector<SyntheticBlock> blocks;
+    const int nb = rng.integer(2, 8);
+    for (int b = 0; b < nb; ++b)
+      blocks.push_back({rng.uniform(1e-4f, 1e-2f), rng.uniform(1e-4f, 2e-2f), rng.integer(1, 100000), rng.uniform(0, 1e-3f),
+                        rng.uniform(0, 1e-3f), rng.integer(0, 100000)});
+    Cluster c;
+    c.device_profiles = {synthetic_profile(blocks)};
+    c.server_profile = synthetic_profile(blocks);
+    c.server_time_scale = rng.uniform(0.05f, 2.0f);
+    c.batch_size = rng.integer(1, 200);
+    DeviceSpec d;
+    d.link = {rng.uniform(1, 100), rng.uniform(1, 100), rng.uniform(0, 0.05f), 0};
+    d.time_scale = rng.uniform(0.5f, 3.0f);
+    c.devices = {d};
+    const CostModel model(c);
+    const int p = rng.integer(1, nb - 1);
+    const size_t ps = static_cast<size_t>(p), nbs = static_cast<size_t>(nb);
+    const Profile& dp = c.device_profiles[0];
+    const Profile& sp = *c.server_profile;
+    const double m = static_cast<double>(c.batch_size);
+    const double f = dp.forward_s(0, ps, m) * d.time_scale, b = dp.backward_s(0, ps, m) * d.time_scale;
+    const double up = CostModel::transfer_s(static_cast<double>(dp.activation_bytes(ps)) * m, d.link.up_mbps, 0);
+    const double down = CostModel::transfer_s(static_cast<double>(dp.gradient_bytes(ps)) * m, d.link.down_mbps, 0);
+    const double s = (sp.forward_s(ps, nbs, m) + sp.loss_time_s(m) + sp.backward_s(ps, nbs, m)) * c.server_time_scale;
+    const double sstep = sp.step_s(ps, nbs) * c.server_time_scale, dstep = dp.step_s(0, ps) * d.time_scale;
+    const double sum = f + up + d.link.latency_s + s + sstep + down + d.link.latency_s + b + dstep;
+    for (Mode mode : {Mode::kPipar, Mode::kSfl, Mode::kSl}) EXPECT_DOUBLE_EQ(model.batch(mode, {p}, 1).span_s, sum) << mode_name(mode);
+    // A round of one batch adds the weight exchange of the device part.
+    const double w = static_cast<double>(dp.state_bytes(0, ps));
+    const double wx = CostModel::transfer_s(w, d.link.down_mbps, 0) + CostModel::transfer_s(w, d.link.up_mbps, 0) + 2 * d.link.latency_s;
+    EXPECT_NEAR(model.round(Mode::kPipar, {p}, 1).span_s, sum + wx, 1e-12 * (sum + wx));
+  }
+}
+
+TEST(CostModel, HandComputedTwoDevicesTwoMicroBatches) {
+  // m = 1 per micro-batch; f = 1, up = 1, s = 1, down = 1, b = 2 (seconds). Arrivals at the server:
+  // d0 and d1 at 2 (then 3). Server: d0m0 2-3, d1m0 3-4, d0m1 4-5, d1m1 5-6. Downlinks: d0 3-4,
+  // 5-6; d1 4-5, 6-7. Backwards (from F = 2): d0 4-6, 6-8; d1 5-7, 7-9. Batch: 9 s.
+  const CostModel model(two_block_cluster(2, 0, 0, 0));
+  const Timing t = model.batch(Mode::kPipar, {1, 1}, 2);
+  EXPECT_NEAR(t.span_s, 9.0, 1e-9);
+  EXPECT_EQ(t.bottleneck, "device 0");  // 6 s busy (tied with device 1; the first wins)
+  EXPECT_NEAR(t.bottleneck_busy_s, 6.0, 1e-9);
+  EXPECT_NEAR(t.busy[0].busy_s, 4.0, 1e-9);  // server
+  EXPECT_NEAR(t.busy[2].busy_s, 2.0, 1e-9);  // device 0 uplink
+  // sfl: one micro-batch of 2 per device: f 2, up 2 (both arrive at 4), server 4-6 and 6-8, down
+  // 6-8 and 8-10, backward 8-12 and 10-14.
+  EXPECT_NEAR(model.batch(Mode::kSfl, {1, 1}, 2).span_s, 14.0, 1e-9);
+  // sl: one device after the other, each 2+2+2+2+4 = 12.
+  EXPECT_NEAR(model.batch(Mode::kSl, {1, 1}, 2).span_s, 24.0, 1e-9);
+}
+
+TEST(CostModel, HandComputedWithLatencyAndSteps) {
+  // As above with latency 0.5 each way, server step 0.5 (after a device's last micro-batch), device
+  // step 0.25. Arrivals 2.5 (both), 3.5 (both). Server: d0m0 2.5-3.5, d1m0 3.5-4.5, d0m1 4.5-6.0,
+  // d1m1 6.0-7.5. Gradients arrive: d0 5.0, 7.5; d1 6.0, 9.0. Backwards: d0 5-7, 7.5-9.5 (+0.25);
+  // d1 6-8, 9-11 (+0.25) = 11.25.
+  const CostModel model(two_block_cluster(2, 0.5, 0.25, 0.5));
+  EXPECT_NEAR(model.batch(Mode::kPipar, {1, 1}, 2).span_s, 11.25, 1e-9);
+}
+
+TEST(CostModel, UnevenMicroBatchesFollowMicroBatchSizes) {
+  // batch 3 in 2 micro-batches: sizes 2 and 1 (runtime/split.h). K = 1, no latency:
+  // F 2, 3; up 2-4, 4-5; server 4-6, 6-7; down 6-8, 8-9; backward (from 3) 8-12, 12-14.
+  Cluster c = two_block_cluster(1, 0, 0, 0);
+  c.batch_size = 3;
+  const CostModel model(c);
+  EXPECT_NEAR(model.batch(Mode::kPipar, {1}, 2).span_s, 14.0, 1e-9);
+  // N above the batch is capped at the batch (3 micro-batches of 1).
+  EXPECT_NEAR(model.batch(Mode::kPipar, {1}, 7).span_s, model.batch(Mode::kPipar, {1}, 3).span_s, 1e-12);
+}
+
+TEST(CostModel, ApproachesTheBusiestResourceAsMicroBatchesGrow) {
+  // Linear compute and links, no latency or steps, identical devices: the limit is max(device F+B,
+  // uplink, server total over all devices, downlink). (With devices of different speeds the server's
+  // arrival order leaves the slowest device's last gradients for the end, and its backward, not the
+  // server, closes the batch: a real effect of first-come-first-served, not reached by any N.)
+  for (size_t k : {1u, 3u}) {
+    Cluster c;
+    c.device_profiles = {synthetic_profile({{1e-3, 2e-3, 1000}, {1e-3, 1e-3, 500}, {5e-4, 5e-4, 10}})};
+    c.batch_size = 6400;
+    for (size_t d = 0; d < k; ++d) {
+      DeviceSpec s;
+      s.link = {50.0, 100, 0, 0};
+      s.time_scale = k == 1 ? 2.0 : 1.0;  // k = 1: the device is the bottleneck; k = 3: the server
+      c.devices.push_back(s);
+    }
+    const CostModel model(c);
+    const std::vector<int> split(k, 1);
+    const Timing one = model.batch(Mode::kPipar, split, 1);
+    double bound = 0;
+    for (const ResourceBusy& r : one.busy) bound = std::max(bound, r.busy_s);  // busy time does not depend on N here
+    double prev = one.span_s;
+    for (int n : {2, 4, 8, 16, 32, 64, 128, 256, 640}) {
+      const Timing t = model.batch(Mode::kPipar, split, n);
+      EXPECT_LE(t.span_s, prev * (1 + 1e-12)) << "k " << k << " n " << n;
+      EXPECT_GE(t.span_s, bound * (1 - 1e-12)) << "k " << k << " n " << n;
+      EXPECT_NEAR(t.bottleneck_busy_s, bound, 1e-9 * bound);
+      prev = t.span_s;
+    }
+    EXPECT_LT(prev, bound * 1.01) << "k " << k << ": N = 640 should be within 1% of the busiest resource";
+    EXPECT_GT(one.span_s, prev * 1.2) << "k " << k << ": N = 1 overlaps little";
+  }
+}
+
+// One device: every stage enters the recurrence through + and max, so slowing anything never speeds
+// a batch or a round up. With several devices this holds for the server's speed and for adding a
+// device, but not for one device's link or speed: a delay can reorder the server's first-come queue
+// for the better (a scheduling anomaly the real server shows too), so those are checked with K = 1.
+TEST(CostModel, MonotoneInRatesLatencySpeedAndDevices) {
+  Cluster base;
+  base.device_profiles = {synthetic_profile({{1e-3, 2e-3, 4000, 1e-4, 1e-3}, {2e-3, 2e-3, 800, 1e-4, 1e-3}, {1e-3, 1e-3, 10, 1e-4, 1e-3}})};
+  base.batch_size = 100;
+  base.devices.assign(1, DeviceSpec{});
+  base.devices[0].samples = 1000;
+  const std::vector<int> ns = {1, 3, 8, 17};
+  auto times = [&](const Cluster& c, size_t k) {
+    const CostModel m(c);
+    std::vector<double> v;
+    for (Mode mode : {Mode::kPipar, Mode::kSfl, Mode::kSl, Mode::kFl})
+      for (int p : {1, 2})
+        for (int n : ns) {
+          const std::vector<int> split(k, p);
+          v.push_back(m.batch(mode, split, n).span_s);
+          v.push_back(m.round(mode, split, n).span_s);
+        }
+    return v;
+  };
+  std::vector<double> t0 = times(base, 1);
+  auto expect_not_faster = [&](const Cluster& c, const char* what) {
+    const std::vector<double> t1 = times(c, c.devices.size());
+    for (size_t i = 0; i < t0.size(); ++i) EXPECT_GE(t1[i], t0[i] * (1 - 1e-12)) << what << " case " << i;
+  };
+  Cluster c = base;
+  c.devices[0].link.up_mbps = 5;
+  expect_not_faster(c, "slower uplink");
+  c = base;
+  c.devices[0].link.down_mbps = 2;
+  expect_not_faster(c, "slower downlink");
+  c = base;
+  c.devices[0].link.latency_s = 0.01;
+  expect_not_faster(c, "latency");
+  c = base;
+  c.devices[0].time_scale = 2;
+  expect_not_faster(c, "slower device");
+  c = base;
+  c.server_time_scale = 3;
+  expect_not_faster(c, "slower server");
+  // Two devices: a slower server, then a third device.
+  base.devices.push_back(base.devices[0]);
+  base.devices[1].samples = 777;
+  base.devices[1].link.up_mbps = 7;
+  t0 = times(base, 2);
+  c = base;
+  c.server_time_scale = 3;
+  expect_not_faster(c, "slower server, two devices");
+  c = base;
+  c.devices.push_back(c.devices[0]);
+  const std::vector<double> t3 = times(c, 3);
+  for (size_t i = 0; i < t0.size(); ++i) EXPECT_GE(t3[i], t0[i] * (1 - 1e-12)) << "a third device, case " << i;
+}
+
+TEST(CostModel, RoundCoversEveryBatchOfEveryDevice) {
+  Cluster c = two_block_cluster(2, 0, 0, 0);
+  c.devices[0].samples = 6;  // 3 batches of 2
+  c.devices[1].samples = 2;  // 1 batch
+  const CostModel model(c);
+  const Timing r = model.round(Mode::kPipar, {1, 1}, 1);
+  // Device 0 alone needs at least 3 batches of sum-of-stages minus overlap: f 2 + 3 * (up 2 + ...)
+  // its compute is 3 * 6 s = 18 s, and weights (no params) cost nothing.
+  EXPECT_GE(r.span_s, 18.0);
+  EXPECT_NEAR(r.busy[1].busy_s, 18.0, 1e-9);  // device 0 compute: 3 batches * (f 2 + b 4)
+  EXPECT_NEAR(r.busy[4].busy_s, 6.0, 1e-9);   // device 1 compute: one batch
+  EXPECT_EQ(r.bottleneck, "device 0");
+  EXPECT_EQ(batch_lengths(0, 100), (std::vector<int64_t>{100}));
+  EXPECT_EQ(batch_lengths(201, 100), (std::vector<int64_t>{100, 100}));  // a last batch of 1 is dropped
+  EXPECT_EQ(batch_lengths(202, 100), (std::vector<int64_t>{100, 100, 2}));
+}
+
+TEST(CostModel, FederatedTrainsTheWholeModelAndExchangesIt) {
+  Cluster c;
+  c.device_profiles = {synthetic_profile({{1, 2, 10, 0, 0.5, 250000}, {1, 1, 10, 0, 0.5, 0}})};
+  c.batch_size = 2;
+  DeviceSpec d;
+  d.link = {8, 4, 0.1, 0};  // the 1e6-byte model: 1 s up, 2 s down
+  c.devices = {d};
+  const CostModel model(c);
+  // batch: forward 2 * 2 + backward 3 * 2 + steps 1 = 11 s.
+  EXPECT_NEAR(model.batch(Mode::kFl, {}, 1).span_s, 11.0, 1e-9);
+  EXPECT_NEAR(model.round(Mode::kFl, {}, 1).span_s, 11.0 + 1 + 2 + 0.2, 1e-9);
+  EXPECT_THROW(model.batch(Mode::kPipar, {2}, 1), Error);  // split outside 1..B-1
+  EXPECT_THROW(model.batch(Mode::kPipar, {1, 1}, 1), Error);  // two splits for one device
+  EXPECT_THROW(parse_mode("pipe"), Error);
+  EXPECT_EQ(parse_mode("sfl"), Mode::kSfl);
+}
+
+TEST(CostModel, MemoryGrowsWithTheDevicePart) {
+  Cluster c;
+  c.device_profiles = {synthetic_profile({{1, 1, 100, 0, 0, 1000}, {1, 1, 50, 0, 0, 5000}, {1, 1, 10, 0, 0, 100}})};
+  c.devices.assign(4, DeviceSpec{});
+  const CostModel model(c);
+  EXPECT_LT(model.device_memory_bytes(0, 1, 4), model.device_memory_bytes(0, 2, 4));
+  EXPECT_GT(model.server_memory_bytes(Mode::kPipar, {1, 1, 1, 1}, 4), model.server_memory_bytes(Mode::kPipar, {2, 2, 2, 2}, 4));
+  EXPECT_LT(model.server_memory_bytes(Mode::kSl, {1, 1, 1, 1}, 1), model.server_memory_bytes(Mode::kSfl, {1, 1, 1, 1}, 1));
+}
+
+}  // namespace
+}  // namespace pipar::planner

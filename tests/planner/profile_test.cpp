@@ -1,0 +1,125 @@
+// The profiler: measured times are positive and grow with the micro-batch size, byte counts match the
+// model, the thread count is restored, JSON round-trips, interpolation is piecewise linear.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdio>
+
+#include "kernels/parallel.h"
+#include "planner/profile.h"
+#include "tests/planner/planner_test_util.h"
+
+namespace pipar::planner {
+namespace {
+
+TEST(Profile, MeasuresEveryBlockOfVgg5) {
+  auto model = build_model("vgg5", ModelOptions{});
+  const int threads_before = kernels::num_threads();
+  ProfileOptions o;
+  o.sizes = {8, 1};  // unsorted on purpose
+  o.threads = 1;
+  o.repeats = 2;
+  const Profile p = profile_model(*model, o);
+  EXPECT_EQ(kernels::num_threads(), threads_before);
+  EXPECT_EQ(p.threads, 1);
+  EXPECT_EQ(p.sizes, (std::vector<int64_t>{1, 8}));
+  ASSERT_EQ(p.num_blocks(), model->num_blocks());
+  EXPECT_EQ(p.source, "measured");
+  for (size_t b = 0; b < p.num_blocks(); ++b) {
+    const BlockProfile& bp = p.blocks[b];
+    EXPECT_EQ(bp.kind, model->block(b).kind);
+    EXPECT_EQ(bp.params, model->param_count(b, b + 1));
+    EXPECT_EQ(bp.out_floats, model->block_out_shape(b).numel());
+    EXPECT_GT(bp.forward_s[0], 0) << "block " << b;
+    EXPECT_GT(bp.backward_s[0], 0) << "block " << b;
+    EXPECT_GE(bp.forward_s[1], bp.forward_s[0]);  // non-decreasing by construction
+    EXPECT_GE(bp.backward_s[1], bp.backward_s[0]);
+    EXPECT_GT(bp.tape_bytes, 0);
+  }
+  for (size_t cut = 1; cut < p.num_blocks(); ++cut)
+    EXPECT_EQ(p.activation_bytes(cut), model->block_out_shape(cut - 1).numel() * 4 + 4);
+  EXPECT_EQ(p.param_bytes(0, p.num_blocks()), model->param_count() * 4);
+  EXPECT_GT(p.state_bytes(0, 1), p.param_bytes(0, 1));  // batch-norm statistics travel too
+  // Eight samples cost more than one for the conv blocks (the bulk of VGG5's work).
+  EXPECT_GT(p.forward_s(0, 3, 8), p.forward_s(0, 3, 1));
+}
+
+TEST(Profile, SizeOneBecomesTwoWhereBatchNormNeedsTwo) {
+  ModelOptions mo;
+  mo.width = 0.125f;  // vgg11's last feature maps are 1x1: batch-norm cannot train on one sample
+  auto model = build_model("vgg11", mo);
+  ProfileOptions o;
+  o.sizes = {1, 4};
+  o.repeats = 1;
+  o.warmup = 0;
+  const Profile p = profile_model(*model, o);
+  EXPECT_EQ(p.min_micro_batch, 2);
+  EXPECT_EQ(p.sizes, (std::vector<int64_t>{2, 4}));
+  EXPECT_EQ(Profile::from_json(p.to_json()).min_micro_batch, 2);
+  const Profile v = profile_model("vgg5", ModelOptions{}, o);  // 3x3 maps at the end: one sample is fine
+  EXPECT_EQ(v.min_micro_batch, 1);
+}
+
+TEST(Profile, DefaultVgg5ProfileIsFast) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const Profile p = profile_model("vgg5", ModelOptions{});
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("[ profile ] vgg5, sizes 1,4,16,64, %d threads: %.2f s; whole-model forward at 64: %.4f s\n", p.threads, s,
+              p.forward_s(0, p.num_blocks(), 64));
+  EXPECT_LT(s, 10.0);  // ~1 s on two cores; generous for a loaded machine
+}
+
+TEST(Profile, JsonRoundTrips) {
+  auto model = build_model("resnet18", ModelOptions{});
+  Profile p = estimate_profile(*model, 1e10, 1e-4, {1, 10, 50});
+  p.threads = 3;
+  const Profile q = Profile::from_json(p.to_json());
+  EXPECT_EQ(q.to_json(), p.to_json());
+  EXPECT_EQ(q.model, "resnet18");
+  EXPECT_EQ(q.input, p.input);
+  EXPECT_EQ(q.source, "estimated");
+  ASSERT_EQ(q.num_blocks(), model->num_blocks());
+  EXPECT_EQ(q.blocks[3].forward_s, p.blocks[3].forward_s);
+  EXPECT_EQ(q.blocks[9].out_floats, p.blocks[9].out_floats);
+}
+
+TEST(Profile, RejectsMalformedJson) {
+  auto model = build_model("vgg5", ModelOptions{});
+  const Profile p = estimate_profile(*model, 1e10);
+  EXPECT_THROW(Profile::from_json("{"), Error);
+  EXPECT_THROW(Profile::from_json("{\"version\": 1}"), Error);
+  std::string text = p.to_json();
+  const std::string v = "\"version\":1";
+  ASSERT_NE(text.find(v), std::string::npos);
+  EXPECT_THROW(Profile::from_json(std::string(text).replace(text.find(v), v.size(), "\"version\":99")), Error);
+  Profile bad = p;
+  bad.sizes = {10, 1};
+  EXPECT_THROW(Profile::from_json(bad.to_json()), Error);
+  bad = p;
+  bad.blocks[2].forward_s.pop_back();
+  EXPECT_THROW(Profile::from_json(bad.to_json()), Error);
+  EXPECT_THROW(Profile::load("/nonexistent/profile.json"), IoError);
+}
+
+TEST(Profile, InterpolatesBetweenSizesAndExtendsTheEndSegments) {
+  Profile p = test::synthetic_profile({{0, 0, 10}, {0, 0, 10}});
+  p.sizes = {2, 10, 20};
+  p.loss_s = {0, 0, 0};
+  p.blocks[0].forward_s = {1.0, 3.0, 4.0};   // slope 0.25 then 0.1
+  p.blocks[1].forward_s = {0.5, 0.5, 1.5};   // slope 0 then 0.1
+  p.blocks[0].backward_s = p.blocks[1].backward_s = {0, 0, 0};
+  p.validate();
+  EXPECT_DOUBLE_EQ(p.forward_s(0, 1, 2), 1.0);
+  EXPECT_DOUBLE_EQ(p.forward_s(0, 1, 6), 2.0);
+  EXPECT_DOUBLE_EQ(p.forward_s(0, 2, 15), 3.5 + 1.0);
+  EXPECT_DOUBLE_EQ(p.forward_s(0, 1, 30), 5.0);  // last segment's slope
+  EXPECT_DOUBLE_EQ(p.forward_s(0, 1, 0), 0.5);   // first segment's slope
+  p.blocks[0].forward_s = {1.0, 9.0, 10.0};
+  EXPECT_DOUBLE_EQ(p.forward_s(0, 1, 0), 0.0);   // never below zero
+  EXPECT_DOUBLE_EQ(p.forward_s(1, 1, 5), 0.0);   // empty range
+  const Profile twice = scaled(p, 2);
+  EXPECT_DOUBLE_EQ(twice.forward_s(0, 2, 15), 2 * p.forward_s(0, 2, 15));
+}
+
+}  // namespace
+}  // namespace pipar::planner

@@ -1,0 +1,128 @@
+// Re-planning policy: no drift keeps the plan and its basis; a halved uplink re-plans to a cut with a
+// smaller activation; drift without a better plan keeps the plan (hysteresis); unmeasured values
+// are ignored; the measurement helpers.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "planner/replan.h"
+#include "tests/planner/planner_test_util.h"
+
+namespace pipar::planner {
+namespace {
+
+using test::synthetic_profile;
+
+// Block 1's output is 2000 floats, block 2's 1000, block 3's 10; device compute is cheap for
+// block 1 and dear for blocks 2-3, the server is fast: a fast uplink favours P=1, a slow one P=3.
+Cluster cluster(double up_mbps) {
+  Cluster c;
+  c.device_profiles = {synthetic_profile({{1e-4, 2e-4, 2000}, {2e-3, 4e-3, 1000}, {2e-3, 4e-3, 10}, {1e-4, 1e-4, 10}})};
+  c.server_time_scale = 0.05;
+  c.batch_size = 100;
+  for (int d = 0; d < 4; ++d) {
+    DeviceSpec s;
+    s.link = {up_mbps, 100, 0.001, 0};
+    s.samples = 500;
+    c.devices.push_back(s);
+  }
+  return c;
+}
+
+Plan best_plan(const Cluster& c) { return search(CostModel(c)).best; }
+
+TEST(Replan, NoDriftKeepsThePlanAndItsBasis) {
+  const Cluster used = cluster(100);
+  const Plan current = best_plan(used);
+  Measurement m;
+  m.up_mbps = {110, 95, 90, 100};       // within 20%
+  m.device_time_scale = {1.1, 0.9, 1, 1};
+  const ReplanDecision d = replan(used, current, m);
+  EXPECT_FALSE(d.drifted);
+  EXPECT_FALSE(d.changed);
+  EXPECT_TRUE(d.reasons.empty());
+  EXPECT_EQ(d.plan.split, current.split);
+  EXPECT_EQ(d.cluster.devices[0].link.up_mbps, 100);  // the basis stays, so slow drifts add up
+  EXPECT_DOUBLE_EQ(d.current_round_s, current.round_s);
+}
+
+TEST(Replan, SlowerUplinkMovesTheCut) {
+  const Cluster used = cluster(100);
+  const Plan current = best_plan(used);
+  Measurement m;
+  m.up_mbps.assign(4, 2.0);
+  m.down_mbps = {0, NAN, 100, 100};  // unmeasured entries are ignored
+  const ReplanDecision d = replan(used, current, m);
+  EXPECT_TRUE(d.drifted);
+  ASSERT_EQ(d.reasons.size(), 4u);
+  EXPECT_NE(d.reasons[2].find("device 2 uplink"), std::string::npos) << d.reasons[2];
+  EXPECT_NE(d.reasons[2].find("-98%"), std::string::npos) << d.reasons[2];
+  EXPECT_TRUE(d.changed);
+  EXPECT_GT(d.plan.split[0], current.split[0]) << "from " << current.describe() << " to " << d.plan.describe();
+  EXPECT_LT(d.plan.round_s, d.current_round_s);
+  EXPECT_EQ(d.cluster.devices[3].link.up_mbps, 2.0);
+  EXPECT_EQ(d.cluster.devices[0].link.down_mbps, 100);
+  // The new plan is the best under the new conditions.
+  EXPECT_EQ(d.plan.split, best_plan(d.cluster).split);
+}
+
+TEST(Replan, DriftWithoutABetterPlanKeepsThePlan) {
+  const Cluster used = cluster(100);
+  const Plan current = best_plan(used);
+  Measurement m;
+  m.server_time_scale = 0.05 * 1.5;  // +50% on a resource that is not the bottleneck
+  ReplanOptions o;
+  o.min_gain = 0.5;                  // demand a large gain
+  const ReplanDecision d = replan(used, current, m, o);
+  EXPECT_TRUE(d.drifted);
+  EXPECT_FALSE(d.changed);
+  EXPECT_EQ(d.plan.split, current.split);
+  EXPECT_EQ(d.plan.micro_batches, current.micro_batches);
+  EXPECT_DOUBLE_EQ(d.cluster.server_time_scale, 0.075);  // the new basis
+  EXPECT_DOUBLE_EQ(d.plan.round_s, d.current_round_s);
+}
+
+TEST(Replan, SlowerDeviceDrifts) {
+  const Cluster used = cluster(5);
+  const Plan current = best_plan(used);
+  Measurement m;
+  m.device_time_scale = {1, 1, 3, 1};
+  const ReplanDecision d = replan(used, current, m);
+  EXPECT_TRUE(d.drifted);
+  ASSERT_EQ(d.reasons.size(), 1u);
+  EXPECT_NE(d.reasons[0].find("device 2 time scale"), std::string::npos);
+  EXPECT_DOUBLE_EQ(d.cluster.devices[2].time_scale, 3);
+  EXPECT_LE(d.plan.round_s, d.current_round_s);
+  Measurement wrong;
+  wrong.up_mbps = {1, 2};
+  EXPECT_THROW(replan(used, current, wrong), Error);
+}
+
+TEST(Replan, MeasurementFromRoundBusyTimes) {
+  Cluster used = cluster(100);
+  used.devices[1].time_scale = 2;
+  const Plan current = best_plan(used);
+  const Timing t = CostModel(used).round(current.mode, current.split, current.micro_batches);
+  // Device 1 measured 1.5x its prediction, device 3 unmeasured, the server at its prediction.
+  const std::vector<double> busy = {t.busy[1].busy_s, 1.5 * t.busy[4].busy_s, t.busy[7].busy_s, 0};
+  const Measurement m = measurement_from_round(used, current, busy, t.busy[0].busy_s, {50, 0, 100, 100});
+  EXPECT_NEAR(m.device_time_scale[0], 1.0, 1e-12);
+  EXPECT_NEAR(m.device_time_scale[1], 3.0, 1e-12);  // relative to the profile, not to the plan
+  EXPECT_EQ(m.device_time_scale[3], 0.0);
+  EXPECT_NEAR(m.server_time_scale, used.server_time_scale, 1e-12);
+  const ReplanDecision d = replan(used, current, m);
+  EXPECT_TRUE(d.drifted);
+  EXPECT_EQ(d.reasons.size(), 2u);  // device 0 uplink, device 1 time scale
+  EXPECT_DOUBLE_EQ(d.cluster.devices[1].time_scale, 3.0);
+  EXPECT_DOUBLE_EQ(d.cluster.devices[3].time_scale, 1.0);
+}
+
+TEST(Replan, MeasurementHelpers) {
+  EXPECT_DOUBLE_EQ(measured_mbps({{1e6, 1.0}, {1e6, 1.0}}), 8.0);
+  EXPECT_DOUBLE_EQ(measured_mbps({}), 0.0);
+  EXPECT_DOUBLE_EQ(measured_time_scale(3.0, 1.5), 2.0);
+  EXPECT_DOUBLE_EQ(measured_time_scale(3.0, 0), 0.0);
+}
+
+}  // namespace
+}  // namespace pipar::planner
