@@ -14,6 +14,7 @@
 
 #include "kernels/device.h"
 #include "kernels/parallel.h"
+#include "planner/search.h"
 #include "runtime/modes/distributed.h"
 #include "runtime/trainer.h"
 
@@ -126,6 +127,71 @@ int cmd_devices() {
   return 0;
 }
 
+std::vector<std::pair<int, double>> parse_schedule(const std::string& text) {
+  std::vector<std::pair<int, double>> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const auto colon = item.find(':');
+    if (colon == std::string::npos) throw Error("--uplink-schedule: expected ROUND:MBPS, got '" + item + "'");
+    out.emplace_back(std::stoi(item.substr(0, colon)), std::stod(item.substr(colon + 1)));
+  }
+  return out;
+}
+
+struct PlanArgs {
+  std::string mode = "pipar", profile, server_profile, save_profile;
+  int64_t samples = 15000;
+  int device_threads = 1;
+  bool per_device = false;
+  size_t top = 8;
+};
+
+int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
+  ModelOptions o;
+  o.input = dataset_input(cfg.dataset);
+  o.batch_norm = cfg.norm != "none";
+  o.seed = cfg.seed;
+  auto model = build_model(cfg.model, o);
+  planner::ProfileOptions po;
+  po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg.batch_size)};
+  planner::Profile dev;
+  if (!a.profile.empty()) {
+    dev = planner::Profile::load(a.profile);
+  } else {
+    po.threads = a.device_threads;
+    dev = planner::profile_model(*model, po);
+    std::fprintf(stderr, "measured the device profile here (%d thread(s), %.1f s)\n", a.device_threads, dev.seconds);
+  }
+  if (!a.save_profile.empty()) dev.save(a.save_profile);
+  planner::Profile srv;
+  if (!a.server_profile.empty()) {
+    srv = planner::Profile::load(a.server_profile);
+  } else {
+    po.threads = 0;
+    srv = planner::profile_model(*model, po);
+    std::fprintf(stderr, "measured the server profile here (%d thread(s), %.1f s)\n", kernels::num_threads(), srv.seconds);
+  }
+  planner::Cluster c = planner::make_cluster(dev, static_cast<size_t>(cfg.devices),
+                                             {net.uplink_mbps, net.downlink_mbps, net.latency_ms / 1e3, 0}, cfg.batch_size,
+                                             a.samples);
+  c.server_profile = srv;
+  planner::SearchOptions so;
+  so.mode = planner::parse_mode(a.mode);
+  so.per_device_split = a.per_device;
+  so.runners_up = a.top;
+  const planner::CostModel cm(c);
+  const planner::SearchResult r = planner::search(cm, so);
+  std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms\n",
+              model->name().c_str(), cfg.devices, cfg.batch_size, static_cast<long long>(a.samples), net.uplink_mbps,
+              net.downlink_mbps, net.latency_ms);
+  std::printf("searched %d plans in %.3f s\n", r.evaluated, r.seconds);
+  for (size_t i = 0; i < r.ranked.size(); ++i) std::printf("%2zu. %s\n", i + 1, r.ranked[i].describe().c_str());
+  std::printf("best plan of each mode:\n");
+  for (const planner::Plan& p : planner::compare_modes(cm, so)) std::printf("    %s\n", p.describe().c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -146,6 +212,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "pipar 0.1.0");
 
   TrainConfig cfg;
+  std::string split_arg = "auto", micro_arg = "auto";
   auto* train = app.add_subcommand("train", "Train a model (writes metrics.jsonl and summary.json under --out)");
   auto add_train_options = [&](CLI::App* a) {
     a->add_option("--mode", cfg.mode,
@@ -168,8 +235,10 @@ int main(int argc, char** argv) {
     a->add_option("--limit-train", cfg.limit_train, "Use only the first N training samples (0: all)");
     a->add_option("--limit-test", cfg.limit_test, "Use only the first N test samples (0: all)");
     a->add_option("--devices", cfg.devices, "Devices (distributed modes)")->capture_default_str();
-    a->add_option("--split", cfg.split, "Split point P (distributed modes)");
-    a->add_option("--micro-batches", cfg.micro_batches, "Micro-batches per batch (pipar mode)");
+    a->add_option("--split", split_arg, "Split point P: the device runs blocks 1..P (split modes), or auto (planner)")
+        ->capture_default_str();
+    a->add_option("--micro-batches", micro_arg, "Micro-batches per batch (pipar mode), or auto (planner)")
+        ->capture_default_str();
     a->add_option("--partition", cfg.partition, "iid or dirichlet (distributed modes)")->capture_default_str();
     a->add_option("--dirichlet-alpha", cfg.dirichlet_alpha, "Label skew of --partition dirichlet")->capture_default_str();
     a->add_option("--out", cfg.out_dir, "Output directory (default runs/<timestamp>)");
@@ -181,12 +250,14 @@ int main(int argc, char** argv) {
 
   NetConfig net;
   int device_threads = 1;
+  std::string uplink_schedule;
   auto add_net = [&](CLI::App* a) {
     a->add_option("--uplink-mbps", net.uplink_mbps, "Every device's uplink rate, Mbit/s (0: unshaped)")->capture_default_str();
     a->add_option("--downlink-mbps", net.downlink_mbps, "Every device's downlink rate, Mbit/s (0: unshaped)")->capture_default_str();
     a->add_option("--latency-ms", net.latency_ms, "One-way link latency, ms")->capture_default_str();
     a->add_option("--device-timeout", net.device_timeout_s, "Seconds of silence after which a device leaves its round")
         ->capture_default_str();
+    a->add_option("--uplink-schedule", uplink_schedule, "Change every uplink's rate at run time: ROUND:MBPS,... (0-based rounds)");
   };
   add_net(train);
   train->add_option("--device-threads", device_threads, "CPU threads of each device process (distributed modes)")
@@ -215,8 +286,29 @@ int main(int argc, char** argv) {
 
   auto* devices = app.add_subcommand("devices", "Show the CPU and the CUDA devices found");
 
+  PlanArgs plan_args;
+  auto* plan = app.add_subcommand("plan", "Rank split points and micro-batch counts by predicted batch time");
+  plan->add_option("--model", cfg.model, "Model")->capture_default_str();
+  plan->add_option("--dataset", cfg.dataset, "Input shape of this data set")->capture_default_str();
+  plan->add_option("--norm", cfg.norm, "batch or none")->capture_default_str();
+  plan->add_option("--mode", plan_args.mode, "pipar, sfl, sl or fl")->capture_default_str();
+  plan->add_option("--devices", cfg.devices, "Devices")->capture_default_str();
+  plan->add_option("--batch-size", cfg.batch_size, "Batch size")->capture_default_str();
+  plan->add_option("--samples-per-device", plan_args.samples, "Training samples per device (round time)")->capture_default_str();
+  plan->add_option("--profile", plan_args.profile, "Device profile (JSON from --save-profile); default: measure here");
+  plan->add_option("--server-profile", plan_args.server_profile, "Server profile (JSON); default: measure here");
+  plan->add_option("--save-profile", plan_args.save_profile, "Write the device profile measured here");
+  plan->add_option("--device-threads", plan_args.device_threads, "Threads of a device when measuring its profile")->capture_default_str();
+  plan->add_flag("--per-device", plan_args.per_device, "Let devices split at different blocks");
+  plan->add_option("--top", plan_args.top, "Candidates to print")->capture_default_str();
+  add_net(plan);
+
   CLI11_PARSE(app, argc, argv);
   try {
+    cfg.split = split_arg == "auto" ? -1 : std::stoi(split_arg);
+    cfg.micro_batches = micro_arg == "auto" ? -1 : std::stoi(micro_arg);
+    net.uplink_schedule = parse_schedule(uplink_schedule);
+    if (*plan) return cmd_plan(cfg, net, plan_args);
     if (*models) return cmd_models(models_only, models_dataset, models_norm, models_batch);
     if (*devices) return cmd_devices();
     if (*device) return run_device(dev_opts);

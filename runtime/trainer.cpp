@@ -280,6 +280,9 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   nlohmann::json summary = config_json(cfg);
   summary["dataset"] = train.name;
   summary["model"] = model->name();
+  summary["devices"] = 1;  // the whole model in this process
+  summary["split"] = 0;
+  summary["micro_batches"] = 1;
   summary["test_accuracy"] = result.test_accuracy;
   summary["test_loss"] = result.epochs.empty() ? 0.0 : result.epochs.back().test_loss;
   summary["train_accuracy"] = result.epochs.empty() ? 0.0 : result.epochs.back().train_accuracy;

@@ -16,6 +16,7 @@
 
 #include "kernels/parallel.h"
 #include "kernels/rng.h"
+#include "planner/replan.h"
 #include "runtime/aggregation.h"
 #include "runtime/split.h"
 #include "runtime/trace.h"
@@ -50,7 +51,8 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"partition", c.partition},
           {"dirichlet_alpha", c.dirichlet_alpha},
           {"augment", c.augment},
-          {"latency_ms", n.latency_ms}};
+          {"latency_ms", n.latency_ms},
+          {"profile", c.split < 0 || c.micro_batches < 0}};
 }
 
 TrainConfig config_from_json(const json& j) {
@@ -167,6 +169,7 @@ class DeviceRunner {
           ready.device = o_.id;
           ready.capabilities = hello.capabilities;
           ready.data_size = static_cast<int64_t>(part_.size());
+          ready.profile = profile_;
           link_.send(ready);
           continue;
         }
@@ -214,16 +217,28 @@ class DeviceRunner {
     kernels::SgdParams sp;
     sp.lr = cfg_.lr, sp.momentum = cfg_.momentum, sp.weight_decay = cfg_.weight_decay;
     sgd_ = sp;
-    if (is_split_mode(cfg_.mode)) device_part_ = std::make_unique<DevicePart>(*model_, static_cast<size_t>(plan.split_point), sp);
-    else local_opt_ = std::make_unique<Sgd>(sp);
+    if (!is_split_mode(cfg_.mode)) local_opt_ = std::make_unique<Sgd>(sp);
     const Shape4 ss = train_.sample_shape();
     images_ = Tensor::empty({cfg_.batch_size, ss.c, ss.h, ss.w});
     labels_ = Tensor::empty({cfg_.batch_size, 1, 1, 1}, Device::kCpu, DType::kI32);
+    // The planner needs this device's measured block times (--split/--micro-batches auto).
+    if (json::parse(plan.config).value("profile", false)) {
+      planner::ProfileOptions po;
+      po.threads = o_.threads;
+      po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
+      profile_ = planner::profile_model(*model_, po).to_json();
+    }
   }
 
   void round(const tp::Plan& plan) {
     if (!model_) setup(plan);
     split_ = static_cast<size_t>(plan.split_point);
+    // A new split point (first round, or a re-plan) moves blocks between device and server; the
+    // optimizer state of the device part starts afresh then.
+    if (is_split_mode(cfg_.mode) && (!device_part_ || device_part_split_ != split_)) {
+      device_part_ = std::make_unique<DevicePart>(*model_, split_, sgd_);
+      device_part_split_ = split_;
+    }
     for (const auto& d : plan.devices)
       if (d.device == o_.id) link_.set_shape({d.uplink_mbps, cfg_latency(plan)});
     // The round's starting weights.
@@ -360,6 +375,8 @@ class DeviceRunner {
   std::vector<int64_t> part_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<DevicePart> device_part_;
+  size_t device_part_split_ = 0;
+  std::string profile_;
   std::unique_ptr<Sgd> local_opt_;
   kernels::SgdParams sgd_;
   size_t split_ = 0;
@@ -382,6 +399,8 @@ struct DeviceSlot {
   std::optional<tp::RoundEnd> end;
   LossStats stats;            // server-side loss of its micro-batches
   double last_seen = 0;
+  std::string profile;        // the device's measured profile (planner), JSON
+  uint64_t bytes_up0 = 0;     // bytes received from it before the round
 };
 
 class ServerRunner {
@@ -398,29 +417,28 @@ class ServerRunner {
     test_ = data::load_dataset(cfg_.dataset, cfg_.data_dir, false, cfg_.seed, cfg_.limit_test);
     const auto parts = make_partition(cfg_, train_);
     model_ = build_model(cfg_.model, model_options(cfg_, train_));
-    split_ = split_mode() ? static_cast<size_t>(cfg_.split) : model_->num_blocks();
-    if (split_mode()) check_split(*model_, split_);
-    kernels::SgdParams sp;
-    sp.lr = cfg_.lr, sp.momentum = cfg_.momentum, sp.weight_decay = cfg_.weight_decay;
+    auto_plan_ = split_mode() && (cfg_.split < 0 || cfg_.micro_batches < 0);
+    split_ = split_mode() ? static_cast<size_t>(std::max(1, cfg_.split)) : model_->num_blocks();
+    if (split_mode() && cfg_.split >= 0) check_split(*model_, split_);
     slots_.resize(static_cast<size_t>(cfg_.devices));
     for (size_t d = 0; d < slots_.size(); ++d) {
       slots_[d].id = static_cast<uint32_t>(d);
       slots_[d].samples = static_cast<int64_t>(parts[d].size());
-      if (split_mode() && (cfg_.mode != "sl" || d == 0)) {
-        slots_[d].replica = build_model(cfg_.model, model_options(cfg_, train_));
-        slots_[d].server_part = std::make_unique<ServerPart>(*slots_[d].replica, split_, sp);
-      }
     }
     result_.out_dir = prepare_out_dir(cfg_.out_dir);
     metrics_.open(result_.out_dir + "/metrics.jsonl");
     if (!metrics_) throw IoError("cannot write " + result_.out_dir + "/metrics.jsonl");
     say(detail::concat(cfg_.mode, " training: ", model_->name(), " (", model_->num_blocks(), " blocks",
-                       split_mode() ? detail::concat(", split after block ", split_) : std::string(),
-                       cfg_.mode == "pipar" ? detail::concat(", ", cfg_.micro_batches, " micro-batches") : std::string(),
+                       !split_mode() ? std::string() : auto_plan_ ? std::string(", split chosen by the planner")
+                                                                  : detail::concat(", split after block ", split_),
+                       cfg_.mode == "pipar" && cfg_.micro_batches > 0 ? detail::concat(", ", cfg_.micro_batches, " micro-batches")
+                                                                       : std::string(),
                        ") on ", train_.name, ", ", cfg_.devices, " devices, uplink ", net_.uplink_mbps, " Mbit/s, downlink ",
                        net_.downlink_mbps, " Mbit/s, server at ", endpoint()));
     wait_for_devices();
     prepare_devices();
+    if (auto_plan_) plan_auto();
+    if (split_mode()) build_replicas();
     origin_ = now_seconds();
     for (int r = 0; r < cfg_.epochs && !stop_requested().load(); ++r) run_round(r);
     finish();
@@ -447,8 +465,9 @@ class ServerRunner {
     if (cfg_.mode != "fl" && !split_mode()) throw Error("unknown mode '" + cfg_.mode + "'; use local, fl, sl, sfl or pipar");
     if (cfg_.devices < 1 || cfg_.devices > 1024) throw Error("--devices must be 1..1024");
     if (cfg_.batch_size < 2) throw Error("--batch-size must be at least 2");
-    if (cfg_.micro_batches < 1) throw Error("--micro-batches must be at least 1");
-    if (cfg_.mode != "pipar" && cfg_.micro_batches != 1) cfg_.micro_batches = 1;  // whole batches
+    if (cfg_.micro_batches == 0 || cfg_.micro_batches < -1) throw Error("--micro-batches must be at least 1 (or auto)");
+    if (cfg_.mode != "pipar") cfg_.micro_batches = 1;  // whole batches
+    if (cfg_.split < -1) throw Error("--split must be a block number (or auto)");
   }
 
   void wait_for_devices() {
@@ -507,8 +526,94 @@ class ServerRunner {
         throw Error(detail::concat("device ", h->device, " holds ", h->data_size, " samples but its partition has ",
                                    slots_[h->device].samples, ": the devices' data differ from the server's"));
       ready.insert(h->device);
+      slots_[h->device].profile = h->profile;
     }
     if (ready.empty()) throw Error("no device got ready");
+  }
+
+  void build_replicas() {
+    kernels::SgdParams sp;
+    sp.lr = cfg_.lr, sp.momentum = cfg_.momentum, sp.weight_decay = cfg_.weight_decay;
+    for (size_t d = 0; d < slots_.size(); ++d) {
+      if (cfg_.mode == "sl" && d > 0) break;  // sl: one server part, used in turn
+      DeviceSlot& s = slots_[d];
+      if (!s.replica) s.replica = build_model(cfg_.model, model_options(cfg_, train_));
+      load_state(*s.replica, copy_state(*model_, split_), split_);
+      s.server_part = std::make_unique<ServerPart>(*s.replica, split_, sp);
+    }
+  }
+
+  // --split auto / --micro-batches auto: the devices' measured profiles and this server's own, the
+  // configured links, then the planner's best plan (one split point shared by all devices).
+  void plan_auto() {
+    const double t0 = now_seconds();
+    std::vector<planner::Profile> profiles;
+    for (const DeviceSlot& s : slots_)
+      if (s.connected && !s.profile.empty()) profiles.push_back(planner::Profile::from_json(s.profile));
+    if (profiles.empty()) throw Error("--split auto: no device sent a profile");
+    planner::ProfileOptions po;
+    po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
+    const planner::Profile server_profile = planner::profile_model(*model_, po);
+    cluster_ = planner::make_cluster(profiles[0], slots_.size(),
+                                     {net_.uplink_mbps, net_.downlink_mbps, net_.latency_ms / 1e3, 0}, cfg_.batch_size);
+    cluster_.device_profiles = profiles;
+    size_t k = 0;
+    for (size_t d = 0; d < slots_.size(); ++d) {
+      cluster_.devices[d].samples = slots_[d].samples;
+      cluster_.devices[d].profile = slots_[d].connected && !slots_[d].profile.empty() ? k++ : 0;
+    }
+    cluster_.server_profile = server_profile;
+    search_options_.mode = planner::parse_mode(cfg_.mode);
+    search_options_.per_device_split = false;  // the runtime cuts every device at one block
+    if (cfg_.split > 0) search_options_.splits = {cfg_.split};
+    if (cfg_.micro_batches > 0) search_options_.micro_batches = {cfg_.micro_batches};
+    // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.
+    const planner::SearchResult r = planner::search(planner::CostModel(cluster_), search_options_);
+    plan_ = r.best;
+    apply_plan(plan_);
+    say(detail::concat("planner (", now_seconds() - t0, " s, ", r.evaluated, " plans scored): ", plan_.describe()));
+    for (size_t i = 1; i < r.ranked.size() && i < 4; ++i) say("  runner-up: " + r.ranked[i].describe());
+    predicted_round_s_ = plan_.round_s;
+  }
+
+  void apply_plan(const planner::Plan& p) {
+    split_ = static_cast<size_t>(p.split.at(0));
+    check_split(*model_, split_);
+    cfg_.split = static_cast<int>(split_);
+    cfg_.micro_batches = cfg_.mode == "pipar" ? p.micro_batches : 1;
+  }
+
+  // At a round boundary: measured link rates and speeds against the plan's; a drift beyond 20%
+  // triggers a new search, and a better plan takes effect from the next round.
+  void maybe_replan(double t0, double t1) {
+    if (!auto_plan_) return;
+    std::vector<double> busy(slots_.size(), 0.0), up(slots_.size(), 0.0);
+    for (size_t d = 0; d < slots_.size(); ++d) {
+      const std::string dn = "device " + std::to_string(d);
+      busy[d] = trace_.busy_seconds(dn, t0, t1);
+      const double up_busy = trace_.busy_seconds(dn + " uplink", t0, t1);
+      const uint64_t bytes = server_.stats(tp::routing_id(slots_[d].id)).bytes_received - slots_[d].bytes_up0;
+      if (up_busy > 0 && bytes > 0 && net_.uplink_mbps > 0) up[d] = bytes * 8.0 / up_busy / 1e6;
+    }
+    const planner::Measurement m =
+        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t1), up);
+    planner::ReplanOptions ro;
+    ro.search = search_options_;
+    const planner::ReplanDecision d = planner::replan(cluster_, plan_, m, ro);
+    cluster_ = d.cluster;
+    if (d.drifted) {
+      std::string why;
+      for (const auto& reason : d.reasons) why += (why.empty() ? "" : "; ") + reason;
+      say("re-plan: " + why + (d.changed ? " → " + d.plan.describe() : std::string(" → plan kept")));
+      replans_.push_back({{"after_round", rounds_.size()}, {"reasons", d.reasons}, {"changed", d.changed}, {"plan", json::parse(d.plan.to_json())}});
+    }
+    if (d.changed) {
+      const size_t old_split = split_;
+      apply_plan(d.plan);
+      if (split_ != old_split) build_replicas();
+    }
+    plan_ = d.plan;
+    predicted_round_s_ = plan_.round_s;
   }
 
   tp::Plan make_plan(int r) const {
@@ -523,12 +628,21 @@ class ServerRunner {
     p.seed = cfg_.seed;
     p.config = config_to_json(cfg_, net_).dump();
     for (const DeviceSlot& s : slots_)
-      p.devices.push_back({s.id, s.samples, static_cast<int32_t>(batch_count(s.samples, cfg_.batch_size)), net_.uplink_mbps,
-                           net_.downlink_mbps});
+      p.devices.push_back({s.id, s.samples, static_cast<int32_t>(batch_count(s.samples, cfg_.batch_size)),
+                           uplink_for_round(r), net_.downlink_mbps});
     return p;
   }
 
+  // --uplink-schedule: the link rate in force from a given round on (emulates a changing network).
+  double uplink_for_round(int r) const {
+    double rate = net_.uplink_mbps;
+    for (const auto& [from, mbps] : net_.uplink_schedule)
+      if (r >= from) rate = mbps;
+    return rate;
+  }
+
   void start_device(DeviceSlot& s, int r) {
+    s.bytes_up0 = server_.stats(tp::routing_id(s.id)).bytes_received;
     s.in_round = true;
     s.done = false;
     s.weights.reset();
@@ -669,6 +783,7 @@ class ServerRunner {
     const double t1 = now_seconds();
     trace_.add("server", "aggregate", t_agg, t1);
     record_round(r, t0, t1, stats0);
+    maybe_replan(t0, t1);
   }
 
   void aggregate() {
@@ -755,6 +870,12 @@ class ServerRunner {
                  {"pipeline_efficiency", round_s > 0 ? busiest / round_s : 0.0},
                  {"bottleneck", bottleneck},
                  {"bad_messages", bad_messages_}};
+    if (split_mode()) {
+      line["split"] = split_;
+      line["micro_batches"] = cfg_.micro_batches;
+      line["uplink_mbps"] = uplink_for_round(r);
+    }
+    if (auto_plan_) line["predicted_round_seconds"] = predicted_round_s_;
     int finished = 0;
     for (const DeviceSlot& s : slots_) finished += s.in_round && s.done;
     line["devices_finished"] = finished;
@@ -813,6 +934,10 @@ class ServerRunner {
     s["epochs_completed"] = result_.epochs.size();
     s["threads"] = kernels::num_threads();
     s["params"] = model_->param_count();
+    if (auto_plan_) {
+      s["plan"] = json::parse(plan_.to_json());
+      s["replans"] = replans_;
+    }
     std::ofstream f(result_.out_dir + "/summary.json");
     f << s.dump(2) << "\n";
   }
@@ -831,6 +956,12 @@ class ServerRunner {
   std::vector<json> rounds_;
   uint64_t bad_messages_ = 0;
   TrainResult result_;
+  bool auto_plan_ = false;
+  planner::Cluster cluster_;
+  planner::Plan plan_;
+  planner::SearchOptions search_options_;
+  double predicted_round_s_ = 0;
+  std::vector<json> replans_;
 };
 
 }  // namespace

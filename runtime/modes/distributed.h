@@ -6,6 +6,8 @@
 #pragma once
 #include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "runtime/trainer.h"
 
@@ -18,6 +20,8 @@ struct NetConfig {
   double latency_ms = 0;       // one-way, each direction
   double connect_timeout_s = 120;  // server: waiting for the devices' hellos
   double device_timeout_s = 60;    // a device silent this long is dropped from its round
+  // (round, Mbit/s): from that round on every uplink runs at that rate (a changing network).
+  std::vector<std::pair<int, double>> uplink_schedule;
 };
 
 // Runs the server of a distributed run to the end: waits for cfg.devices devices, trains cfg.epochs
