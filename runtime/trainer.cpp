@@ -61,6 +61,21 @@ std::pair<Tensor, Tensor> first_rows(const Tensor& images, const Tensor& labels,
 }
 }  // namespace
 
+EpochMetrics epoch_metrics(int epoch, const LossStats& train, const LossStats& test, double train_seconds,
+                           double eval_seconds) {
+  EpochMetrics m;
+  m.epoch = epoch;
+  m.train_loss = train.mean_loss();
+  m.train_accuracy = train.accuracy();
+  m.test_loss = test.mean_loss();
+  m.test_accuracy = test.accuracy();
+  m.train_seconds = train_seconds;
+  m.eval_seconds = eval_seconds;
+  m.samples = train.count;
+  m.samples_per_second = train_seconds > 0 ? train.count / train_seconds : 0;
+  return m;
+}
+
 LossStats evaluate(Model& model, const data::Dataset& ds, int batch_size, const Context& ctx_in) {
   Context ctx = ctx_in;
   ctx.training = false;
@@ -241,16 +256,8 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
       }
       const auto e0 = Clock::now();
       const LossStats ev = evaluate(*model, test, cfg.batch_size, ctx);
-      EpochMetrics m;
-      m.epoch = epoch + 1;
-      m.train_loss = running.mean_loss();
-      m.train_accuracy = running.accuracy();
-      m.test_loss = ev.mean_loss();
-      m.test_accuracy = ev.accuracy();
-      m.train_seconds = train_s;
-      m.eval_seconds = std::chrono::duration<double>(Clock::now() - e0).count();
-      m.samples = running.count;
-      m.samples_per_second = train_s > 0 ? running.count / train_s : 0;
+      const EpochMetrics m =
+          epoch_metrics(epoch + 1, running, ev, train_s, std::chrono::duration<double>(Clock::now() - e0).count());
       result.epochs.push_back(m);
       result.train_seconds += train_s;
       result.test_accuracy = m.test_accuracy;

@@ -43,6 +43,10 @@ struct EpochMetrics {
   int64_t samples = 0;
 };
 
+// One epoch's figures from its training and test statistics and times.
+EpochMetrics epoch_metrics(int epoch, const LossStats& train, const LossStats& test, double train_seconds,
+                           double eval_seconds);
+
 // Progress callbacks (the CLI draws a bar on stderr); all optional.
 struct ProgressSink {
   virtual ~ProgressSink() = default;

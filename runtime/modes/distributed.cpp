@@ -839,16 +839,7 @@ class ServerRunner {
     const double e0 = now_seconds();
     Context ctx;
     const LossStats ev = evaluate(*model_, test_, cfg_.batch_size, ctx);
-    EpochMetrics m;
-    m.epoch = r + 1;
-    m.train_loss = train.mean_loss();
-    m.train_accuracy = train.accuracy();
-    m.test_loss = ev.mean_loss();
-    m.test_accuracy = ev.accuracy();
-    m.train_seconds = round_s;
-    m.eval_seconds = now_seconds() - e0;
-    m.samples = train.count;
-    m.samples_per_second = round_s > 0 ? train.count / round_s : 0;
+    const EpochMetrics m = epoch_metrics(r + 1, train, ev, round_s, now_seconds() - e0);
     result_.epochs.push_back(m);
     result_.train_seconds += round_s;
     result_.test_accuracy = m.test_accuracy;
