@@ -33,6 +33,8 @@ def run_mode(args, mode, out_dir, split, micro):
         cmd += ["--split", str(split)]
     if mode == "pipar":
         cmd += ["--micro-batches", str(micro)]
+    elif mode != "fl" and split == "auto":
+        cmd += ["--micro-batches", "1"]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.monotonic() - t0
@@ -57,8 +59,8 @@ def main():
     p.add_argument("--uplink-mbps", type=float, default=10)
     p.add_argument("--downlink-mbps", type=float, default=25)
     p.add_argument("--latency-ms", type=float, default=0)
-    p.add_argument("--split", type=int, default=2)
-    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--split", default="2", help="block number or auto (planner)")
+    p.add_argument("--micro-batches", default="4", help="count or auto (planner)")
     p.add_argument("--device-threads", type=int, default=1)
     p.add_argument("--server-threads", type=int, default=0)
     p.add_argument("--limit-train", type=int, default=0)
@@ -83,6 +85,10 @@ def main():
         print(f"#   {mode} done: {s['train_seconds']:.1f} s, accuracy {100 * s['test_accuracy']:.2f}%", flush=True)
 
     print()
+    for mode, s in rows.items():
+        if "plan" in s:
+            print(f"# {mode}: planner chose split {s['split']}, {s['micro_batches']} micro-batches; predicted round "
+                  f"{s['plan'].get('round_s', 0):.2f} s, measured {s['train_seconds'] / max(1, len(s['epoch_seconds'])):.2f} s")
     print(f"| mode | epoch time (s) | server busy (s) | server idle (s) | pipeline efficiency | MB up | MB down | test accuracy |")
     print(f"|---|---|---|---|---|---|---|---|")
     for mode, s in rows.items():
