@@ -258,6 +258,7 @@ int main(int argc, char** argv) {
     a->add_option("--device-timeout", net.device_timeout_s, "Seconds of silence after which a device leaves its round")
         ->capture_default_str();
     a->add_option("--uplink-schedule", uplink_schedule, "Change every uplink's rate at run time: ROUND:MBPS,... (0-based rounds)");
+    a->add_flag("!--no-replan", net.replan, "Keep the first automatic plan even when links or speeds drift");
   };
   add_net(train);
   train->add_option("--device-threads", device_threads, "CPU threads of each device process (distributed modes)")

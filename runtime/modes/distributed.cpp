@@ -586,7 +586,7 @@ class ServerRunner {
   // At a round boundary: measured link rates and speeds against the plan's; a drift beyond 20%
   // triggers a new search, and a better plan takes effect from the next round.
   void maybe_replan(double t0, double t1) {
-    if (!auto_plan_) return;
+    if (!auto_plan_ || !net_.replan) return;
     std::vector<double> busy(slots_.size(), 0.0), up(slots_.size(), 0.0);
     for (size_t d = 0; d < slots_.size(); ++d) {
       const std::string dn = "device " + std::to_string(d);

@@ -22,6 +22,7 @@ struct NetConfig {
   double device_timeout_s = 60;    // a device silent this long is dropped from its round
   // (round, Mbit/s): from that round on every uplink runs at that rate (a changing network).
   std::vector<std::pair<int, double>> uplink_schedule;
+  bool replan = true;  // with an automatic plan: re-plan at round boundaries when rates or speeds drift
 };
 
 // Runs the server of a distributed run to the end: waits for cfg.devices devices, trains cfg.epochs
