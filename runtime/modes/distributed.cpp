@@ -191,8 +191,14 @@ class DeviceRunner {
   }
   void log(const std::string& s) const { std::fprintf(stderr, "device %u: %s\n", o_.id, s.c_str()); }
 
+  void deadline_from_now(std::chrono::steady_clock::time_point& deadline) const {
+    deadline = std::chrono::steady_clock::now() +
+               std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(o_.timeout_s));
+  }
+
   tp::Message next() {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(o_.timeout_s);
+    std::chrono::steady_clock::time_point deadline;
+    deadline_from_now(deadline);
     while (std::chrono::steady_clock::now() < deadline) {
       auto r = link_.recv(ms(200));
       if (!r) continue;
@@ -200,9 +206,14 @@ class DeviceRunner {
         log("dropping a malformed message from the server: " + r->error());
         continue;
       }
+      if (std::holds_alternative<tp::Heartbeat>(r->value())) {
+        deadline_from_now(deadline);  // the server is alive (its heartbeats come every 2 s)
+        continue;
+      }
       return std::move(r->value());
     }
-    throw Error(detail::concat("device ", o_.id, ": no message from the server for ", o_.timeout_s, " s"));
+    throw Error(detail::concat("device ", o_.id, ": no message from the server for ", o_.timeout_s,
+                               " s (it has gone; restart this device to rejoin)"));
   }
 
   void setup(const tp::Plan& plan) {
@@ -665,6 +676,7 @@ class ServerRunner {
       for (const DeviceSlot& s : slots_) waiting |= s.in_round && !s.done;
       if (!waiting) return;
       if (stop_requested().load()) throw Error("interrupted");
+      heartbeat();
       auto rec = server_.recv(ms(100));
       const double now = now_seconds();
       if (!rec) {
@@ -685,6 +697,21 @@ class ServerRunner {
       s.last_seen = now;
       std::visit([&](auto& m) { handle(s, r, m, rec->peer); }, rec->message.value());
     }
+  }
+
+  // Every connected device hears from the server at least every 2 s, even while it waits for its
+  // turn (sl) or for other devices, so a device can tell a slow round from a vanished server.
+  void heartbeat() {
+    const double now = now_seconds();
+    if (now - last_heartbeat_ < 2.0) return;
+    last_heartbeat_ = now;
+    tp::Heartbeat hb;
+    hb.time_ns = static_cast<int64_t>(now * 1e9);
+    for (const DeviceSlot& s : slots_)
+      if (s.connected) {
+        hb.device = s.id;
+        server_.send(s.id, hb);
+      }
   }
 
   void reject(const tp::PeerId& peer, const std::string& why) {
@@ -948,6 +975,7 @@ class ServerRunner {
   uint64_t bad_messages_ = 0;
   TrainResult result_;
   bool auto_plan_ = false;
+  double last_heartbeat_ = 0;
   planner::Cluster cluster_;
   planner::Plan plan_;
   planner::SearchOptions search_options_;

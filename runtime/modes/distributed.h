@@ -36,7 +36,7 @@ struct DeviceOptions {
   uint32_t id = 0;
   int threads = 1;              // CPU threads of this device
   std::string data_dir;         // overrides the server's data directory on this device
-  double timeout_s = 300;       // how long to wait for the server before giving up
+  double timeout_s = 60;        // server silence (it sends heartbeats every 2 s) before giving up
 };
 // Runs one device until the server says training is finished; returns a process exit code.
 int run_device(const DeviceOptions& options);
