@@ -139,6 +139,39 @@ std::vector<std::pair<int, double>> parse_schedule(const std::string& text) {
   return out;
 }
 
+struct SecurityArgs {
+  std::string keys, allow, server_key;
+  bool insecure = false;
+};
+
+// Outside `pipar train`'s loopback runs, links are CURVE-encrypted and authenticated unless the
+// user asks for plain links in so many words.
+std::optional<transport::Security> server_security(const SecurityArgs& a) {
+  if (a.insecure) {
+    std::fprintf(stderr, "%s\n", transport::plain_warning());
+    return std::nullopt;
+  }
+  if (a.keys.empty() || a.allow.empty())
+    throw Error("pipar server needs --keys SERVER.key and --allow DEVICES.txt (make keys with pipar keygen), or --insecure");
+  transport::Security s;
+  s.keys = transport::read_keypair(a.keys);
+  s.allow = transport::read_allow_list(a.allow);
+  return s;
+}
+
+std::optional<transport::Security> device_security(const SecurityArgs& a) {
+  if (a.insecure) {
+    std::fprintf(stderr, "%s\n", transport::plain_warning());
+    return std::nullopt;
+  }
+  if (a.keys.empty() || a.server_key.empty())
+    throw Error("pipar device needs --keys DEVICE.key and --server-key SERVER.pub (make keys with pipar keygen), or --insecure");
+  transport::Security s;
+  s.keys = transport::read_keypair(a.keys);
+  s.server_public_z85 = transport::read_public_key(a.server_key);
+  return s;
+}
+
 struct PlanArgs {
   std::string mode = "pipar", profile, server_profile, save_profile;
   int64_t samples = 15000;
@@ -224,6 +257,17 @@ int main(int argc, char** argv) {
     a->add_option("--dataset", cfg.dataset, "fmnist, mnist, cifar10, synthetic, synthetic-cifar")->capture_default_str();
     a->add_option("--data-dir", cfg.data_dir, "Directory of the data files (default: the data set's standard place)");
     a->add_option("--norm", cfg.norm, "VGG normalization: batch or none")->capture_default_str();
+    a->add_option("--dp-clip", cfg.dp_clip,
+                  "Differential privacy: per-sample L2 clip of the cut activation and of DP-SGD's per-sample gradients (0 = off)")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
+    a->add_option("--dp-sigma", cfg.dp_sigma, "Differential privacy: noise multiplier (Gaussian sd = sigma * clip)")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
+    a->add_flag("--dp-sgd", cfg.dp_sgd, "DP-SGD on the device-side weights (needs --dp-clip > 0 and a VGG with --norm none)");
+    a->add_option("--dp-delta", cfg.dp_delta, "Differential privacy: delta of the reported epsilon")
+        ->capture_default_str()
+        ->check(CLI::Range(1e-12, 0.5));
     a->add_option("--epochs", cfg.epochs, "Epochs")->capture_default_str()->check(CLI::PositiveNumber);
     a->add_option("--batch-size", cfg.batch_size, "Batch size")->capture_default_str()->check(CLI::Range(2, 1 << 20));
     a->add_option("--lr", cfg.lr, "SGD learning rate")->capture_default_str();
@@ -266,6 +310,10 @@ int main(int argc, char** argv) {
 
   auto* server = app.add_subcommand("server", "Run the server of a distributed run (devices connect with `pipar device`)");
   server->add_option("--listen", net.listen, "Endpoint to bind, e.g. tcp://0.0.0.0:5555")->capture_default_str();
+  SecurityArgs server_sec, device_sec;
+  server->add_option("--keys", server_sec.keys, "The server's CURVE key pair (NAME.key from pipar keygen)");
+  server->add_option("--allow", server_sec.allow, "Allow-list: one device public key per line (optionally its id)");
+  server->add_flag("--insecure", server_sec.insecure, "Plain links: no authentication, no encryption");
   add_train_options(server);
   add_net(server);
 
@@ -275,7 +323,14 @@ int main(int argc, char** argv) {
   device->add_option("--id", dev_opts.id, "Device id, 0..devices-1")->required();
   device->add_option("--threads", dev_opts.threads, "CPU threads")->capture_default_str();
   device->add_option("--data-dir", dev_opts.data_dir, "Data directory on this device");
-  device->add_option("--timeout", dev_opts.timeout_s, "Seconds to wait for the server")->capture_default_str();
+  device->add_option("--timeout", dev_opts.timeout_s, "Seconds of server silence before giving up")->capture_default_str();
+  device->add_option("--keys", device_sec.keys, "This device's CURVE key pair (NAME.key from pipar keygen)");
+  device->add_option("--server-key", device_sec.server_key, "The server's public key (its NAME.pub, or the key itself)");
+  device->add_flag("--insecure", device_sec.insecure, "Plain links: no authentication, no encryption");
+
+  std::string keygen_out;
+  auto* keygen = app.add_subcommand("keygen", "Write a CURVE key pair: NAME.key (secret, mode 0600) and NAME.pub");
+  keygen->add_option("--out", keygen_out, "Path prefix or directory")->required();
 
   std::string models_only, models_dataset = "fmnist", models_norm = "batch";
   int models_batch = 100;
@@ -312,7 +367,21 @@ int main(int argc, char** argv) {
     if (*plan) return cmd_plan(cfg, net, plan_args);
     if (*models) return cmd_models(models_only, models_dataset, models_norm, models_batch);
     if (*devices) return cmd_devices();
-    if (*device) return run_device(dev_opts);
+    if (*keygen) {
+      const std::string key = transport::write_keypair(keygen_out, transport::generate_keypair());
+      const std::string pub = key.substr(0, key.size() - 4) + ".pub";
+      std::printf("secret key: %s\npublic key: %s (%s)\n", key.c_str(), pub.c_str(), transport::read_public_key(pub).c_str());
+      return 0;
+    }
+    if (*device) {
+      dev_opts.security = device_security(device_sec);
+      return run_device(dev_opts);
+    }
+    if (*server) net.security = server_security(server_sec);
+    if ((cfg.dp_clip > 0 || cfg.dp_sgd) && cfg.mode != "sl" && cfg.mode != "sfl" && cfg.mode != "pipar")
+      throw Error("--dp-clip/--dp-sgd apply to --mode sl, sfl or pipar");
+    if (cfg.dp_sgd && (cfg.dp_clip <= 0 || cfg.norm != "none" || cfg.model.rfind("vgg", 0) != 0))
+      throw Error("--dp-sgd needs --dp-clip > 0 and a VGG with --norm none (per-sample gradients)");
     if (*train || *server) {
       std::signal(SIGINT, on_signal);
       std::signal(SIGTERM, on_signal);

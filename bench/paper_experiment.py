@@ -183,7 +183,8 @@ def run_one(args, spec, run_dir, pinned, server_cores, device_cores):
     os.makedirs(run_dir, exist_ok=True)
     mode = spec["mode"]
     server_threads = args.server_threads or (len(server_cores) if pinned else 0)
-    cmd = [args.pipar, "server", "--listen", "tcp://127.0.0.1:*", "--mode", mode, "--model", spec["model"],
+    # Loopback only: plain links, said explicitly (pipar refuses unauthenticated links otherwise).
+    cmd = [args.pipar, "server", "--listen", "tcp://127.0.0.1:*", "--insecure", "--mode", mode, "--model", spec["model"],
            "--dataset", spec["dataset"], "--devices", str(spec["devices"]), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--uplink-mbps", fmt_rate(spec["up"]),
            "--downlink-mbps", fmt_rate(spec["down"]), "--latency-ms", fmt_rate(args.latency_ms),
@@ -234,7 +235,7 @@ def run_one(args, spec, run_dir, pinned, server_cores, device_cores):
         if not bound.wait(timeout=60) or "ep" not in endpoint:
             raise RunFailed("the server did not report its endpoint (see server.log)")
         for k in range(spec["devices"]):
-            dcmd = [args.pipar, "device", "--connect", endpoint["ep"], "--id", str(k),
+            dcmd = [args.pipar, "device", "--connect", endpoint["ep"], "--id", str(k), "--insecure",
                     "--threads", str(args.device_threads or (args.device_cores if pinned else 1))]
             if spec["data_dir"]:
                 dcmd += ["--data-dir", spec["data_dir"]]

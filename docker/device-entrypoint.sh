@@ -48,5 +48,12 @@ if ! shape; then
   [ "${TC_OPTIONAL:-0}" = 1 ] || exit 3
 fi
 
+# Links are CURVE-authenticated (PIPAR_KEYS: this device's NAME.key, PIPAR_SERVER_KEY: the server's
+# NAME.pub, both from `pipar keygen`) unless PIPAR_INSECURE=1 asks for plain links explicitly.
+if [ -n "${PIPAR_KEYS:-}" ]; then
+  set -- --keys "$PIPAR_KEYS" --server-key "${PIPAR_SERVER_KEY:?PIPAR_SERVER_KEY must name the server public key}" "$@"
+elif [ "${PIPAR_INSECURE:-0}" = "1" ]; then
+  set -- --insecure "$@"
+fi
 exec pipar device --connect "${PIPAR_SERVER:-tcp://server:5555}" --id "$DEVICE_ID" \
      --threads "${DEVICE_THREADS:-1}" "$@"

@@ -80,5 +80,5 @@ EXPOSE 5555/tcp
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
   CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${PIPAR_PORT}"]
 ENTRYPOINT ["pipar"]
-CMD ["server", "--listen", "tcp://0.0.0.0:5555", "--backend", "auto", "--mode", "pipar", "--devices", "4", \
+CMD ["server", "--listen", "tcp://0.0.0.0:5555", "--insecure", "--backend", "auto", "--mode", "pipar", "--devices", "4", \
      "--split", "2", "--micro-batches", "8", "--model", "vgg5", "--dataset", "fmnist", "--epochs", "2"]

@@ -34,6 +34,11 @@ struct TrainConfig {
   std::string save_path;   // checkpoint written after every epoch (and on interrupt or error)
   std::string load_path;   // resume from a checkpoint
   bool augment = true;     // CIFAR-10: random crop and flip
+  // --- differential privacy (runtime/privacy.h; split modes, device side) ---
+  float dp_clip = 0;       // > 0: per-sample clip of the cut activation (and DP-SGD's clip); 0 = off
+  float dp_sigma = 0;      // noise multiplier: Gaussian noise of sd dp_sigma * dp_clip
+  bool dp_sgd = false;     // DP-SGD on the device-side weights (needs --norm none and dp_clip > 0)
+  double dp_delta = 1e-5;  // delta of the reported (epsilon, delta)
 };
 
 struct EpochMetrics {

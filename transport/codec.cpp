@@ -353,16 +353,39 @@ std::optional<uint32_t> message_device(const Message& m) {
       m);
 }
 
-Frames encode(const Message& m) {
+Frames encode(const Message& m) { return encode(m, Sequence{}); }
+
+Frames encode(const Message& m, Sequence sequence) {
   flatbuffers::FlatBufferBuilder b(256);
   std::vector<const Tensor*> payloads;
   auto [type, body] = std::visit(Encoder{b, payloads}, m);
-  b.Finish(fb::CreateEnvelope(b, type, body), kFileIdentifier);
+  b.Finish(fb::CreateEnvelope(b, type, body, sequence.session, sequence.seq), kFileIdentifier);
   Frames frames;
   frames.reserve(1 + payloads.size());
   frames.emplace_back(b.GetBufferPointer(), b.GetSize());
   for (const Tensor* t : payloads) frames.push_back(tensor_frame(*t));
   return frames;
+}
+
+std::optional<Sequence> peek_sequence(const zmq::message_t& envelope, const Limits& limits) {
+  const size_t size = envelope.size();
+  if (size < 8 || size > limits.max_envelope_bytes || size >= FLATBUFFERS_MAX_BUFFER_SIZE) return std::nullopt;
+  const uint8_t* buf = static_cast<const uint8_t*>(envelope.data());
+  std::vector<uint64_t> aligned;  // see Decoder::run: the Verifier wants an aligned buffer
+  if (reinterpret_cast<uintptr_t>(buf) % alignof(uint64_t) != 0) {
+    try {
+      aligned.resize((size + 7) / 8);
+    } catch (const std::bad_alloc&) {
+      return std::nullopt;
+    }
+    std::memcpy(aligned.data(), buf, size);
+    buf = reinterpret_cast<const uint8_t*>(aligned.data());
+  }
+  if (!flatbuffers::BufferHasIdentifier(buf, kFileIdentifier)) return std::nullopt;
+  flatbuffers::Verifier verifier(buf, size, limits.max_depth, limits.max_tables);
+  if (!fb::VerifyEnvelopeBuffer(verifier)) return std::nullopt;
+  const fb::Envelope* e = fb::GetEnvelope(buf);
+  return Sequence{e->session(), e->seq()};
 }
 
 size_t frames_bytes(const Frames& frames) {

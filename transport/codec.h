@@ -163,6 +163,15 @@ using Frames = std::vector<zmq::message_t>;
 // tensors are copied to the host. Throws pipar::Error on a programming error (missing required
 // tensor, non-4-byte dtype).
 Frames encode(const Message& m);
+// Replay-check fields of the envelope: the sending link's incarnation (its start time; larger for a
+// later link) and a per-link counter from 1. {0, 0} = unsequenced (plain encode()).
+struct Sequence {
+  uint64_t session = 0, seq = 0;
+};
+Frames encode(const Message& m, Sequence sequence);
+// The sequence of an envelope frame (identifier + Verifier checked, nothing copied but a misaligned
+// envelope); nullopt when the frame is not a valid envelope (decode() will say why).
+std::optional<Sequence> peek_sequence(const zmq::message_t& envelope, const Limits& limits = {});
 // Total bytes of a message's frames (what a link counts and paces).
 size_t frames_bytes(const Frames& frames);
 // Decodes and validates frames; never throws on bad input, never allocates from an unchecked size.

@@ -10,6 +10,18 @@
 // the link's mutex held (from the I/O thread or a caller): it must not call back into the link.
 // Destroying a link drops messages still waiting for their (paced) turn: call flush() first; messages
 // already handed to ZeroMQ get linger_ms to leave.
+//
+// Security (LinkOptions::security, auth.h): unset = plain ZeroMQ (no authentication, no encryption;
+// the CLI requires --insecure and prints plain_warning()). Set = ZeroMQ CURVE: the Server is a CURVE
+// server and admits only keys in its allow-list, through a ZAP handler on the link's context (one per
+// context, shared by its secured Servers); refused connections are logged with key and address and no
+// byte of theirs reaches recv(). A key bound to a device id in the allow-list may only speak as that
+// device: messages under another routing id are logged and dropped. Handshake failures (a client
+// without keys, a wrong server key, a refused key on the device side) are logged through a socket
+// monitor, rate-limited per kind.
+// Replay check (both modes): every message carries the sending link's session and a per-link counter;
+// a message not newer than the last one from the same peer is logged, dropped and counted in
+// LinkStats::messages_rejected. Unsequenced messages (hand-built frames) pass on plain links only.
 #pragma once
 #include <chrono>
 #include <cstdint>
@@ -19,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "transport/auth.h"
 #include "transport/codec.h"
 #include "transport/shaping.h"
 
@@ -46,12 +59,14 @@ struct LinkOptions {
   size_t max_transfer_records = 100000;              // oldest records are dropped beyond this
   std::function<void(const std::string&)> log;       // log lines (bad messages, drops); default stderr
   zmq::context_t* context = nullptr;                 // (optional) default: default_context()
+  std::optional<Security> security;                  // (optional) CURVE keys; unset = plain (insecure)
 };
 
 // Bytes and messages through one link (the Server counts per peer); bytes are all frames of a message.
 struct LinkStats {
   uint64_t bytes_sent = 0, bytes_received = 0;
   uint64_t messages_sent = 0, messages_received = 0;
+  uint64_t messages_rejected = 0;  // dropped on receipt: replayed/out of order, or wrong device for the key
 };
 
 // What happened to one sent message, on steady_clock: queued by send(), first and last bit on the

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -18,6 +19,7 @@
 #include "kernels/rng.h"
 #include "planner/replan.h"
 #include "runtime/aggregation.h"
+#include "runtime/privacy.h"
 #include "runtime/split.h"
 #include "runtime/trace.h"
 #include "transport/link.h"
@@ -51,6 +53,10 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"partition", c.partition},
           {"dirichlet_alpha", c.dirichlet_alpha},
           {"augment", c.augment},
+          {"dp_clip", c.dp_clip},  // differential privacy (runtime/privacy.h)
+          {"dp_sigma", c.dp_sigma},
+          {"dp_sgd", c.dp_sgd},
+          {"dp_delta", c.dp_delta},
           {"latency_ms", n.latency_ms},
           {"profile", c.split < 0 || c.micro_batches < 0}};
 }
@@ -75,6 +81,10 @@ TrainConfig config_from_json(const json& j) {
   c.partition = j.at("partition");
   c.dirichlet_alpha = j.at("dirichlet_alpha");
   c.augment = j.at("augment");
+  c.dp_clip = j.value("dp_clip", 0.0f);  // differential privacy (runtime/privacy.h)
+  c.dp_sigma = j.value("dp_sigma", 0.0f);
+  c.dp_sgd = j.value("dp_sgd", false);
+  c.dp_delta = j.value("dp_delta", 1e-5);
   return c;
 }
 
@@ -187,6 +197,7 @@ class DeviceRunner {
     tp::LinkOptions lo;
     lo.heartbeat_interval = ms(1000);
     lo.log = [this](const std::string& s) { log(s); };
+    lo.security = o_.security;
     return lo;
   }
   void log(const std::string& s) const { std::fprintf(stderr, "device %u: %s\n", o_.id, s.c_str()); }
@@ -249,6 +260,8 @@ class DeviceRunner {
     if (is_split_mode(cfg_.mode) && (!device_part_ || device_part_split_ != split_)) {
       device_part_ = std::make_unique<DevicePart>(*model_, split_, sgd_);
       device_part_split_ = split_;
+      if (cfg_.dp_sgd)  // differential privacy: DP-SGD replaces the plain device part's backward and step
+        dp_part_ = std::make_unique<DpSgdPart>(*model_, split_, sgd_, cfg_.dp_clip, cfg_.dp_sigma, hash64(dp_secret_, 1));
     }
     for (const auto& d : plan.devices)
       if (d.device == o_.id) link_.set_shape({d.uplink_mbps, cfg_latency(plan)});
@@ -287,6 +300,7 @@ class DeviceRunner {
     end.loss_sum = stats.loss_sum;
     end.correct = stats.correct;
     end.stats["round_seconds"] = t1 - t0;
+    if (cfg_.dp_clip > 0 && cfg_.dp_sigma > 0) end.stats["epsilon"] = privacy_.epsilon(cfg_.dp_delta);  // differential privacy
     end.details = events_to_json(events_);
     link_.send(end);
   }
@@ -319,13 +333,19 @@ class DeviceRunner {
       const int64_t len = batch_len(n, bs, b);
       data::gather_batch(train_, order, b * bs, len, images_, labels_, aug ? &augment : nullptr, hash64(cfg_.seed, plan.round));
       const std::vector<int64_t> sizes = micro_batch_sizes(len, plan.micro_batches);
+      std::vector<std::vector<float>> clip_scales(sizes.size());  // differential privacy: per-sample clip factors
       int64_t off = 0;
       for (size_t m = 0; m < sizes.size(); ++m) {
         auto [x, y] = rows(off, sizes[m]);
         off += sizes[m];
         const double t0 = now_seconds();
         tp::Activation a;
-        a.data = device_part_->forward(static_cast<int>(m), x);
+        a.data = dp_part_ ? dp_part_->forward(static_cast<int>(m), x) : device_part_->forward(static_cast<int>(m), x);
+        if (cfg_.dp_clip > 0) {  // differential privacy: clip and noise a copy (the tape may hold the output)
+          a.data = a.data.clone();
+          clip_scales[m] = clip_and_noise(a.data, cfg_.dp_clip, cfg_.dp_sigma,
+                                          hash64(hash64(dp_secret_, static_cast<uint64_t>(plan.round)), (static_cast<uint64_t>(b) << 20) | m));
+        }
         trace("forward", t0, now_seconds());
         a.round = plan.round, a.batch = static_cast<int32_t>(b), a.micro_batch = static_cast<int32_t>(m);
         a.device = o_.id, a.samples = static_cast<int32_t>(sizes[m]);
@@ -344,14 +364,25 @@ class DeviceRunner {
           throw Error(detail::concat("gradient for round ", g->round, " batch ", g->batch, " micro-batch ", g->micro_batch,
                                      " while in round ", plan.round, " batch ", b));
         const double t0 = now_seconds();
-        device_part_->backward(g->micro_batch, g->data);
+        if (cfg_.dp_clip > 0) clip_backward(g->data, clip_scales[static_cast<size_t>(g->micro_batch)]);  // differential privacy
+        if (dp_part_) dp_part_->backward(g->micro_batch, g->data, len);
+        else device_part_->backward(g->micro_batch, g->data);
         trace("backward", t0, now_seconds());
         ++got;
       }
       const double t0 = now_seconds();
-      device_part_->step();
+      if (dp_part_) dp_part_->step(len);
+      else device_part_->step();
       trace("step", t0, now_seconds());
       stats.count += len;
+    }
+    // Differential privacy: every sample's clipped activation left once with noise sd sigma*C; a sample
+    // replaced moves its row by up to 2C, so noise multiplier sigma/2, no subsampling. DP-SGD: one
+    // sampled Gaussian step per batch at rate batch/partition (the add/remove analysis of Abadi et
+    // al.; batches are shuffled, not Poisson-sampled, as TF-Privacy also assumes).
+    if (cfg_.dp_clip > 0 && cfg_.dp_sigma > 0) {
+      privacy_.step(1.0, cfg_.dp_sigma / 2.0, 1);
+      if (dp_part_) privacy_.step(std::min(1.0, static_cast<double>(bs) / static_cast<double>(n)), cfg_.dp_sigma, batch_count(n, bs));
     }
   }
 
@@ -386,6 +417,11 @@ class DeviceRunner {
   std::vector<int64_t> part_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<DevicePart> device_part_;
+  // Differential privacy: the DP-SGD device part, the accountant, and the noise's secret seed (drawn on
+  // the device: the server knows the config's seed and could regenerate, and subtract, seeded noise).
+  std::unique_ptr<DpSgdPart> dp_part_;
+  RdpAccountant privacy_;
+  uint64_t dp_secret_ = (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
   size_t device_part_split_ = 0;
   std::string profile_;
   std::unique_ptr<Sgd> local_opt_;
@@ -465,6 +501,7 @@ class ServerRunner {
     tp::LinkOptions lo;
     lo.shape = {net_.downlink_mbps, net_.latency_ms};
     lo.log = [this](const std::string& s) { say("transport: " + s); };
+    lo.security = net_.security;
     return lo;
   }
 
@@ -841,6 +878,7 @@ class ServerRunner {
         trace_.add("device " + std::to_string(tp::device_of(t.peer).value_or(999)) + " downlink", tp::message_type_name(t.type),
                    seconds_of(t.started), seconds_of(t.finished));
     LossStats train;
+    double epsilon = -1;  // differential privacy: the largest epsilon a device reports
     json dev_busy = json::array(), dev_idle = json::array();
     std::vector<std::string> resources = {"server"};
     for (DeviceSlot& s : slots_) {
@@ -848,6 +886,7 @@ class ServerRunner {
       if (s.in_round && s.done && s.end) {
         trace_.add_all(events_from_json(s.end->details));
         train += split_mode() ? s.stats : LossStats{s.end->loss_sum, s.end->correct, s.end->samples};
+        if (auto e = s.end->stats.find("epsilon"); e != s.end->stats.end()) epsilon = std::max(epsilon, e->second);
       }
       const double busy = trace_.busy_seconds(dn, t0, t1);
       dev_busy.push_back(busy);
@@ -894,6 +933,7 @@ class ServerRunner {
       line["uplink_mbps"] = uplink_for_round(r);
     }
     if (auto_plan_) line["predicted_round_seconds"] = predicted_round_s_;
+    if (epsilon >= 0) line["epsilon"] = epsilon;
     int finished = 0;
     for (const DeviceSlot& s : slots_) finished += s.in_round && s.done;
     line["devices_finished"] = finished;

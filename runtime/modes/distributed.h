@@ -5,11 +5,13 @@
 // whose device forward, uplink, server step, downlink and device backward overlap.
 #pragma once
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "runtime/trainer.h"
+#include "transport/auth.h"
 
 namespace pipar {
 
@@ -23,6 +25,7 @@ struct NetConfig {
   // (round, Mbit/s): from that round on every uplink runs at that rate (a changing network).
   std::vector<std::pair<int, double>> uplink_schedule;
   bool replan = true;  // with an automatic plan: re-plan at round boundaries when rates or speeds drift
+  std::optional<transport::Security> security;  // CURVE keys and allow-list; unset: plain links
 };
 
 // Runs the server of a distributed run to the end: waits for cfg.devices devices, trains cfg.epochs
@@ -37,6 +40,7 @@ struct DeviceOptions {
   int threads = 1;              // CPU threads of this device
   std::string data_dir;         // overrides the server's data directory on this device
   double timeout_s = 60;        // server silence (it sends heartbeats every 2 s) before giving up
+  std::optional<transport::Security> security;  // its CURVE key pair and the server's public key
 };
 // Runs one device until the server says training is finished; returns a process exit code.
 int run_device(const DeviceOptions& options);

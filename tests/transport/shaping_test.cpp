@@ -11,6 +11,9 @@ namespace pipar::transport {
 namespace {
 
 using namespace std::chrono_literals;
+
+// Links number their messages (session + seq in the envelope): sizes on the wire include both.
+constexpr Sequence kOnWire{1, 1};
 using Secs = std::chrono::duration<double>;
 
 double secs(Clock::duration d) { return Secs(d).count(); }
@@ -109,7 +112,7 @@ double wait_server(Server& s, Clock::time_point start, std::chrono::milliseconds
 TEST(ShapingLink, RateTakesExpectedTimeEndToEnd) {
   Pair p(LinkShape{20, 0});
   Activation a = activation_of_bytes(2 << 20);  // 2 MiB at 20 Mbit/s ≈ 0.84 s
-  const double bytes = static_cast<double>(frames_bytes(encode(a)));
+  const double bytes = static_cast<double>(frames_bytes(encode(a, kOnWire)));
   const double expected = bytes * 8 / 20e6;
   const auto t0 = Clock::now();
   p.device.send(a);
@@ -131,7 +134,7 @@ TEST(ShapingLink, RateTakesExpectedTimeEndToEnd) {
 TEST(ShapingLink, LatencyAddsDelayAndMessagesQueue) {
   Pair p(LinkShape{40, 120});
   Activation a = activation_of_bytes(500000);  // 0.1 s each at 40 Mbit/s
-  const double one = static_cast<double>(frames_bytes(encode(a))) * 8 / 40e6;
+  const double one = static_cast<double>(frames_bytes(encode(a, kOnWire))) * 8 / 40e6;
   const auto t0 = Clock::now();
   p.device.send(a);
   p.device.send(a);  // queues behind the first
@@ -150,7 +153,7 @@ TEST(ShapingLink, LatencyAddsDelayAndMessagesQueue) {
 TEST(ShapingLink, RateChangeAtRunTime) {
   Pair p(LinkShape{10, 0});
   Activation a = activation_of_bytes(2 << 20);  // 1.68 s at 10 Mbit/s, unless sped up
-  const double bits = static_cast<double>(frames_bytes(encode(a))) * 8;
+  const double bits = static_cast<double>(frames_bytes(encode(a, kOnWire))) * 8;
   const auto t0 = Clock::now();
   p.device.send(a);
   std::this_thread::sleep_for(200ms);
@@ -167,7 +170,7 @@ TEST(ShapingLink, ServerDownlinkPerPeer) {
   const PeerId peer = routing_id(1);
   p.server.set_rate(peer, 20);
   Gradient g{0, 0, 0, 1, 1, Tensor::zeros(Shape4{250000, 1, 1, 1})};  // 1 MB at 20 Mbit/s ≈ 0.4 s
-  const double expected = static_cast<double>(frames_bytes(encode(g))) * 8 / 20e6;
+  const double expected = static_cast<double>(frames_bytes(encode(g, kOnWire))) * 8 / 20e6;
   const auto t0 = Clock::now();
   p.server.send(peer, g);
   auto r = p.device.recv(3s);
