@@ -522,6 +522,7 @@ class ServerRunner {
     const double deadline = now_seconds() + net_.connect_timeout_s;
     size_t connected = 0;
     while (connected < slots_.size()) {
+      check_launched();
       if (now_seconds() > deadline || stop_requested().load())
         throw Error(detail::concat("only ", connected, " of ", slots_.size(), " devices connected within ",
                                    net_.connect_timeout_s, " s"));
@@ -558,6 +559,7 @@ class ServerRunner {
       return n;
     };
     while (pending() > 0) {
+      check_launched();
       if (stop_requested().load()) throw Error("interrupted");
       auto r = server_.recv(ms(200));
       const double now = now_seconds();
@@ -577,6 +579,12 @@ class ServerRunner {
       slots_[h->device].profile = h->profile;
     }
     if (ready.empty()) throw Error("no device got ready");
+  }
+
+  void check_launched() const {
+    if (!net_.launched_devices_failed) return;
+    const std::string why = net_.launched_devices_failed();
+    if (!why.empty()) throw Error(why);
   }
 
   void build_replicas() {
@@ -1047,8 +1055,9 @@ TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, Prog
   std::vector<pid_t> children;
   auto spawn = [&](const std::string& endpoint) {
     for (int d = 0; d < cfg.devices; ++d) {
+      // Loopback children: plain links, said explicitly.
       std::vector<std::string> args = {self_exe, "device", "--connect", endpoint, "--id", std::to_string(d),
-                                       "--threads", std::to_string(device_threads)};
+                                       "--threads", std::to_string(device_threads), "--insecure"};
       const pid_t pid = fork();
       if (pid < 0) throw Error(std::string("fork failed: ") + std::strerror(errno));
       if (pid == 0) {
@@ -1064,6 +1073,7 @@ TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, Prog
   };
   auto reap = [&](bool kill_them) {
     for (pid_t pid : children) {
+      if (pid <= 0) continue;
       int status = 0;
       for (int i = 0; i < 100 && waitpid(pid, &status, WNOHANG) == 0; ++i) {
         if (kill_them || i == 50) kill(pid, SIGTERM);
@@ -1076,8 +1086,23 @@ TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, Prog
     }
     children.clear();
   };
+  NetConfig n = net;
+  n.launched_devices_failed = [&]() -> std::string {
+    for (size_t d = 0; d < children.size(); ++d) {
+      int status = 0;
+      if (children[d] > 0 && waitpid(children[d], &status, WNOHANG) == children[d]) {
+        children[d] = -1;  // reaped
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+          return detail::concat("device process ", d, " exited early (",
+                                WIFEXITED(status) ? "code " + std::to_string(WEXITSTATUS(status))
+                                                  : "signal " + std::to_string(WTERMSIG(status)),
+                                "); its error is printed above");
+      }
+    }
+    return "";
+  };
   try {
-    TrainResult r = run_server(cfg, net, progress, spawn);
+    TrainResult r = run_server(cfg, n, progress, spawn);
     reap(false);
     return r;
   } catch (...) {

@@ -26,6 +26,9 @@ struct NetConfig {
   std::vector<std::pair<int, double>> uplink_schedule;
   bool replan = true;  // with an automatic plan: re-plan at round boundaries when rates or speeds drift
   std::optional<transport::Security> security;  // CURVE keys and allow-list; unset: plain links
+  // (optional) set by a launcher of device processes: "" while they run, else what went wrong, so
+  // the server stops at once instead of waiting out its time-outs.
+  std::function<std::string()> launched_devices_failed;
 };
 
 // Runs the server of a distributed run to the end: waits for cfg.devices devices, trains cfg.epochs

@@ -1,0 +1,63 @@
+// The pipar program as a user runs it: a distributed run launched by `pipar train` (real device
+// processes on loopback), and clear failures for bad input.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Outcome {
+  int code;
+  std::string output;
+};
+
+Outcome run(const std::string& args) {
+  const std::string cmd = std::string(PIPAR_BINARY) + " " + args + " 2>&1";
+  Outcome r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) r.output.append(buf, n);
+  const int status = pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string temp_dir(const std::string& name) {
+  const fs::path d = fs::temp_directory_path() / ("pipar_cli_test_" + std::to_string(getpid())) / name;
+  fs::create_directories(d);
+  return d.string();
+}
+
+TEST(Cli, TrainLaunchesDeviceProcesses) {
+  const std::string out = temp_dir("pipar");
+  const Outcome r = run("train --mode pipar --devices 2 --dataset synthetic --limit-train 400 --limit-test 100 --epochs 1 "
+                    "--split 2 --micro-batches 3 --batch-size 50 --uplink-mbps 0 --downlink-mbps 0 --out " + out);
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(out + "/summary.json")) << r.output;
+  EXPECT_TRUE(fs::exists(out + "/trace.json")) << r.output;
+  EXPECT_EQ(r.output.find("WARNING"), std::string::npos) << "loopback runs need no plain-link warning";
+}
+
+TEST(Cli, BadInputGivesClearErrors) {
+  Outcome r = run("train --model nosuchnet --dataset synthetic --out " + temp_dir("bad"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("unknown model 'nosuchnet'"), std::string::npos) << r.output;
+  r = run("train --dataset fmnist --data-dir /nonexistent/dir --out " + temp_dir("bad2"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("/nonexistent/dir"), std::string::npos) << r.output;
+  r = run("server --listen tcp://127.0.0.1:0 --mode pipar --devices 2");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("--insecure"), std::string::npos) << r.output;
+  r = run("device --connect tcp://127.0.0.1:1 --id 0");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("--keys"), std::string::npos) << r.output;
+}
+
+}  // namespace
