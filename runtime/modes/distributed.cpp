@@ -19,6 +19,7 @@
 #include "kernels/rng.h"
 #include "planner/replan.h"
 #include "runtime/aggregation.h"
+#include "runtime/checkpoint.h"
 #include "runtime/privacy.h"
 #include "runtime/split.h"
 #include "runtime/trace.h"
@@ -464,6 +465,13 @@ class ServerRunner {
     test_ = data::load_dataset(cfg_.dataset, cfg_.data_dir, false, cfg_.seed, cfg_.limit_test);
     const auto parts = make_partition(cfg_, train_);
     model_ = build_model(cfg_.model, model_options(cfg_, train_));
+    if (!cfg_.load_path.empty()) {
+      // --load: go on from the server's last end-of-round checkpoint (weights of both parts, the
+      // batch-norm statistics, the round); the devices' optimizer state starts afresh.
+      const CheckpointMeta meta = load_checkpoint(cfg_.load_path, *model_);
+      first_round_ = meta.epoch;
+      say(detail::concat("resuming from ", cfg_.load_path, " after round ", first_round_));
+    }
     auto_plan_ = split_mode() && (cfg_.split < 0 || cfg_.micro_batches < 0);
     split_ = split_mode() ? static_cast<size_t>(std::max(1, cfg_.split)) : model_->num_blocks();
     if (split_mode() && cfg_.split >= 0) check_split(*model_, split_);
@@ -487,7 +495,7 @@ class ServerRunner {
     if (auto_plan_) plan_auto();
     if (split_mode()) build_replicas();
     origin_ = now_seconds();
-    for (int r = 0; r < cfg_.epochs && !stop_requested().load(); ++r) run_round(r);
+    for (int r = first_round_; r < cfg_.epochs && !stop_requested().load(); ++r) run_round(r);
     finish();
     result_.wall_seconds = now_seconds() - wall0;
     write_summary();
@@ -579,6 +587,17 @@ class ServerRunner {
       slots_[h->device].profile = h->profile;
     }
     if (ready.empty()) throw Error("no device got ready");
+  }
+
+  // The averaged model after every round, written atomically (temp file, fsync, rename) to
+  // <out>/server.ckpt: a server killed at any moment restarts with --load from the last round.
+  void save_round(int r) {
+    CheckpointMeta meta;
+    meta.model = model_->name();
+    meta.options = model_->options();
+    meta.epoch = r + 1;
+    meta.extra_json = json{{"mode", cfg_.mode}, {"split", split_}, {"micro_batches", cfg_.micro_batches}}.dump();
+    save_checkpoint(result_.out_dir + "/server.ckpt", *model_, meta);
   }
 
   void check_launched() const {
@@ -855,6 +874,7 @@ class ServerRunner {
     const double t1 = now_seconds();
     trace_.add("server", "aggregate", t_agg, t1);
     record_round(r, t0, t1, stats0);
+    save_round(r);
     maybe_replan(t0, t1);
   }
 
@@ -1024,6 +1044,7 @@ class ServerRunner {
   TrainResult result_;
   bool auto_plan_ = false;
   double last_heartbeat_ = 0;
+  int first_round_ = 0;
   planner::Cluster cluster_;
   planner::Plan plan_;
   planner::SearchOptions search_options_;

@@ -146,5 +146,20 @@ TEST(Distributed, VanishingDeviceAndGarbageDoNotStopTheRun) {
   EXPECT_EQ(m["devices_finished"], 2);
 }
 
+TEST(Distributed, ServerResumesFromItsLastRound) {
+  TrainConfig c = small_config("sfl", "resume_a");
+  c.epochs = 1;
+  const TrainResult a = run_cluster(c, fast_net(), 2);
+  ASSERT_TRUE(fs::exists(c.out_dir + "/server.ckpt"));
+  TrainConfig d = small_config("sfl", "resume_b");
+  d.epochs = 2;
+  d.load_path = c.out_dir + "/server.ckpt";
+  const TrainResult b = run_cluster(d, fast_net(), 2);
+  ASSERT_EQ(b.epochs.size(), 1u);  // only the second round ran
+  EXPECT_EQ(b.epochs[0].epoch, 2);
+  // It went on from the trained model: better than the first round's result, not from scratch.
+  EXPECT_LE(b.epochs[0].test_loss, a.epochs[0].test_loss);
+}
+
 }  // namespace
 }  // namespace pipar
