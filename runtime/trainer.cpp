@@ -24,12 +24,15 @@ std::atomic<bool>& stop_requested() {
 
 Device resolve_backend(const std::string& backend) {
   if (backend == "cpu") return Device::kCpu;
-  if (backend == "cuda" || backend == "auto") {
+  // The CUDA kernels exist but the trainer has not run them on a GPU yet (it needs its own stream
+  // and stream-ordered host reads): until a GPU session verifies that path, auto means the CPU and
+  // cuda is refused with the reason.
+  if (backend == "auto") return Device::kCpu;
+  if (backend == "cuda") {
     const std::string why = kernels::cuda_unavailable_reason();
-    if (why.empty() && kernels::cuda_ops_built()) return Device::kCuda;
-    if (backend == "auto") return Device::kCpu;
     if (!why.empty()) throw Unsupported("--backend cuda: " + why);
-    throw Unsupported("--backend cuda: this build has no CUDA kernels yet (the CUDA backend issue); use --backend cpu");
+    throw Unsupported("--backend cuda: the CUDA kernels are built, but training on them is not enabled until it has "
+                      "been verified on a GPU (the CUDA backend issue); use --backend cpu");
   }
   throw Error("unknown backend '" + backend + "'; use cpu, cuda or auto");
 }
