@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels/conv_geometry.h"
 #include "kernels/cpu/cpu_parallel.h"
 #include "kernels/cpu/gemm_internal.h"
 #include "kernels/ops.h"
@@ -23,25 +24,7 @@ using detail::PackedA;
 
 // --- geometry ---------------------------------------------------------------------------------------
 
-struct ConvGeom {
-  int64_t n, c, h, w;       // input
-  int64_t k, oh, ow;        // output channels and size
-  int64_t kh, kw, sh, sw, ph, pw;
-  int64_t groups, cg, kg;   // groups; input and output channels per group
-  int64_t ckk, hw, ohw;     // im2col rows per group (cg*kh*kw), input and output plane sizes
-  bool pointwise() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
-  bool depthwise() const { return groups > 1 && groups == c && cg == 1; }
-};
-
-ConvGeom geometry(const Conv2dParams& p, Shape4 x, Shape4 y) {
-  ConvGeom g{};
-  g.n = x.n, g.c = x.c, g.h = x.h, g.w = x.w;
-  g.k = y.c, g.oh = y.h, g.ow = y.w;
-  g.kh = p.kh, g.kw = p.kw, g.sh = p.sh, g.sw = p.sw, g.ph = p.ph, g.pw = p.pw;
-  g.groups = p.groups, g.cg = x.c / p.groups, g.kg = y.c / p.groups;
-  g.ckk = g.cg * g.kh * g.kw, g.hw = g.h * g.w, g.ohw = g.oh * g.ow;
-  return g;
-}
+using kernels::ConvGeom;
 
 // Outputs o in [lo, hi) whose input o*s - pad + j lies in [0, in).
 inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t j, int64_t& lo, int64_t& hi) {
@@ -616,7 +599,7 @@ void conv2d_backward_weight_direct(const ConvGeom& g, const float* x, const floa
 // --- entry points -----------------------------------------------------------------------------------
 
 void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b, View y) {
-  const ConvGeom g = geometry(p, x.shape, y.shape);
+  const ConvGeom g = conv_geometry(p, x.shape, y.shape);
   if (g.depthwise()) {
     depthwise_forward(g, x.data, w.data, b.data, y.data);
     return;
@@ -653,7 +636,7 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
 }
 
 void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, View dx) {
-  const ConvGeom g = geometry(p, dx.shape, dy.shape);
+  const ConvGeom g = conv_geometry(p, dx.shape, dy.shape);
   if (g.depthwise()) {
     depthwise_backward_input(g, dy.data, w.data, dx.data);
     return;
@@ -697,7 +680,7 @@ void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, Vie
 }
 
 void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, View dw) {
-  const ConvGeom g = geometry(p, x.shape, dy.shape);
+  const ConvGeom g = conv_geometry(p, x.shape, dy.shape);
   if (g.depthwise()) {
     depthwise_backward_weight(g, x.data, dy.data, dw.data);
     return;

@@ -5,6 +5,7 @@
 // Checked only in a CPU emulation (blocks run as std::threads with barriers; handwritten kernels
 // against the CPU backend, guard elements intact). NOT verified on a GPU: every kernel's results against the CPU,
 // speed, and the workspace chunking for large inputs.
+#include "kernels/conv_geometry.h"
 #include "kernels/cuda/kernel_util.cuh"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/stream.h"
@@ -12,25 +13,7 @@
 namespace pipar::kernels::cuda {
 namespace {
 
-struct ConvGeom {
-  int64_t n, c, h, w;  // input
-  int64_t k, oh, ow;   // output channels and size
-  int64_t kh, kw, sh, sw, ph, pw;
-  int64_t groups, cg, kg;  // groups; input and output channels per group
-  int64_t ckk, hw, ohw;    // im2col rows per group (cg*kh*kw), input and output plane sizes
-  bool pointwise() const { return kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
-  bool depthwise() const { return groups > 1 && groups == c && cg == 1; }
-};
-
-ConvGeom geometry(const Conv2dParams& p, Shape4 x, Shape4 y) {
-  ConvGeom g{};
-  g.n = x.n, g.c = x.c, g.h = x.h, g.w = x.w;
-  g.k = y.c, g.oh = y.h, g.ow = y.w;
-  g.kh = p.kh, g.kw = p.kw, g.sh = p.sh, g.sw = p.sw, g.ph = p.ph, g.pw = p.pw;
-  g.groups = p.groups, g.cg = x.c / p.groups, g.kg = y.c / p.groups;
-  g.ckk = g.cg * g.kh * g.kw, g.hw = g.h * g.w, g.ohw = g.oh * g.ow;
-  return g;
-}
+using kernels::ConvGeom;
 
 // im2col/col2im layout of a chunk of cs samples: element (s, row, p) of the column matrix lives at
 // col[s*s_stride + row*r_stride + p], row = (c*kh + i)*kw + j, p = oy*ow + ox.
@@ -268,7 +251,7 @@ void channel_sum_accumulate(const float* dy, float* db, int64_t n, int64_t k, in
 
 void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
   const cudaStream_t st = checked_stream(s, "conv2d_forward");
-  const ConvGeom g = geometry(p, x.shape, y.shape);
+  const ConvGeom g = conv_geometry(p, x.shape, y.shape);
   if (y.numel() == 0) return;
   if (g.depthwise()) {
     conv2d_depthwise_forward(g, x.data, w.data, b.data, y.data, st);
@@ -298,7 +281,7 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
 
 void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, View dx, StreamRef s) {
   const cudaStream_t st = checked_stream(s, "conv2d_backward_input");
-  const ConvGeom g = geometry(p, dx.shape, dy.shape);
+  const ConvGeom g = conv_geometry(p, dx.shape, dy.shape);
   if (dx.numel() == 0) return;
   if (g.depthwise()) {
     conv2d_depthwise_backward_input(g, dy.data, w.data, dx.data, st);
@@ -328,7 +311,7 @@ void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, Vie
 
 void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, View dw, StreamRef s) {
   const cudaStream_t st = checked_stream(s, "conv2d_backward_weight");
-  const ConvGeom g = geometry(p, x.shape, dy.shape);
+  const ConvGeom g = conv_geometry(p, x.shape, dy.shape);
   if (dw.numel() == 0 || g.n == 0) return;
   if (g.depthwise()) {
     conv2d_depthwise_backward_weight(g, x.data, dy.data, dw.data, st);
