@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bench/harness.h"
 #include "kernels/ops.h"
 #include "kernels/parallel.h"
 
@@ -75,27 +76,8 @@ Timing time_it(F&& f, int warmup, int repeats) {
 
 // --- machine ----------------------------------------------------------------------------------------
 
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
-}
-
-std::string git_commit() {
-  std::string out;
-#ifdef PIPAR_SOURCE_DIR
-  const std::string cmd = std::string("git -C '") + PIPAR_SOURCE_DIR + "' rev-parse --short HEAD 2>/dev/null";
-  if (FILE* p = popen(cmd.c_str(), "r")) {
-    char buf[64] = {};
-    if (std::fgets(buf, sizeof buf, p)) out = buf;
-    pclose(p);
-  }
-#endif
-  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
-  return out.empty() ? "unknown" : out;
-}
+using pipar::bench::cpu_model;
+using pipar::bench::git_commit;
 
 // FMA throughput per thread: 12 independent accumulator chains (latency 4 × 2-3 pipes), many
 // iterations; returns flops (2 per lane per FMA) per second for one thread.

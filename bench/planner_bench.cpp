@@ -14,35 +14,16 @@
 #include <string>
 #include <vector>
 
+#include "bench/harness.h"
 #include "kernels/parallel.h"
 #include "planner/search.h"
 
 using namespace pipar;
 using namespace pipar::planner;
+using namespace pipar::bench;
 
 namespace {
 
-struct Stats {
-  double median = 0, min = 0, max = 0;
-  double noise_pct() const { return median > 0 ? 100.0 * (max - min) / median : 0; }
-};
-Stats summarize(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  Stats s;
-  s.min = v.front();
-  s.max = v.back();
-  s.median = v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-  return s;
-}
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-std::string cpu_model() {
-  std::ifstream f("/proc/cpuinfo");
-  for (std::string line; std::getline(f, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
-}
 std::vector<std::string> split_list(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);

@@ -18,46 +18,17 @@
 #include <thread>
 #include <vector>
 
+#include "bench/harness.h"
 #include "transport/link.h"
 
 using namespace pipar;
 using namespace pipar::transport;
+using namespace pipar::bench;
 using namespace std::chrono_literals;
 
 namespace {
 
 // --- helpers
-
-struct Stats {
-  double median = 0, min = 0, max = 0;
-  double noise_pct() const { return median > 0 ? 100.0 * (max - min) / median : 0; }
-};
-Stats summarize(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  Stats s;
-  s.min = v.front();
-  s.max = v.back();
-  s.median = v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-  return s;
-}
-double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-std::string shell_line(const std::string& cmd) {
-  std::string out;
-  if (FILE* p = popen(cmd.c_str(), "r")) {
-    char buf[256];
-    if (fgets(buf, sizeof buf, p)) out = buf;
-    pclose(p);
-  }
-  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-  return out.empty() ? "unknown" : out;
-}
-std::string cpu_model() {
-  std::ifstream f("/proc/cpuinfo");
-  for (std::string line; std::getline(f, line);)
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
-}
 
 // --- plain TCP peer
 
@@ -181,7 +152,7 @@ int main(int argc, char** argv) {
   int zmaj, zmin, zpat;
   zmq_version(&zmaj, &zmin, &zpat);
   std::printf("# pipar_bench_transport: loopback, no shaping, one direction (device -> server)\n");
-  std::printf("# commit %s, build %s, libzmq %d.%d.%d\n", shell_line("git -C " PIPAR_SOURCE_DIR " rev-parse --short HEAD").c_str(),
+  std::printf("# commit %s, build %s, libzmq %d.%d.%d\n", git_commit().c_str(),
               PIPAR_BUILD_TYPE, zmaj, zmin, zpat);
   std::printf("# cpu %s, %u threads, load average %s\n", cpu_model().c_str(), std::thread::hardware_concurrency(),
               shell_line("cut -d' ' -f1-3 /proc/loadavg").c_str());
