@@ -2,7 +2,7 @@
 # PiPar's CPU conv/linear kernels against PyTorch (Debian's python3-torch) on the VGG5 layers: runs our
 # pipar_bench_kernels (--json) and times torch on the same shapes and thread count, alternating rounds,
 # then prints layer | pass | batch | ours ms | torch ms | ratio ours/torch | GFLOP/s.
-# Run: bench/kernels_vs_torch.py build-gemm/bench/pipar_bench_kernels [--threads 2] [--repeats 30] [--rounds 2]
+# Run: bench/kernels_vs_torch.py build-gemm/bench/pipar_bench_kernels [--threads 2] [--repeats 30] [--rounds 2] [--layer conv2]
 import argparse
 import json
 import os
@@ -38,7 +38,7 @@ def time_fn(fn, warmup, repeats):
     return statistics.median(ms), min(ms)
 
 
-def torch_rows(warmup, repeats):
+def torch_rows(warmup, repeats, only):
     """Times each pass as torch runs it in training: conv via aten.convolution (oneDNN on CPU) and
     aten.convolution_backward with the output mask of the wanted gradients; linear via the matmuls
     autograd runs (addmm forward, mm for dx, mm + sum for dw, db)."""
@@ -46,6 +46,8 @@ def torch_rows(warmup, repeats):
     torch.manual_seed(0)
     with torch.no_grad():
         for name, conv, c, h, w, k in LAYERS:
+            if only not in name:
+                continue
             for n in BATCHES:
                 if conv:
                     x = torch.rand(n, c, h, w) * 2 - 1
@@ -75,11 +77,11 @@ def torch_rows(warmup, repeats):
     return rows
 
 
-def ours_rows(binary, threads, repeats):
+def ours_rows(binary, threads, repeats, only):
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     try:
-        out = subprocess.run([binary, "--threads", str(threads), "--repeats", str(repeats), "--json", path],
+        out = subprocess.run([binary, "--threads", str(threads), "--repeats", str(repeats), "--json", path, "--layer", only],
                              check=True, capture_output=True, text=True)
         with open(path) as f:
             data = json.load(f)
@@ -99,16 +101,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2, help="alternating ours/torch rounds; each row keeps its best median")
     ap.add_argument("--json", help="write the combined rows here")
+    ap.add_argument("--layer", default="", help="only the layers whose name contains this")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
     best_ours, best_torch, header, meta = {}, {}, [], {}
     for _ in range(a.rounds):
-        header, meta, ours = ours_rows(a.binary, a.threads, a.repeats)
+        header, meta, ours = ours_rows(a.binary, a.threads, a.repeats, a.layer)
         for key, v in ours.items():
             if key not in best_ours or v[0] < best_ours[key][0]:
                 best_ours[key] = v
-        theirs = torch_rows(a.warmup, a.repeats)
+        theirs = torch_rows(a.warmup, a.repeats, a.layer)
         for key, v in theirs.items():
             if key not in best_torch or v[0] < best_torch[key][0]:
                 best_torch[key] = v
@@ -121,6 +124,8 @@ def main():
           f"{'GFLOP/s':>8} {'check':>8}")
     out_rows, worst = [], 0.0
     for name, *_ in LAYERS:
+        if a.layer not in name:
+            continue
         for n in BATCHES:
             for p in PASSES:
                 o, t = best_ours[(name, p, n)], best_torch[(name, p, n)]
