@@ -35,6 +35,8 @@ namespace {
 
 // --- configuration that travels in the plan ---------------------------------------------------------
 
+bool is_split_mode(const std::string& mode) { return mode == "sl" || mode == "sfl" || mode == "pipar"; }
+
 json config_to_json(const TrainConfig& c, const NetConfig& n) {
   return {{"mode", c.mode},
           {"model", c.model},
@@ -59,7 +61,9 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"dp_sgd", c.dp_sgd},
           {"dp_delta", c.dp_delta},
           {"latency_ms", n.latency_ms},
-          {"profile", c.split < 0 || c.micro_batches < 0}};
+          // Devices measure their block times for the planner: it chooses the plan (--split or
+          // --micro-batches auto) or scores the fixed one (predicted_round_seconds).
+          {"profile", is_split_mode(c.mode)}};
 }
 
 TrainConfig config_from_json(const json& j) {
@@ -88,8 +92,6 @@ TrainConfig config_from_json(const json& j) {
   c.dp_delta = j.value("dp_delta", 1e-5);
   return c;
 }
-
-bool is_split_mode(const std::string& mode) { return mode == "sl" || mode == "sfl" || mode == "pipar"; }
 
 ModelOptions model_options(const TrainConfig& c, const data::Dataset& ds) {
   ModelOptions o;
@@ -244,7 +246,8 @@ class DeviceRunner {
     const Shape4 ss = train_.sample_shape();
     images_ = Tensor::empty({cfg_.batch_size, ss.c, ss.h, ss.w});
     labels_ = Tensor::empty({cfg_.batch_size, 1, 1, 1}, Device::kCpu, DType::kI32);
-    // The planner needs this device's measured block times (--split/--micro-batches auto).
+    // The planner needs this device's measured block times (to choose the plan, or to predict the
+    // round time of a fixed one).
     if (json::parse(plan.config).value("profile", false)) {
       planner::ProfileOptions po;
       po.threads = o_.threads;
@@ -492,7 +495,7 @@ class ServerRunner {
                        net_.downlink_mbps, " Mbit/s, server at ", endpoint()));
     wait_for_devices();
     prepare_devices();
-    if (auto_plan_) plan_auto();
+    if (split_mode()) plan_first();
     if (split_mode()) build_replicas();
     origin_ = now_seconds();
     for (int r = first_round_; r < cfg_.epochs && !stop_requested().load(); ++r) run_round(r);
@@ -618,17 +621,28 @@ class ServerRunner {
     }
   }
 
-  // --split auto / --micro-batches auto: the devices' measured profiles and this server's own, the
-  // configured links, then the planner's best plan (one split point shared by all devices).
-  void plan_auto() {
+  // The first round's plan and its predicted round time, from the devices' measured profiles, this
+  // server's own and the configured links. --split auto / --micro-batches auto: the planner's best
+  // plan (one split point shared by all devices). A fixed plan is kept and only scored by the same
+  // cost model, so metrics.jsonl holds predicted_round_seconds beside round_seconds either way.
+  void plan_first() {
     const double t0 = now_seconds();
     std::vector<planner::Profile> profiles;
+    double device_profile_s = 0;
     for (const DeviceSlot& s : slots_)
-      if (s.connected && !s.profile.empty()) profiles.push_back(planner::Profile::from_json(s.profile));
-    if (profiles.empty()) throw Error("--split auto: no device sent a profile");
+      if (s.connected && !s.profile.empty()) {
+        profiles.push_back(planner::Profile::from_json(s.profile));
+        device_profile_s = std::max(device_profile_s, profiles.back().seconds);
+      }
+    if (profiles.empty()) {
+      if (auto_plan_) throw Error("--split auto: no device sent a profile");
+      say("no device sent a profile: the fixed plan's round time is not predicted");
+      return;
+    }
     planner::ProfileOptions po;
     po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
-    const planner::Profile server_profile = planner::profile_model(*model_, po);
+    // A model of its own: profiling takes SGD steps, which must not move the weights training starts from.
+    const planner::Profile server_profile = planner::profile_model(cfg_.model, model_->options(), po);
     cluster_ = planner::make_cluster(profiles[0], slots_.size(),
                                      {net_.uplink_mbps, net_.downlink_mbps, net_.latency_ms / 1e3, 0}, cfg_.batch_size);
     cluster_.device_profiles = profiles;
@@ -640,15 +654,33 @@ class ServerRunner {
     cluster_.server_profile = server_profile;
     search_options_.mode = planner::parse_mode(cfg_.mode);
     search_options_.per_device_split = false;  // the runtime cuts every device at one block
-    if (cfg_.split > 0) search_options_.splits = {cfg_.split};
-    if (cfg_.micro_batches > 0) search_options_.micro_batches = {cfg_.micro_batches};
-    // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.
-    const planner::SearchResult r = planner::search(planner::CostModel(cluster_), search_options_);
-    plan_ = r.best;
-    apply_plan(plan_);
-    say(detail::concat("planner (", now_seconds() - t0, " s, ", r.evaluated, " plans scored): ", plan_.describe()));
-    for (size_t i = 1; i < r.ranked.size() && i < 4; ++i) say("  runner-up: " + r.ranked[i].describe());
+    const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
+                                                 server_profile.seconds, " s");
+    if (auto_plan_) {
+      if (cfg_.split > 0) search_options_.splits = {cfg_.split};
+      if (cfg_.micro_batches > 0) search_options_.micro_batches = {cfg_.micro_batches};
+      // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.
+      const planner::SearchResult r = planner::search(planner::CostModel(cluster_), search_options_);
+      plan_ = r.best;
+      apply_plan(plan_);
+      say(detail::concat("planner (", now_seconds() - t0, " s, ", r.evaluated, " plans scored; ", profiling, "): ",
+                         plan_.describe()));
+      for (size_t i = 1; i < r.ranked.size() && i < 4; ++i) say("  runner-up: " + r.ranked[i].describe());
+    } else {
+      // The plan as given (exactly the score the search gives it); the runtime never re-plans it.
+      try {
+        plan_ = planner::evaluate_plan(planner::CostModel(cluster_), search_options_.mode,
+                                       std::vector<int>(slots_.size(), static_cast<int>(split_)), cfg_.micro_batches);
+      } catch (const Error& e) {
+        say(std::string("the cost model cannot score the fixed plan (") + e.what() + "): its round time is not predicted");
+        return;
+      }
+      say(detail::concat("fixed plan scored by the cost model (", now_seconds() - t0, " s; ", profiling,
+                         "): ", plan_.describe()));
+    }
     predicted_round_s_ = plan_.round_s;
+    first_plan_ = plan_;
+    predicted_ = true;
   }
 
   void apply_plan(const planner::Plan& p) {
@@ -960,7 +992,7 @@ class ServerRunner {
       line["micro_batches"] = cfg_.micro_batches;
       line["uplink_mbps"] = uplink_for_round(r);
     }
-    if (auto_plan_) line["predicted_round_seconds"] = predicted_round_s_;
+    if (predicted_) line["predicted_round_seconds"] = predicted_round_s_;  // the cost model's, for this round's plan
     if (epsilon >= 0) line["epsilon"] = epsilon;
     int finished = 0;
     for (const DeviceSlot& s : slots_) finished += s.in_round && s.done;
@@ -1020,6 +1052,10 @@ class ServerRunner {
     s["epochs_completed"] = result_.epochs.size();
     s["threads"] = kernels::num_threads();
     s["params"] = model_->param_count();
+    if (predicted_) {  // the first round's plan as the cost model scored it (chosen or fixed)
+      s["predicted_round_seconds"] = first_plan_.round_s;
+      s["predicted_plan"] = json::parse(first_plan_.to_json());
+    }
     if (auto_plan_) {
       s["plan"] = json::parse(plan_.to_json());
       s["replans"] = replans_;
@@ -1047,6 +1083,8 @@ class ServerRunner {
   int first_round_ = 0;
   planner::Cluster cluster_;
   planner::Plan plan_;
+  planner::Plan first_plan_;  // the first round's, as predicted
+  bool predicted_ = false;    // plan_ has a predicted round time (split modes with device profiles)
   planner::SearchOptions search_options_;
   double predicted_round_s_ = 0;
   std::vector<json> replans_;

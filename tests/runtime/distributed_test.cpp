@@ -1,6 +1,6 @@
 // The distributed modes end to end on loopback, server and devices as threads of this process: every
 // mode trains; pipar equals sfl on a model without batch-norm; a device that vanishes mid-round or a
-// peer that sends garbage does not stop the run.
+// peer that sends garbage does not stop the run; every split-mode round has a predicted time.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -144,6 +144,40 @@ TEST(Distributed, VanishingDeviceAndGarbageDoNotStopTheRun) {
   std::getline(f, line);
   const auto m = nlohmann::json::parse(line);
   EXPECT_EQ(m["devices_finished"], 2);
+}
+
+// The cost model's predicted round time is reported next to the measured one whether the planner
+// chose the plan or it was given; a given plan is scored as it is and never re-planned.
+TEST(Distributed, PredictedRoundTimeForFixedAndChosenPlans) {
+  for (const bool fixed : {true, false}) {
+    TrainConfig c = small_config("pipar", fixed ? "predict_fixed" : "predict_auto");
+    c.epochs = 2;
+    if (!fixed) c.split = c.micro_batches = -1;
+    run_cluster(c, fast_net(), 2);
+    const auto s = summary(c.out_dir);
+    ASSERT_TRUE(s.contains("predicted_round_seconds")) << fixed;
+    EXPECT_GT(s["predicted_round_seconds"].get<double>(), 0) << fixed;
+    ASSERT_TRUE(s.contains("predicted_plan")) << fixed;
+    EXPECT_EQ(s["predicted_plan"]["round_s"], s["predicted_round_seconds"]);
+    if (fixed) {
+      EXPECT_EQ(s["predicted_plan"]["split"], nlohmann::json::array({2, 2}));
+      EXPECT_EQ(s["predicted_plan"]["micro_batches"], 3);
+      EXPECT_FALSE(s.contains("replans"));  // the plan was given: no re-planning
+    } else {
+      EXPECT_TRUE(s.contains("plan"));
+    }
+    std::ifstream f(c.out_dir + "/metrics.jsonl");
+    int rounds = 0;
+    for (std::string line; std::getline(f, line); ++rounds) {
+      const auto m = nlohmann::json::parse(line);
+      ASSERT_TRUE(m.contains("predicted_round_seconds")) << fixed << " round " << rounds;
+      EXPECT_GT(m["predicted_round_seconds"].get<double>(), 0);
+      if (fixed) {
+        EXPECT_EQ(m["predicted_round_seconds"], s["predicted_round_seconds"]);
+      }
+    }
+    EXPECT_EQ(rounds, 2);
+  }
 }
 
 TEST(Distributed, ServerResumesFromItsLastRound) {
