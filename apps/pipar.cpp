@@ -274,6 +274,9 @@ int main(int argc, char** argv) {
     a->add_option("--epochs", cfg.epochs, "Epochs")->capture_default_str()->check(CLI::PositiveNumber);
     a->add_option("--batch-size", cfg.batch_size, "Batch size")->capture_default_str()->check(CLI::Range(2, 1 << 20));
     a->add_option("--lr", cfg.lr, "SGD learning rate")->capture_default_str();
+    a->add_option("--lr-schedule", cfg.lr_schedule, "Learning rate over the run: constant, or cosine (decays to 0 at the last step)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"constant", "cosine"}));
     a->add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str();
     a->add_option("--weight-decay", cfg.weight_decay, "SGD weight decay")->capture_default_str();
     a->add_option("--threads", cfg.threads, "CPU threads of this process: local trainer or server (0: all cores)")->capture_default_str();

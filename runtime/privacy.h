@@ -76,6 +76,7 @@ class DpSgdPart {
   void backward(int micro, const Tensor& grad, int64_t batch_size);
   void finish(int64_t batch_size) { dp_.finish(batch_size); }  // noised mean gradient into the params
   void step(int64_t batch_size);  // finish, SGD step, zero the gradients
+  void set_lr(float lr) { opt_.params().lr = lr; }  // for the next step (learning-rate schedules)
   size_t in_flight() const { return tapes_.size(); }
   void reset() { tapes_.clear(); }
   const std::vector<float>& last_norms() const { return norms_; }  // unclipped norms of the last backward

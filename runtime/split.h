@@ -20,6 +20,7 @@ class DevicePart {
   // Backward of micro-batch `micro` with the gradient of its cut activation; accumulates gradients.
   void backward(int micro, const Tensor& grad);
   void step();  // SGD step, then zero the gradients
+  void set_lr(float lr) { opt_.params().lr = lr; }  // for the next step (learning-rate schedules)
   size_t in_flight() const { return tapes_.size(); }
   void reset() { tapes_.clear(); }  // drop micro-batches whose gradients will never come
 
@@ -42,6 +43,7 @@ class ServerPart {
   // Forward, loss and backward of one micro-batch; batch_size is the whole batch's sample count.
   Result train_micro(const Tensor& activation, const Tensor& labels, int64_t batch_size);
   void step();
+  void set_lr(float lr) { opt_.params().lr = lr; }  // for the next step (learning-rate schedules)
   Model& model() { return m_; }
 
  private:

@@ -1,6 +1,9 @@
 // The local training mode and the run outputs every mode shares.
 #include "runtime/trainer.h"
 
+#include <algorithm>
+#include <cmath>
+#include <numbers>
 #include <chrono>
 #include <ctime>
 #include <filesystem>
@@ -98,6 +101,15 @@ LossStats evaluate(Model& model, const data::Dataset& ds, int batch_size, const 
   return total;
 }
 
+float scheduled_lr(const TrainConfig& c, int64_t step, int64_t total_steps) {
+  if (c.lr_schedule == "constant") return c.lr;
+  if (c.lr_schedule == "cosine") {
+    const double t = total_steps > 0 ? std::clamp(static_cast<double>(step) / static_cast<double>(total_steps), 0.0, 1.0) : 0.0;
+    return static_cast<float>(c.lr * 0.5 * (1.0 + std::cos(std::numbers::pi * t)));
+  }
+  throw Error("unknown learning-rate schedule '" + c.lr_schedule + "' (constant or cosine)");
+}
+
 namespace {
 
 nlohmann::json epoch_json(const EpochMetrics& m) {
@@ -115,7 +127,7 @@ nlohmann::json epoch_json(const EpochMetrics& m) {
 nlohmann::json config_json(const TrainConfig& c) {
   return {{"mode", c.mode},       {"model", c.model},       {"dataset", c.dataset},
           {"norm", c.norm},       {"epochs", c.epochs},     {"batch_size", c.batch_size},
-          {"lr", c.lr},           {"momentum", c.momentum}, {"weight_decay", c.weight_decay},
+          {"lr", c.lr},           {"lr_schedule", c.lr_schedule}, {"momentum", c.momentum}, {"weight_decay", c.weight_decay},
           {"seed", c.seed},       {"devices", c.devices},   {"split", c.split},
           {"micro_batches", c.micro_batches}};
 }
@@ -137,6 +149,7 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   if (cfg.epochs < 1) throw Error("--epochs must be at least 1");
   if (cfg.batch_size < 2) throw Error("--batch-size must be at least 2 (batch-norm needs two samples)");
   if (cfg.norm != "batch" && cfg.norm != "none") throw Error("--norm must be batch or none, got '" + cfg.norm + "'");
+  scheduled_lr(cfg, 0, 1);  // an unknown schedule fails here, before any work
   kernels::set_num_threads(cfg.threads);
   const Device device = resolve_backend(cfg.backend);
   {
@@ -243,6 +256,7 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
         Context bctx = ctx;
         bctx.input_grad = false;  // nothing consumes the gradient of the images
         model->backward(dlogits, tape, bctx);
+        opt.params().lr = scheduled_lr(cfg, epoch * batches + b, cfg.epochs * batches);
         opt.step(params, ctx.stream);
         if (progress)
           progress->on_batch(epoch + 1, cfg.epochs, b + 1, batches, running.count,

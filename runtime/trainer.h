@@ -21,6 +21,9 @@ struct TrainConfig {
   int epochs = 2;
   int batch_size = 100;
   float lr = 0.01f;
+  // Learning rate over the run: "constant" (lr at every step) or "cosine" (lr * (1 + cos(pi t / T)) / 2
+  // at step t of T, every mode alike: one step per batch).
+  std::string lr_schedule = "constant";
   float momentum = 0.9f;
   float weight_decay = 0.0f;
   int threads = 0;  // 0 = all cores
@@ -76,6 +79,10 @@ std::atomic<bool>& stop_requested();
 
 // Evaluates a model (inference mode) on a whole data set in batches.
 LossStats evaluate(Model& model, const data::Dataset& ds, int batch_size, const Context& ctx);
+
+// The learning rate of optimizer step `step` (0-based) of `total_steps` under c.lr_schedule; an
+// unknown schedule is an error naming it.
+float scheduled_lr(const TrainConfig& c, int64_t step, int64_t total_steps);
 
 // Resolves "auto"/"cpu"/"cuda" against this build and machine; a clear error for cuda where none is.
 Device resolve_backend(const std::string& backend);

@@ -46,6 +46,7 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"epochs", c.epochs},
           {"batch_size", c.batch_size},
           {"lr", c.lr},
+          {"lr_schedule", c.lr_schedule},
           {"momentum", c.momentum},
           {"weight_decay", c.weight_decay},
           {"seed", c.seed},
@@ -76,6 +77,7 @@ TrainConfig config_from_json(const json& j) {
   c.epochs = j.at("epochs");
   c.batch_size = j.at("batch_size");
   c.lr = j.at("lr");
+  c.lr_schedule = j.value("lr_schedule", "constant");
   c.momentum = j.at("momentum");
   c.weight_decay = j.at("weight_decay");
   c.seed = j.at("seed");
@@ -375,8 +377,9 @@ class DeviceRunner {
         ++got;
       }
       const double t0 = now_seconds();
-      if (dp_part_) dp_part_->step(len);
-      else device_part_->step();
+      const float lr = scheduled_lr(cfg_, plan.round * batch_count(n, bs) + b, cfg_.epochs * batch_count(n, bs));
+      if (dp_part_) dp_part_->set_lr(lr), dp_part_->step(len);
+      else device_part_->set_lr(lr), device_part_->step();
       trace("step", t0, now_seconds());
       stats.count += len;
     }
@@ -409,6 +412,7 @@ class DeviceRunner {
       Context bctx = ctx;
       bctx.input_grad = false;
       model_->backward(dlogits, tape, bctx);
+      local_opt_->params().lr = scheduled_lr(cfg_, plan.round * batch_count(n, bs) + b, cfg_.epochs * batch_count(n, bs));
       local_opt_->step(params);
       trace("train", t0, now_seconds());
     }
@@ -842,6 +846,8 @@ class ServerRunner {
     g.round = r, g.batch = a.batch, g.micro_batch = a.micro_batch, g.device = s.id, g.samples = a.samples;
     g.data = res.grad;
     if (++s.micro_done[a.batch] == micros) {
+      const int64_t batches = batch_count(s.samples, cfg_.batch_size);
+      owner.server_part->set_lr(scheduled_lr(cfg_, r * batches + a.batch, cfg_.epochs * batches));
       owner.server_part->step();
       s.micro_done.erase(a.batch);
     }
@@ -1094,6 +1100,7 @@ class ServerRunner {
 
 TrainResult run_server(const TrainConfig& cfg, const NetConfig& net, ProgressSink* progress,
                        const std::function<void(const std::string&)>& on_bound) {
+  scheduled_lr(cfg, 0, 1);  // an unknown learning-rate schedule fails before devices are waited for
   ServerRunner runner(cfg, net, progress);
   if (on_bound) on_bound(runner.endpoint());
   return runner.run();

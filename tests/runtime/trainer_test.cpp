@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -89,12 +90,42 @@ TEST(Trainer, ResumesFromCheckpoint) {
   EXPECT_EQ(read_json(c.out_dir + "/summary.json")["epochs_completed"], 2);
 }
 
+// Cosine: lr at step 0, lr/2 halfway, 0 at the end, never above lr; constant: lr throughout (exact
+// float comparisons where the formula is exact, 1e-7 relative elsewhere).
+TEST(Trainer, LearningRateSchedules) {
+  TrainConfig c;
+  c.lr = 0.02f;
+  for (int64_t t : {0, 7, 99}) EXPECT_EQ(scheduled_lr(c, t, 100), 0.02f);
+  c.lr_schedule = "cosine";
+  EXPECT_EQ(scheduled_lr(c, 0, 100), 0.02f);
+  EXPECT_NEAR(scheduled_lr(c, 50, 100), 0.01f, 1e-9);
+  EXPECT_NEAR(scheduled_lr(c, 100, 100), 0.0f, 1e-9);
+  float prev = 1;
+  for (int64_t t = 0; t <= 100; ++t) {
+    const float lr = scheduled_lr(c, t, 100);
+    EXPECT_LE(lr, prev) << t;
+    EXPECT_GE(lr, 0.0f) << t;
+    prev = lr;
+  }
+  EXPECT_NEAR(scheduled_lr(c, 25, 100), 0.02 * 0.5 * (1 + std::cos(M_PI / 4)), 0.02 * 1e-7);
+  c.lr_schedule = "step";
+  try {
+    scheduled_lr(c, 0, 1);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'step'"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Trainer, BadConfigurationsGiveClearErrors) {
   TrainConfig c;
   c.dataset = "synthetic";
   c.limit_train = 100;
   c.limit_test = 10;
   c.out_dir = temp_dir("bad");
+  c.lr_schedule = "linear";
+  EXPECT_THROW(train_local(c), Error);
+  c.lr_schedule = "constant";
   c.model = "nosuchnet";
   EXPECT_THROW(train_local(c), Error);
   c.model = "vgg5";
