@@ -11,6 +11,7 @@
 
 #include "kernels/conv_geometry.h"
 #include "kernels/cpu/cpu_parallel.h"
+#include "kernels/cpu/conv_small.h"
 #include "kernels/cpu/gemm_internal.h"
 #include "kernels/ops.h"
 #include "kernels/parallel.h"
@@ -604,6 +605,11 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
     depthwise_forward(g, x.data, w.data, b.data, y.data);
     return;
   }
+  // Few taps (<= 27: 1-3 input channels, 3x3): y written once, bias fused (conv_small.cpp).
+  if (small_taps_applies(g)) {
+    conv2d_forward_small_taps(g, x.data, w.data, b.data, y.data);
+    return;
+  }
   const int threads = conv_threads(g);
   if (direct_applies(g, g.kg)) {
     const int64_t kp = round16(g.kg);
@@ -683,6 +689,10 @@ void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, Vi
   const ConvGeom g = conv_geometry(p, x.shape, dy.shape);
   if (g.depthwise()) {
     depthwise_backward_weight(g, x.data, dy.data, dw.data);
+    return;
+  }
+  if (small_taps_applies(g)) {
+    conv2d_backward_weight_small_taps(g, x.data, dy.data, dw.data);
     return;
   }
   const int threads = conv_threads(g);

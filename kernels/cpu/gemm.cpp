@@ -82,6 +82,7 @@ MicroKernel select_micro_kernel() {
 IndirectKernel select_indirect_kernel(int nv) {
 #if PIPAR_X86
   if (cpu_isa() == Isa::kAvx512) return indirect_kernel_avx512(nv);
+  if (cpu_isa() == Isa::kAvx2) return indirect_kernel_avx2(nv);
 #endif
   (void)nv;
   return {};
@@ -90,6 +91,7 @@ IndirectKernel select_indirect_kernel(int nv) {
 void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
 #if PIPAR_X86
   if (cpu_isa() == Isa::kAvx512) return transpose_avx512(rows, cols, src, lds, dst, ldd, bias);
+  if (cpu_isa() == Isa::kAvx2) return transpose_avx2(rows, cols, src, lds, dst, ldd, bias);
 #endif
   for (int64_t j = 0; j < cols; ++j) {
     const float b = bias ? bias[j] : 0.0f;

@@ -3,6 +3,8 @@
 // loads and one A broadcast per row per k step.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels/cpu/gemm_internal.h"
 
 namespace pipar::kernels::cpu::detail {
@@ -69,7 +71,103 @@ void dot_kernel_avx2_impl(int64_t len, const float* const* a, const float* const
   }
 }
 
+// The indirect kernel (gemm_internal.h) in 16 ymm: mr = 6 rows × one 16-channel vector (two ymm) at a
+// time, 12 accumulators + 2 B loads + 1 broadcast; the nv vectors of a call are done one after the
+// other, each over all steps (the steps and A values are re-read from L1, the B rows are not).
+template <int kMr>
+void indirect_kernel_avx2_impl(int nv, int64_t steps, const int64_t* off, const float* const* a, const float* b,
+                               float* out, int64_t ldo) {
+  const float* rows[kMr];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMr; ++r) rows[r] = a[r];
+  for (int v = 0; v < nv; ++v) {
+    __m256 acc[kMr][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < kMr; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const float* bv0 = b + 16 * v;
+    for (int64_t q = 0; q < steps; ++q) {
+      const int64_t o = off[2 * q];
+      const float* brow = bv0 + off[2 * q + 1];
+      const __m256 b0 = _mm256_loadu_ps(brow), b1 = _mm256_loadu_ps(brow + 8);
+#pragma GCC unroll 8
+      for (int r = 0; r < kMr; ++r) {
+        const __m256 av = _mm256_broadcast_ss(rows[r] + o);
+        acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < kMr; ++r) {
+      _mm256_storeu_ps(out + r * ldo + 16 * v, acc[r][0]);
+      _mm256_storeu_ps(out + r * ldo + 16 * v + 8, acc[r][1]);
+    }
+  }
+}
+
+template <int kNv>
+void indirect_kernel_avx2_nv(int64_t steps, const int64_t* off, const float* const* a, const float* b, float* out,
+                             int64_t ldo) {
+  indirect_kernel_avx2_impl<6>(kNv, steps, off, a, b, out, ldo);
+}
+
+// One 8 × 8 block (rows, cols <= 8; partial blocks through a zeroed stack copy): unpack, 64-bit
+// shuffles, then 128-bit permutes.
+void transpose_block8(int rows, int cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
+  __m256 r[8], t[8];
+  if (rows == 8 && cols == 8) {
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  } else {
+    alignas(32) float tmp[8][8] = {};
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < cols; ++j) tmp[i][j] = src[i * lds + j];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(tmp[i]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+#pragma GCC unroll 2
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+  if (rows == 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j)
+      if (j < cols) _mm256_storeu_ps(dst + j * ldd, bias ? _mm256_add_ps(t[j], _mm256_set1_ps(bias[j])) : t[j]);
+  } else {
+    alignas(32) float tmp[8];
+    for (int j = 0; j < cols; ++j) {
+      _mm256_store_ps(tmp, t[j]);
+      const float add = bias ? bias[j] : 0.0f;
+      for (int i = 0; i < rows; ++i) dst[j * ldd + i] = tmp[i] + add;
+    }
+  }
+}
+
 }  // namespace
+
+IndirectKernel indirect_kernel_avx2(int nv) {
+  switch (nv) {
+    case 1: return {6, 1, &indirect_kernel_avx2_nv<1>};
+    case 2: return {6, 2, &indirect_kernel_avx2_nv<2>};
+    case 3: return {6, 3, &indirect_kernel_avx2_nv<3>};
+    default: return {6, 4, &indirect_kernel_avx2_nv<4>};
+  }
+}
+
+void transpose_avx2(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd,
+                    const float* bias) {
+  for (int64_t j0 = 0; j0 < cols; j0 += 8)
+    for (int64_t i0 = 0; i0 < rows; i0 += 8)
+      transpose_block8(static_cast<int>(std::min<int64_t>(8, rows - i0)), static_cast<int>(std::min<int64_t>(8, cols - j0)),
+                       src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd, bias ? bias + j0 : nullptr);
+}
 
 DotKernel dot_kernel_avx2() { return {8, &dot_kernel_avx2_impl}; }
 

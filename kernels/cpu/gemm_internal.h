@@ -55,7 +55,7 @@ void gemm_nt_accumulate(int64_t m, int64_t n, int64_t len, const float* a, int64
 // by all rows (output pixels at a convolution's tap offsets, or taps at pixel offsets), so the image is
 // read in place, without im2col; B rows (weights or dy, channels last) are vectors, also picked by
 // offset, so that a step list can leave out taps (those in the zero padding for a class of pixels).
-// AVX-512 only: fn is null elsewhere and callers keep the GEMM path.
+// AVX-512 and AVX2 only: fn is null elsewhere and callers keep the GEMM path.
 using IndirectKernelFn = void (*)(int64_t steps, const int64_t* off, const float* const* a, const float* b,
                                   float* out, int64_t ldo);
 struct IndirectKernel {
@@ -63,14 +63,18 @@ struct IndirectKernel {
   IndirectKernelFn fn = nullptr;
 };
 #if PIPAR_X86
+IndirectKernel indirect_kernel_avx2(int nv);    // nv in 1..4 vectors of 16 channels; mr 6 (gemm_avx2.cpp)
+// transpose() in 8 × 8 register blocks.
+void transpose_avx2(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd,
+                    const float* bias);
 IndirectKernel indirect_kernel_avx512(int nv);  // nv in 1..4 vectors of 16 channels
 // transpose() in 16 × 16 register blocks.
 void transpose_avx512(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd,
                       const float* bias);
 #endif
-IndirectKernel select_indirect_kernel(int nv);  // by cpu_isa(); fn null unless AVX-512
-// dst[j·ldd + i] = src[i·lds + j] (+ bias[j] when bias is not null) for i < rows, j < cols: AVX-512
-// blocks where available, a plain loop elsewhere.
+IndirectKernel select_indirect_kernel(int nv);  // by cpu_isa(); fn null on the portable build
+// dst[j·ldd + i] = src[i·lds + j] (+ bias[j] when bias is not null) for i < rows, j < cols: AVX-512 or
+// AVX2 blocks where available, a plain loop elsewhere.
 void transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias);
 
 // --- scratch ----------------------------------------------------------------------------------------
