@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <sstream>
 
@@ -322,6 +323,10 @@ int main(int argc, char** argv) {
   server->add_flag("--insecure", server_sec.insecure, "Plain links: no authentication, no encryption");
   add_train_options(server);
   add_net(server);
+  bool resume = false;
+  server->add_flag("--resume", resume,
+                   "Go on from --out's server.ckpt (written after every round) when there is one: restart a killed server "
+                   "with the same options and --resume; its devices reconnect by themselves");
 
   DeviceOptions dev_opts;
   auto* device = app.add_subcommand("device", "Run one device of a distributed run");
@@ -329,7 +334,11 @@ int main(int argc, char** argv) {
   device->add_option("--id", dev_opts.id, "Device id, 0..devices-1")->required();
   device->add_option("--threads", dev_opts.threads, "CPU threads")->capture_default_str();
   device->add_option("--data-dir", dev_opts.data_dir, "Data directory on this device");
-  device->add_option("--timeout", dev_opts.timeout_s, "Seconds of server silence before giving up")->capture_default_str();
+  device->add_option("--timeout", dev_opts.timeout_s, "Seconds of server silence before it counts as gone")->capture_default_str();
+  device->add_option("--reconnect", dev_opts.reconnect_s,
+                     "Seconds to keep looking for a gone server (back-off 1, 2, 4 .. 30 s) before giving up; 0: give up at once")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   device->add_option("--keys", device_sec.keys, "This device's CURVE key pair (NAME.key from pipar keygen)");
   device->add_option("--server-key", device_sec.server_key, "The server's public key (its NAME.pub, or the key itself)");
   device->add_flag("--insecure", device_sec.insecure, "Plain links: no authentication, no encryption");
@@ -384,6 +393,13 @@ int main(int argc, char** argv) {
       return run_device(dev_opts);
     }
     if (*server) net.security = server_security(server_sec);
+    if (*server && resume) {
+      if (cfg.out_dir.empty()) throw Error("--resume needs --out: the directory whose server.ckpt to go on from");
+      if (!cfg.load_path.empty()) throw Error("--resume and --load both name a checkpoint: give one");
+      const std::string ckpt = cfg.out_dir + "/server.ckpt";
+      if (std::filesystem::exists(ckpt)) cfg.load_path = ckpt;
+      else std::fprintf(stderr, "--resume: no %s yet (no round finished): starting from the first round\n", ckpt.c_str());
+    }
     if ((cfg.dp_clip > 0 || cfg.dp_sgd) && cfg.mode != "sl" && cfg.mode != "sfl" && cfg.mode != "pipar")
       throw Error("--dp-clip/--dp-sgd apply to --mode sl, sfl or pipar");
     if (cfg.dp_sgd && (cfg.dp_clip <= 0 || cfg.norm != "none" || cfg.model.rfind("vgg", 0) != 0))

@@ -2,6 +2,7 @@
 #include "runtime/modes/distributed.h"
 
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -162,18 +163,56 @@ double seconds_of(tp::Clock::time_point t) { return std::chrono::duration<double
 
 class DeviceRunner {
  public:
-  explicit DeviceRunner(const DeviceOptions& o) : o_(o), link_(o.connect, o.id, link_options()) {}
+  explicit DeviceRunner(const DeviceOptions& o)
+      : o_(o), link_(std::make_unique<tp::DeviceLink>(o.connect, o.id, link_options())) {}
 
+  // Sessions with the server until it says training is finished. A server that goes away (silent for
+  // timeout_s: killed, restarting, network down) is looked for again on a fresh link (messages queued
+  // for the old server are dropped) after back-off waits, for up to reconnect_s; the device keeps its
+  // data, model and optimizer state, and a restarted server (--resume) takes it into its next round.
   int run() {
+    double gone_since = -1;
+    for (int attempt = 0;; ++attempt) {
+      try {
+        return session([&] { gone_since = -1, attempt = 0; });
+      } catch (const ServerGone& e) {
+        const double now = now_seconds();
+        if (gone_since < 0) gone_since = now - o_.timeout_s;
+        const double waited = now - gone_since;
+        if (waited + 1 > o_.reconnect_s)
+          throw Error(detail::concat(e.what(), "; gave up after ", static_cast<int>(waited),
+                                     " s (--reconnect; restart this device to rejoin)"));
+        const double backoff = std::min({30.0, static_cast<double>(1 << std::min(attempt, 5)), o_.reconnect_s - waited});
+        log(detail::concat(e.what(), "; reconnecting in ", backoff, " s"));
+        if (device_part_) device_part_->reset();  // gradients for these micro-batches will never come
+        if (dp_part_) dp_part_->reset();
+        if (model_) Sgd::zero_grad(model_->params());  // nor will the step of the batch they began
+        link_.reset();
+        std::this_thread::sleep_for(std::chrono::duration<double>(backoff));  // back-off, not work
+        link_ = std::make_unique<tp::DeviceLink>(o_.connect, o_.id, link_options());
+      }
+    }
+  }
+
+ private:
+  // The server fell silent: worth reconnecting to (unlike an error it reported).
+  struct ServerGone : Error {
+    using Error::Error;
+  };
+
+  // One connection: hello, then the server's plans until the finished one (returns 0). on_message is
+  // called whenever the server is heard from.
+  int session(const std::function<void()>& heard) {
     tp::Hello hello;
     hello.device = o_.id;
     hello.capabilities = std::string("cpu,") + kernels::isa_name(kernels::cpu_isa());
-    link_.send(hello);
+    link_->send(hello);
     while (true) {
       tp::Message m = next();
+      heard();
       if (auto* plan = std::get_if<tp::Plan>(&m)) {
         if (plan->finished) {
-          link_.flush(ms(5000));
+          link_->flush(ms(5000));
           return 0;
         }
         if (plan->round < 0) {
@@ -185,7 +224,7 @@ class DeviceRunner {
           ready.capabilities = hello.capabilities;
           ready.data_size = static_cast<int64_t>(part_.size());
           ready.profile = profile_;
-          link_.send(ready);
+          link_->send(ready);
           continue;
         }
         round(*plan);
@@ -197,7 +236,6 @@ class DeviceRunner {
     }
   }
 
- private:
   tp::LinkOptions link_options() {
     tp::LinkOptions lo;
     lo.heartbeat_interval = ms(1000);
@@ -216,7 +254,7 @@ class DeviceRunner {
     std::chrono::steady_clock::time_point deadline;
     deadline_from_now(deadline);
     while (std::chrono::steady_clock::now() < deadline) {
-      auto r = link_.recv(ms(200));
+      auto r = link_->recv(ms(200));
       if (!r) continue;
       if (!r->ok()) {
         log("dropping a malformed message from the server: " + r->error());
@@ -228,8 +266,7 @@ class DeviceRunner {
       }
       return std::move(r->value());
     }
-    throw Error(detail::concat("device ", o_.id, ": no message from the server for ", o_.timeout_s,
-                               " s (it has gone; restart this device to rejoin)"));
+    throw ServerGone(detail::concat("no message from the server for ", o_.timeout_s, " s"));
   }
 
   void setup(const tp::Plan& plan) {
@@ -270,7 +307,7 @@ class DeviceRunner {
         dp_part_ = std::make_unique<DpSgdPart>(*model_, split_, sgd_, cfg_.dp_clip, cfg_.dp_sigma, hash64(dp_secret_, 1));
     }
     for (const auto& d : plan.devices)
-      if (d.device == o_.id) link_.set_shape({d.uplink_mbps, cfg_latency(plan)});
+      if (d.device == o_.id) link_->set_shape({d.uplink_mbps, cfg_latency(plan)});
     // The round's starting weights.
     tp::Message m = next();
     auto* w = std::get_if<tp::Weights>(&m);
@@ -279,7 +316,7 @@ class DeviceRunner {
     load_state(*model_, unpack_state(*model_, b0, b1, *w), b0, b1);
 
     events_.clear();
-    link_.take_transfers();
+    link_->take_transfers();
     LossStats stats;
     const double t0 = now_seconds();
     if (is_split_mode(cfg_.mode)) split_round(plan, stats);
@@ -293,9 +330,9 @@ class DeviceRunner {
     out.samples = static_cast<int64_t>(part_.size());
     const auto [c0, c1] = part_range(out.part, *model_, split_);
     out.tensors = named_state(*model_, c0, c1);
-    link_.send(out);
-    link_.flush(ms(600000));
-    for (const auto& t : link_.take_transfers())
+    link_->send(out);
+    link_->flush(ms(600000));
+    for (const auto& t : link_->take_transfers())
       if (t.ok && t.type != tp::MessageType::kHeartbeat)
         events_.push_back({"device " + std::to_string(o_.id) + " uplink", tp::message_type_name(t.type),
                            seconds_of(t.started), seconds_of(t.finished)});
@@ -308,7 +345,7 @@ class DeviceRunner {
     end.stats["round_seconds"] = t1 - t0;
     if (cfg_.dp_clip > 0 && cfg_.dp_sigma > 0) end.stats["epsilon"] = privacy_.epsilon(cfg_.dp_delta);  // differential privacy
     end.details = events_to_json(events_);
-    link_.send(end);
+    link_->send(end);
   }
 
   double cfg_latency(const tp::Plan& plan) const {
@@ -356,7 +393,7 @@ class DeviceRunner {
         a.round = plan.round, a.batch = static_cast<int32_t>(b), a.micro_batch = static_cast<int32_t>(m);
         a.device = o_.id, a.samples = static_cast<int32_t>(sizes[m]);
         a.labels = y;
-        link_.send(a);  // asynchronous: the next forward overlaps this upload
+        link_->send(a);  // asynchronous: the next forward overlaps this upload
       }
       for (size_t got = 0; got < sizes.size();) {
         tp::Message msg = next();
@@ -419,7 +456,7 @@ class DeviceRunner {
   }
 
   DeviceOptions o_;
-  tp::DeviceLink link_;
+  std::unique_ptr<tp::DeviceLink> link_;
   TrainConfig cfg_;
   data::Dataset train_;
   std::vector<int64_t> part_;
@@ -488,7 +525,8 @@ class ServerRunner {
       slots_[d].samples = static_cast<int64_t>(parts[d].size());
     }
     result_.out_dir = prepare_out_dir(cfg_.out_dir);
-    metrics_.open(result_.out_dir + "/metrics.jsonl");
+    // A resumed run adds its rounds to those already recorded.
+    metrics_.open(result_.out_dir + "/metrics.jsonl", first_round_ > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics_) throw IoError("cannot write " + result_.out_dir + "/metrics.jsonl");
     say(detail::concat(cfg_.mode, " training: ", model_->name(), " (", model_->num_blocks(), " blocks",
                        !split_mode() ? std::string() : auto_plan_ ? std::string(", split chosen by the planner")
@@ -911,8 +949,8 @@ class ServerRunner {
     aggregate();
     const double t1 = now_seconds();
     trace_.add("server", "aggregate", t_agg, t1);
+    save_round(r);  // first: a metrics line then always has its checkpoint, and a resume never redoes a round
     record_round(r, t0, t1, stats0);
-    save_round(r);
     maybe_replan(t0, t1);
   }
 
@@ -1121,12 +1159,14 @@ TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, Prog
   std::vector<pid_t> children;
   auto spawn = [&](const std::string& endpoint) {
     for (int d = 0; d < cfg.devices; ++d) {
-      // Loopback children: plain links, said explicitly.
+      // Loopback children: plain links, said explicitly; their server lives and dies with this process,
+      // so they do not wait for it to come back, and die with it.
       std::vector<std::string> args = {self_exe, "device", "--connect", endpoint, "--id", std::to_string(d),
-                                       "--threads", std::to_string(device_threads), "--insecure"};
+                                       "--threads", std::to_string(device_threads), "--insecure", "--reconnect", "0"};
       const pid_t pid = fork();
       if (pid < 0) throw Error(std::string("fork failed: ") + std::strerror(errno));
       if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
         std::vector<char*> argv;
         for (auto& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);

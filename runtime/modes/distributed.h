@@ -42,7 +42,10 @@ struct DeviceOptions {
   uint32_t id = 0;
   int threads = 1;              // CPU threads of this device
   std::string data_dir;         // overrides the server's data directory on this device
-  double timeout_s = 60;        // server silence (it sends heartbeats every 2 s) before giving up
+  double timeout_s = 60;        // server silence (it sends heartbeats every 2 s) before it counts as gone
+  // A server gone (silent for timeout_s, or restarting) is looked for again on a fresh link, after
+  // back-off waits of 1, 2, 4, ... up to 30 s, for this long in all before the device gives up; 0: at once.
+  double reconnect_s = 600;
   std::optional<transport::Security> security;  // its CURVE key pair and the server's public key
 };
 // Runs one device until the server says training is finished; returns a process exit code.
