@@ -486,7 +486,8 @@ struct DeviceSlot {
   int64_t samples = 0;        // partition size
   std::unique_ptr<Model> replica;  // server part (sfl, pipar)
   std::unique_ptr<ServerPart> server_part;
-  std::map<int64_t, int> micro_done;  // batch → micro-batches served
+  std::map<int64_t, std::vector<char>> micro_done;  // batch → which of its micro-batches were served
+  int rejected = 0;           // its messages rejected this round
   std::optional<tp::Weights> weights;
   std::optional<tp::RoundEnd> end;
   LossStats stats;            // server-side loss of its micro-batches
@@ -600,6 +601,7 @@ class ServerRunner {
   // and built its model (a second hello with its partition size).
   void prepare_devices() {
     std::set<uint32_t> ready;
+    std::string mismatch;
     for (DeviceSlot& s : slots_) {
       server_.send(s.id, make_plan(-1));
       s.last_seen = now_seconds();
@@ -625,13 +627,19 @@ class ServerRunner {
       slots_[*r->device].last_seen = now;
       auto* h = std::get_if<tp::Hello>(&r->message.value());
       if (!h || h->data_size <= 0 || h->device != *r->device) continue;
-      if (h->data_size != slots_[h->device].samples)
-        throw Error(detail::concat("device ", h->device, " holds ", h->data_size, " samples but its partition has ",
-                                   slots_[h->device].samples, ": the devices' data differ from the server's"));
+      if (h->data_size != slots_[h->device].samples) {  // left out, not fatal: one device must not stop the run
+        const std::string why = detail::concat("device ", h->device, " holds ", h->data_size, " samples but its partition has ",
+                                               slots_[h->device].samples, ": its data differ from the server's");
+        server_.send(r->peer, tp::ErrorReply{tp::ErrorCode::kUnexpected, why});
+        say(why + "; going on without it");
+        slots_[h->device].connected = false;
+        mismatch = why;
+        continue;
+      }
       ready.insert(h->device);
       slots_[h->device].profile = h->profile;
     }
-    if (ready.empty()) throw Error("no device got ready");
+    if (ready.empty()) throw Error("no device got ready" + (mismatch.empty() ? std::string() : " (last: " + mismatch + ")"));
   }
 
   // The averaged model after every round, written atomically (temp file, fsync, rename) to
@@ -798,6 +806,7 @@ class ServerRunner {
     s.end.reset();
     s.stats = {};
     s.micro_done.clear();
+    s.rejected = 0;
     s.last_seen = now_seconds();
     server_.send(s.id, make_plan(r));
     tp::Weights w;
@@ -852,10 +861,15 @@ class ServerRunner {
       }
   }
 
-  void reject(const tp::PeerId& peer, const std::string& why) {
+  // Answers a message that breaks the protocol with an error. A device whose messages are rejected
+  // more than kMaxRejects times in a round is dropped from it (it may rejoin the next): otherwise a
+  // broken or hostile device that keeps talking would hold the round open for ever.
+  static constexpr int kMaxRejects = 8;
+  void reject(DeviceSlot& s, const tp::PeerId& peer, const std::string& why) {
     ++bad_messages_;
     say("rejected a message from " + peer + ": " + why);
     server_.send(peer, tp::ErrorReply{tp::ErrorCode::kUnexpected, why});
+    if (s.in_round && ++s.rejected > kMaxRejects) drop(s, detail::concat(s.rejected, " of its messages rejected"));
   }
 
   void handle(DeviceSlot& s, int, tp::Hello&, const tp::PeerId&) {
@@ -864,8 +878,8 @@ class ServerRunner {
   }
 
   void handle(DeviceSlot& s, int r, tp::Activation& a, const tp::PeerId& peer) {
-    if (!split_mode() || !s.in_round || s.done || a.round != r) return reject(peer, detail::concat("unexpected activation for round ", a.round));
-    if (a.batch < 0 || a.batch >= batch_count(s.samples, cfg_.batch_size)) return reject(peer, detail::concat("batch ", a.batch, " out of range"));
+    if (!split_mode() || !s.in_round || s.done || a.round != r) return reject(s, peer, detail::concat("unexpected activation for round ", a.round));
+    if (a.batch < 0 || a.batch >= batch_count(s.samples, cfg_.batch_size)) return reject(s, peer, detail::concat("batch ", a.batch, " out of range"));
     const int64_t len = batch_len(s.samples, cfg_.batch_size, a.batch);
     const int micros = static_cast<int>(std::min<int64_t>(len, cfg_.micro_batches));
     const Shape4 cut = model_->block_out_shape(split_ - 1);
@@ -873,9 +887,13 @@ class ServerRunner {
     if (a.micro_batch < 0 || a.micro_batch >= micros || a.samples != xs.n || xs.n < 1 || xs.n > len || xs.c != cut.c ||
         xs.h != cut.h || xs.w != cut.w || a.data.dtype() != DType::kF32 || !a.labels.defined() ||
         a.labels.dtype() != DType::kI32 || a.labels.numel() != xs.n)
-      return reject(peer, detail::concat("activation ", xs.str(), " does not fit the cut ", cut.str(), " of batch ", a.batch));
+      return reject(s, peer, detail::concat("activation ", xs.str(), " does not fit the cut ", cut.str(), " of batch ", a.batch));
     for (int32_t y : a.labels.to_ivector())
-      if (y < 0 || y >= model_->options().num_classes) return reject(peer, detail::concat("label ", y, " out of range"));
+      if (y < 0 || y >= model_->options().num_classes) return reject(s, peer, detail::concat("label ", y, " out of range"));
+    std::vector<char>& served = s.micro_done[a.batch];
+    served.resize(static_cast<size_t>(micros));
+    if (served[static_cast<size_t>(a.micro_batch)])
+      return reject(s, peer, detail::concat("micro-batch ", a.micro_batch, " of batch ", a.batch, " sent twice"));
     DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;  // sl: one server part, used in turn
     const double t0 = now_seconds();
     ServerPart::Result res = owner.server_part->train_micro(a.data, a.labels.reshape({xs.n, 1, 1, 1}), len);
@@ -883,11 +901,11 @@ class ServerRunner {
     tp::Gradient g;
     g.round = r, g.batch = a.batch, g.micro_batch = a.micro_batch, g.device = s.id, g.samples = a.samples;
     g.data = res.grad;
-    if (++s.micro_done[a.batch] == micros) {
+    served[static_cast<size_t>(a.micro_batch)] = 1;
+    if (std::count(served.begin(), served.end(), 1) == micros) {
       const int64_t batches = batch_count(s.samples, cfg_.batch_size);
       owner.server_part->set_lr(scheduled_lr(cfg_, r * batches + a.batch, cfg_.epochs * batches));
       owner.server_part->step();
-      s.micro_done.erase(a.batch);
     }
     trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch), t0, now_seconds());
     server_.send(s.id, g);
@@ -895,26 +913,25 @@ class ServerRunner {
 
   void handle(DeviceSlot& s, int r, tp::Weights& w, const tp::PeerId& peer) {
     const tp::WeightsPart want = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
-    if (!s.in_round || w.round != r || w.part != want) return reject(peer, "unexpected weights");
+    if (!s.in_round || w.round != r || w.part != want) return reject(s, peer, "unexpected weights");
     try {
       unpack_state(*model_, 0, split_, w);
     } catch (const Error& e) {
-      return reject(peer, e.what());
+      return reject(s, peer, e.what());
     }
     s.weights = std::move(w);
     s.done = s.weights && s.end;
   }
 
   void handle(DeviceSlot& s, int r, tp::RoundEnd& e, const tp::PeerId& peer) {
-    if (!s.in_round || e.round != r) return reject(peer, "unexpected round end");
+    if (!s.in_round || e.round != r) return reject(s, peer, "unexpected round end");
     s.end = std::move(e);
     s.done = s.weights && s.end;
   }
 
   template <class M>
   void handle(DeviceSlot& s, int, M&, const tp::PeerId& peer) {
-    if constexpr (!std::is_same_v<M, tp::Heartbeat>) reject(peer, "unexpected message type");
-    (void)s;
+    if constexpr (!std::is_same_v<M, tp::Heartbeat>) reject(s, peer, "unexpected message type");
   }
 
   void drop(DeviceSlot& s, const std::string& why) {

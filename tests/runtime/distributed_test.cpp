@@ -1,6 +1,7 @@
 // The distributed modes end to end on loopback, server and devices as threads of this process: every
 // mode trains; pipar equals sfl on a model without batch-norm; a device that vanishes mid-round or a
-// peer that sends garbage does not stop the run; every split-mode round has a predicted time.
+// peer that sends garbage does not stop the run, nor does hostile traffic from a device in the round;
+// every split-mode round has a predicted time.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -10,7 +11,11 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "kernels/rng.h"
+#include "runtime/data.h"
+#include "runtime/model.h"
 #include "runtime/modes/distributed.h"
+#include "transport/codec.h"
 #include "transport/link.h"
 
 namespace pipar {
@@ -190,6 +195,112 @@ TEST(Distributed, PredictedRoundTimeForFixedAndChosenPlans) {
     }
     EXPECT_EQ(rounds, 2);
   }
+}
+
+// Device 2 of 3 gets ready (the partition size the server expects) and is sent round 1; then either it
+// falls silent (reference) or it turns hostile: activations of the wrong shape, batches and micro-batches
+// out of range, labels out of range, a micro-batch sent twice, weights of another round, while a
+// stranger sends random bytes, truncated messages and a 65 MiB frame. The server answers errors, stays
+// up, drops device 2 from the round after kMaxRejects, and the run ends exactly as the reference.
+TEST(Distributed, HostileTrafficDuringTrainingLeavesTheRunAsIs) {
+  TrainResult results[2];
+  for (const bool hostile : {false, true}) {
+    SCOPED_TRACE(hostile ? "hostile" : "silent");
+    TrainConfig c = small_config("pipar", hostile ? "hostile" : "hostile_ref");
+    c.devices = 3;
+    c.epochs = 2;
+    NetConfig n = fast_net();
+    n.device_timeout_s = hostile ? 30 : 2;  // the hostile device is never silent: only its rejects drop it
+    const data::Dataset train = data::load_dataset(c.dataset, c.data_dir, true, c.seed, c.limit_train);
+    const int64_t n2 = static_cast<int64_t>(data::partition_iid(train.size(), 3, hash64(c.seed, 77))[2].size());
+    ModelOptions mo;
+    mo.input = train.sample_shape();
+    mo.num_classes = train.num_classes;
+    const Shape4 cut = build_model(c.model, mo)->block_out_shape(static_cast<size_t>(c.split) - 1);
+    std::promise<int> rejected;
+    std::thread actor;
+    const TrainResult r = run_cluster(c, n, 2, [&](const std::string& endpoint) {
+      actor = std::thread([&, endpoint] {
+        transport::DeviceLink d(endpoint, 2);
+        transport::Hello h;
+        h.device = 2;
+        d.send(h);
+        auto next = [&](auto pred) {  // the server's next message matching pred (30 s at most)
+          for (int i = 0; i < 300; ++i)
+            if (auto m = d.recv(std::chrono::milliseconds(100)); m && m->ok() && pred(m->value())) return m->value();
+          return transport::Message{};
+        };
+        next([](const transport::Message& m) { return std::holds_alternative<transport::Plan>(m); });  // set-up
+        h.data_size = n2;
+        d.send(h);  // ready, with the partition the server expects
+        next([](const transport::Message& m) { return std::holds_alternative<transport::Weights>(m); });  // round 1
+        if (!hostile) {
+          rejected.set_value(0);
+          return;  // silent from here on
+        }
+        auto act = [&](Shape4 shape, int batch, int micro, int label) {
+          transport::Activation a;
+          a.round = 0, a.batch = batch, a.micro_batch = micro, a.device = 2, a.samples = static_cast<int32_t>(shape.n);
+          a.data = Tensor::zeros(shape);
+          a.labels = Tensor::empty({shape.n, 1, 1, 1}, Device::kCpu, DType::kI32);
+          for (int64_t i = 0; i < shape.n; ++i) a.labels.idata()[i] = label;
+          d.send(a);
+        };
+        const Shape4 good{9, cut.c, cut.h, cut.w};
+        act({9, cut.c + 1, cut.h, cut.w}, 0, 0, 1);  // wrong shape
+        act(good, 9999, 0, 1);                      // batch out of range
+        act(good, 0, 99, 1);                        // micro-batch out of range
+        act(good, 0, 0, 10);                        // label out of range
+        act(good, 0, 1, 1);                         // accepted: served, a gradient comes back
+        act(good, 0, 1, 1);                         // the same micro-batch again
+        transport::Weights w;
+        w.round = 7, w.device = 2;
+        d.send(w);                                  // weights of another round
+        act({9, cut.c, cut.h + 3, cut.w}, 0, 2, 1);  // wrong shape
+        act(good, -1, 0, 1);                        // negative batch
+        transport::RoundEnd e;
+        e.round = 3, e.device = 2;
+        d.send(e);                                  // the end of another round: the 9th reject, dropped
+        // A stranger: random bytes, a truncated message, a 65 MiB frame (over the 64 MiB envelope limit).
+        zmq::context_t ctx;
+        zmq::socket_t s(ctx, zmq::socket_type::dealer);
+        s.set(zmq::sockopt::routing_id, "stranger");
+        s.set(zmq::sockopt::linger, 0);
+        s.connect(endpoint);
+        std::string noise(1000, '\0');
+        for (size_t i = 0; i < noise.size(); ++i) noise[i] = static_cast<char>(hash64(i, 5));
+        s.send(zmq::buffer(noise), zmq::send_flags::none);
+        transport::Activation a;
+        a.round = 0, a.device = 2, a.samples = 9, a.data = Tensor::zeros(good);
+        transport::Frames f = transport::encode(a);
+        zmq::message_t cut_envelope(f[0].data(), f[0].size() / 2);
+        s.send(cut_envelope, zmq::send_flags::sndmore);
+        s.send(f[1], zmq::send_flags::none);
+        s.send(zmq::message_t(size_t{65} << 20), zmq::send_flags::none);
+        int errors = 0;  // error replies to device 2
+        for (int i = 0; i < 50; ++i)
+          if (auto m = d.recv(std::chrono::milliseconds(100)); m && m->ok() && std::holds_alternative<transport::ErrorReply>(m->value()))
+            ++errors;
+        d.flush(std::chrono::milliseconds(2000));
+        rejected.set_value(errors);
+      });
+    });
+    actor.join();
+    const int errors = rejected.get_future().get();
+    ASSERT_EQ(r.epochs.size(), 2u);
+    std::ifstream f(c.out_dir + "/metrics.jsonl");
+    std::vector<nlohmann::json> rounds;
+    for (std::string line; std::getline(f, line);) rounds.push_back(nlohmann::json::parse(line));
+    ASSERT_EQ(rounds.size(), 2u);
+    EXPECT_EQ(rounds[0]["devices_finished"], 2);
+    if (hostile) {
+      EXPECT_EQ(errors, 9);  // every bad message of device 2 answered
+      EXPECT_GE(rounds[1]["bad_messages"].get<int>(), 9 + 2);  // and the stranger's counted
+    }
+    results[hostile] = r;
+  }
+  EXPECT_EQ(results[1].test_accuracy, results[0].test_accuracy);
+  for (size_t e = 0; e < 2; ++e) EXPECT_EQ(results[1].epochs[e].test_loss, results[0].epochs[e].test_loss);
 }
 
 TEST(Distributed, ServerResumesFromItsLastRound) {
