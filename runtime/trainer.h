@@ -21,9 +21,10 @@ struct TrainConfig {
   int epochs = 2;
   int batch_size = 100;
   float lr = 0.01f;
-  // Learning rate over the run: "constant" (lr at every step) or "cosine" (lr * (1 + cos(pi t / T)) / 2
-  // at step t of T, every mode alike: one step per batch).
-  std::string lr_schedule = "constant";
+  // Learning rate over the run: "cosine" (lr * (1 + cos(pi t / T)) / 2 at step t of T, every mode
+  // alike: one step per batch) or "constant" (lr at every step, the paper's recipe). Cosine by default:
+  // VGG5 on Fashion-MNIST reaches 90.9-91.1% in 2 epochs with it, 88.6-90.2% without (bench/RESULTS.md).
+  std::string lr_schedule = "cosine";
   float momentum = 0.9f;
   float weight_decay = 0.0f;
   int threads = 0;  // 0 = all cores

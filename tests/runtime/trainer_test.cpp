@@ -94,7 +94,9 @@ TEST(Trainer, ResumesFromCheckpoint) {
 // float comparisons where the formula is exact, 1e-7 relative elsewhere).
 TEST(Trainer, LearningRateSchedules) {
   TrainConfig c;
+  EXPECT_EQ(c.lr_schedule, "cosine");  // the default
   c.lr = 0.02f;
+  c.lr_schedule = "constant";
   for (int64_t t : {0, 7, 99}) EXPECT_EQ(scheduled_lr(c, t, 100), 0.02f);
   c.lr_schedule = "cosine";
   EXPECT_EQ(scheduled_lr(c, 0, 100), 0.02f);
