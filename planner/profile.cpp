@@ -157,36 +157,78 @@ std::string Profile::to_json() const {
   return j.dump();
 }
 
+namespace {
+
+// What a profile from elsewhere (a device's hello message, a file) may claim, checked while parsing:
+// the JSON's size, list lengths, and every count in a range where the cost model's int64 byte
+// arithmetic cannot overflow (real profiles are a few KB with counts below 2^30).
+constexpr size_t kMaxProfileJson = size_t{1} << 20;
+constexpr size_t kMaxProfileSizes = 64, kMaxProfileBlocks = 1024;
+constexpr int64_t kMaxProfileSide = int64_t{1} << 16, kMaxProfileClasses = int64_t{1} << 20;
+constexpr int64_t kMaxProfileThreads = int64_t{1} << 16, kMaxProfileMicroBatch = int64_t{1} << 20;
+constexpr int64_t kMaxProfileCount = int64_t{1} << 36;  // a block's params, buffers, out_floats, tape_bytes
+
+// An integer in [lo, hi] (hi >= 0). A float, a string or an out-of-range value is an Error; nlohmann's
+// get<int>() would convert a float such as 1e300 with undefined behaviour.
+int64_t int_of(const json& v, const std::string& what, int64_t lo, int64_t hi) {
+  bool ok = false;
+  int64_t x = 0;
+  if (v.is_number_unsigned()) {
+    ok = v.get<uint64_t>() <= static_cast<uint64_t>(hi);
+    x = ok ? static_cast<int64_t>(v.get<uint64_t>()) : 0;
+  } else if (v.is_number_integer()) {
+    x = v.get<int64_t>();
+    ok = x >= lo && x <= hi;
+  }
+  if (!ok) throw Error(detail::concat("profile JSON: ", what, " must be an integer in [", lo, ", ", hi, "]"));
+  return x;
+}
+
+const json& list_of(const json& v, const std::string& what, size_t max_entries) {
+  if (!v.is_array() || v.size() > max_entries)
+    throw Error(detail::concat("profile JSON: ", what, " must be a list of at most ", max_entries, " entries"));
+  return v;
+}
+
+}  // namespace
+
 Profile Profile::from_json(const std::string& text) {
   Profile p;
+  if (text.size() > kMaxProfileJson)
+    throw Error(detail::concat("profile JSON of ", text.size(), " bytes; at most ", kMaxProfileJson, " are accepted"));
   try {
     const json j = json::parse(text);
-    const int version = j.at("version").get<int>();
+    const int64_t version = int_of(j.at("version"), "version", 0, INT32_MAX);
     if (version != kVersion) throw Error(detail::concat("profile version ", version, "; this build reads version ", kVersion));
     p.model = j.at("model").get<std::string>();
-    const auto in = j.at("input").get<std::vector<int64_t>>();
-    if (in.size() != 3) throw Error("profile: input must be [c, h, w]");
-    p.input = {1, in[0], in[1], in[2]};
-    p.num_classes = j.at("num_classes").get<int>();
+    const json& in = j.at("input");
+    if (!in.is_array() || in.size() != 3) throw Error("profile: input must be [c, h, w]");
+    p.input = {1, int_of(in[0], "input c", 1, kMaxProfileSide), int_of(in[1], "input h", 1, kMaxProfileSide),
+               int_of(in[2], "input w", 1, kMaxProfileSide)};
+    p.num_classes = static_cast<int>(int_of(j.at("num_classes"), "num_classes", 1, kMaxProfileClasses));
     p.batch_norm = j.at("batch_norm").get<bool>();
     p.backend = j.value("backend", "cpu");
     p.isa = j.value("isa", "");
-    p.threads = j.at("threads").get<int>();
+    p.threads = static_cast<int>(int_of(j.at("threads"), "threads", 1, kMaxProfileThreads));
     p.source = j.value("source", "measured");
     p.seconds = j.value("seconds", 0.0);
-    p.sizes = j.at("sizes").get<std::vector<int64_t>>();
-    p.min_micro_batch = j.value("min_micro_batch", int64_t{1});
-    p.loss_s = j.at("loss_s").get<std::vector<double>>();
-    for (const json& b : j.at("blocks")) {
+    for (const json& m : list_of(j.at("sizes"), "sizes", kMaxProfileSizes))
+      p.sizes.push_back(int_of(m, "a size", 1, kMaxProfileMicroBatch));
+    p.min_micro_batch = j.contains("min_micro_batch")
+                            ? int_of(j.at("min_micro_batch"), "min_micro_batch", 1, kMaxProfileMicroBatch)
+                            : 1;
+    p.loss_s = list_of(j.at("loss_s"), "loss_s", kMaxProfileSizes).get<std::vector<double>>();
+    for (const json& b : list_of(j.at("blocks"), "blocks", kMaxProfileBlocks)) {
       BlockProfile bp;
+      const std::string name = detail::concat("block ", p.blocks.size() + 1);
       bp.kind = b.at("kind").get<std::string>();
-      bp.forward_s = b.at("forward_s").get<std::vector<double>>();
-      bp.backward_s = b.at("backward_s").get<std::vector<double>>();
+      bp.forward_s = list_of(b.at("forward_s"), name + " forward_s", kMaxProfileSizes).get<std::vector<double>>();
+      bp.backward_s = list_of(b.at("backward_s"), name + " backward_s", kMaxProfileSizes).get<std::vector<double>>();
       bp.step_s = b.at("step_s").get<double>();
-      bp.params = b.at("params").get<int64_t>();
-      bp.buffers = b.at("buffers").get<int64_t>();
-      bp.out_floats = b.at("out_floats").get<int64_t>();
-      bp.tape_bytes = b.at("tape_bytes").get<int64_t>();
+      bp.params = int_of(b.at("params"), name + " params", 0, kMaxProfileCount);
+      bp.buffers = int_of(b.at("buffers"), name + " buffers", 0, kMaxProfileCount);
+      bp.out_floats = int_of(b.at("out_floats"), name + " out_floats", 1, kMaxProfileCount);
+      bp.tape_bytes = int_of(b.at("tape_bytes"), name + " tape_bytes", 0, kMaxProfileCount);
       p.blocks.push_back(std::move(bp));
     }
   } catch (const json::exception& e) {

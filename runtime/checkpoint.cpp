@@ -8,7 +8,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 
 namespace pipar {
@@ -16,6 +18,14 @@ namespace {
 
 constexpr char kMagic[8] = {'P', 'I', 'P', 'A', 'R', 'C', 'K', 'P'};
 constexpr uint64_t kMaxMeta = 1 << 20;
+// Limits on the metadata, checked before it is used to build a model: nesting depth of the JSON (the
+// free-form "extra" object is copied and dumped recursively), the per-sample input shape, the class
+// count and the width multiplier (each scales the model's tensors).
+constexpr int kMaxMetaDepth = 64;
+constexpr int64_t kMaxInputSide = int64_t{1} << 16;    // each of c, h, w
+constexpr int64_t kMaxInputValues = int64_t{1} << 24;  // c * h * w
+constexpr int64_t kMaxClasses = int64_t{1} << 20;
+constexpr double kMaxWidth = 4.0;
 
 struct Writer {
   std::string buf;
@@ -70,6 +80,32 @@ nlohmann::json meta_to_json(const CheckpointMeta& m) {
   return j;
 }
 
+[[noreturn]] void bad_meta(const std::string& path, const std::string& why) {
+  throw IoError("checkpoint " + path + ": bad metadata: " + why);
+}
+
+std::string shown(const nlohmann::json& v) {
+  std::string s = v.dump();
+  return s.size() > 40 ? s.substr(0, 40) + "..." : s;
+}
+
+// An integer metadata field in [lo, hi] (hi >= 0). A float, a string or an out-of-range value is an
+// error; nlohmann's get<int>() would convert a float such as 1e300 with undefined behaviour.
+int64_t int_field(const nlohmann::json& v, const char* field, int64_t lo, int64_t hi, const std::string& path) {
+  bool ok = false;
+  int64_t x = 0;
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    ok = u <= static_cast<uint64_t>(hi);
+    x = ok ? static_cast<int64_t>(u) : 0;
+  } else if (v.is_number_integer()) {
+    x = v.get<int64_t>();
+    ok = x >= lo && x <= hi;
+  }
+  if (!ok) bad_meta(path, detail::concat(field, " must be an integer in [", lo, ", ", hi, "], not ", shown(v)));
+  return x;
+}
+
 // Validates the header and checksum; returns the metadata and leaves the reader after it.
 CheckpointMeta parse_header(Reader& r) {
   const std::string& path = r.path;
@@ -87,18 +123,33 @@ CheckpointMeta parse_header(Reader& r) {
                                  kCheckpointVersion));
   const uint32_t meta_len = r.get<uint32_t>();
   if (meta_len > kMaxMeta) throw IoError("checkpoint " + path + ": metadata too large");
-  nlohmann::json j;
+  const std::string text = r.get_string(meta_len);
   try {
-    j = nlohmann::json::parse(r.get_string(meta_len));
+    const nlohmann::json j = nlohmann::json::parse(text, [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+      if (depth > kMaxMetaDepth) bad_meta(path, detail::concat("JSON nested deeper than ", kMaxMetaDepth, " levels"));
+      return true;
+    });
+    if (!j.is_object()) bad_meta(path, "not a JSON object");
     CheckpointMeta m;
     m.model = j.at("model").get<std::string>();
-    m.options.input = {1, j.at("input").at(0).get<int64_t>(), j.at("input").at(1).get<int64_t>(),
-                       j.at("input").at(2).get<int64_t>()};
-    m.options.num_classes = j.at("num_classes").get<int>();
+    const nlohmann::json& input = j.at("input");
+    if (!input.is_array() || input.size() != 3) bad_meta(path, "input must be [c, h, w], not " + shown(input));
+    int64_t dims[3];
+    const char* names[3] = {"input c", "input h", "input w"};
+    for (size_t i = 0; i < 3; ++i) dims[i] = int_field(input[i], names[i], 1, kMaxInputSide, path);
+    if (dims[0] * dims[1] * dims[2] > kMaxInputValues)
+      bad_meta(path, detail::concat("input ", shown(input), " holds more than ", kMaxInputValues, " values per sample"));
+    m.options.input = {1, dims[0], dims[1], dims[2]};
+    m.options.num_classes = static_cast<int>(int_field(j.at("num_classes"), "num_classes", 1, kMaxClasses, path));
     m.options.batch_norm = j.at("batch_norm").get<bool>();
-    m.options.width = j.at("width").get<float>();
-    m.options.seed = j.at("seed").get<uint64_t>();
-    m.epoch = j.at("epoch").get<int>();
+    const nlohmann::json& width = j.at("width");
+    if (!width.is_number() || !(width.get<double>() > 0 && width.get<double>() <= kMaxWidth))
+      bad_meta(path, detail::concat("width must be a number in (0, ", kMaxWidth, "], not ", shown(width)));
+    m.options.width = width.get<float>();
+    const nlohmann::json& seed = j.at("seed");
+    if (!seed.is_number_unsigned()) bad_meta(path, "seed must be an unsigned integer, not " + shown(seed));
+    m.options.seed = seed.get<uint64_t>();
+    m.epoch = static_cast<int>(int_field(j.at("epoch"), "epoch", 0, std::numeric_limits<int>::max(), path));
     m.extra_json = j.value("extra", nlohmann::json::object()).dump();
     return m;
   } catch (const nlohmann::json::exception& e) {
@@ -185,6 +236,9 @@ CheckpointMeta load_checkpoint(const std::string& path, Model& model) {
   if (count != targets.size())
     throw IoError(detail::concat("checkpoint ", path, " holds ", count, " tensors but model ", model.name(), " has ",
                                  targets.size()));
+  // Each of the model's tensors exactly once: with `count` checked above, a repeated record would
+  // otherwise leave another tensor silently unloaded.
+  std::set<std::pair<std::string, uint8_t>> loaded;
   for (uint32_t i = 0; i < count; ++i) {
     const uint16_t name_len = r.get<uint16_t>();
     const std::string name = r.get_string(name_len);
@@ -194,6 +248,9 @@ CheckpointMeta load_checkpoint(const std::string& path, Model& model) {
     auto it = targets.find({name, kind});
     if (it == targets.end())
       throw IoError("checkpoint " + path + " has tensor " + name + " that model " + model.name() + " lacks");
+    if (!loaded.insert(it->first).second)
+      throw IoError(detail::concat("checkpoint ", path, " holds tensor ", name, " (", kind == 0 ? "weight" : kind == 1 ? "momentum" : "buffer",
+                                   ") twice; the file is corrupt"));
     Tensor* t = it->second;
     if (!(t->shape() == s))
       throw IoError("checkpoint " + path + ": tensor " + name + " has shape " + s.str() + " but the model expects " +

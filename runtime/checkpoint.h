@@ -20,7 +20,9 @@ struct CheckpointMeta {
 constexpr uint32_t kCheckpointVersion = 1;
 
 void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta& meta);
-// Reads only the header and metadata (to build the right model before loading).
+// Reads only the header and metadata (to build the right model before loading). The metadata is checked
+// before use: integer fields must be integers, the input shape, class count and width stay within fixed
+// limits and its JSON nests at most 64 levels; anything else is a pipar::IoError.
 CheckpointMeta read_checkpoint_meta(const std::string& path);
 // Loads weights, momentum and buffers into a model built from the same meta. A missing, truncated or
 // corrupt file, a checksum mismatch or a tensor that does not match the model throws pipar::IoError.

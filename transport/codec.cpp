@@ -121,17 +121,19 @@ struct Decoder {
       if (d > limits.max_dim) return fail(std::string(field) + ": dimension above the limit");
     }
     if (m->dtype() != fb::DType_F32 && m->dtype() != fb::DType_I32) return fail(std::string(field) + ": unknown dtype");
-    // Product with overflow checks: each step stays below max_tensor_bytes / 4.
+    // Product with overflow checks: each step stays below max_tensor_bytes / 4. A zero dimension
+    // counts as 1 here, so an empty tensor's other dimensions are bounded too (whatever order they
+    // come in) and products such as c * h * w of any decoded shape cannot overflow later.
     const uint64_t max_elems = limits.max_tensor_bytes / 4;
-    uint64_t numel = 1;
+    uint64_t bound = 1;
+    bool empty = false;
     for (int64_t d : dims) {
-      if (d == 0) {
-        numel = 0;
-        break;
-      }
-      if (numel > max_elems / static_cast<uint64_t>(d)) return fail(std::string(field) + ": tensor larger than the limit");
-      numel *= static_cast<uint64_t>(d);
+      if (d == 0) empty = true;
+      if (d <= 1) continue;
+      if (bound > max_elems / static_cast<uint64_t>(d)) return fail(std::string(field) + ": tensor larger than the limit");
+      bound *= static_cast<uint64_t>(d);
     }
+    const uint64_t numel = empty ? 0 : bound;
     if (!string_ok(m->name(), field)) return false;
     if (next_frame >= frames.size()) return fail(std::string(field) + ": missing payload frame");
     const zmq::message_t& f = frames[next_frame++];

@@ -101,6 +101,37 @@ TEST(Profile, RejectsMalformedJson) {
   EXPECT_THROW(Profile::load("/nonexistent/profile.json"), IoError);
 }
 
+// A profile comes from a device's hello: floats where integers belong were converted with undefined
+// behaviour, and counts near INT64_MAX overflowed the cost model's byte sums (found by
+// tests/fuzz/payload_fuzz). Both are now errors naming the field.
+TEST(Profile, RejectsHostileNumbers) {
+  auto model = build_model("vgg5", ModelOptions{});
+  const std::string text = estimate_profile(*model, 1e10).to_json();
+  ASSERT_NO_THROW(Profile::from_json(text));
+  auto expect_error = [&](const std::string& from, const std::string& to, const std::string& what) {
+    const size_t at = text.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    try {
+      Profile::from_json(std::string(text).replace(at, from.size(), to));
+      ADD_FAILURE() << "no error for " << to;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  expect_error("\"version\":1", "\"version\":1e300", "version");
+  expect_error("\"num_classes\":10", "\"num_classes\":-1e300", "num_classes");
+  expect_error("\"threads\":", "\"threads\":2.5e200,\"x\":", "threads");
+  expect_error("\"input\":[1,", "\"input\":[1e300,", "input c");
+  expect_error("\"sizes\":[", "\"sizes\":[1e300,", "a size");
+  expect_error("\"out_floats\":", "\"out_floats\":9223372036854775807,\"x\":", "out_floats");
+  expect_error("\"params\":", "\"params\":1e19,\"x\":", "params");
+  expect_error("\"tape_bytes\":", "\"tape_bytes\":18446744073709551615,\"x\":", "tape_bytes");
+  std::string many;
+  for (int i = 1; i <= 100; ++i) many += std::to_string(i) + ",";
+  expect_error("\"sizes\":[", "\"sizes\":[" + many, "sizes");
+  EXPECT_THROW(Profile::from_json(std::string(2 << 20, ' ')), Error);  // larger than any real profile
+}
+
 TEST(Profile, InterpolatesBetweenSizesAndExtendsTheEndSegments) {
   Profile p = test::synthetic_profile({{0, 0, 10}, {0, 0, 10}});
   p.sizes = {2, 10, 20};

@@ -2,7 +2,9 @@
 // IoError naming the file, never a crash.
 #include <gtest/gtest.h>
 #include <unistd.h>
+#include <zlib.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -65,6 +67,29 @@ class CheckpointTest : public ::testing::Test {
   fs::path dir_;
 };
 
+// --- hostile files with a valid checksum (found by tests/fuzz/checkpoint_fuzz)
+
+uint32_t load_u32(const std::string& b, size_t at) {
+  uint32_t v;
+  std::memcpy(&v, b.data() + at, 4);
+  return v;
+}
+// Recomputes the trailing CRC-32, as a forger would.
+std::string with_crc(std::string b) {
+  const uint32_t crc = static_cast<uint32_t>(crc32(0L, reinterpret_cast<const Bytef*>(b.data()), static_cast<uInt>(b.size() - 4)));
+  std::memcpy(b.data() + b.size() - 4, &crc, 4);
+  return b;
+}
+// The file with its metadata JSON replaced.
+std::string with_meta(const std::string& good, const std::string& meta) {
+  const uint32_t len = load_u32(good, 12), new_len = static_cast<uint32_t>(meta.size());
+  std::string b = good.substr(0, 12);
+  b.append(reinterpret_cast<const char*>(&new_len), 4);
+  b += meta;
+  b += good.substr(16 + len);
+  return with_crc(b);
+}
+
 TEST_F(CheckpointTest, RoundTripIsExact) {
   SCOPED_TRACE(test::seed_trace());
   auto a = trained_model(7);
@@ -113,6 +138,70 @@ TEST_F(CheckpointTest, DamagedFilesGiveClearErrors) {
   meta.options = r->options();
   save_checkpoint(path("other.ckpt"), *r, meta);
   expect_io_error(path("other.ckpt"), "holds model resnet18");
+}
+
+TEST_F(CheckpointTest, MetadataIsCheckedBeforeUse) {
+  auto a = trained_model(9);
+  const std::string good = read(write_model("good.ckpt", *a, 2));
+  const std::string meta = good.substr(16, load_u32(good, 12));
+  auto replaced = [&](const std::string& from, const std::string& to) {
+    const size_t at = meta.find(from);
+    EXPECT_NE(at, std::string::npos) << from << " not in " << meta;
+    return std::string(meta).replace(at, from.size(), to);
+  };
+  ASSERT_EQ(read_checkpoint_meta(path("good.ckpt")).epoch, 2);
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      // Floats where integers belong: converting them was undefined behaviour (UBSan).
+      {replaced("\"num_classes\":10", "\"num_classes\":1e300"), "num_classes"},
+      {replaced("\"epoch\":2", "\"epoch\":-1e300"), "epoch"},
+      {replaced("\"epoch\":2", "\"epoch\":-1"), "epoch"},
+      {replaced("\"seed\":9", "\"seed\":-5.5e300"), "seed"},
+      {replaced("\"input\":[1,28,28]", "\"input\":[1e300,28,28]"), "input c"},
+      // Sizes that would build an unbounded model.
+      {replaced("\"input\":[1,28,28]", "\"input\":[1,100000,28]"), "input h"},
+      {replaced("\"input\":[1,28,28]", "\"input\":[64,4096,4096]"), "values per sample"},
+      {replaced("\"input\":[1,28,28]", "\"input\":[1,28]"), "input must be"},
+      {replaced("\"num_classes\":10", "\"num_classes\":4294967296"), "num_classes"},
+      {replaced("\"width\":1.0", "\"width\":1e30"), "width"},
+      {replaced("\"width\":1.0", "\"width\":0"), "width"},
+      // Deep nesting overflowed the stack when the metadata was copied.
+      {replaced("\"extra\":{\"lr\":0.01}", "\"extra\":" + deep), "nested deeper"},
+      {"[1, 2]", "not a JSON object"},
+  };
+  auto m = build_model("vgg5", ModelOptions{});
+  for (const auto& [bad_meta, what] : cases) {
+    write(path("bad.ckpt"), with_meta(good, bad_meta));
+    for (int load = 0; load < 2; ++load) {
+      try {
+        if (load) load_checkpoint(path("bad.ckpt"), *m);
+        else read_checkpoint_meta(path("bad.ckpt"));
+        ADD_FAILURE() << "no error for " << bad_meta.substr(0, 200);
+      } catch (const IoError& e) {
+        EXPECT_NE(std::string(e.what()).find(path("bad.ckpt")), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("bad metadata"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+      }
+    }
+  }
+}
+
+TEST_F(CheckpointTest, RepeatedTensorIsAnError) {
+  // The second record (the first parameter's momentum) relabelled as its weight: the tensor count
+  // still matches the model, and the momentum used to be left silently unloaded.
+  auto a = trained_model(10);
+  std::string b = read(write_model("good.ckpt", *a, 1));
+  const size_t first = 16 + load_u32(b, 12) + 4;
+  uint16_t name_len;
+  std::memcpy(&name_len, b.data() + first, 2);
+  const Param* p0 = a->params().at(0);
+  ASSERT_EQ(b.substr(first + 2, name_len), p0->name);
+  const size_t second = first + 2 + name_len + 1 + 32 + static_cast<size_t>(p0->value.numel()) * 4;
+  ASSERT_EQ(b.substr(second + 2, name_len), p0->name);
+  ASSERT_EQ(b[second + 2 + name_len], 1);  // momentum
+  b[second + 2 + name_len] = 0;
+  write(path("twice.ckpt"), with_crc(b));
+  expect_io_error(path("twice.ckpt"), "twice");
 }
 
 }  // namespace

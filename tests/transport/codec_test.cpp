@@ -288,6 +288,15 @@ TEST(CodecMalformed, DimsAndDtype) {
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.error().find("limit"), std::string::npos) << r.error();
   EXPECT_FALSE(decode_with_payload(activation_envelope(INT64_MAX, 1, 1, 1, 0), 0).ok());
+  // An empty tensor's other dims are bounded too, whichever dim is 0 (found by tests/fuzz: a leading 0
+  // let [0, 2^28, 2^28, 2^28] through, whose c * h * w overflows int64 downstream).
+  const int64_t max = Limits{}.max_dim;
+  r = decode_with_payload(activation_envelope(0, max, max, max, 0), 0);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.error().find("limit"), std::string::npos) << r.error();
+  EXPECT_FALSE(decode_with_payload(activation_envelope(max, max, max, 0, 0), 0).ok());
+  EXPECT_TRUE(decode_with_payload(activation_envelope(0, 3, 1, 1, 0), 0).ok());
+  EXPECT_TRUE(decode_with_payload(activation_envelope(0, big, 1, 1, 0), 0).ok());  // within the element limit
   // Limits are honoured.
   Limits small;
   small.max_dim = 2;
