@@ -29,6 +29,10 @@ def run_mode(args, mode, out_dir, split, micro):
         cmd += ["--limit-train", str(args.limit_train)]
     if args.limit_test:
         cmd += ["--limit-test", str(args.limit_test)]
+    extra = args.extra.split()
+    if mode == "fl" and any(a.startswith("--dp-") for a in extra):
+        raise SystemExit("--extra with --dp-* options applies to the split modes only (--modes sl,sfl,pipar)")
+    cmd += extra
     if mode != "fl":
         cmd += ["--split", str(split)]
     if mode == "pipar":
@@ -67,6 +71,8 @@ def main():
     p.add_argument("--limit-test", type=int, default=0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--modes", default="fl,sl,sfl,pipar")
+    p.add_argument("--extra", default="", help="more pipar train options for every mode, e.g. \"--dp-clip 10 --dp-sigma 0.1\" "
+                   "(split modes only when they name --dp-*)")
     p.add_argument("--json", help="write all summaries here")
     args = p.parse_args()
 
@@ -76,7 +82,7 @@ def main():
     print(f"# {args.model} on {args.dataset} (train limit {args.limit_train or 'all'}), {args.devices} devices, "
           f"batch {args.batch_size}, {args.epochs} epochs, uplink {args.uplink_mbps} Mbit/s, downlink "
           f"{args.downlink_mbps} Mbit/s, latency {args.latency_ms} ms, split {args.split}, pipar micro-batches "
-          f"{args.micro_batches}, device threads {args.device_threads}")
+          f"{args.micro_batches}, device threads {args.device_threads}" + (f", extra options: {args.extra}" if args.extra else ""))
     rows = {}
     root = tempfile.mkdtemp(prefix="pipar_modes_")
     for mode in args.modes.split(","):
