@@ -285,6 +285,7 @@ constexpr int64_t kDirectMinTaps = 64;
 // ~1024 pixels per chunk: each border class then fills whole tiles and few edge pixels fall back to
 // mixed tiles over every tap (1 thread, b10: 2-4% faster than 256-pixel chunks).
 constexpr int64_t kDirectChunkPixels = 1024;
+constexpr int64_t kMinChunksPerThread = 4, kMinChunkPixels = 192;
 // Pixels per kernel call in the weight gradient: ~256 amortise the tile's load and store (64 to 512
 // measured the same on the VGG5 layers).
 constexpr int64_t kWeightStepPixels = 256;
@@ -396,7 +397,13 @@ struct PixelRange {
 // samples balances any batch (sample chunks of >= 512 columns, the GEMM's, gave b10 fmnist.conv2
 // chunks of 2,3,2,3 samples: 1.65x on 2 threads instead of ~1.9x).
 int64_t pixel_chunks(int64_t total, int threads) {
-  return std::max<int64_t>(1, threads * ((total + threads * kDirectChunkPixels - 1) / (threads * kDirectChunkPixels)));
+  const int64_t per_thread = (total + threads * kDirectChunkPixels - 1) / (threads * kDirectChunkPixels);
+  // AVX2, several threads: at least kMinChunksPerThread chunks each while chunks keep kMinChunkPixels, so
+  // that a thread slowed by other work on the shared cores is helped by the others (dynamic schedule;
+  // b10 conv2 rows 2 threads, Zen 3: ~5-15% faster). AVX-512 keeps its chunks (and weight-gradient sums).
+  const bool split = threads > 1 && cpu_isa() == Isa::kAvx2;
+  const int64_t small = split ? std::min<int64_t>(kMinChunksPerThread, total / (threads * kMinChunkPixels)) : 0;
+  return std::max<int64_t>(1, threads * std::max(per_thread, small));
 }
 int64_t chunk_bound(int64_t total, int64_t chunks, int64_t i) {
   return i >= chunks ? total : total * i / chunks;
@@ -406,7 +413,13 @@ int64_t chunk_bound(int64_t total, int64_t chunks, int64_t i) {
 void conv2d_forward_direct(const ConvGeom& g, const float* x, const float* wt, int64_t kp, const float* bias, float* y,
                            int threads) {
   const PaddedGeom pg = padded(g);
-  const TapClasses tc = tap_classes(g, pg, kp);
+  // Built once per geometry and reused (per calling thread): building the step lists each call, on
+  // one thread before the parallel loop, cost a few % of the b10 passes.
+  thread_local std::array<int64_t, 13> tc_key{};
+  thread_local TapClasses tc_cached;
+  const std::array<int64_t, 13> key = {g.cg, g.kh, g.kw, g.h, g.w, g.oh, g.ow, g.sh, g.sw, g.ph, g.pw, pg.wp, kp};
+  if (tc_cached.steps.empty() || key != tc_key) tc_cached = tap_classes(g, pg, kp), tc_key = key;
+  const TapClasses& tc = tc_cached;
   const int64_t total = g.n * g.ohw, chunks = pixel_chunks(total, threads);
   // Dynamic: outputs are disjoint, so results do not depend on the schedule, and a thread the OS
   // preempts (2 cores shared with other work) holds up no one.
@@ -454,10 +467,22 @@ void conv2d_forward_direct(const ConvGeom& g, const float* x, const float* wt, i
           for (int64_t r = 0; r < uk.mr; ++r)  // rows past the end repeat the last pixel
             rows[r] = xp + window[order[t0 + std::min(r, rv - 1)]];
           const std::vector<int64_t>& steps = tc.steps[tile_class[ti]];
+          const float* wg = wt + grp * g.ckk * kp + k0;
+          // A tile of consecutive pixels (most of them) is written in place, others through a copy.
+          const int64_t first = order[t0];
+          bool consecutive = rv == uk.mr;
+          for (int64_t r = 1; r < rv && consecutive; ++r) consecutive = order[t0 + r] == first + r;
+          if (consecutive) {
+            uk.fn(static_cast<int64_t>(steps.size() / 2), steps.data(), rows, wg, out + first * kp + k0, kp);
+            continue;
+          }
           alignas(64) float tile[8 * 64];
-          uk.fn(static_cast<int64_t>(steps.size() / 2), steps.data(), rows, wt + grp * g.ckk * kp + k0, tile, 16 * nv);
-          for (int64_t r = 0; r < rv; ++r)
-            std::memcpy(out + order[t0 + r] * kp + k0, tile + r * 16 * nv, sizeof(float) * 16 * nv);
+          uk.fn(static_cast<int64_t>(steps.size() / 2), steps.data(), rows, wg, tile, 16 * nv);
+          for (int64_t r = 0; r < rv; ++r) {
+            float* d = out + order[t0 + r] * kp + k0;
+            const float* t = tile + r * 16 * nv;
+            for (int v = 0; v < nv; ++v) std::memcpy(d + 16 * v, t + 16 * v, sizeof(float) * 16);  // not rep movs
+          }
         }
       }
       for (int64_t s = 0; s < pr.cs; ++s) {
@@ -495,11 +520,17 @@ float* pack_weights_transposed(const ConvGeom& g, const float* w, int64_t kp) {
   float* wt = buf.get(static_cast<size_t>(g.groups * rows * kp));
   if (g.cg < kp) std::memset(wt, 0, sizeof(float) * g.groups * rows * kp);
   // W[k] is [cg, taps]; its transpose written from the last tap row upwards (ldd = -kp) flips the taps:
-  // (kh-1-i)·kw + (kw-1-j) = taps-1 - (i·kw + j).
+  // (kh-1-i)·kw + (kw-1-j) = taps-1 - (i·kw + j). Whole 8-tap blocks go through the register transpose,
+  // the rest (3x3: the 9th tap) through a plain loop rather than the partial-block path.
+  const int64_t whole = taps / 8 * 8;
   for (int64_t grp = 0; grp < g.groups; ++grp)
-    for (int64_t kk = 0; kk < g.kg; ++kk)
-      detail::transpose(g.cg, taps, w + (grp * g.kg + kk) * g.ckk, taps, wt + (grp * rows + kk * taps + taps - 1) * kp,
-                        -kp, nullptr);
+    for (int64_t kk = 0; kk < g.kg; ++kk) {
+      const float* src = w + (grp * g.kg + kk) * g.ckk;
+      float* last = wt + (grp * rows + kk * taps + taps - 1) * kp;
+      if (whole > 0) detail::transpose(g.cg, whole, src, taps, last, -kp, nullptr);
+      for (int64_t t = whole; t < taps; ++t)
+        for (int64_t c = 0; c < g.cg; ++c) last[-t * kp + c] = src[c * taps + t];
+    }
   return wt;
 }
 

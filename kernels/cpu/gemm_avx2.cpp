@@ -85,7 +85,7 @@ void indirect_kernel_avx2_impl(int nv, int64_t steps, const int64_t* off, const 
 #pragma GCC unroll 8
     for (int r = 0; r < kMr; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const float* bv0 = b + 16 * v;
-    for (int64_t q = 0; q < steps; ++q) {
+    auto step = [&](int64_t q) __attribute__((always_inline)) {
       const int64_t o = off[2 * q];
       const float* brow = bv0 + off[2 * q + 1];
       const __m256 b0 = _mm256_loadu_ps(brow), b1 = _mm256_loadu_ps(brow + 8);
@@ -95,7 +95,11 @@ void indirect_kernel_avx2_impl(int nv, int64_t steps, const int64_t* off, const 
         acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
       }
-    }
+    };
+    // Two steps per iteration (a few % over one, in L1-resident tests on Zen 3).
+    int64_t q = 0;
+    for (; q + 2 <= steps; q += 2) step(q), step(q + 1);
+    if (q < steps) step(q);
 #pragma GCC unroll 8
     for (int r = 0; r < kMr; ++r) {
       _mm256_storeu_ps(out + r * ldo + 16 * v, acc[r][0]);
