@@ -213,6 +213,7 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
                                              {net.uplink_mbps, net.downlink_mbps, net.latency_ms / 1e3, 0}, cfg.batch_size,
                                              a.samples);
   c.server_profile = srv;
+  c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;  // as the server's own planner
   planner::SearchOptions so;
   so.mode = planner::parse_mode(a.mode);
   so.per_device_split = a.per_device;

@@ -54,7 +54,8 @@ CostModel::CostModel(Cluster cluster) : c_(std::move(cluster)) {
   if (c_.device_profiles.empty()) throw Error("cost model: no device profile");
   if (c_.devices.empty()) throw Error("cost model: no devices");
   if (c_.batch_size < 1) throw Error("cost model: batch size must be at least 1");
-  if (!(c_.server_time_scale > 0) || !(c_.aggregation_s >= 0)) throw Error("cost model: server_time_scale must be > 0");
+  if (!(c_.server_time_scale > 0) || !(c_.aggregation_s >= 0) || !(c_.server_per_micro_batch_s >= 0))
+    throw Error("cost model: server_time_scale must be > 0, aggregation and per-micro-batch times >= 0");
   for (const Profile& p : c_.device_profiles) p.validate();
   if (c_.server_profile) c_.server_profile->validate();
   blocks_ = c_.device_profiles[0].num_blocks();
@@ -119,7 +120,8 @@ CostModel::Stage CostModel::stage(size_t d, int split, int64_t m, Mode mode) con
   st.b = dp.backward_s(0, p, mm) * ds.time_scale;
   st.up = transfer_s(static_cast<double>(dp.activation_bytes(p)) * mm, ds.link.up_mbps, ds.link.per_message_s);
   st.down = transfer_s(static_cast<double>(dp.gradient_bytes(p)) * mm, ds.link.down_mbps, ds.link.per_message_s);
-  st.s = (sp.forward_s(p, blocks_, mm) + sp.loss_time_s(mm) + sp.backward_s(p, blocks_, mm)) * c_.server_time_scale;
+  st.s = (sp.forward_s(p, blocks_, mm) + sp.loss_time_s(mm) + sp.backward_s(p, blocks_, mm)) * c_.server_time_scale +
+         c_.server_per_micro_batch_s;
   return st;
 }
 

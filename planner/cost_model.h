@@ -48,7 +48,16 @@ struct Cluster {
   std::vector<DeviceSpec> devices;        // K >= 1
   int64_t batch_size = 100;
   double aggregation_s = 0;               // (optional) server time to average weights after a round
+  // Server time per micro-batch beyond its kernels: receiving, decoding and checking the activation,
+  // encoding and queuing the gradient, the loop around them. What makes very many tiny micro-batches
+  // slower than the kernels' profile says; 0 in hand-made clusters, kServerPerMicroBatchS in the runtime.
+  double server_per_micro_batch_s = 0;
 };
+
+// Measured on the development machine (bench/planner_grid.py, VGG5, 4 device processes and the server
+// on 2 Zen 3 cores, 50 Mbit/s, where the server is the bottleneck): rounds with N = 8, 16 and 51
+// micro-batches per batch ran 1.1-2.0 ms per server micro-batch longer than the profile-only model.
+constexpr double kServerPerMicroBatchS = 1.5e-3;
 
 // K identical devices on identical links (pipar plan --devices K --uplink-mbps X ...); the server
 // uses the device profile times server_time_scale unless a server profile is set afterwards.

@@ -702,6 +702,7 @@ class ServerRunner {
       cluster_.devices[d].profile = slots_[d].connected && !slots_[d].profile.empty() ? k++ : 0;
     }
     cluster_.server_profile = server_profile;
+    cluster_.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
     search_options_.mode = planner::parse_mode(cfg_.mode);
     search_options_.per_device_split = false;  // the runtime cuts every device at one block
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",

@@ -45,6 +45,7 @@ TEST(CostModel, OneDeviceOneMicroBatchIsTheSumOfStages) {
     c.device_profiles = {synthetic_profile(blocks)};
     c.server_profile = synthetic_profile(blocks);
     c.server_time_scale = rng.uniform(0.05f, 2.0f);
+    c.server_per_micro_batch_s = trial % 2 ? rng.uniform(0, 2e-3f) : 0.0;  // fixed server cost per micro-batch
     c.batch_size = rng.integer(1, 200);
     DeviceSpec d;
     d.link = {rng.uniform(1, 100), rng.uniform(1, 100), rng.uniform(0, 0.05f), 0};
@@ -59,7 +60,8 @@ TEST(CostModel, OneDeviceOneMicroBatchIsTheSumOfStages) {
     const double f = dp.forward_s(0, ps, m) * d.time_scale, b = dp.backward_s(0, ps, m) * d.time_scale;
     const double up = CostModel::transfer_s(static_cast<double>(dp.activation_bytes(ps)) * m, d.link.up_mbps, 0);
     const double down = CostModel::transfer_s(static_cast<double>(dp.gradient_bytes(ps)) * m, d.link.down_mbps, 0);
-    const double s = (sp.forward_s(ps, nbs, m) + sp.loss_time_s(m) + sp.backward_s(ps, nbs, m)) * c.server_time_scale;
+    const double s = (sp.forward_s(ps, nbs, m) + sp.loss_time_s(m) + sp.backward_s(ps, nbs, m)) * c.server_time_scale +
+                     c.server_per_micro_batch_s;
     const double sstep = sp.step_s(ps, nbs) * c.server_time_scale, dstep = dp.step_s(0, ps) * d.time_scale;
     const double sum = f + up + d.link.latency_s + s + sstep + down + d.link.latency_s + b + dstep;
     for (Mode mode : {Mode::kPipar, Mode::kSfl, Mode::kSl}) EXPECT_DOUBLE_EQ(model.batch(mode, {p}, 1).span_s, sum) << mode_name(mode);

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""The planner against a measured grid (issue #5): for each model and uplink rate, runs pipar at every
+(P, N) of a grid with the plan fixed, then once with --split auto --micro-batches auto, and prints per
+setting the best measured grid point, the planner's pick and its measured time, and the cost model's
+prediction error at every grid point.
+
+  bench/planner_grid.py --pipar build/apps/pipar --models vgg5 --uplinks 5,10,50 \\
+      --splits 1,2,3,4 --micro-batches 1,2,4,8,16 --limit-train 800 [--json out.json]
+
+Measured: the first round's round_seconds from each run's metrics.jsonl (monotonic clock around the
+round's training, evaluation excluded); predicted: predicted_round_seconds on the same line (the
+server's cost model over the devices' profiles measured at set-up and the configured links). The
+planner's own run is measured the same way. Goals (issue #5): pick within 5% of the best grid point;
+median |predicted - measured| / measured at most 10%.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def run(args, out_dir, model, uplink, split, micro):
+    cmd = [args.pipar, "train", "--mode", "pipar", "--model", model, "--dataset", args.dataset,
+           "--devices", str(args.devices), "--epochs", "1", "--batch-size", str(args.batch_size),
+           "--uplink-mbps", str(uplink), "--downlink-mbps", str(args.downlink_mbps),
+           "--device-threads", str(args.device_threads), "--threads", str(args.server_threads),
+           "--limit-train", str(args.limit_train), "--limit-test", str(args.limit_test),
+           "--seed", str(args.seed), "--split", str(split), "--micro-batches", str(micro), "--out", out_dir]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        line = json.loads(f.readline())
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    return {"measured": line["round_seconds"], "predicted": line.get("predicted_round_seconds"),
+            "split": line.get("split"), "micro_batches": line.get("micro_batches"), "summary_plan": summary.get("plan")}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipar", default="build/apps/pipar")
+    p.add_argument("--models", default="vgg5")
+    p.add_argument("--dataset", default="fmnist")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--uplinks", default="5,10,50")
+    p.add_argument("--downlink-mbps", type=float, default=25)
+    p.add_argument("--splits", default="1,2,3,4")
+    p.add_argument("--micro-batches", default="1,2,4,8,16")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--limit-train", type=int, default=800)
+    p.add_argument("--limit-test", type=int, default=200)
+    p.add_argument("--device-threads", type=int, default=1)
+    p.add_argument("--server-threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", help="write every run here")
+    args = p.parse_args()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    print(f"# planner_grid: commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}; {args.devices} devices, batch {args.batch_size}, "
+          f"{args.limit_train} training images, downlink {args.downlink_mbps} Mbit/s", flush=True)
+    root = tempfile.mkdtemp(prefix="pipar_grid_")
+    everything = []
+    summary_rows = []
+    errors_all = []
+    for model in args.models.split(","):
+        for uplink in [float(u) for u in args.uplinks.split(",")]:
+            grid = []
+            for split in args.splits.split(","):
+                for micro in args.micro_batches.split(","):
+                    r = run(args, os.path.join(root, f"{model}_{uplink}_{split}_{micro}"), model, uplink, split, micro)
+                    r.update(model=model, uplink=uplink, plan=f"P={split} N={micro}")
+                    grid.append(r)
+                    print(f"#   {model} {uplink:g} Mbit/s {r['plan']}: measured {r['measured']:.2f} s, "
+                          f"predicted {r['predicted'] if r['predicted'] is None else round(r['predicted'], 2)} s", flush=True)
+            auto = run(args, os.path.join(root, f"{model}_{uplink}_auto"), model, uplink, "auto", "auto")
+            auto.update(model=model, uplink=uplink, plan=f"auto → P={auto['split']} N={auto['micro_batches']}")
+            everything += grid + [auto]
+            best = min(grid, key=lambda r: r["measured"])
+            errs = [abs(r["predicted"] - r["measured"]) / r["measured"] for r in grid if r["predicted"]]
+            errors_all += errs
+            summary_rows.append((model, uplink, best, auto, statistics.median(errs) if errs else float("nan"),
+                                 max(errs) if errs else float("nan")))
+            print(f"# {model} {uplink:g} Mbit/s: best grid {best['plan']} {best['measured']:.2f} s; planner "
+                  f"{auto['plan']} measured {auto['measured']:.2f} s ({auto['measured'] / best['measured']:.3f}x best), "
+                  f"predicted {auto['predicted']:.2f} s", flush=True)
+
+    print()
+    print("| model | uplink Mbit/s | best grid point | its round (s) | planner's pick | its round (s) | pick / best | "
+          "median prediction error | max |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model, uplink, best, auto, med, mx in summary_rows:
+        print(f"| {model} | {uplink:g} | {best['plan']} | {best['measured']:.2f} | P={auto['split']} N={auto['micro_batches']} | "
+              f"{auto['measured']:.2f} | {auto['measured'] / best['measured']:.3f} | {100 * med:.1f}% | {100 * mx:.1f}% |")
+    if errors_all:
+        print(f"median prediction error over all {len(errors_all)} grid points: {100 * statistics.median(errors_all):.1f}%")
+    print()
+    print("| model | uplink | plan | measured (s) | predicted (s) | error |")
+    print("|---|---|---|---|---|---|")
+    for r in everything:
+        err = "" if not r["predicted"] else f"{100 * (r['predicted'] - r['measured']) / r['measured']:+.1f}%"
+        pred = "" if not r["predicted"] else f"{r['predicted']:.2f}"
+        print(f"| {r['model']} | {r['uplink']:g} | {r['plan']} | {r['measured']:.2f} | {pred} | {err} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(everything, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
