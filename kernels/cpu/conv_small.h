@@ -27,8 +27,9 @@ namespace detail {
 struct SmallTapKernels {
   int vec = 0;        // floats per vector
   int tap_block = 0;  // the weight kernel's taps must be a multiple of this (col padded with zero rows)
-  // y[r·ldy + p] = bias[r] + sum_t w[r·ldw + t] · col[t·ldcol + p] for r < k, p < pixels (bias may be null).
-  void (*forward)(int64_t k, int64_t taps, const float* col, int64_t ldcol, const float* w, int64_t ldw,
+  // y[r·ldy + p] = bias[r] + sum_t w[r·ldw + t] · col[toff[t] + p] for r < k, p < pixels (bias may be
+  // null); each tap's row col + toff[t] readable up to pixels rounded up to vec.
+  void (*forward)(int64_t k, int64_t taps, const float* col, const int64_t* toff, const float* w, int64_t ldw,
                   const float* bias, float* y, int64_t ldy, int64_t pixels) = nullptr;
   // acc[(r·taps + t)·vec + l] += sum over pixels p ≡ l (mod vec) of dy[r·ldy + p] · col[t·ldcol + p].
   void (*weight)(int64_t k, int64_t taps, const float* col, int64_t ldcol, const float* dy, int64_t ldy,

@@ -19,8 +19,8 @@ constexpr int kRows = 4;
 constexpr int kTapBlock = 3;  // 9 and 27 taps (1 and 3 channels, 3×3) need no padding
 
 template <int kKb>
-void forward_rows(int64_t taps, const float* __restrict col, int64_t ldcol, const float* __restrict w, int64_t ldw,
-                  const float* bias, float* __restrict y, int64_t ldy, int64_t pixels) {
+void forward_rows(int64_t taps, const float* __restrict col, const int64_t* __restrict toff, const float* __restrict w,
+                  int64_t ldw, const float* bias, float* __restrict y, int64_t ldy, int64_t pixels) {
   float bv[kKb];
   for (int r = 0; r < kKb; ++r) bv[r] = bias ? bias[r] : 0.0f;
   int64_t p = 0;
@@ -33,7 +33,7 @@ void forward_rows(int64_t taps, const float* __restrict col, int64_t ldcol, cons
     for (int64_t t = 0; t < taps; ++t) {
       Vec c[kNv];
 #pragma GCC unroll 8
-      for (int v = 0; v < kNv; ++v) c[v] = load(col + t * ldcol + p + v * kVec);
+      for (int v = 0; v < kNv; ++v) c[v] = load(col + toff[t] + p + v * kVec);
 #pragma GCC unroll 4
       for (int r = 0; r < kKb; ++r) {
         const Vec wv = splat(w[r * ldw + t]);
@@ -53,7 +53,7 @@ void forward_rows(int64_t taps, const float* __restrict col, int64_t ldcol, cons
 #pragma GCC unroll 4
     for (int r = 0; r < kKb; ++r) acc[r] = splat(bv[r]);
     for (int64_t t = 0; t < taps; ++t) {
-      const Vec c = load(col + t * ldcol + p);
+      const Vec c = load(col + toff[t] + p);
 #pragma GCC unroll 4
       for (int r = 0; r < kKb; ++r) acc[r] = madd(splat(w[r * ldw + t]), c, acc[r]);
     }
@@ -62,16 +62,16 @@ void forward_rows(int64_t taps, const float* __restrict col, int64_t ldcol, cons
   }
 }
 
-void forward(int64_t k, int64_t taps, const float* col, int64_t ldcol, const float* w, int64_t ldw, const float* bias,
-             float* y, int64_t ldy, int64_t pixels) {
+void forward(int64_t k, int64_t taps, const float* col, const int64_t* toff, const float* w, int64_t ldw,
+             const float* bias, float* y, int64_t ldy, int64_t pixels) {
   int64_t r = 0;
   for (; r + kRows <= k; r += kRows)
-    forward_rows<kRows>(taps, col, ldcol, w + r * ldw, ldw, bias ? bias + r : nullptr, y + r * ldy, ldy, pixels);
+    forward_rows<kRows>(taps, col, toff, w + r * ldw, ldw, bias ? bias + r : nullptr, y + r * ldy, ldy, pixels);
   const float* br = bias ? bias + r : nullptr;
   switch (k - r) {
-    case 3: forward_rows<3>(taps, col, ldcol, w + r * ldw, ldw, br, y + r * ldy, ldy, pixels); break;
-    case 2: forward_rows<2>(taps, col, ldcol, w + r * ldw, ldw, br, y + r * ldy, ldy, pixels); break;
-    case 1: forward_rows<1>(taps, col, ldcol, w + r * ldw, ldw, br, y + r * ldy, ldy, pixels); break;
+    case 3: forward_rows<3>(taps, col, toff, w + r * ldw, ldw, br, y + r * ldy, ldy, pixels); break;
+    case 2: forward_rows<2>(taps, col, toff, w + r * ldw, ldw, br, y + r * ldy, ldy, pixels); break;
+    case 1: forward_rows<1>(taps, col, toff, w + r * ldw, ldw, br, y + r * ldy, ldy, pixels); break;
     default: break;
   }
 }
