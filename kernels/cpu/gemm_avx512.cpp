@@ -110,7 +110,9 @@ void indirect_kernel_avx512_impl(int64_t steps, const int64_t* off, const float*
 
 // GCC 12 reports the _mm512_undefined_ps() inside the unpack/shuffle intrinsics as maybe-uninitialized.
 #pragma GCC diagnostic push
+#if !defined(__clang__)  // a GCC-only warning (clang warns about the unknown option instead)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // One block of up to 16 × 16 (masked loads and stores at the edges): unpack pairs, then 64-bit and
 // 128-bit lane shuffles, the usual 4-stage transpose (64 shuffles per 256 floats).
 void transpose_block16(int rows, int cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
