@@ -1,6 +1,7 @@
 // Convolution geometry, derived once from the params and the shapes: shared by the CPU and the CUDA
 // backend so that both index the same way.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/ops.h"
@@ -26,6 +27,16 @@ inline ConvGeom conv_geometry(const Conv2dParams& p, Shape4 x, Shape4 y) {
   g.groups = p.groups, g.cg = x.c / p.groups, g.kg = y.c / p.groups;
   g.ckk = g.cg * g.kh * g.kw, g.hw = g.h * g.w, g.ohw = g.oh * g.ow;
   return g;
+}
+
+// Outputs o in [lo, hi) whose input o*s - pad + j lies in [0, in) (host code: the CPU passes' border
+// handling).
+inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t j, int64_t& lo, int64_t& hi) {
+  const int64_t first = pad - j, last = in - 1 + pad - j;
+  lo = first <= 0 ? 0 : (first + s - 1) / s;
+  hi = last < 0 ? 0 : last / s + 1;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
 }
 
 }  // namespace pipar::kernels

@@ -27,15 +27,6 @@ using detail::PackedA;
 
 using kernels::ConvGeom;
 
-// Outputs o in [lo, hi) whose input o*s - pad + j lies in [0, in).
-inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t j, int64_t& lo, int64_t& hi) {
-  const int64_t first = pad - j, last = in - 1 + pad - j;
-  lo = first <= 0 ? 0 : (first + s - 1) / s;
-  hi = last < 0 ? 0 : last / s + 1;
-  lo = std::min(lo, out);
-  hi = std::max(lo, std::min(hi, out));
-}
-
 // Sum of n floats with 16 independent lanes (vectorizes without -ffast-math).
 inline float sum_floats(const float* v, int64_t n) {
   float lanes[16] = {};

@@ -76,15 +76,6 @@ Tiles tiles(const ConvGeom& g, const SmallTapKernels& kern, int64_t col_floats) 
   return t;
 }
 
-// Outputs o in [lo, hi) whose input o*s - pad + j lies in [0, in).
-inline void valid_range(int64_t out, int64_t in, int64_t s, int64_t pad, int64_t j, int64_t& lo, int64_t& hi) {
-  const int64_t first = pad - j, last = in - 1 + pad - j;
-  lo = first <= 0 ? 0 : (first + s - 1) / s;
-  hi = last < 0 ? 0 : last / s + 1;
-  lo = std::min(lo, out);
-  hi = std::max(lo, std::min(hi, out));
-}
-
 // col [rows, ldcol]: row t = (c, i, j) < ckk holds the input under tap t of output pixels [p0, p1) of
 // one sample (x: its c planes), zero where the tap lies in the padding; rows past ckk and columns past
 // p1 - p0 are zero (the kernels read whole vectors).
