@@ -145,10 +145,14 @@ void forward_stride1(const ConvGeom& g, const SmallTapKernels& kern, const float
   const int64_t bands = (g.oh + rows_per_band - 1) / rows_per_band, items = g.n * bands;
   const int threads = small_taps_threads(g, items);
   const int64_t in_rows = rows_per_band + g.kh - 1, ld_out = rows_per_band * wp;
+  // Tap (c, i, j)'s inputs within a band's padded rows, the same for every band.
+  std::vector<int64_t> toff(static_cast<size_t>(g.ckk));
+  for (int64_t c = 0; c < g.c; ++c)
+    for (int64_t i = 0; i < g.kh; ++i)
+      for (int64_t j = 0; j < g.kw; ++j) toff[(c * g.kh + i) * g.kw + j] = (c * in_rows + i) * wp + j;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
   for (int64_t it = 0; it < items; ++it) {
     thread_local AlignedBuffer pad_buf, out_buf;
-    thread_local std::vector<int64_t> toff;
     const int64_t s = it / bands, oy0 = (it % bands) * rows_per_band, oy1 = std::min(g.oh, oy0 + rows_per_band);
     float* xp = pad_buf.get(static_cast<size_t>(g.c * in_rows * wp + kern.vec));
     float* out = out_buf.get(static_cast<size_t>(g.k * ld_out + kern.vec));
@@ -166,10 +170,6 @@ void forward_stride1(const ConvGeom& g, const SmallTapKernels& kern, const float
         std::memset(d + g.pw + g.w, 0, sizeof(float) * (wp - g.pw - g.w));
       }
     std::memset(xp + g.c * in_rows * wp, 0, sizeof(float) * kern.vec);
-    toff.resize(g.ckk);
-    for (int64_t c = 0; c < g.c; ++c)
-      for (int64_t i = 0; i < g.kh; ++i)
-        for (int64_t j = 0; j < g.kw; ++j) toff[(c * g.kh + i) * g.kw + j] = (c * in_rows + i) * wp + j;
     const int64_t rows = oy1 - oy0;
     kern.forward(g.k, g.ckk, xp, toff.data(), w, g.ckk, b, out, ld_out, (rows - 1) * wp + g.ow);
     for (int64_t kk = 0; kk < g.k; ++kk)
@@ -190,16 +190,15 @@ void conv2d_forward_small_taps(const ConvGeom& g, const float* x, const float* w
   const Tiles tl = tiles(g, kern, kForwardColFloats);
   const int64_t items = g.n * tl.per_plane;
   const int threads = small_taps_threads(g, items);
+  std::vector<int64_t> toff(static_cast<size_t>(g.ckk));  // tap t's row of the im2col tile
+  for (int64_t t = 0; t < g.ckk; ++t) toff[t] = t * tl.ldcol;
   // Tiles write disjoint pixels of y: taken dynamically (a thread the OS preempts holds up no one).
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1)
   for (int64_t it = 0; it < items; ++it) {
     thread_local AlignedBuffer col_buf;
-    thread_local std::vector<int64_t> toff;
     const int64_t s = it / tl.per_plane, p0 = tl.begin(it % tl.per_plane), p1 = std::min(g.ohw, p0 + tl.pixels);
     float* col = col_buf.get(static_cast<size_t>(g.ckk * tl.ldcol));
     gather_taps(g, x + s * g.c * g.hw, p0, p1, g.ckk, col, tl.ldcol);
-    toff.resize(g.ckk);
-    for (int64_t t = 0; t < g.ckk; ++t) toff[t] = t * tl.ldcol;
     kern.forward(g.k, g.ckk, col, toff.data(), w, g.ckk, b, y + s * g.k * g.ohw + p0, g.ohw, p1 - p0);
   }
 }
