@@ -115,6 +115,11 @@ std::vector<std::vector<int64_t>> make_partition(const TrainConfig& c, const dat
 // Batches of a device's n samples: a final batch of one sample is dropped (batch-norm needs two).
 int64_t batch_count(int64_t n, int64_t bs) { return n / bs + (n % bs >= 2 ? 1 : 0); }
 int64_t batch_len(int64_t n, int64_t bs, int64_t b) { return std::min(bs, n - b * bs); }
+// The learning rate of batch b of a partition of n samples in round `round` (one step per batch).
+float batch_lr(const TrainConfig& c, int round, int64_t n, int64_t b) {
+  const int64_t batches = batch_count(n, c.batch_size);
+  return scheduled_lr(c, round * batches + b, c.epochs * batches);
+}
 
 // The range of blocks whose state a message carries.
 std::pair<size_t, size_t> part_range(tp::WeightsPart part, const Model& m, size_t split) {
@@ -414,7 +419,7 @@ class DeviceRunner {
         ++got;
       }
       const double t0 = now_seconds();
-      const float lr = scheduled_lr(cfg_, plan.round * batch_count(n, bs) + b, cfg_.epochs * batch_count(n, bs));
+      const float lr = batch_lr(cfg_, plan.round, n, b);
       if (dp_part_) dp_part_->set_lr(lr), dp_part_->step(len);
       else device_part_->set_lr(lr), device_part_->step();
       trace("step", t0, now_seconds());
@@ -449,7 +454,7 @@ class DeviceRunner {
       Context bctx = ctx;
       bctx.input_grad = false;
       model_->backward(dlogits, tape, bctx);
-      local_opt_->params().lr = scheduled_lr(cfg_, plan.round * batch_count(n, bs) + b, cfg_.epochs * batch_count(n, bs));
+      local_opt_->params().lr = batch_lr(cfg_, plan.round, n, b);
       local_opt_->step(params);
       trace("train", t0, now_seconds());
     }
@@ -904,8 +909,7 @@ class ServerRunner {
     g.data = res.grad;
     served[static_cast<size_t>(a.micro_batch)] = 1;
     if (std::count(served.begin(), served.end(), 1) == micros) {
-      const int64_t batches = batch_count(s.samples, cfg_.batch_size);
-      owner.server_part->set_lr(scheduled_lr(cfg_, r * batches + a.batch, cfg_.epochs * batches));
+      owner.server_part->set_lr(batch_lr(cfg_, r, s.samples, a.batch));
       owner.server_part->step();
     }
     trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch), t0, now_seconds());
