@@ -183,7 +183,8 @@ void forward_stride1(const ConvGeom& g, const SmallTapKernels& kern, const float
 void conv2d_forward_small_taps(const ConvGeom& g, const float* x, const float* w, const float* b, float* y) {
   const SmallTapKernels kern = detail::select_small_tap_kernels();
   // Stride 1 with several input channels (27 taps on CIFAR) reads the inputs in place; one channel (9
-  // taps) keeps the gather, cheap there, and its exact tiles (Zen 3, 1 thread, 3 alternating runs:
+  // taps) keeps the gather, cheap there, and its exact tiles (Zen 3, 1 thread, 3 alternating runs of
+  // pipar_bench_kernels --layer conv1 with a temporary switch between the two paths:
   // cifar10.conv1 5.4-5.7 against 6.2-8.3 ms at b100, 0.37-0.45 against 0.39-0.62 ms at b10;
   // fmnist.conv1 b10 0.17 against 0.11-0.16 ms, its 28-wide rows padded to 34 wasting 18%).
   if (g.sh == 1 && g.sw == 1 && g.c >= 2) return forward_stride1(g, kern, x, w, b, y);
