@@ -1,7 +1,9 @@
-// CPU conv2d: on AVX-512, direct passes through the indirect kernel (gemm_internal.h) that read the
-// padded image in place (forward, stride-1 backward-input as a transposed convolution, and weight
-// gradient); elsewhere, and for convolutions with few taps or channels, im2col + the packed GEMM (1x1
-// stride-1 unpadded ones read x directly); direct loops for depthwise ones.
+// CPU conv2d: on AVX2 and AVX-512, 3x3 stride-1 convolutions with 16+ channels each side go through
+// Winograd F(2x2, 3x3) (conv_winograd.h: forward, backward-input as a transposed convolution, and the
+// weight gradient as F(3x3, 2x2)); other ones through direct passes of the indirect kernel
+// (gemm_internal.h) that read the padded image in place; elsewhere, and for convolutions with few taps
+// or channels, im2col + the packed GEMM (1x1 stride-1 unpadded ones read x directly); first layers
+// with few taps in conv_small.cpp; direct loops for depthwise ones.
 #include <omp.h>
 
 #include <algorithm>
@@ -12,6 +14,7 @@
 #include "kernels/conv_geometry.h"
 #include "kernels/cpu/cpu_parallel.h"
 #include "kernels/cpu/conv_small.h"
+#include "kernels/cpu/conv_winograd.h"
 #include "kernels/cpu/gemm_internal.h"
 #include "kernels/ops.h"
 #include "kernels/parallel.h"
@@ -633,6 +636,10 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
     return;
   }
   const int threads = conv_threads(g);
+  if (detail::winograd_applies(g)) {
+    detail::conv2d_winograd(g, x.data, w.data, detail::WinogradWeights::kForward, b.data, y.data, threads);
+    return;
+  }
   if (direct_applies(g, g.kg)) {
     const int64_t kp = round16(g.kg);
     conv2d_forward_direct(g, x.data, pack_weights_forward(g, w.data, kp), kp, b.data, y.data, threads);
@@ -672,6 +679,10 @@ void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, Vie
   const int threads = conv_threads(g);
   if (g.sh == 1 && g.sw == 1 && g.ph < g.kh && g.pw < g.kw) {
     const ConvGeom t = transposed_geometry(g);
+    if (detail::winograd_applies(t)) {
+      detail::conv2d_winograd(t, dy.data, w.data, detail::WinogradWeights::kTransposed, nullptr, dx.data, threads);
+      return;
+    }
     if (direct_applies(t, t.kg)) {
       const int64_t kp = round16(t.kg);
       conv2d_forward_direct(t, dy.data, pack_weights_transposed(g, w.data, kp), kp, nullptr, dx.data, threads);
@@ -718,6 +729,10 @@ void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, Vi
     return;
   }
   const int threads = conv_threads(g);
+  if (detail::winograd_applies(g)) {
+    detail::conv2d_winograd_backward_weight(g, x.data, dy.data, dw.data, threads);
+    return;
+  }
   if (direct_applies(g, g.kg)) {
     conv2d_backward_weight_direct(g, x.data, dy.data, dw.data, threads);
     return;

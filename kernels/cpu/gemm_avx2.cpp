@@ -116,17 +116,20 @@ void indirect_kernel_avx2_nv(int64_t steps, const int64_t* off, const float* con
 
 // One 8 × 8 block (rows, cols <= 8; partial blocks through a zeroed stack copy): unpack, 64-bit
 // shuffles, then 128-bit permutes.
+// Lanes [0, n) set (n in 0..8), for the masked loads and stores of partial blocks.
+__m256i lanes_below(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 void transpose_block8(int rows, int cols, const float* src, int64_t lds, float* dst, int64_t ldd, const float* bias) {
   __m256 r[8], t[8];
-  if (rows == 8 && cols == 8) {
+  if (cols == 8) {
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-  } else {
-    alignas(32) float tmp[8][8] = {};
-    for (int i = 0; i < rows; ++i)
-      for (int j = 0; j < cols; ++j) tmp[i][j] = src[i * lds + j];
+    for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
+  } else {  // partial rows of src: masked loads (never past the block), absent rows zero
+    const __m256i mask = lanes_below(cols);
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(tmp[i]);
+    for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_maskload_ps(src + i * lds, mask) : _mm256_setzero_ps();
   }
 #pragma GCC unroll 4
   for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -144,13 +147,10 @@ void transpose_block8(int rows, int cols, const float* src, int64_t lds, float* 
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j)
       if (j < cols) _mm256_storeu_ps(dst + j * ldd, bias ? _mm256_add_ps(t[j], _mm256_set1_ps(bias[j])) : t[j]);
-  } else {
-    alignas(32) float tmp[8];
-    for (int j = 0; j < cols; ++j) {
-      _mm256_store_ps(tmp, t[j]);
-      const float add = bias ? bias[j] : 0.0f;
-      for (int i = 0; i < rows; ++i) dst[j * ldd + i] = tmp[i] + add;
-    }
+  } else {  // partial columns of dst: masked stores
+    const __m256i mask = lanes_below(rows);
+    for (int j = 0; j < cols; ++j)
+      _mm256_maskstore_ps(dst + j * ldd, mask, bias ? _mm256_add_ps(t[j], _mm256_set1_ps(bias[j])) : t[j]);
   }
 }
 
