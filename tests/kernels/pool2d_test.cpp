@@ -3,6 +3,8 @@
 // backward against central differences, thread counts 1 and 2, shape errors.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -38,6 +40,7 @@ std::vector<PoolCase> cases(Rng& rng) {
       {{1, 2, 7, 9}, {3, 3, 1, 1, 1, 1}},   // overlapping windows
       {{1, 2, 9, 11}, {3, 3, 2, 2, 1, 1}},  // overlapping, strided, padded
       {{2, 3, 8, 8}, {2, 2, 2, 2, 0, 0}},
+      {{3, 2, 7, 9}, {2, 2, 2, 2, 0, 0}},   // 2x2 stride 2 (its own path) on odd planes: last row, column dropped
       {{1, 1, 5, 6}, {2, 3, 3, 1, 1, 1}},   // stride > kernel in h, overlap in w, non-square
       {{2, 4, 33, 17}, {3, 2, 2, 3, 0, 1}},
       {{1, 3, 4, 4}, {4, 4, 1, 1, 2, 2}},   // padding = kernel/2, windows mostly padding
@@ -88,6 +91,45 @@ TEST(Pool2d, MaxNegativeInputsIgnorePadding) {
   kernels::max_pool2d_forward(p, cview(x, xs), view(y, xs), iview(am, xs));
   EXPECT_TRUE(all_equal(y, std::vector<float>{-5, -4, -4, -2, -1, -1, -2, -1, -1}));
   EXPECT_TRUE(all_equal(am, std::vector<int32_t>{4, 5, 5, 7, 8, 8, 7, 8, 8}));
+}
+
+// NaN propagates (PyTorch's rule: taken when v > best or v is NaN, so a window's last NaN), on the 2x2
+// stride-2 path and on the general one (padded).
+TEST(Pool2d, MaxPropagatesNaN) {
+  const Shape4 xs{1, 1, 4, 4};
+  std::vector<float> x = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+  x[1] = NAN, x[10] = NAN, x[15] = NAN;
+  for (const Pool2dParams& p : {Pool2dParams{2, 2, 2, 2, 0, 0}, Pool2dParams{2, 2, 2, 2, 1, 1}}) {
+    const Shape4 ys = kernels::pool2d_out_shape(xs, p);
+    std::vector<float> y(ys.numel());
+    std::vector<int32_t> am(ys.numel());
+    kernels::max_pool2d_forward(p, cview(x, xs), view(y, ys), iview(am, ys));
+    std::vector<float> want_y;
+    std::vector<int32_t> want_am;
+    if (p.ph == 0) {
+      want_y = {NAN, 8, 14, NAN}, want_am = {1, 7, 13, 15};  // window (1, 1): NaNs at 10 and 15, the last
+    } else {  // windows of rows {0}, {1, 2}, {3} by the same columns
+      want_y = {1, NAN, 4, 9, NAN, 12, 13, 15, NAN}, want_am = {0, 1, 3, 8, 10, 11, 12, 14, 15};
+    }
+    for (size_t i = 0; i < y.size(); ++i) {
+      SCOPED_TRACE("output " + std::to_string(i) + " pad " + std::to_string(p.ph));
+      EXPECT_EQ(std::isnan(y[i]), std::isnan(want_y[i]));
+      if (!std::isnan(want_y[i])) {
+        EXPECT_EQ(y[i], want_y[i]);
+      }
+      EXPECT_EQ(am[i], want_am[i]);
+    }
+  }
+  // A row of 4 outputs (the 4-wide vector path of 2x2 stride 2): NaN in the second row, in both rows,
+  // none (ties: the first maximum), in the first row.
+  const Shape4 ws{1, 1, 2, 8};
+  const std::vector<float> xw = {1, 2, 5, 5, 0, 0, NAN, 1, 3, NAN, NAN, 0, 5, 5, 2, 2};
+  std::vector<float> y(4);
+  std::vector<int32_t> am(4);
+  kernels::max_pool2d_forward(Pool2dParams{2, 2, 2, 2, 0, 0}, cview(xw, ws), view(y, {1, 1, 1, 4}), iview(am, {1, 1, 1, 4}));
+  EXPECT_TRUE(std::isnan(y[0]) && std::isnan(y[1]) && std::isnan(y[3]));
+  EXPECT_EQ(y[2], 5.0f);
+  EXPECT_TRUE(all_equal(am, std::vector<int32_t>{9, 10, 12, 6}));
 }
 
 TEST(Pool2d, MaxBackwardMatchesFiniteDifferences) {
