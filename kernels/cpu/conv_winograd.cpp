@@ -27,6 +27,16 @@ namespace {
 // multiplies they save (conv1 layers, 1-3 input channels, stay on the direct / im2col paths).
 constexpr int64_t kMinChannels = 16;
 
+// Every call transforms all the weights (U, 16·c·kp floats) and streams U once per chunk of tiles; the
+// weight gradient keeps a 16·k·cp partial per thread. Both are paid back only by enough tiles on
+// a small enough U: with 256 and 512 channels on 7x7 and 4x4 planes (ResNet18's last blocks) Winograd
+// made a ResNet18 training run 1.45x slower than the direct passes (600 Fashion-MNIST images, 2
+// threads, Zen 3: 31 against 21 s). So: c·k up to 128x128 (U at most 1 MiB) and 128+ tiles per call.
+constexpr int64_t kMaxChannelProduct = 128 * 128;
+constexpr int64_t kMinTiles = 128;
+// At least this many tiles per chunk, however large cp + kp: U is read once per chunk.
+constexpr int64_t kMinChunkTiles = 64;
+
 // Tiles per chunk: V and M of a chunk, 16·tiles·(cp + kp) floats (512 KiB), half the 1 MiB L2 of a Zen 4
 // core, all of a Zen 3's; on the Zen 3 (1 thread, VGG5 conv2/conv3) 64-256 KiB chunks took 5-40% longer.
 constexpr int64_t kChunkFloats = 128 * 1024;
@@ -38,9 +48,13 @@ int64_t round16(int64_t v) { return (v + 15) / 16 * 16; }
 
 }  // namespace
 
+bool winograd_supported() { return select_indirect_kernel(4).fn != nullptr; }
+
 bool winograd_applies(const ConvGeom& g) {
-  return select_indirect_kernel(4).fn && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.groups == 1 &&
-         g.ph <= 2 && g.pw <= 2 && g.c >= kMinChannels && g.k >= kMinChannels;
+  const int64_t tiles = g.n * ((g.oh + 1) / 2) * ((g.ow + 1) / 2);
+  return winograd_supported() && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.groups == 1 &&
+         g.ph <= 2 && g.pw <= 2 && g.c >= kMinChannels && g.k >= kMinChannels && g.c * g.k <= kMaxChannelProduct &&
+         tiles >= kMinTiles;
 }
 
 void conv2d_winograd(const ConvGeom& g, const float* x, const float* w, WinogradWeights layout, const float* bias,
@@ -62,7 +76,7 @@ void conv2d_winograd(const ConvGeom& g, const float* x, const float* w, Winograd
 
   // Chunks of whole tile rows of the flattened n × th rows, as many as a multiple of the threads.
   const int64_t rows = g.n * s.th;
-  const int64_t per_chunk = std::max<int64_t>(1, kChunkFloats / (16 * (s.cp + s.kp) * s.tw));
+  const int64_t per_chunk = std::max(kChunkFloats / (16 * (s.cp + s.kp) * s.tw), (kMinChunkTiles + s.tw - 1) / s.tw);
   int64_t chunks = (rows + per_chunk - 1) / per_chunk;
   if (threads > 1) chunks = std::min(rows, (chunks + threads - 1) / threads * threads);
   const int64_t weight_items = (g.c + kWeightChannels - 1) / kWeightChannels;
@@ -133,7 +147,7 @@ void conv2d_winograd_backward_weight(const ConvGeom& g, const float* x, const fl
   // 2 threads, in zeroing and adding partials), each swept in steps of tile rows whose V and D
   // [16][tiles][cp or kp] fit the L2 budget of the forward pass.
   const int64_t rows = g.n * s.th, part_size = 16 * g.k * s.cp;
-  const int64_t per_step = std::max<int64_t>(1, kChunkFloats / (16 * (s.cp + s.kp) * s.tw));
+  const int64_t per_step = std::max(kChunkFloats / (16 * (s.cp + s.kp) * s.tw), (kMinChunkTiles + s.tw - 1) / s.tw);
   const int64_t chunks = std::min<int64_t>(rows, threads);
   thread_local AlignedBuffer part_buf;
   float* parts = part_buf.get(static_cast<size_t>(part_size * chunks));

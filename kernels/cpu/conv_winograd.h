@@ -15,10 +15,12 @@ namespace pipar::kernels::cpu::detail {
 // taps flipped, W'[k, c, i, j] = W[c, k, 2-i, 2-j].
 enum class WinogradWeights { kForward, kTransposed };
 
-// 3x3, stride 1, one group, padding at most 2 (a tile's patch starts at most 2 before the image),
-// enough channels on both sides for the channel GEMMs to pay for the transforms, and AVX2 or AVX-512
-// (the transforms, in AVX2, and the GEMMs, through the indirect kernel of gemm_internal.h, run
-// channels last).
+// AVX2 or AVX-512 (the transforms, in AVX2, and the GEMMs, through the indirect kernel of
+// gemm_internal.h, run channels last): conv2d_winograd* may be called on any 3x3 stride-1 geometry.
+bool winograd_supported();
+// What the conv2d entry points take it for: winograd_supported(), 3x3, stride 1, one group, padding at
+// most 2 (a tile's patch starts at most 2 before the image), 16+ channels on both sides and at most
+// 128x128 pairs of them, 128+ tiles (2x2 output blocks) in the call: where the transforms pay.
 bool winograd_applies(const ConvGeom& g);
 
 // dw [k, c, 3, 3] += the weight gradient of y = conv(x, w) for dy [n, k, oh, ow] (Winograd F(3x3, 2x2):

@@ -51,10 +51,7 @@ const std::vector<Case> kCases = {
     {3, 32, 14, 14, 64, 1, 1}, {2, 32, 16, 16, 64, 1, 1}, {2, 64, 8, 8, 64, 1, 1},
 };
 
-bool have_winograd() {
-  ConvGeom g = kernels::conv_geometry(kCases[11].p(), kCases[11].xs(), kCases[11].ys());
-  return wino::winograd_applies(g);
-}
+bool have_winograd() { return wino::winograd_supported(); }
 
 std::vector<float> abs_vec(const std::vector<float>& v) {
   std::vector<float> a(v.size());
@@ -191,7 +188,8 @@ TEST(ConvWinogradTest, IndependentOfThreadCount) {
   }
 }
 
-// The dispatch rule: 3x3 stride 1, one group, pad <= 2, >= 16 channels in and out, AVX2 or AVX-512.
+// The dispatch rule: 3x3 stride 1, one group, pad <= 2, 16+ channels in and out, c·k <= 128², 128+
+// tiles, AVX2 or AVX-512.
 TEST(ConvWinogradTest, AppliesToThreeByThreeStrideOneWithEnoughChannels) {
   auto applies = [](Case cc, int sh, int groups, int kernel) {
     Conv2dParams p = cc.p();
@@ -209,6 +207,11 @@ TEST(ConvWinogradTest, AppliesToThreeByThreeStrideOneWithEnoughChannels) {
   EXPECT_FALSE(applies({10, 32, 14, 14, 64, 1, 1}, 2, 1, 3));       // stride 2
   EXPECT_FALSE(applies({10, 32, 14, 14, 64, 1, 1}, 1, 2, 3));       // groups
   EXPECT_FALSE(applies({10, 32, 14, 14, 64, 2, 2}, 1, 1, 5));       // 5x5
+  EXPECT_FALSE(applies({7, 64, 7, 7, 64, 1, 1}, 1, 1, 3));          // 112 tiles: too few to pay
+  EXPECT_EQ(applies({8, 64, 7, 7, 64, 1, 1}, 1, 1, 3), simd);       // 128 tiles
+  EXPECT_EQ(applies({10, 128, 14, 14, 128, 1, 1}, 1, 1, 3), simd);  // ResNet18 block 5
+  EXPECT_FALSE(applies({10, 256, 7, 7, 256, 1, 1}, 1, 1, 3));       // block 7: U too large to stream
+  EXPECT_FALSE(applies({100, 512, 4, 4, 512, 1, 1}, 1, 1, 3));
 }
 
 // Through kernels::conv2d_forward / _backward_input / _backward_weight under every ISA and 1-3 threads: within
@@ -217,7 +220,7 @@ TEST(ConvWinogradTest, AppliesToThreeByThreeStrideOneWithEnoughChannels) {
 TEST(ConvWinogradTest, PublicEntryPointsDispatchToWinograd) {
   SCOPED_TRACE(seed_trace());
   Rng rng(65);
-  for (const Case& cc : {kCases[1], kCases[6], kCases[11], kCases[12], kCases[0]}) {
+  for (const Case& cc : {kCases[1], kCases[6], kCases[11], kCases[12], kCases[13], kCases[0]}) {
     const auto x = rng.uniform_vec(cc.xs().numel()), w = rng.uniform_vec(cc.ws().numel()), b = rng.uniform_vec(cc.k),
                dy = rng.uniform_vec(cc.ys().numel());
     const std::vector<double> want = ref::conv2d_forward(cc.p(), cc.xs(), x, cc.ws(), w, b);
@@ -227,7 +230,9 @@ TEST(ConvWinogradTest, PublicEntryPointsDispatchToWinograd) {
         ref::conv2d_backward_input(cc.p(), cc.xs(), cc.ws(), abs_vec(dy), abs_vec(w));
     const std::vector<double> want_dw = ref::conv2d_backward_weight(cc.p(), cc.xs(), cc.ws(), x, dy);
     const std::vector<double> terms_dw = ref::conv2d_backward_weight(cc.p(), cc.xs(), cc.ws(), abs_vec(x), abs_vec(dy));
-    const bool eligible = cc.c >= 16 && cc.k >= 16;
+    Conv2dParams t = cc.p();  // the transposed convolution of the backward-input pass
+    t.ph = 2 - cc.ph, t.pw = 2 - cc.pw;
+
     for (const CpuConfig& cfg : cpu_configs()) {
       ScopedCpuConfig scope(cfg);
       SCOPED_TRACE(cfg.str() + " " + cc.str());
@@ -239,10 +244,15 @@ TEST(ConvWinogradTest, PublicEntryPointsDispatchToWinograd) {
       EXPECT_EQ(count_outside(y, want, terms, 1e-5), 0);  // tolerance 1e-5 of the sum of |terms|
       EXPECT_EQ(count_outside(dx, want_dx, terms_dx, 1e-5), 0);
       EXPECT_EQ(count_outside(dw, want_dw, terms_dw, 1e-5), 0);
-      if ((cfg.isa == kernels::Isa::kAvx512 || cfg.isa == kernels::Isa::kAvx2) && eligible) {
+      // Under this configuration's ISA: did the entry points have to take Winograd?
+      const bool eligible = wino::winograd_applies(kernels::conv_geometry(cc.p(), cc.xs(), cc.ys()));
+      const bool eligible_dx = wino::winograd_applies(kernels::conv_geometry(t, cc.ys(), cc.xs()));
+      if (eligible) {
         EXPECT_EQ(y, winograd_forward(cc, x, w, b.data(), cfg.threads));
-        EXPECT_EQ(dx, winograd_backward_input(cc, dy, w, cfg.threads));
         EXPECT_EQ(dw, winograd_backward_weight(cc, x, dy, std::vector<float>(dw.size(), 0.0f), cfg.threads));
+      }
+      if (eligible_dx) {
+        EXPECT_EQ(dx, winograd_backward_input(cc, dy, w, cfg.threads));
       }
     }
   }
