@@ -45,6 +45,28 @@ std::string Plan::to_json() const {
   return j.dump();
 }
 
+Plan Plan::from_json(const std::string& text) {
+  try {
+    const nlohmann::json j = nlohmann::json::parse(text);
+    Plan p;
+    p.mode = parse_mode(j.at("mode").get<std::string>());
+    p.split = j.at("split").get<std::vector<int>>();
+    p.micro_batches = j.at("micro_batches").get<int>();
+    p.batch_s = j.at("batch_s").get<double>();
+    p.round_s = j.at("round_s").get<double>();
+    p.bottleneck = j.at("bottleneck").get<std::string>();
+    p.bottleneck_busy_s = j.at("bottleneck_busy_s").get<double>();
+    p.device_memory_bytes = j.at("device_memory_bytes").get<int64_t>();
+    p.server_memory_bytes = j.at("server_memory_bytes").get<int64_t>();
+    if (p.micro_batches < 1) throw Error(detail::concat("micro_batches ", p.micro_batches));
+    for (int s : p.split)
+      if (s < 1) throw Error(detail::concat("split point ", s));
+    return p;
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(std::string("bad plan JSON: ") + e.what());
+  }
+}
+
 Plan evaluate_plan(const CostModel& model, Mode mode, std::vector<int> split, int micro_batches) {
   Plan p;
   p.mode = mode;

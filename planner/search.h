@@ -25,6 +25,7 @@ struct Plan {
   bool shared_split() const;   // every device splits at the same block
   std::string describe() const;  // "pipar P=2 N=8: batch 0.123 s, round 4.56 s, bottleneck server"
   std::string to_json() const;   // {"mode","split":[..],"micro_batches","batch_s","round_s","bottleneck",...}
+  static Plan from_json(const std::string& text);  // what to_json wrote; throws pipar::Error otherwise
 };
 
 struct SearchOptions {

@@ -118,9 +118,9 @@ CheckpointMeta parse_header(Reader& r) {
   if (crc != stored_crc) throw IoError("checkpoint " + path + " is corrupt: checksum mismatch (truncated or modified file)");
   r.pos = sizeof(kMagic);
   const uint32_t version = r.get<uint32_t>();
-  if (version != kCheckpointVersion)
-    throw IoError(detail::concat("checkpoint ", path, " has format version ", version, "; this build reads version ",
-                                 kCheckpointVersion));
+  if (version < 1 || version > kCheckpointVersion)
+    throw IoError(detail::concat("checkpoint ", path, " has format version ", version, "; this build reads versions 1 to ",
+                                 kCheckpointVersion, version > kCheckpointVersion ? " (written by a newer PiPar)" : ""));
   const uint32_t meta_len = r.get<uint32_t>();
   if (meta_len > kMaxMeta) throw IoError("checkpoint " + path + ": metadata too large");
   const std::string text = r.get_string(meta_len);
@@ -159,7 +159,8 @@ CheckpointMeta parse_header(Reader& r) {
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta& meta) {
+void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta& meta,
+                     const std::vector<CheckpointState>& state) {
   Writer w;
   w.put_bytes(kMagic, sizeof(kMagic));
   w.put<uint32_t>(kCheckpointVersion);
@@ -180,6 +181,12 @@ void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta
     items.push_back({p->name, 1, &p->momentum});
   }
   for (const Buffer& b : buffers) items.push_back({b.name, 2, b.value});
+  std::set<std::string> state_names;
+  for (const CheckpointState& st : state) {
+    if (st.name.size() > std::numeric_limits<uint16_t>::max() || !state_names.insert(st.name).second)
+      throw Error("save_checkpoint: state name '" + st.name.substr(0, 64) + "' is too long or given twice");
+    items.push_back({st.name, 3, &st.value});
+  }
   w.put<uint32_t>(static_cast<uint32_t>(items.size()));
   for (const Item& it : items) {
     w.put<uint16_t>(static_cast<uint16_t>(it.name.size()));
@@ -218,7 +225,7 @@ CheckpointMeta read_checkpoint_meta(const std::string& path) {
   return parse_header(r);
 }
 
-CheckpointMeta load_checkpoint(const std::string& path, Model& model) {
+CheckpointMeta load_checkpoint(const std::string& path, Model& model, std::vector<CheckpointState>* state) {
   const std::string buf = read_file(path);
   Reader r{buf, path};
   CheckpointMeta meta = parse_header(r);
@@ -233,18 +240,40 @@ CheckpointMeta load_checkpoint(const std::string& path, Model& model) {
   for (const Buffer& b : model.buffers()) targets[{b.name, 2}] = b.value;
 
   const uint32_t count = r.get<uint32_t>();
-  if (count != targets.size())
-    throw IoError(detail::concat("checkpoint ", path, " holds ", count, " tensors but model ", model.name(), " has ",
-                                 targets.size()));
-  // Each of the model's tensors exactly once: with `count` checked above, a repeated record would
-  // otherwise leave another tensor silently unloaded.
+  // Each of the model's tensors exactly once (a repeated record would otherwise leave another tensor
+  // silently unloaded); state records (kind 3) besides, each name once.
   std::set<std::pair<std::string, uint8_t>> loaded;
+  std::set<std::string> state_names;
+  std::vector<CheckpointState> states;
   for (uint32_t i = 0; i < count; ++i) {
     const uint16_t name_len = r.get<uint16_t>();
     const std::string name = r.get_string(name_len);
     const uint8_t kind = r.get<uint8_t>();
     Shape4 s;
     s.n = r.get<int64_t>(), s.c = r.get<int64_t>(), s.h = r.get<int64_t>(), s.w = r.get<int64_t>();
+    if (kind == 3) {
+      // Nothing to check the shape against but the bytes left (each dimension >= 1, the product
+      // without overflow).
+      const size_t end = r.buf.size() - 4;  // the CRC
+      const int64_t room = static_cast<int64_t>(r.pos < end ? (end - r.pos) / sizeof(float) : 0);
+      int64_t numel = 1;
+      for (int64_t d : {s.n, s.c, s.h, s.w}) {
+        if (d < 1 || d > room || numel > room / d)
+          throw IoError("checkpoint " + path + ": state " + name + " has shape " + s.str() + ", more than the file holds");
+        numel *= d;
+      }
+      if (!state_names.insert(name).second)
+        throw IoError("checkpoint " + path + " holds state " + name + " twice; the file is corrupt");
+      const size_t bytes = static_cast<size_t>(numel) * sizeof(float);
+      r.need(bytes);
+      if (state) {
+        Tensor host = Tensor::empty(s);
+        std::memcpy(host.data(), buf.data() + r.pos, bytes);
+        states.push_back({name, std::move(host)});
+      }
+      r.pos += bytes;
+      continue;
+    }
     auto it = targets.find({name, kind});
     if (it == targets.end())
       throw IoError("checkpoint " + path + " has tensor " + name + " that model " + model.name() + " lacks");
@@ -262,7 +291,11 @@ CheckpointMeta load_checkpoint(const std::string& path, Model& model) {
     r.pos += bytes;
     *t = host.to(t->device());
   }
+  if (loaded.size() != targets.size())
+    throw IoError(detail::concat("checkpoint ", path, " holds ", loaded.size(), " of the ", targets.size(), " tensors of model ",
+                                 model.name()));
   if (r.pos + 4 != buf.size()) throw IoError("checkpoint " + path + " has trailing bytes after its tensors");
+  if (state) *state = std::move(states);
   return meta;
 }
 

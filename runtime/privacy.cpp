@@ -184,6 +184,11 @@ void DpSgd::finish(int64_t batch_size) {
   samples_ = 0;
 }
 
+void DpSgd::clear() {
+  for (Tensor& t : sum_) t.zero();
+  samples_ = 0;
+}
+
 DpSgdPart::DpSgdPart(Model& m, size_t split, kernels::SgdParams sgd, float clip, float sigma, uint64_t seed)
     : m_(m), split_(split), opt_(sgd), params_((check_split(m, split), m.params(0, split))),
       dp_(params_, clip, sigma, seed) {

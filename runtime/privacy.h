@@ -53,6 +53,7 @@ class DpSgd {
   // gradient is that of the batch's mean loss). Returns the sample's unclipped gradient norm.
   float end_sample(float grad_scale = 1.0f);
   void finish(int64_t batch_size);
+  void clear();  // drops the current sum (a batch that will not finish)
   int64_t samples() const { return samples_; }  // samples in the current sum
 
  private:
@@ -78,7 +79,7 @@ class DpSgdPart {
   void step(int64_t batch_size);  // finish, SGD step, zero the gradients
   void set_lr(float lr) { opt_.params().lr = lr; }  // for the next step (learning-rate schedules)
   size_t in_flight() const { return tapes_.size(); }
-  void reset() { tapes_.clear(); }
+  void reset() { tapes_.clear(), dp_.clear(); }  // drop micro-batches (and a batch) that will not finish
   const std::vector<float>& last_norms() const { return norms_; }  // unclipped norms of the last backward
 
  private:

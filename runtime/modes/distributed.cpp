@@ -1,6 +1,7 @@
 // Server and device roles of the distributed modes, and the launcher that runs them on loopback.
 #include "runtime/modes/distributed.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -9,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -162,6 +164,26 @@ std::vector<Tensor> unpack_state(Model& m, size_t begin, size_t end, const tp::W
   return state;
 }
 
+// Writes a small file atomically: a temp file, fsync, rename (as checkpoints are written).
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw IoError("cannot write " + tmp + ": " + std::strerror(errno));
+  size_t off = 0;
+  while (off < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + off, text.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const std::string err = std::strerror(errno);
+      ::close(fd);
+      throw IoError("cannot write " + tmp + ": " + err);
+    }
+    off += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) throw IoError("cannot flush " + tmp + ": " + std::strerror(errno));
+  std::filesystem::rename(tmp, path);
+}
+
 double seconds_of(tp::Clock::time_point t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
 
 // --- device ----------------------------------------------------------------------------------------
@@ -303,13 +325,28 @@ class DeviceRunner {
   void round(const tp::Plan& plan) {
     if (!model_) setup(plan);
     split_ = static_cast<size_t>(plan.split_point);
-    // A new split point (first round, or a re-plan) moves blocks between device and server; the
-    // optimizer state of the device part starts afresh then.
+    // A new split point (first round, or a re-plan) moves blocks between device and server: a new
+    // device part for the new range (momentum stays with the weights, in the model's Params).
     if (is_split_mode(cfg_.mode) && (!device_part_ || device_part_split_ != split_)) {
       device_part_ = std::make_unique<DevicePart>(*model_, split_, sgd_);
       device_part_split_ = split_;
       if (cfg_.dp_sgd)  // differential privacy: DP-SGD replaces the plain device part's backward and step
-        dp_part_ = std::make_unique<DpSgdPart>(*model_, split_, sgd_, cfg_.dp_clip, cfg_.dp_sigma, hash64(dp_secret_, 1));
+        dp_part_ = std::make_unique<DpSgdPart>(*model_, split_, sgd_, cfg_.dp_clip, cfg_.dp_sigma, hash64(dp_secret_, ++dp_parts_));
+    }
+    keep_or_restore_optimizer_state(plan.round);
+    // Differential privacy, before anything of this round leaves the device: this round's releases go
+    // into the accountant, after any the server counted that this process has not (a device restarted
+    // since: its earlier processes released them). The server's count can only raise this device's own.
+    // A round begun counts in full even if it breaks off; one that is run again counts again.
+    if (dp_accounting()) {
+      int64_t before = dp_rounds_;
+      const json config = json::parse(plan.config);
+      if (auto it = config.find("privacy_rounds"); it != config.end() && it->is_array() && o_.id < it->size())
+        before = std::max(before, (*it)[o_.id].get<int64_t>());
+      if (before - dp_rounds_ > kMaxReplayedRounds)
+        throw Error(detail::concat("the server counts ", before, " rounds of this device's data released; not believable"));
+      while (dp_rounds_ < before) account_round();
+      account_round();
     }
     for (const auto& d : plan.devices)
       if (d.device == o_.id) link_->set_shape({d.uplink_mbps, cfg_latency(plan)});
@@ -348,9 +385,42 @@ class DeviceRunner {
     end.loss_sum = stats.loss_sum;
     end.correct = stats.correct;
     end.stats["round_seconds"] = t1 - t0;
-    if (cfg_.dp_clip > 0 && cfg_.dp_sigma > 0) end.stats["epsilon"] = privacy_.epsilon(cfg_.dp_delta);  // differential privacy
+    if (dp_accounting()) end.stats["epsilon"] = privacy_.epsilon(cfg_.dp_delta);  // differential privacy
     end.details = events_to_json(events_);
     link_->send(end);
+  }
+
+  // The optimizer state a device carries from round to round (the momentum of the weights it trains:
+  // the device part, or the whole model in fl) never leaves the device. It is kept as it was at the
+  // start of the latest round, so a round that the server runs again after a crash (it resumed from
+  // its last checkpoint, older than this device's progress: killed in the middle of the round, or after
+  // the round's results arrived but before it saved them) starts from the state it started from the
+  // first time, and the resumed run goes on as if never interrupted. A restarted device has no such
+  // state: its momentum starts from zero, as a new device's.
+  void keep_or_restore_optimizer_state(int round) {
+    const auto params = model_->params();
+    if (round == snapshot_round_ && snapshot_.size() == params.size()) {
+      for (size_t i = 0; i < params.size(); ++i) params[i]->momentum = snapshot_[i].clone();
+      log(detail::concat("round ", round + 1, " again (the server resumed from its checkpoint): optimizer state as at its start"));
+      return;
+    }
+    snapshot_.clear();
+    for (Param* p : params) snapshot_.push_back(p->momentum.clone());
+    snapshot_round_ = round;
+  }
+
+  bool dp_accounting() const { return is_split_mode(cfg_.mode) && cfg_.dp_clip > 0 && cfg_.dp_sigma > 0; }
+
+  // One round's releases of this device's data (differential privacy). Every sample's clipped
+  // activation leaves once with noise sd sigma*C; a sample replaced moves its row by up to 2C, so noise
+  // multiplier sigma/2, no subsampling. DP-SGD: one sampled Gaussian step per batch at rate
+  // batch/partition (the add/remove analysis of Abadi et al.; batches are shuffled, not Poisson-sampled,
+  // as TF-Privacy also assumes).
+  void account_round() {
+    const int64_t n = static_cast<int64_t>(part_.size()), bs = cfg_.batch_size;
+    privacy_.step(1.0, cfg_.dp_sigma / 2.0, 1);
+    if (cfg_.dp_sgd) privacy_.step(std::min(1.0, static_cast<double>(bs) / static_cast<double>(n)), cfg_.dp_sigma, batch_count(n, bs));
+    ++dp_rounds_;
   }
 
   double cfg_latency(const tp::Plan& plan) const {
@@ -392,7 +462,7 @@ class DeviceRunner {
         if (cfg_.dp_clip > 0) {  // differential privacy: clip and noise a copy (the tape may hold the output)
           a.data = a.data.clone();
           clip_scales[m] = clip_and_noise(a.data, cfg_.dp_clip, cfg_.dp_sigma,
-                                          hash64(hash64(dp_secret_, static_cast<uint64_t>(plan.round)), (static_cast<uint64_t>(b) << 20) | m));
+                                          hash64(hash64(dp_secret_, static_cast<uint64_t>(dp_rounds_)), (static_cast<uint64_t>(b) << 20) | m));
         }
         trace("forward", t0, now_seconds());
         a.round = plan.round, a.batch = static_cast<int32_t>(b), a.micro_batch = static_cast<int32_t>(m);
@@ -424,14 +494,6 @@ class DeviceRunner {
       else device_part_->set_lr(lr), device_part_->step();
       trace("step", t0, now_seconds());
       stats.count += len;
-    }
-    // Differential privacy: every sample's clipped activation left once with noise sd sigma*C; a sample
-    // replaced moves its row by up to 2C, so noise multiplier sigma/2, no subsampling. DP-SGD: one
-    // sampled Gaussian step per batch at rate batch/partition (the add/remove analysis of Abadi et
-    // al.; batches are shuffled, not Poisson-sampled, as TF-Privacy also assumes).
-    if (cfg_.dp_clip > 0 && cfg_.dp_sigma > 0) {
-      privacy_.step(1.0, cfg_.dp_sigma / 2.0, 1);
-      if (dp_part_) privacy_.step(std::min(1.0, static_cast<double>(bs) / static_cast<double>(n)), cfg_.dp_sigma, batch_count(n, bs));
     }
   }
 
@@ -469,9 +531,17 @@ class DeviceRunner {
   std::unique_ptr<DevicePart> device_part_;
   // Differential privacy: the DP-SGD device part, the accountant, and the noise's secret seed (drawn on
   // the device: the server knows the config's seed and could regenerate, and subtract, seeded noise).
+  // The activation noise of a round is seeded by dp_rounds_ (rounds accounted so far, which only grows)
+  // and DP-SGD's by the count of parts built, so no noise is ever reused, not even by a round run again.
   std::unique_ptr<DpSgdPart> dp_part_;
   RdpAccountant privacy_;
+  int64_t dp_rounds_ = 0;  // rounds of this device's data released, in the accountant
+  static constexpr int64_t kMaxReplayedRounds = 1000000;
+  uint64_t dp_parts_ = 0;
   uint64_t dp_secret_ = (static_cast<uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  // The optimizer state at the start of round snapshot_round_ (keep_or_restore_optimizer_state).
+  std::vector<Tensor> snapshot_;
+  int snapshot_round_ = -1;
   size_t device_part_split_ = 0;
   std::string profile_;
   std::unique_ptr<Sgd> local_opt_;
@@ -515,13 +585,7 @@ class ServerRunner {
     test_ = data::load_dataset(cfg_.dataset, cfg_.data_dir, false, cfg_.seed, cfg_.limit_test);
     const auto parts = make_partition(cfg_, train_);
     model_ = build_model(cfg_.model, model_options(cfg_, train_));
-    if (!cfg_.load_path.empty()) {
-      // --load: go on from the server's last end-of-round checkpoint (weights of both parts, the
-      // batch-norm statistics, the round); the devices' optimizer state starts afresh.
-      const CheckpointMeta meta = load_checkpoint(cfg_.load_path, *model_);
-      first_round_ = meta.epoch;
-      say(detail::concat("resuming from ", cfg_.load_path, " after round ", first_round_));
-    }
+    if (!cfg_.load_path.empty()) load();
     auto_plan_ = split_mode() && (cfg_.split < 0 || cfg_.micro_batches < 0);
     split_ = split_mode() ? static_cast<size_t>(std::max(1, cfg_.split)) : model_->num_blocks();
     if (split_mode() && cfg_.split >= 0) check_split(*model_, split_);
@@ -530,6 +594,20 @@ class ServerRunner {
       slots_[d].id = static_cast<uint32_t>(d);
       slots_[d].samples = static_cast<int64_t>(parts[d].size());
     }
+    if (dp_accounting()) {
+      privacy_rounds_.assign(slots_.size(), 0);
+      try {
+        const json counts = resume_.value("privacy_rounds", json::array());
+        for (size_t d = 0; d < slots_.size() && d < counts.size(); ++d) privacy_rounds_[d] = counts.at(d).get<int64_t>();
+      } catch (const json::exception& e) {
+        throw IoError("checkpoint " + cfg_.load_path + ": bad privacy_rounds: " + e.what());
+      }
+      if (resumed_) read_privacy_journal();
+    }
+    if (resumed_ && split_mode() && !auto_plan_ &&
+        (resume_.value("split", json(0)) != json(split_) || resume_.value("micro_batches", json(0)) != json(cfg_.micro_batches)))
+      say(detail::concat("the checkpoint's plan was split ", resume_.value("split", json(0)).dump(), ", ",
+                         resume_.value("micro_batches", json(0)).dump(), " micro-batches; the one given applies"));
     result_.out_dir = prepare_out_dir(cfg_.out_dir);
     // A resumed run adds its rounds to those already recorded.
     metrics_.open(result_.out_dir + "/metrics.jsonl", first_round_ > 0 ? std::ios::app : std::ios::trunc);
@@ -545,6 +623,7 @@ class ServerRunner {
     prepare_devices();
     if (split_mode()) plan_first();
     if (split_mode()) build_replicas();
+    restore_replicas();
     origin_ = now_seconds();
     for (int r = first_round_; r < cfg_.epochs && !stop_requested().load(); ++r) run_round(r);
     finish();
@@ -555,6 +634,88 @@ class ServerRunner {
 
  private:
   bool split_mode() const { return is_split_mode(cfg_.mode); }
+  // Differential privacy is on: the devices account their releases, and this server counts, per device,
+  // the rounds it began (checkpointed, and handed to the devices, so a restarted device's epsilon goes on
+  // from its true total).
+  bool dp_accounting() const { return split_mode() && cfg_.dp_clip > 0 && cfg_.dp_sigma > 0; }
+
+  // --load (and --resume): the server's end-of-round checkpoint. The model (both parts' weights and
+  // batch-norm statistics) and the round always; from a checkpoint of a run of the same mode also the
+  // rest of what carries from one round to the next: every server-side replica's momentum
+  // (restore_replicas), the plan in force with the re-planner's basis (plan_first) and the privacy
+  // counts. The devices' own momentum stays on the devices (keep_or_restore_optimizer_state).
+  void load() {
+    const CheckpointMeta meta = load_checkpoint(cfg_.load_path, *model_, &resume_state_);
+    first_round_ = meta.epoch;
+    try {
+      resume_ = json::parse(meta.extra_json);
+    } catch (const json::exception&) {
+      resume_ = json::object();
+    }
+    if (!resume_.is_object()) resume_ = json::object();
+    const std::string mode = resume_.value("mode", "");
+    resumed_ = mode == cfg_.mode;
+    say(detail::concat("resuming from ", cfg_.load_path, " after round ", first_round_,
+                       resumed_ ? std::string()
+                                : " (written by " + (mode.empty() ? std::string("another kind of run") : "a --mode " + mode + " run") +
+                                      ": its weights only; the optimizer, plan and privacy state start afresh)"));
+    if (!resumed_) resume_ = json::object(), resume_state_.clear();
+  }
+
+  // Differential privacy: the rounds each device began, written (atomically) before a round's plans go
+  // out, beside the checkpoint. A round the server did not finish is not in its last checkpoint, but
+  // its devices' data left in it: a resume counts it from here, so that even devices restarted since
+  // (whose own accountants are gone) compose it.
+  std::string privacy_journal_path(const std::string& dir) const { return dir + "/privacy_rounds.json"; }
+
+  void write_privacy_journal(int r, const std::vector<DeviceSlot*>& active) {
+    std::vector<int64_t> counts = privacy_rounds_;
+    for (const DeviceSlot* s : active) ++counts[s->id];
+    write_atomically(privacy_journal_path(result_.out_dir), json{{"round", r}, {"privacy_rounds", counts}}.dump() + "\n");
+  }
+
+  void read_privacy_journal() {
+    const std::filesystem::path dir = std::filesystem::path(cfg_.load_path).parent_path();
+    const std::string path = privacy_journal_path(dir.empty() ? "." : dir.string());
+    std::ifstream f(path);
+    if (!f) return;
+    try {
+      const json j = json::parse(f);
+      if (j.at("round").get<int64_t>() < first_round_) return;  // begun before the checkpoint: counted there
+      const json& counts = j.at("privacy_rounds");
+      for (size_t d = 0; d < privacy_rounds_.size() && d < counts.size(); ++d)
+        privacy_rounds_[d] = std::max(privacy_rounds_[d], counts[d].get<int64_t>());
+      say(detail::concat("privacy: round ", j.at("round").get<int64_t>() + 1, " had begun when the server stopped; it counts as released"));
+    } catch (const json::exception& e) {
+      throw IoError(path + " is corrupt (" + e.what() + "); it records the rounds of each device's data released: "
+                    "repair it or delete it to count only the checkpoint's");
+    }
+  }
+
+  // Name of a replica's momentum in the checkpoint.
+  static std::string replica_state_name(uint32_t device, const std::string& param) {
+    return detail::concat("replica", device, "/", param, "/momentum");
+  }
+
+  void restore_replicas() {
+    if (resume_state_.empty()) return;
+    std::map<std::string, Tensor*> dst;
+    for (DeviceSlot& s : slots_)
+      if (s.replica)
+        for (Param* p : s.replica->params()) dst[replica_state_name(s.id, p->name)] = &p->momentum;
+    size_t n = 0;
+    for (const CheckpointState& st : resume_state_) {
+      auto it = dst.find(st.name);
+      if (it == dst.end()) continue;  // a replica this run does not have (fewer devices)
+      if (!(it->second->shape() == st.value.shape()))
+        throw IoError("checkpoint " + cfg_.load_path + ": state " + st.name + " has shape " + st.value.shape().str() +
+                      ", the model's tensor " + it->second->shape().str());
+      *it->second = st.value.to(it->second->device());
+      ++n;
+    }
+    resume_state_.clear();
+    say(detail::concat("restored ", n, " momentum tensors of the server-side replicas"));
+  }
 
   tp::LinkOptions link_options() {
     tp::LinkOptions lo;
@@ -647,15 +808,40 @@ class ServerRunner {
     if (ready.empty()) throw Error("no device got ready" + (mismatch.empty() ? std::string() : " (last: " + mismatch + ")"));
   }
 
-  // The averaged model after every round, written atomically (temp file, fsync, rename) to
-  // <out>/server.ckpt: a server killed at any moment restarts with --load from the last round.
+  // After every round, written atomically (temp file, fsync, rename) to <out>/server.ckpt, all that
+  // this server carries into the next round: a server killed at any moment restarts with --load (or
+  // --resume) from the last round and goes on as if never stopped. The averaged model; every
+  // server-side replica's momentum (state records; tensors all zero are left out and read as zero);
+  // in the metadata the plan of the next round (split, micro_batches), with an automatic plan the
+  // re-planner's basis (planner), and with differential privacy the rounds each device began.
   void save_round(int r) {
     CheckpointMeta meta;
     meta.model = model_->name();
     meta.options = model_->options();
     meta.epoch = r + 1;
-    meta.extra_json = json{{"mode", cfg_.mode}, {"split", split_}, {"micro_batches", cfg_.micro_batches}}.dump();
-    save_checkpoint(result_.out_dir + "/server.ckpt", *model_, meta);
+    json extra = {{"mode", cfg_.mode}, {"split", split_}, {"micro_batches", cfg_.micro_batches}};
+    if (dp_accounting()) extra["privacy_rounds"] = privacy_rounds_;
+    if (auto_plan_ && predicted_) {
+      json devices = json::array();
+      for (const planner::DeviceSpec& d : cluster_.devices)
+        devices.push_back({{"up_mbps", d.link.up_mbps}, {"down_mbps", d.link.down_mbps}, {"time_scale", d.time_scale}});
+      extra["planner"] = {{"plan", json::parse(plan_.to_json())},
+                          {"first_plan", json::parse(first_plan_.to_json())},
+                          {"devices", devices},
+                          {"server_time_scale", cluster_.server_time_scale}};
+    }
+    meta.extra_json = extra.dump();
+    std::vector<CheckpointState> state;
+    for (DeviceSlot& s : slots_) {
+      if (!s.replica) continue;
+      for (Param* p : s.replica->params()) {
+        Tensor m = p->momentum.to(Device::kCpu);
+        const float* v = m.data();
+        if (std::any_of(v, v + m.numel(), [](float x) { return x != 0.0f; }))
+          state.push_back({replica_state_name(s.id, p->name), m.clone()});
+      }
+    }
+    save_checkpoint(result_.out_dir + "/server.ckpt", *model_, meta, state);
   }
 
   void check_launched() const {
@@ -715,6 +901,7 @@ class ServerRunner {
     if (auto_plan_) {
       if (cfg_.split > 0) search_options_.splits = {cfg_.split};
       if (cfg_.micro_batches > 0) search_options_.micro_batches = {cfg_.micro_batches};
+      if (restore_plan()) return;
       // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.
       const planner::SearchResult r = planner::search(planner::CostModel(cluster_), search_options_);
       plan_ = r.best;
@@ -739,6 +926,41 @@ class ServerRunner {
     predicted_ = true;
   }
 
+  // A resumed run with an automatic plan goes on with the plan the checkpoint holds, and the
+  // re-planner's basis (the link rates and speed factors measured so far; the profiles are this
+  // start's), instead of searching afresh: it plans as the uninterrupted run would have.
+  bool restore_plan() {
+    if (!resume_.contains("planner")) return false;
+    try {
+      const json& ps = resume_.at("planner");
+      const planner::Plan p = planner::Plan::from_json(ps.at("plan").dump());
+      const json& devices = ps.at("devices");
+      if (p.mode != search_options_.mode || p.split.size() != slots_.size() || devices.size() != slots_.size() ||
+          (cfg_.split > 0 && p.split.at(0) != cfg_.split) || (cfg_.micro_batches > 0 && p.micro_batches != cfg_.micro_batches)) {
+        say("the checkpoint's plan (" + p.describe() + ") does not fit this run's options: planning afresh");
+        return false;
+      }
+      for (size_t d = 0; d < slots_.size(); ++d) {
+        planner::DeviceSpec& ds = cluster_.devices[d];
+        ds.link.up_mbps = devices[d].at("up_mbps").get<double>();
+        ds.link.down_mbps = devices[d].at("down_mbps").get<double>();
+        ds.time_scale = devices[d].at("time_scale").get<double>();
+      }
+      cluster_.server_time_scale = ps.at("server_time_scale").get<double>();
+      plan_ = p;
+      first_plan_ = planner::Plan::from_json(ps.at("first_plan").dump());
+    } catch (const json::exception& e) {
+      throw IoError("checkpoint " + cfg_.load_path + ": bad planner state: " + e.what());
+    } catch (const Error& e) {
+      throw IoError("checkpoint " + cfg_.load_path + ": bad planner state: " + e.what());
+    }
+    apply_plan(plan_);
+    predicted_round_s_ = plan_.round_s;
+    predicted_ = true;
+    say("plan as the checkpoint left it: " + plan_.describe());
+    return true;
+  }
+
   void apply_plan(const planner::Plan& p) {
     split_ = static_cast<size_t>(p.split.at(0));
     check_split(*model_, split_);
@@ -748,7 +970,7 @@ class ServerRunner {
 
   // At a round boundary: measured link rates and speeds against the plan's; a drift beyond 20%
   // triggers a new search, and a better plan takes effect from the next round.
-  void maybe_replan(double t0, double t1) {
+  void maybe_replan(int r, double t0, double t1) {
     if (!auto_plan_ || !net_.replan) return;
     std::vector<double> busy(slots_.size(), 0.0), up(slots_.size(), 0.0);
     for (size_t d = 0; d < slots_.size(); ++d) {
@@ -768,7 +990,7 @@ class ServerRunner {
       std::string why;
       for (const auto& reason : d.reasons) why += (why.empty() ? "" : "; ") + reason;
       say("re-plan: " + why + (d.changed ? " → " + d.plan.describe() : std::string(" → plan kept")));
-      replans_.push_back({{"after_round", rounds_.size()}, {"reasons", d.reasons}, {"changed", d.changed}, {"plan", json::parse(d.plan.to_json())}});
+      replans_.push_back({{"after_round", r + 1}, {"reasons", d.reasons}, {"changed", d.changed}, {"plan", json::parse(d.plan.to_json())}});
     }
     if (d.changed) {
       const size_t old_split = split_;
@@ -789,7 +1011,9 @@ class ServerRunner {
     p.batch_size = cfg_.batch_size;
     p.learning_rate = cfg_.lr;
     p.seed = cfg_.seed;
-    p.config = config_to_json(cfg_, net_).dump();
+    json config = config_to_json(cfg_, net_);
+    if (dp_accounting()) config["privacy_rounds"] = privacy_rounds_;  // per device, rounds begun before this one
+    p.config = config.dump();
     for (const DeviceSlot& s : slots_)
       p.devices.push_back({s.id, s.samples, static_cast<int32_t>(batch_count(s.samples, cfg_.batch_size)),
                            uplink_for_round(r), net_.downlink_mbps});
@@ -814,7 +1038,12 @@ class ServerRunner {
     s.micro_done.clear();
     s.rejected = 0;
     s.last_seen = now_seconds();
+    // Gradients of a batch a device left unfinished in an earlier round (it was dropped) never reach the
+    // next round's first step.
+    DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;
+    if (owner.replica) Sgd::zero_grad(owner.replica->params());
     server_.send(s.id, make_plan(r));
+    if (dp_accounting()) ++privacy_rounds_[s.id];  // its data leave from now on
     tp::Weights w;
     w.round = r;
     w.part = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
@@ -837,19 +1066,23 @@ class ServerRunner {
           if (s.in_round && !s.done && now - s.last_seen > net_.device_timeout_s) drop(s, "silent for too long");
         continue;
       }
-      if (!rec->message.ok()) {
-        ++bad_messages_;
-        continue;  // the link logged it and answered with an error
-      }
-      const std::optional<uint32_t> dev = rec->device;
-      if (!dev || *dev >= slots_.size()) {
-        server_.send(rec->peer, tp::ErrorReply{tp::ErrorCode::kUnexpected, "unknown device"});
-        continue;
-      }
-      DeviceSlot& s = slots_[*dev];
-      s.last_seen = now;
-      std::visit([&](auto& m) { handle(s, r, m, rec->peer); }, rec->message.value());
+      dispatch(*rec, r, now);
     }
+  }
+
+  void dispatch(tp::Received& rec, int r, double now) {
+    if (!rec.message.ok()) {
+      ++bad_messages_;
+      return;  // the link logged it and answered with an error
+    }
+    const std::optional<uint32_t> dev = rec.device;
+    if (!dev || *dev >= slots_.size()) {
+      server_.send(rec.peer, tp::ErrorReply{tp::ErrorCode::kUnexpected, "unknown device"});
+      return;
+    }
+    DeviceSlot& s = slots_[*dev];
+    s.last_seen = now;
+    std::visit([&](auto& m) { handle(s, r, m, rec.peer); }, rec.message.value());
   }
 
   // Every connected device hears from the server at least every 2 s, even while it waits for its
@@ -879,7 +1112,15 @@ class ServerRunner {
   }
 
   void handle(DeviceSlot& s, int, tp::Hello&, const tp::PeerId&) {
-    if (!s.connected) say(detail::concat("device ", s.id, " rejoined; it takes part from the next round"));
+    if (s.in_round && !s.done) {
+      // A hello in the middle of its round: the device restarted (or lost this server and found it
+      // again), and what it had of this round is gone. It leaves the round now, not after a time-out
+      // (its new process's heartbeats would keep it from ever timing out), and rejoins at the next.
+      say(detail::concat("device ", s.id, " restarted in the middle of the round; it takes part from the next round"));
+      s.in_round = false;
+    } else if (!s.connected) {
+      say(detail::concat("device ", s.id, " rejoined; it takes part from the next round"));
+    }
     s.connected = true;
   }
 
@@ -950,11 +1191,14 @@ class ServerRunner {
     const double t0 = now_seconds();
     const auto stats0 = server_.total_stats();
     std::vector<DeviceSlot*> active;
-    for (DeviceSlot& s : slots_) {
-      s.in_round = false;
+    for (DeviceSlot& s : slots_) s.in_round = false;
+    // What came between rounds first (a device restarted meanwhile says hello), so that a hello is never
+    // taken for one from the middle of the round it is about to get.
+    while (auto rec = server_.recv(ms(0))) dispatch(*rec, r, now_seconds());
+    for (DeviceSlot& s : slots_)
       if (s.connected) active.push_back(&s);
-    }
     if (active.empty()) throw Error("no device is connected");
+    if (dp_accounting()) write_privacy_journal(r, active);
     if (cfg_.mode == "sl") {
       // Devices take turns; each starts from the device part its predecessor trained.
       for (DeviceSlot* s : active) {
@@ -971,9 +1215,28 @@ class ServerRunner {
     aggregate();
     const double t1 = now_seconds();
     trace_.add("server", "aggregate", t_agg, t1);
-    save_round(r);  // first: a metrics line then always has its checkpoint, and a resume never redoes a round
-    record_round(r, t0, t1, stats0);
-    maybe_replan(t0, t1);
+    collect_traces();
+    const RoundPlan used{split_, cfg_.micro_batches, predicted_round_s_};  // this round's, for its metrics line
+    maybe_replan(r, t0, t1);  // the next round's plan, part of the checkpoint
+    save_round(r);  // before the metrics line: a line then always has its checkpoint, and a resume never redoes a round
+    record_round(r, t0, t1, stats0, used);
+  }
+
+  struct RoundPlan {
+    size_t split;
+    int micro_batches;
+    double predicted_s;
+  };
+
+  // The round's downlink transfers (seen here) and the devices' compute and uplink (their reports) into
+  // the trace, for the metrics and the re-planner.
+  void collect_traces() {
+    for (const auto& t : server_.take_transfers())
+      if (t.ok && t.type != tp::MessageType::kHeartbeat)
+        trace_.add("device " + std::to_string(tp::device_of(t.peer).value_or(999)) + " downlink", tp::message_type_name(t.type),
+                   seconds_of(t.started), seconds_of(t.finished));
+    for (DeviceSlot& s : slots_)
+      if (s.in_round && s.done && s.end) trace_.add_all(events_from_json(s.end->details));
   }
 
   void aggregate() {
@@ -997,12 +1260,7 @@ class ServerRunner {
     }
   }
 
-  void record_round(int r, double t0, double t1, const tp::LinkStats& stats0) {
-    // Transfers (downlink from here; uplink and device compute reported by the devices).
-    for (const auto& t : server_.take_transfers())
-      if (t.ok && t.type != tp::MessageType::kHeartbeat)
-        trace_.add("device " + std::to_string(tp::device_of(t.peer).value_or(999)) + " downlink", tp::message_type_name(t.type),
-                   seconds_of(t.started), seconds_of(t.finished));
+  void record_round(int r, double t0, double t1, const tp::LinkStats& stats0, const RoundPlan& used) {
     LossStats train;
     double epsilon = -1;  // differential privacy: the largest epsilon a device reports
     json dev_busy = json::array(), dev_idle = json::array();
@@ -1010,7 +1268,6 @@ class ServerRunner {
     for (DeviceSlot& s : slots_) {
       const std::string dn = "device " + std::to_string(s.id);
       if (s.in_round && s.done && s.end) {
-        trace_.add_all(events_from_json(s.end->details));
         train += split_mode() ? s.stats : LossStats{s.end->loss_sum, s.end->correct, s.end->samples};
         if (auto e = s.end->stats.find("epsilon"); e != s.end->stats.end()) epsilon = std::max(epsilon, e->second);
       }
@@ -1054,11 +1311,11 @@ class ServerRunner {
                  {"bottleneck", bottleneck},
                  {"bad_messages", bad_messages_}};
     if (split_mode()) {
-      line["split"] = split_;
-      line["micro_batches"] = cfg_.micro_batches;
+      line["split"] = used.split;
+      line["micro_batches"] = used.micro_batches;
       line["uplink_mbps"] = uplink_for_round(r);
     }
-    if (predicted_) line["predicted_round_seconds"] = predicted_round_s_;  // the cost model's, for this round's plan
+    if (predicted_) line["predicted_round_seconds"] = used.predicted_s;  // the cost model's, for this round's plan
     if (epsilon >= 0) line["epsilon"] = epsilon;
     int finished = 0;
     for (const DeviceSlot& s : slots_) finished += s.in_round && s.done;
@@ -1154,6 +1411,12 @@ class ServerRunner {
   planner::SearchOptions search_options_;
   double predicted_round_s_ = 0;
   std::vector<json> replans_;
+  // --load: the checkpoint's metadata "extra" and state records (cleared once used); resumed_: it was
+  // written by a run of this mode, so its optimizer, plan and privacy state apply.
+  json resume_ = json::object();
+  std::vector<CheckpointState> resume_state_;
+  bool resumed_ = false;
+  std::vector<int64_t> privacy_rounds_;  // differential privacy: per device, rounds begun (dp_accounting)
 };
 
 }  // namespace

@@ -1,7 +1,8 @@
 // libFuzzer target: read_checkpoint_meta() and load_checkpoint() on hostile files. Each input is tried
 // as it is and with its last 4 bytes replaced by the right CRC-32 (so the fuzzer gets past the
 // checksum into the metadata and tensor records). load_checkpoint fills a tiny fixed model, the one
-// make_seeds saves (seed_model.h); a load that succeeds must have filled every one of its tensors.
+// make_seeds saves (seed_model.h), and reads the state records beside it; a load that succeeds must
+// have filled every one of the model's tensors.
 // pipar::Error is the expected rejection; anything else is a bug.
 #include <zlib.h>
 
@@ -32,8 +33,9 @@ void try_file(const std::vector<uint8_t>& bytes, pipar::Model& model) {
   } catch (const pipar::Error&) {
   }
   const std::vector<const void*> before = storages(model);
+  std::vector<pipar::CheckpointState> state;  // version 2's state records, read in full
   try {
-    (void)pipar::load_checkpoint(path, model);
+    (void)pipar::load_checkpoint(path, model, &state);
   } catch (const pipar::Error&) {
     return;
   }

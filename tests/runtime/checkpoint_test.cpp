@@ -204,5 +204,90 @@ TEST_F(CheckpointTest, RepeatedTensorIsAnError) {
   expect_io_error(path("twice.ckpt"), "twice");
 }
 
+// Version 2: state records (kind 3) beside the model's tensors round-trip exactly, in order; a reader
+// that does not ask for them skips them; version-1 files (no state records) still load.
+TEST_F(CheckpointTest, StateRecordsRoundTripAndVersionOneStillLoads) {
+  auto a = trained_model(11);
+  CheckpointMeta meta;
+  meta.model = a->name();
+  meta.options = a->options();
+  meta.epoch = 4;
+  const std::vector<CheckpointState> state = {
+      {"replica1/fc.weight/momentum", Tensor::from_vector(std::vector<float>{1.5f, -2.0f, 3.25f, 0.0f, 5.0f, 6.0f}, {2, 3, 1, 1})},
+      {"replica0/conv.bias/momentum", Tensor::from_vector(std::vector<float>{7.0f}, {1, 1, 1, 1})}};
+  save_checkpoint(path("state.ckpt"), *a, meta, state);
+  const std::string bytes = read(path("state.ckpt"));
+  EXPECT_EQ(load_u32(bytes, 8), kCheckpointVersion);
+
+  auto b = build_model("vgg5", ModelOptions{});
+  std::vector<CheckpointState> got;
+  EXPECT_EQ(load_checkpoint(path("state.ckpt"), *b, &got).epoch, 4);
+  ASSERT_EQ(got.size(), state.size());
+  for (size_t i = 0; i < state.size(); ++i) {
+    EXPECT_EQ(got[i].name, state[i].name);
+    EXPECT_EQ(got[i].value.shape(), state[i].value.shape());
+    EXPECT_EQ(got[i].value.to_vector(), state[i].value.to_vector());
+  }
+  for (size_t i = 0; i < a->params().size(); ++i)
+    EXPECT_EQ(a->params()[i]->momentum.to_vector(), b->params()[i]->momentum.to_vector());
+  auto c = build_model("vgg5", ModelOptions{});
+  load_checkpoint(path("state.ckpt"), *c);  // state not asked for: skipped
+  EXPECT_EQ(a->params()[0]->value.to_vector(), c->params()[0]->value.to_vector());
+
+  // Version 1 is version 2 without state records: such a file, labelled 1, loads as before.
+  save_checkpoint(path("v1.ckpt"), *a, meta);
+  std::string v1 = read(path("v1.ckpt"));
+  const uint32_t one = 1;
+  std::memcpy(v1.data() + 8, &one, 4);
+  write(path("v1.ckpt"), with_crc(v1));
+  auto d = build_model("vgg5", ModelOptions{});
+  EXPECT_EQ(load_checkpoint(path("v1.ckpt"), *d, &got).epoch, 4);
+  EXPECT_TRUE(got.empty());
+  EXPECT_EQ(a->params()[1]->momentum.to_vector(), d->params()[1]->momentum.to_vector());
+
+  // A newer version is refused, saying so.
+  std::string v3 = bytes;
+  const uint32_t three = 3;
+  std::memcpy(v3.data() + 8, &three, 4);
+  write(path("v3.ckpt"), with_crc(v3));
+  expect_io_error(path("v3.ckpt"), "format version 3");
+  expect_io_error(path("v3.ckpt"), "newer");
+}
+
+// Hostile state records: a shape larger than the file (or overflowing int64) and a repeated name are
+// IoErrors, never a huge allocation.
+TEST_F(CheckpointTest, HostileStateRecordsAreRejected) {
+  auto a = trained_model(12);
+  CheckpointMeta meta;
+  meta.model = a->name();
+  meta.options = a->options();
+  save_checkpoint(path("s.ckpt"), *a, meta, {{"s", Tensor::from_vector(std::vector<float>{1.0f, 2.0f}, {2, 1, 1, 1})}});
+  const std::string good = read(path("s.ckpt"));
+  // The state record is the last: u16 name_len, "s", u8 kind, 4 x i64 shape, 2 x f32, then the CRC.
+  const size_t rec = good.size() - 4 - 8 - 32 - 1 - 1 - 2;
+  ASSERT_EQ(good.substr(rec + 2, 1), "s");
+  ASSERT_EQ(good[rec + 3], 3);
+  auto with_shape = [&](std::vector<int64_t> dims) {
+    std::string b = good;
+    std::memcpy(b.data() + rec + 4, dims.data(), 32);
+    return with_crc(b);
+  };
+  for (const auto& dims : std::vector<std::vector<int64_t>>{{3, 1, 1, 1},
+                                                            {int64_t{1} << 40, 1, 1, 1},
+                                                            {int64_t{1} << 33, int64_t{1} << 33, int64_t{1} << 33, 2},
+                                                            {0, 1, 1, 1},
+                                                            {-2, -1, 1, 1}}) {
+    write(path("shape.ckpt"), with_shape(dims));
+    expect_io_error(path("shape.ckpt"), "more than the file holds");
+  }
+  // The same record twice (count + 1, record appended again).
+  std::string twice = good.substr(0, good.size() - 4) + good.substr(rec, good.size() - 4 - rec) + "CRC!";
+  const size_t count_at = 16 + load_u32(good, 12);
+  const uint32_t count = load_u32(good, count_at) + 1;
+  std::memcpy(twice.data() + count_at, &count, 4);
+  write(path("twice.ckpt"), with_crc(twice));
+  expect_io_error(path("twice.ckpt"), "state s twice");
+}
+
 }  // namespace
 }  // namespace pipar

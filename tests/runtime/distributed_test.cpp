@@ -12,9 +12,11 @@
 #include <thread>
 
 #include "kernels/rng.h"
+#include "runtime/checkpoint.h"
 #include "runtime/data.h"
 #include "runtime/model.h"
 #include "runtime/modes/distributed.h"
+#include "runtime/privacy.h"
 #include "transport/codec.h"
 #include "transport/link.h"
 
@@ -120,12 +122,17 @@ TEST(Distributed, PiparEqualsSplitFedWithoutBatchNorm) {
     b.micro_batches = 4;  // 25 samples: micro-batches of 7, 6, 6, 6
     const TrainResult ra = run_cluster(a, fast_net(), 2);
     const TrainResult rb = run_cluster(b, fast_net(), 2);
-    // Same updates up to float summation order: losses agree to 1e-4 relative.
+    // Same updates up to float rounding: losses agree to 5e-4 relative, accuracy to one of the 200 test
+    // images. Rounding differs by more than summation order: sfl's batches of 25 run conv3 through
+    // Winograd, pipar's micro-batches of 6-7 through the direct kernel (too few tiles), whose results
+    // differ by ~1e-7 relative; over 32 steps that grew to 2.1e-4 in the test loss (2.21706 against
+    // 2.21660), one image's class flipping. A wrong loss scale or a lost micro-batch moves the loss by
+    // percents; the schedule check below needs 1e-3.
     for (size_t e = 0; e < 2; ++e) {
-      EXPECT_NEAR(ra.epochs[e].test_loss, rb.epochs[e].test_loss, 1e-4 * std::abs(ra.epochs[e].test_loss));
-      EXPECT_NEAR(ra.epochs[e].train_loss, rb.epochs[e].train_loss, 1e-4 * std::abs(ra.epochs[e].train_loss));
+      EXPECT_NEAR(ra.epochs[e].test_loss, rb.epochs[e].test_loss, 5e-4 * std::abs(ra.epochs[e].test_loss));
+      EXPECT_NEAR(ra.epochs[e].train_loss, rb.epochs[e].train_loss, 5e-4 * std::abs(ra.epochs[e].train_loss));
     }
-    EXPECT_EQ(ra.test_accuracy, rb.test_accuracy);
+    EXPECT_NEAR(ra.test_accuracy, rb.test_accuracy, 1.0 / 200 + 1e-9);
     if (schedule == "constant") constant_loss = ra.epochs[1].test_loss;
     else EXPECT_GT(std::abs(ra.epochs[1].test_loss - constant_loss), 1e-3 * constant_loss);  // the schedule took effect
   }
@@ -316,6 +323,257 @@ TEST(Distributed, ServerResumesFromItsLastRound) {
   EXPECT_EQ(b.epochs[0].epoch, 2);
   // It went on from the trained model: better than the first round's result, not from scratch.
   EXPECT_LE(b.epochs[0].test_loss, a.epochs[0].test_loss);
+}
+
+// --- crash recovery --------------------------------------------------------------------------------
+
+// Ends a server abruptly after round `after` (its checkpoint written), as a SIGKILL between rounds
+// would: the exception unwinds run_server, whose socket closes without a "finished" message, so its
+// devices only see it fall silent.
+struct Crash : std::runtime_error {
+  Crash() : std::runtime_error("crash") {}
+};
+struct CrashAfter : ProgressSink {
+  int after;
+  explicit CrashAfter(int a) : after(a) {}
+  void on_epoch(const EpochMetrics& m, int) override {
+    if (m.epoch == after) throw Crash();
+  }
+};
+
+// The server's log lines (ProgressSink).
+struct Said : ProgressSink {
+  std::vector<std::string> lines;
+  void on_message(const std::string& line) override { lines.push_back(line); }
+  bool any(const std::string& part) const {
+    return std::any_of(lines.begin(), lines.end(), [&](const std::string& l) { return l.find(part) != std::string::npos; });
+  }
+};
+
+std::vector<nlohmann::json> metrics(const std::string& dir) {
+  std::ifstream f(dir + "/metrics.jsonl");
+  std::vector<nlohmann::json> out;
+  for (std::string line; std::getline(f, line);) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+// Every tensor of a server checkpoint (the model's weights, momentum, buffers and the state records),
+// by name, as floats.
+std::map<std::string, std::vector<float>> checkpoint_tensors(const std::string& path) {
+  const CheckpointMeta meta = read_checkpoint_meta(path);
+  auto m = build_model(meta.model, meta.options);
+  std::vector<CheckpointState> state;
+  load_checkpoint(path, *m, &state);
+  std::map<std::string, std::vector<float>> out;
+  for (Param* p : m->params()) out[p->name] = p->value.to_vector(), out[p->name + "/momentum"] = p->momentum.to_vector();
+  for (const Buffer& b : m->buffers()) out[b.name] = b.value->to_vector();
+  for (const CheckpointState& st : state) out["state " + st.name] = st.value.to_vector();
+  return out;
+}
+
+// Runs c with a server that crashes after round `crash_after` and a second one that resumes from its
+// checkpoint (--load <out>/server.ckpt, same options, same endpoint). The devices are threads that live
+// through both: they notice the silence (timeout 5 s), reconnect with back-off and take the restarted
+// server's rounds.
+void run_crashed_and_resumed(const TrainConfig& c, int crash_after) {
+  std::vector<std::thread> devices;
+  std::vector<int> codes(static_cast<size_t>(c.devices), -1);
+  std::string endpoint;
+  CrashAfter crash(crash_after);
+  EXPECT_THROW(run_server(c, fast_net(), &crash,
+                          [&](const std::string& e) {
+                            endpoint = e;
+                            for (int d = 0; d < c.devices; ++d)
+                              devices.emplace_back([&, d, e] {
+                                DeviceOptions o;
+                                o.connect = e;
+                                o.id = static_cast<uint32_t>(d);
+                                o.timeout_s = 5;  // > every silence of a live server (it profiles, evaluates)
+                                o.reconnect_s = 120;
+                                codes[static_cast<size_t>(d)] = run_device(o);
+                              });
+                          }),
+               Crash);
+  EXPECT_TRUE(fs::exists(c.out_dir + "/server.ckpt"));
+  TrainConfig again = c;
+  again.load_path = c.out_dir + "/server.ckpt";
+  NetConfig n = fast_net();
+  n.listen = endpoint;  // where the devices look for it
+  try {
+    // The crashed server's socket closes in the background (the transport's shared ZeroMQ context), and
+    // a device's reconnect attempt may hold the port for a moment: bind again until it is free.
+    for (int attempt = 0;; ++attempt) {
+      try {
+        run_server(again, n);
+        break;
+      } catch (const Error& e) {
+        if (std::string(e.what()).find("cannot bind") == std::string::npos || attempt >= 150) throw;
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+    }
+  } catch (...) {
+    for (auto& t : devices) t.join();
+    throw;
+  }
+  for (auto& t : devices) t.join();
+  for (int d = 0; d < c.devices; ++d) EXPECT_EQ(codes[static_cast<size_t>(d)], 0) << "device " << d;
+}
+
+// A run of 3 rounds, interrupted after the first and resumed, ends bitwise as the uninterrupted run:
+// every round's losses and accuracy, and every tensor of the final checkpoint (weights, batch-norm
+// statistics, each server-side replica's momentum). Bitwise, not within a tolerance: the resumed
+// server restores exactly the state the uninterrupted one carried (the checkpoint stores raw f32), the
+// devices roll their momentum back to its state at the start of the repeated round, data order,
+// augmentation and learning rate are functions of (seed, round, batch), and one thread per process
+// makes every kernel's summation order fixed. pipar (server-side momentum per device, batch-norm, 3
+// micro-batches, cosine schedule) and fl (the momentum lives on the devices only).
+TEST(Distributed, ResumedRunEqualsTheUninterruptedOne) {
+  for (const std::string mode : {"pipar", "fl"}) {
+    SCOPED_TRACE(mode);
+    TrainConfig ref = small_config(mode, "resume_ref_" + mode);
+    ref.epochs = 3;
+    ASSERT_GT(ref.momentum, 0.0f);
+    run_cluster(ref, fast_net(), 2);
+    TrainConfig c = small_config(mode, "resume_crash_" + mode);
+    c.epochs = 3;
+    run_crashed_and_resumed(c, 1);
+
+    const auto a = metrics(ref.out_dir), b = metrics(c.out_dir);
+    ASSERT_EQ(a.size(), 3u);
+    ASSERT_EQ(b.size(), 3u);
+    for (size_t r = 0; r < 3; ++r) {
+      SCOPED_TRACE(r);
+      EXPECT_EQ(b[r]["epoch"], static_cast<int>(r + 1));
+      for (const char* key : {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "samples"})
+        EXPECT_EQ(a[r][key], b[r][key]) << key;
+      EXPECT_EQ(b[r]["devices_finished"], 2);
+    }
+    const auto ta = checkpoint_tensors(ref.out_dir + "/server.ckpt");
+    const auto tb = checkpoint_tensors(c.out_dir + "/server.ckpt");
+    ASSERT_EQ(ta.size(), tb.size());
+    size_t states = 0;
+    for (const auto& [name, values] : ta) {
+      ASSERT_TRUE(tb.count(name)) << name;
+      EXPECT_TRUE(values == tb.at(name)) << name;
+      states += name.rfind("state ", 0) == 0;
+    }
+    if (mode == "pipar") EXPECT_GT(states, 0u);  // the replicas' momentum is there
+    else EXPECT_EQ(states, 0u);                  // fl: the server keeps no optimizer state
+  }
+}
+
+// With differential privacy, epsilon in metrics.jsonl goes on from its total after a resume, even when
+// the devices are new processes: the checkpoint holds, per device, the rounds of its data released,
+// and the server hands them to the devices, whose accountants compose them before the next round.
+// Crashed between rounds, the total is exactly the uninterrupted run's; crashed in a round that had
+// begun (privacy_rounds.json, written before a round's plans go out, says so), that round's releases
+// count too, and the round run again counts once more.
+TEST(Distributed, EpsilonContinuesAfterAResume) {
+  for (const bool begun : {false, true}) {
+    SCOPED_TRACE(begun ? "crashed in round 2" : "crashed after round 1");
+    TrainConfig c = small_config("pipar", begun ? "resume_dp_begun" : "resume_dp");
+    c.norm = "none";
+    c.limit_train = 400;
+    c.epochs = 3;
+    c.dp_clip = 5, c.dp_sigma = 1.5f, c.dp_sgd = true, c.dp_delta = 1e-5;
+    // Round 1, then the server crashes; its devices give up (no reconnecting) and are not used again.
+    std::vector<std::thread> old_devices;
+    CrashAfter crash(1);
+    EXPECT_THROW(run_server(c, fast_net(), &crash,
+                            [&](const std::string& e) {
+                              for (uint32_t d = 0; d < 2; ++d)
+                                old_devices.emplace_back([d, e] {
+                                  DeviceOptions o;
+                                  o.connect = e, o.id = d, o.timeout_s = 5, o.reconnect_s = 0;
+                                  run_device(o);
+                                });
+                            }),
+                 Crash);
+    const std::string journal = c.out_dir + "/privacy_rounds.json";
+    {
+      std::ifstream f(journal);
+      ASSERT_TRUE(f.good());
+      EXPECT_EQ(nlohmann::json::parse(f), (nlohmann::json{{"round", 0}, {"privacy_rounds", {1, 1}}}));
+    }
+    if (begun) std::ofstream(journal) << nlohmann::json{{"round", 1}, {"privacy_rounds", {2, 2}}}.dump();
+    // Rounds 2 and 3: a new server (new endpoint) and two new device processes (threads).
+    TrainConfig again = c;
+    again.load_path = c.out_dir + "/server.ckpt";
+    run_cluster(again, fast_net(), 2);
+    for (auto& t : old_devices) t.join();
+
+    const auto lines = metrics(c.out_dir);
+    ASSERT_EQ(lines.size(), 3u);
+    RdpAccountant expected;
+    for (size_t r = 0; r < 3; ++r) {
+      // Per round and device (200 samples, 8 batches of 25): the activations once at sigma/2, then 8
+      // DP-SGD steps at q = 25/200; replayed round by round, so the same sums in the same order.
+      for (int times = 0; times < (begun && r == 1 ? 2 : 1); ++times) {
+        expected.step(1.0, c.dp_sigma / 2.0, 1);
+        expected.step(25 / 200.0, c.dp_sigma, 8);
+      }
+      ASSERT_TRUE(lines[r].contains("epsilon")) << lines[r].dump();
+      EXPECT_DOUBLE_EQ(lines[r]["epsilon"].get<double>(), expected.epsilon(c.dp_delta)) << "round " << r + 1;
+    }
+    EXPECT_GT(lines[1]["epsilon"].get<double>(), lines[0]["epsilon"].get<double>());
+    const auto extra = nlohmann::json::parse(read_checkpoint_meta(c.out_dir + "/server.ckpt").extra_json);
+    EXPECT_EQ(extra["privacy_rounds"], begun ? nlohmann::json({4, 4}) : nlohmann::json({3, 3}));
+  }
+}
+
+// A resumed run with an automatic plan goes on with the plan its checkpoint holds (and the
+// re-planner's basis), not one searched afresh: here the checkpoint's plan is replaced by another
+// valid one, which the resumed round then uses.
+TEST(Distributed, ResumeKeepsTheCheckpointsPlan) {
+  TrainConfig c = small_config("pipar", "resume_plan");
+  c.split = c.micro_batches = -1;  // auto
+  c.epochs = 2;
+  std::vector<std::thread> old_devices;
+  CrashAfter crash(1);
+  EXPECT_THROW(run_server(c, fast_net(), &crash,
+                          [&](const std::string& e) {
+                            for (uint32_t d = 0; d < 2; ++d)
+                              old_devices.emplace_back([d, e] {
+                                DeviceOptions o;
+                                o.connect = e, o.id = d, o.timeout_s = 5, o.reconnect_s = 0;
+                                run_device(o);
+                              });
+                          }),
+               Crash);
+  const std::string ckpt = c.out_dir + "/server.ckpt";
+  CheckpointMeta meta = read_checkpoint_meta(ckpt);
+  nlohmann::json extra = nlohmann::json::parse(meta.extra_json);
+  ASSERT_TRUE(extra.contains("planner")) << extra.dump();
+  ASSERT_EQ(extra["planner"]["devices"].size(), 2u);
+  // Another plan than the one in force: split 1 or 3, 5 micro-batches.
+  const int split = extra["split"].get<int>() == 1 ? 3 : 1;
+  extra["split"] = split, extra["micro_batches"] = 5;
+  extra["planner"]["plan"]["split"] = {split, split}, extra["planner"]["plan"]["micro_batches"] = 5;
+  meta.extra_json = extra.dump();
+  auto m = build_model(meta.model, meta.options);
+  std::vector<CheckpointState> state;
+  load_checkpoint(ckpt, *m, &state);
+  save_checkpoint(ckpt, *m, meta, state);
+
+  TrainConfig again = c;
+  again.load_path = ckpt;
+  Said said;
+  std::vector<std::thread> devices;
+  run_server(again, fast_net(), &said, [&](const std::string& e) {
+    for (uint32_t d = 0; d < 2; ++d)
+      devices.emplace_back([d, e] {
+        DeviceOptions o;
+        o.connect = e, o.id = d, o.timeout_s = 30;
+        run_device(o);
+      });
+  });
+  for (auto& t : devices) t.join();
+  for (auto& t : old_devices) t.join();
+  EXPECT_TRUE(said.any("plan as the checkpoint left it")) << ::testing::PrintToString(said.lines);
+  const auto lines = metrics(c.out_dir);
+  ASSERT_EQ(lines.size(), 2u);
+  EXPECT_EQ(lines[1]["split"], split);
+  EXPECT_EQ(lines[1]["micro_batches"], 5);
 }
 
 }  // namespace
