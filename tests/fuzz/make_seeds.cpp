@@ -1,12 +1,14 @@
 // Writes the seed corpora of the fuzz targets: make_seeds <dir> fills <dir>/{decode,checkpoint,idx,
-// cifar,payload}/ with small valid inputs (every message type, a checkpoint of seed_model(), raw and
-// gzip IDX files, an MNIST pair, CIFAR-10 records, a device profile and trace events). The output is
-// deterministic and committed as tests/fuzz/corpus/; after a format change regenerate it with
+// cifar,payload,keys}/ with small valid inputs (every message type, checkpoints of seed_model() in
+// format version 2 with state records and version 1, raw and gzip IDX files, an MNIST pair, CIFAR-10
+// records, a device profile and trace events, key files and an allow-list). The output is deterministic and committed as tests/fuzz/corpus/;
+// after a format change regenerate it with
 //   cmake --build build-fuzz --target pipar_fuzz_seeds && rm -rf tests/fuzz/corpus &&
 //   build-fuzz/tests/fuzz/pipar_fuzz_seeds tests/fuzz/corpus
 #include <zlib.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -94,9 +96,23 @@ void checkpoint_seed() {
   meta.epoch = 2;
   meta.extra_json = R"({"lr": 0.01, "mode": "sl"})";
   const fs::path tmp = out_dir / "seed.ckpt";
+  auto bytes = [&] {
+    std::ifstream f(tmp, std::ios::binary);
+    return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
+  };
+  // Version 2 with state records (a server's replica momentum), as distributed servers write them.
+  save_checkpoint(tmp.string(), *m, meta,
+                  {{"replica0/fc.weight/momentum", Tensor::from_vector(std::vector<float>{0.5f, -1.0f, 2.0f, 0.25f}, {2, 2, 1, 1})},
+                   {"replica1/fc.bias/momentum", Tensor::from_vector(std::vector<float>{3.0f}, {1, 1, 1, 1})}});
+  save("checkpoint", "vgg5_tiny", bytes());
+  // Version 1 (no state records): version 2 without them, labelled 1, with its CRC-32 redone.
   save_checkpoint(tmp.string(), *m, meta);
-  std::ifstream f(tmp, std::ios::binary);
-  save("checkpoint", "vgg5_tiny", std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {}));
+  std::vector<uint8_t> v1 = bytes();
+  const uint32_t one = 1;
+  std::memcpy(v1.data() + 8, &one, 4);
+  const uint32_t crc = static_cast<uint32_t>(crc32(0L, v1.data(), static_cast<uInt>(v1.size() - 4)));
+  std::memcpy(v1.data() + v1.size() - 4, &crc, 4);
+  save("checkpoint", "vgg5_tiny_v1", v1);
   fs::remove(tmp);
 }
 
@@ -176,6 +192,19 @@ void payload_seeds() {  // mode byte: even = profile, odd = trace events (payloa
                                     {"device 0", "b0 m1", 1.0, 1.25}})));
 }
 
+// A fixed key pair (written once by `pipar keygen`, a throwaway: it guards nothing) so that the seeds
+// stay deterministic. Mode byte: 0 secret key file, 4 the same left readable by others, 1 public key
+// file, 2 allow-list, 3 a key as a string (keys_fuzz.cpp).
+void keys_seeds() {
+  const std::string pub = "HEC(vt%PsIyr8ryPLJIFlUX#vuo0$VIa(.hKdJ9+", sec = "c1gU(g{0(S6/U+}V#E/JpUg<V=F#kaRC0)lLv*#6";
+  const std::string secret_file = "# pipar CURVE secret key (ZeroMQ Z85).\npublic-key = " + pub + "\nsecret-key = " + sec + "\n";
+  save("keys", "secret_key", with_mode(0, secret_file));
+  save("keys", "secret_key_open", with_mode(4, secret_file));
+  save("keys", "public_key", with_mode(1, "# pipar CURVE public key (ZeroMQ Z85).\npublic-key = " + pub + "\n"));
+  save("keys", "allow_list", with_mode(2, "# devices\n" + pub + " 0 # device zero\n\n"));
+  save("keys", "key_string", with_mode(3, pub));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -189,5 +218,6 @@ int main(int argc, char** argv) {
   idx_seeds();
   cifar_seeds();
   payload_seeds();
+  keys_seeds();
   return 0;
 }
