@@ -199,23 +199,27 @@ void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta
   }
   w.put<uint32_t>(static_cast<uint32_t>(crc32(0L, reinterpret_cast<const Bytef*>(w.buf.data()), static_cast<uInt>(w.buf.size()))));
 
+  write_file_atomically(path, w.buf, "checkpoint");
+}
+
+void write_file_atomically(const std::string& path, const std::string& bytes, const std::string& what) {
   const std::filesystem::path target(path);
   if (target.has_parent_path()) std::filesystem::create_directories(target.parent_path());
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw IoError("cannot write checkpoint " + tmp + ": " + std::strerror(errno));
+  if (fd < 0) throw IoError("cannot write " + what + " " + tmp + ": " + std::strerror(errno));
   size_t off = 0;
-  while (off < w.buf.size()) {
-    const ssize_t n = ::write(fd, w.buf.data() + off, w.buf.size() - off);
+  while (off < bytes.size()) {
+    const ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
     if (n < 0) {
       if (errno == EINTR) continue;
       const std::string err = std::strerror(errno);
       ::close(fd);
-      throw IoError("cannot write checkpoint " + tmp + ": " + err);
+      throw IoError("cannot write " + what + " " + tmp + ": " + err);
     }
     off += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) throw IoError("cannot flush checkpoint " + tmp + ": " + std::strerror(errno));
+  if (::fsync(fd) != 0 || ::close(fd) != 0) throw IoError("cannot flush " + what + " " + tmp + ": " + std::strerror(errno));
   std::filesystem::rename(tmp, target);
 }
 

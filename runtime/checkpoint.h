@@ -29,6 +29,10 @@ struct CheckpointState {
   Tensor value;
 };
 
+// Writes bytes to path atomically: a temp file beside it, fsync, rename (parent directories created).
+// `what` names the file in errors ("checkpoint", "privacy journal").
+void write_file_atomically(const std::string& path, const std::string& bytes, const std::string& what);
+
 void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta& meta,
                      const std::vector<CheckpointState>& state = {});
 // Reads only the header and metadata (to build the right model before loading). The metadata is checked

@@ -1,7 +1,6 @@
 // Server and device roles of the distributed modes, and the launcher that runs them on loopback.
 #include "runtime/modes/distributed.h"
 
-#include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -162,26 +161,6 @@ std::vector<Tensor> unpack_state(Model& m, size_t begin, size_t end, const tp::W
     state.push_back(w.tensors[i].tensor);
   }
   return state;
-}
-
-// Writes a small file atomically: a temp file, fsync, rename (as checkpoints are written).
-void write_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw IoError("cannot write " + tmp + ": " + std::strerror(errno));
-  size_t off = 0;
-  while (off < text.size()) {
-    const ssize_t n = ::write(fd, text.data() + off, text.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const std::string err = std::strerror(errno);
-      ::close(fd);
-      throw IoError("cannot write " + tmp + ": " + err);
-    }
-    off += static_cast<size_t>(n);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) throw IoError("cannot flush " + tmp + ": " + std::strerror(errno));
-  std::filesystem::rename(tmp, path);
 }
 
 double seconds_of(tp::Clock::time_point t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
@@ -671,7 +650,8 @@ class ServerRunner {
   void write_privacy_journal(int r, const std::vector<DeviceSlot*>& active) {
     std::vector<int64_t> counts = privacy_rounds_;
     for (const DeviceSlot* s : active) ++counts[s->id];
-    write_atomically(privacy_journal_path(result_.out_dir), json{{"round", r}, {"privacy_rounds", counts}}.dump() + "\n");
+    write_file_atomically(privacy_journal_path(result_.out_dir), json{{"round", r}, {"privacy_rounds", counts}}.dump() + "\n",
+                          "privacy journal");
   }
 
   void read_privacy_journal() {

@@ -341,6 +341,22 @@ struct CrashAfter : ProgressSink {
   }
 };
 
+// Runs c's server for one round with two device threads that give up when it is gone (no
+// reconnecting; the caller joins them), then crashes it.
+void crash_after_round_one(const TrainConfig& c, std::vector<std::thread>& old_devices) {
+  CrashAfter crash(1);
+  EXPECT_THROW(run_server(c, fast_net(), &crash,
+                          [&](const std::string& e) {
+                            for (uint32_t d = 0; d < 2; ++d)
+                              old_devices.emplace_back([d, e] {
+                                DeviceOptions o;
+                                o.connect = e, o.id = d, o.timeout_s = 5, o.reconnect_s = 0;
+                                run_device(o);
+                              });
+                          }),
+               Crash);
+}
+
 // The server's log lines (ProgressSink).
 struct Said : ProgressSink {
   std::vector<std::string> lines;
@@ -478,17 +494,7 @@ TEST(Distributed, EpsilonContinuesAfterAResume) {
     c.dp_clip = 5, c.dp_sigma = 1.5f, c.dp_sgd = true, c.dp_delta = 1e-5;
     // Round 1, then the server crashes; its devices give up (no reconnecting) and are not used again.
     std::vector<std::thread> old_devices;
-    CrashAfter crash(1);
-    EXPECT_THROW(run_server(c, fast_net(), &crash,
-                            [&](const std::string& e) {
-                              for (uint32_t d = 0; d < 2; ++d)
-                                old_devices.emplace_back([d, e] {
-                                  DeviceOptions o;
-                                  o.connect = e, o.id = d, o.timeout_s = 5, o.reconnect_s = 0;
-                                  run_device(o);
-                                });
-                            }),
-                 Crash);
+    crash_after_round_one(c, old_devices);
     const std::string journal = c.out_dir + "/privacy_rounds.json";
     {
       std::ifstream f(journal);
@@ -529,17 +535,7 @@ TEST(Distributed, ResumeKeepsTheCheckpointsPlan) {
   c.split = c.micro_batches = -1;  // auto
   c.epochs = 2;
   std::vector<std::thread> old_devices;
-  CrashAfter crash(1);
-  EXPECT_THROW(run_server(c, fast_net(), &crash,
-                          [&](const std::string& e) {
-                            for (uint32_t d = 0; d < 2; ++d)
-                              old_devices.emplace_back([d, e] {
-                                DeviceOptions o;
-                                o.connect = e, o.id = d, o.timeout_s = 5, o.reconnect_s = 0;
-                                run_device(o);
-                              });
-                          }),
-               Crash);
+  crash_after_round_one(c, old_devices);
   const std::string ckpt = c.out_dir + "/server.ckpt";
   CheckpointMeta meta = read_checkpoint_meta(ckpt);
   nlohmann::json extra = nlohmann::json::parse(meta.extra_json);
