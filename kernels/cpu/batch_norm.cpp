@@ -28,7 +28,8 @@ PIPAR_BN_INLINE void affine_plane(const float* x, float mu, float a, float b, fl
 
 // The per-plane double sums in GCC vectors: 8 floats a step widened to two vectors of 4 doubles, two
 // independent accumulators per sum (AVX2: one register each; SSE2: two). Written as arrays of lanes,
-// GCC left these loops scalar (perf: vsubsd/vaddsd), and batch norm took 17% of a VGG5 training step.
+// GCC left these loops scalar (perf: vsubsd/vaddsd), and batch norm took 16-18% of a VGG5 training
+// step (2 threads, Zen 3).
 using F4 = float __attribute__((vector_size(16)));
 using D4 = double __attribute__((vector_size(32)));
 // D4 never crosses a call (every helper is always inlined), so the note on its calling convention
@@ -76,7 +77,7 @@ PIPAR_BN_INLINE void grad_sums_plane(const float* x, const float* dy, double mea
 
 // One channel of the training forward pass (statistics, running update, y). Always inlined into a
 // plain and an AVX2 copy: the double sums vectorize 2 wide on the portable build (SSE2) and 4 wide
-// with AVX2, and batch norm took 18% of a VGG5 training step on the Zen 3 before.
+// with AVX2.
 PIPAR_BN_INLINE void bn_train_channel(const BatchNormParams& p, const Planes& g, int64_t ch, const float* x,
                                       const float* gamma, const float* beta, float* running_mean,
                                       float* running_var, float* save_mean, float* save_invstd, float* y) {

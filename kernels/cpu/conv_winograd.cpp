@@ -46,12 +46,34 @@ constexpr int64_t kWeightChannels = 8;
 
 int64_t round16(int64_t v) { return (v + 15) / 16 * 16; }
 
+WinogradShape winograd_shape(const ConvGeom& g) {
+  return {g.c, g.k, round16(g.c), round16(g.k), g.h, g.w, g.oh, g.ow, g.ph, g.pw, (g.oh + 1) / 2, (g.ow + 1) / 2};
+}
+
+// Tile rows per chunk (forward) or per step (weight gradient): V and M (or D) within kChunkFloats, and at
+// least kMinChunkTiles tiles.
+int64_t rows_per_chunk(const WinogradShape& s) {
+  return std::max(kChunkFloats / (16 * (s.cp + s.kp) * s.tw), (kMinChunkTiles + s.tw - 1) / s.tw);
+}
+
+// Calls f(sample, ty0, ty1, first tile) for the runs of tile rows [row0, row1) of the flattened
+// n × th rows that lie within one sample; tiles are numbered from row0.
+template <class F>
+void for_each_segment(const WinogradShape& s, int64_t row0, int64_t row1, F&& f) {
+  for (int64_t row = row0; row < row1;) {
+    const int64_t n = row / s.th, ty0 = row % s.th, ty1 = std::min(s.th, ty0 + row1 - row);
+    f(n, ty0, ty1, (row - row0) * s.tw);
+    row += ty1 - ty0;
+  }
+}
+
 }  // namespace
 
 bool winograd_supported() { return select_indirect_kernel(4).fn != nullptr; }
 
 bool winograd_applies(const ConvGeom& g) {
-  const int64_t tiles = g.n * ((g.oh + 1) / 2) * ((g.ow + 1) / 2);
+  const WinogradShape s = winograd_shape(g);
+  const int64_t tiles = g.n * s.th * s.tw;
   return winograd_supported() && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.groups == 1 &&
          g.ph <= 2 && g.pw <= 2 && g.c >= kMinChannels && g.k >= kMinChannels && g.c * g.k <= kMaxChannelProduct &&
          tiles >= kMinTiles;
@@ -60,8 +82,7 @@ bool winograd_applies(const ConvGeom& g) {
 void conv2d_winograd(const ConvGeom& g, const float* x, const float* w, WinogradWeights layout, const float* bias,
                      float* y, int threads) {
 #if PIPAR_X86
-  const WinogradShape s{g.c, g.k, round16(g.c), round16(g.k), g.h, g.w, g.oh, g.ow, g.ph, g.pw,
-                        (g.oh + 1) / 2, (g.ow + 1) / 2};
+  const WinogradShape s = winograd_shape(g);
   const WinogradKernels wk = winograd_kernels_avx2();
   const bool flipped = layout == WinogradWeights::kTransposed;
 
@@ -76,7 +97,7 @@ void conv2d_winograd(const ConvGeom& g, const float* x, const float* w, Winograd
 
   // Chunks of whole tile rows of the flattened n × th rows, as many as a multiple of the threads.
   const int64_t rows = g.n * s.th;
-  const int64_t per_chunk = std::max(kChunkFloats / (16 * (s.cp + s.kp) * s.tw), (kMinChunkTiles + s.tw - 1) / s.tw);
+  const int64_t per_chunk = rows_per_chunk(s);
   int64_t chunks = (rows + per_chunk - 1) / per_chunk;
   if (threads > 1) chunks = std::min(rows, (chunks + threads - 1) / threads * threads);
   const int64_t weight_items = (g.c + kWeightChannels - 1) / kWeightChannels;
@@ -103,15 +124,7 @@ void conv2d_winograd(const ConvGeom& g, const float* x, const float* w, Winograd
       float* m = m_buf.get(static_cast<size_t>(16 * mstride));
       float* xpad = xpad_buf.get(static_cast<size_t>((2 * seg_rows + 2) * s.wpad() * s.cp));
       float* out = out_buf.get(static_cast<size_t>(2 * seg_rows * g.ow * s.kp));
-      // Calls f(sample, ty0, ty1, first tile) for the runs of tile rows of one sample in the chunk.
-      auto for_each_segment = [&](auto&& f) {
-        for (int64_t row = row0; row < row1;) {
-          const int64_t n = row / s.th, ty0 = row % s.th, ty1 = std::min(s.th, ty0 + row1 - row);
-          f(n, ty0, ty1, (row - row0) * s.tw);
-          row += ty1 - ty0;
-        }
-      };
-      for_each_segment([&](int64_t n, int64_t ty0, int64_t ty1, int64_t t0) {
+      for_each_segment(s, row0, row1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t t0) {
         wk.input(s, x, n, ty0, ty1, xpad, v + t0 * s.cp, vstride);
       });
       for (int64_t k0 = 0; k0 < s.kp; k0 += 64) {
@@ -127,7 +140,7 @@ void conv2d_winograd(const ConvGeom& g, const float* x, const float* w, Winograd
           }
         }
       }
-      for_each_segment([&](int64_t n, int64_t ty0, int64_t ty1, int64_t t0) {
+      for_each_segment(s, row0, row1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t t0) {
         wk.output(s, m + t0 * s.kp, mstride, n, ty0, ty1, bias, out, y);
       });
     }
@@ -139,15 +152,14 @@ void conv2d_winograd(const ConvGeom& g, const float* x, const float* w, Winograd
 
 void conv2d_winograd_backward_weight(const ConvGeom& g, const float* x, const float* dy, float* dw, int threads) {
 #if PIPAR_X86
-  const WinogradShape s{g.c, g.k, round16(g.c), round16(g.k), g.h, g.w, g.oh, g.ow, g.ph, g.pw,
-                        (g.oh + 1) / 2, (g.ow + 1) / 2};
+  const WinogradShape s = winograd_shape(g);
   const WinogradKernels wk = winograd_kernels_avx2();
   // Partial sums M [16][k][cp] per chunk; chunks of whole tile rows, one per thread (taken dynamically:
   // a thread the OS preempts holds up no one; two per thread cost 5-25% more at batch 10 on the Zen 3,
   // 2 threads, in zeroing and adding partials), each swept in steps of tile rows whose V and D
   // [16][tiles][cp or kp] fit the L2 budget of the forward pass.
   const int64_t rows = g.n * s.th, part_size = 16 * g.k * s.cp;
-  const int64_t per_step = std::max(kChunkFloats / (16 * (s.cp + s.kp) * s.tw), (kMinChunkTiles + s.tw - 1) / s.tw);
+  const int64_t per_step = rows_per_chunk(s);
   const int64_t chunks = std::min<int64_t>(rows, threads);
   thread_local AlignedBuffer part_buf;
   float* parts = part_buf.get(static_cast<size_t>(part_size * chunks));
@@ -169,12 +181,10 @@ void conv2d_winograd_backward_weight(const ConvGeom& g, const float* x, const fl
         float* d = d_buf.get(static_cast<size_t>(16 * dstride));
         float* xpad = xpad_buf.get(static_cast<size_t>((2 * seg_rows + 2) * s.wpad() * s.cp));
         float* dypad = dypad_buf.get(static_cast<size_t>(2 * seg_rows * 2 * s.tw * s.kp));
-        for (int64_t row = row0; row < row1;) {  // runs of tile rows within one sample
-          const int64_t n = row / s.th, ty0 = row % s.th, ty1 = std::min(s.th, ty0 + row1 - row), t0 = (row - row0) * s.tw;
+        for_each_segment(s, row0, row1, [&](int64_t n, int64_t ty0, int64_t ty1, int64_t t0) {
           wk.input(s, x, n, ty0, ty1, xpad, v + t0 * s.cp, vstride);
           wk.grad_output(s, dy, n, ty0, ty1, dypad, d + t0 * s.kp, dstride);
-          row += ty1 - ty0;
-        }
+        });
         // M[xi][k][c] += sum over tiles of D[xi][t][k] · V[xi][t][c]: rows of the indirect kernel are
         // output channels (read down the tiles, kp apart), its vectors input channels.
         steps.resize(2 * tiles);
