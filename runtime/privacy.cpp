@@ -179,9 +179,8 @@ void DpSgd::finish(int64_t batch_size) {
     add_gaussian_noise(sum_[i], sigma_ * clip_, hash64(step_seed, i));
     kernels::copy(sum_[i].view(), params_[i]->grad.view());
     kernels::scale(inv, params_[i]->grad.view());
-    sum_[i].zero();
   }
-  samples_ = 0;
+  clear();
 }
 
 void DpSgd::clear() {

@@ -163,6 +163,11 @@ std::vector<Tensor> unpack_state(Model& m, size_t begin, size_t end, const tp::W
   return state;
 }
 
+// Differential privacy is on and accounted: activations are clipped and noised (split modes), the
+// devices compose their releases, the server counts the rounds each began. Device and server decide it
+// by this one rule, so that the counts the server hands out are the ones the devices expect.
+bool dp_accounted(const TrainConfig& c) { return is_split_mode(c.mode) && c.dp_clip > 0 && c.dp_sigma > 0; }
+
 double seconds_of(tp::Clock::time_point t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
 
 // --- device ----------------------------------------------------------------------------------------
@@ -388,7 +393,7 @@ class DeviceRunner {
     snapshot_round_ = round;
   }
 
-  bool dp_accounting() const { return is_split_mode(cfg_.mode) && cfg_.dp_clip > 0 && cfg_.dp_sigma > 0; }
+  bool dp_accounting() const { return dp_accounted(cfg_); }
 
   // One round's releases of this device's data (differential privacy). Every sample's clipped
   // activation leaves once with noise sd sigma*C; a sample replaced moves its row by up to 2C, so noise
@@ -616,7 +621,7 @@ class ServerRunner {
   // Differential privacy is on: the devices account their releases, and this server counts, per device,
   // the rounds it began (checkpointed, and handed to the devices, so a restarted device's epsilon goes on
   // from its true total).
-  bool dp_accounting() const { return split_mode() && cfg_.dp_clip > 0 && cfg_.dp_sigma > 0; }
+  bool dp_accounting() const { return dp_accounted(cfg_); }
 
   // --load (and --resume): the server's end-of-round checkpoint. The model (both parts' weights and
   // batch-norm statistics) and the round always; from a checkpoint of a run of the same mode also the
