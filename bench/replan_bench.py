@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Re-planning against a fixed plan when the uplink slows down (issue #5): runs the same pipar training
+twice per repeat, side by side in this script, with the planner choosing P and N at the start and
+every uplink's rate cut to a fraction of itself from a given round on (--uplink-schedule, shaped by
+PiPar's transport at run time): once with re-planning (the default) and once with --no-replan. Prints
+each round's plan and time, the round after which the planner changed the plan, and the ratio of the
+two runs' training times (median over repeats).
+
+  bench/replan_bench.py --pipar build/apps/pipar --uplink-mbps 6 --factor 0.5 --epochs 6 \\
+      --limit-train 800 --repeats 3 [--json out.json]
+
+Measured: each round's round_seconds from metrics.jsonl (monotonic clock around the round's
+training; evaluation excluded), summed over the run. Goal (issue #5): re-plan within two rounds of
+the change, and the run ends at least 15% faster than with re-planning off.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+
+def run(args, out_dir, replan):
+    slow_from = args.slow_from if args.slow_from is not None else args.epochs // 2
+    slow = args.uplink_mbps * args.factor
+    cmd = [args.pipar, "train", "--mode", "pipar", "--model", args.model, "--dataset", args.dataset,
+           "--devices", str(args.devices), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+           "--uplink-mbps", str(args.uplink_mbps), "--downlink-mbps", str(args.downlink_mbps),
+           "--uplink-schedule", f"{slow_from}:{slow:g}", "--device-threads", str(args.device_threads),
+           "--threads", str(args.server_threads), "--limit-train", str(args.limit_train),
+           "--limit-test", str(args.limit_test), "--seed", str(args.seed), "--split", "auto",
+           "--micro-batches", "auto", "--out", out_dir]
+    if not replan:
+        cmd.append("--no-replan")
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    rounds = []
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            j = json.loads(line)
+            if "round_seconds" in j:
+                rounds.append({k: j.get(k) for k in ("round", "round_seconds", "split", "micro_batches", "uplink_mbps",
+                                                      "predicted_round_seconds", "test_accuracy")})
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        summary = json.load(f)
+    return {"replan": replan, "rounds": rounds, "total": sum(r["round_seconds"] for r in rounds),
+            "replans": summary.get("replans", []), "accuracy": summary.get("test_accuracy"),
+            "slow_from": slow_from, "command": " ".join(cmd)}
+
+
+def plan_of(r):
+    return f"P={r['split']} N={r['micro_batches']}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipar", default="build/apps/pipar")
+    p.add_argument("--model", default="vgg5")
+    p.add_argument("--dataset", default="fmnist")
+    p.add_argument("--devices", type=int, default=4)
+    p.add_argument("--uplink-mbps", type=float, default=6)
+    p.add_argument("--factor", type=float, default=0.5, help="the uplink's rate from --slow-from on, as a fraction")
+    p.add_argument("--slow-from", type=int, help="0-based round from which the uplink is slow (default: epochs / 2)")
+    p.add_argument("--downlink-mbps", type=float, default=25)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--limit-train", type=int, default=800)
+    p.add_argument("--limit-test", type=int, default=200)
+    p.add_argument("--device-threads", type=int, default=1)
+    p.add_argument("--server-threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="write every run here")
+    args = p.parse_args()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True).stdout.strip()
+    print(f"# replan_bench: commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}; {args.model}, {args.devices} devices, {args.limit_train} training images, "
+          f"uplink {args.uplink_mbps:g} Mbit/s then x{args.factor:g}, downlink {args.downlink_mbps:g} Mbit/s", flush=True)
+    root = tempfile.mkdtemp(prefix="pipar_replan_")
+    runs = []
+    for rep in range(args.repeats):
+        # Alternate which goes first, so that a drift of the machine's speed favours neither.
+        order = (True, False) if rep % 2 == 0 else (False, True)
+        pair = {}
+        for replan in order:
+            r = run(args, os.path.join(root, f"{rep}_{'on' if replan else 'off'}"), replan)
+            pair[replan] = r
+            print(f"#   repeat {rep + 1} re-plan {'on ' if replan else 'off'}: {r['total']:.2f} s; rounds "
+                  + ", ".join(f"{x['round_seconds']:.2f} ({plan_of(x)})" for x in r["rounds"]), flush=True)
+        runs.append(pair)
+
+    print()
+    print("| repeat | re-plan on (s) | re-plan off (s) | off / on | on: slow rounds | off: slow rounds | on: first plan change | "
+          "on: plan after | accuracy on / off |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios, slow_ratios, lags = [], [], []
+    for i, pair in enumerate(runs):
+        on, off = pair[True], pair[False]
+        k = on["slow_from"]
+        slow_on = sum(x["round_seconds"] for x in on["rounds"][k:])
+        slow_off = sum(x["round_seconds"] for x in off["rounds"][k:])
+        before = on["rounds"][k]  # planned before the slow-down (plans change only at round boundaries)
+        change = next((x for x in on["rounds"][k + 1:] if plan_of(x) != plan_of(before)), None)
+        # Rounds are 0-based here as in --uplink-schedule: round k is the first slow one, and a plan that
+        # differs from round k + 1 on was re-planned after it (lag 1: the soonest possible).
+        lag = None if change is None else change["round"] - k
+        lags.append(lag)
+        ratios.append(off["total"] / on["total"])
+        slow_ratios.append(slow_off / slow_on)
+        acc = lambda r: "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%"
+        print(f"| {i + 1} | {on['total']:.2f} | {off['total']:.2f} | {ratios[-1]:.3f} | {slow_on:.2f} | {slow_off:.2f} | "
+              f"{'none' if change is None else 'round %d (%d after the slow-down)' % (change['round'], lag)} | "
+              f"{'-' if change is None else plan_of(change)} | {acc(on)} / {acc(off)} |")
+    print()
+    print(f"median off / on over {len(ratios)} repeats: {statistics.median(ratios):.3f} (whole run), "
+          f"{statistics.median(slow_ratios):.3f} (rounds after the slow-down); first plan: {plan_of(runs[0][True]['rounds'][0])}; "
+          f"re-planned rounds after the change: {lags}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
