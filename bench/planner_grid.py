@@ -16,54 +16,31 @@ median |predicted - measured| / measured at most 10%.
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
+
+from benchrun import add_run_options, machine_line, run_train, train_command
 
 
 def run(args, out_dir, model, uplink, split, micro):
-    cmd = [args.pipar, "train", "--mode", "pipar", "--model", model, "--dataset", args.dataset,
-           "--devices", str(args.devices), "--epochs", "1", "--batch-size", str(args.batch_size),
-           "--uplink-mbps", str(uplink), "--downlink-mbps", str(args.downlink_mbps),
-           "--device-threads", str(args.device_threads), "--threads", str(args.server_threads),
-           "--limit-train", str(args.limit_train), "--limit-test", str(args.limit_test),
-           "--seed", str(args.seed), "--split", str(split), "--micro-batches", str(micro), "--out", out_dir]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        line = json.loads(f.readline())
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        summary = json.load(f)
+    cmd = train_command(args, "pipar", model, uplink, 1, out_dir) + ["--split", str(split), "--micro-batches", str(micro)]
+    lines, summary = run_train(cmd, out_dir)
+    line = lines[0]
     return {"measured": line["round_seconds"], "predicted": line.get("predicted_round_seconds"),
             "split": line.get("split"), "micro_batches": line.get("micro_batches"), "summary_plan": summary.get("plan")}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipar", default="build/apps/pipar")
+    add_run_options(p)
     p.add_argument("--models", default="vgg5")
-    p.add_argument("--dataset", default="fmnist")
-    p.add_argument("--devices", type=int, default=4)
     p.add_argument("--uplinks", default="5,10,50")
-    p.add_argument("--downlink-mbps", type=float, default=25)
     p.add_argument("--splits", default="1,2,3,4")
     p.add_argument("--micro-batches", default="1,2,4,8,16")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--limit-train", type=int, default=800)
-    p.add_argument("--limit-test", type=int, default=200)
-    p.add_argument("--device-threads", type=int, default=1)
-    p.add_argument("--server-threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write every run here")
     args = p.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True).stdout.strip()
-    print(f"# planner_grid: commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}; {args.devices} devices, batch {args.batch_size}, "
+    print(machine_line("planner_grid") + f"; {args.devices} devices, batch {args.batch_size}, "
           f"{args.limit_train} training images, downlink {args.downlink_mbps} Mbit/s", flush=True)
     root = tempfile.mkdtemp(prefix="pipar_grid_")
     everything = []

@@ -6,7 +6,7 @@ PiPar's transport at run time): once with re-planning (the default) and once wit
 each round's plan and time, the round after which the planner changed the plan, and the ratio of the
 two runs' training times (median over repeats).
 
-  bench/replan_bench.py --pipar build/apps/pipar --uplink-mbps 6 --factor 0.5 --epochs 6 \\
+  bench/replan_bench.py --pipar build/apps/pipar --uplink-mbps 10 --factor 0.5 --epochs 6 \\
       --limit-train 800 --repeats 3 [--json out.json]
 
 Measured: each round's round_seconds from metrics.jsonl (monotonic clock around the round's
@@ -16,38 +16,23 @@ the change, and the run ends at least 15% faster than with re-planning off.
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
+
+from benchrun import add_run_options, machine_line, run_train, train_command
 
 
 def run(args, out_dir, replan):
     slow_from = args.slow_from if args.slow_from is not None else args.epochs // 2
     slow = args.uplink_mbps * args.factor
-    cmd = [args.pipar, "train", "--mode", "pipar", "--model", args.model, "--dataset", args.dataset,
-           "--devices", str(args.devices), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-           "--uplink-mbps", str(args.uplink_mbps), "--downlink-mbps", str(args.downlink_mbps),
-           "--uplink-schedule", f"{slow_from}:{slow:g}", "--device-threads", str(args.device_threads),
-           "--threads", str(args.server_threads), "--limit-train", str(args.limit_train),
-           "--limit-test", str(args.limit_test), "--seed", str(args.seed), "--split", "auto",
-           "--micro-batches", "auto", "--out", out_dir]
+    cmd = train_command(args, "pipar", args.model, args.uplink_mbps, args.epochs, out_dir)
+    cmd += ["--uplink-schedule", f"{slow_from}:{slow:g}", "--split", "auto", "--micro-batches", "auto"]
     if not replan:
         cmd.append("--no-replan")
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
-    rounds = []
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            j = json.loads(line)
-            if "round_seconds" in j:
-                rounds.append({k: j.get(k) for k in ("round", "round_seconds", "split", "micro_batches", "uplink_mbps",
-                                                      "predicted_round_seconds", "test_accuracy")})
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        summary = json.load(f)
+    lines, summary = run_train(cmd, out_dir)
+    rounds = [{k: j.get(k) for k in ("round", "round_seconds", "split", "micro_batches", "uplink_mbps",
+                                     "predicted_round_seconds", "test_accuracy")}
+              for j in lines if "round_seconds" in j]
     return {"replan": replan, "rounds": rounds, "total": sum(r["round_seconds"] for r in rounds),
             "replans": summary.get("replans", []), "accuracy": summary.get("test_accuracy"),
             "slow_from": slow_from, "command": " ".join(cmd)}
@@ -59,28 +44,17 @@ def plan_of(r):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipar", default="build/apps/pipar")
+    add_run_options(p)
     p.add_argument("--model", default="vgg5")
-    p.add_argument("--dataset", default="fmnist")
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--uplink-mbps", type=float, default=6)
+    p.add_argument("--uplink-mbps", type=float, default=10)
     p.add_argument("--factor", type=float, default=0.5, help="the uplink's rate from --slow-from on, as a fraction")
     p.add_argument("--slow-from", type=int, help="0-based round from which the uplink is slow (default: epochs / 2)")
-    p.add_argument("--downlink-mbps", type=float, default=25)
     p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--limit-train", type=int, default=800)
-    p.add_argument("--limit-test", type=int, default=200)
-    p.add_argument("--device-threads", type=int, default=1)
-    p.add_argument("--server-threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write every run here")
     args = p.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True).stdout.strip()
-    print(f"# replan_bench: commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}; {args.model}, {args.devices} devices, {args.limit_train} training images, "
+    print(machine_line("replan_bench") + f"; {args.model}, {args.devices} devices, {args.limit_train} training images, "
           f"uplink {args.uplink_mbps:g} Mbit/s then x{args.factor:g}, downlink {args.downlink_mbps:g} Mbit/s", flush=True)
     root = tempfile.mkdtemp(prefix="pipar_replan_")
     runs = []
