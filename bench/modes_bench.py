@@ -12,23 +12,15 @@ the shaped links); nothing is estimated here.
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 
+from benchrun import add_run_options, machine_line, run_train, train_command
+
 
 def run_mode(args, mode, out_dir, split, micro):
-    cmd = [args.pipar, "train", "--mode", mode, "--model", args.model, "--dataset", args.dataset,
-           "--devices", str(args.devices), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-           "--uplink-mbps", str(args.uplink_mbps), "--downlink-mbps", str(args.downlink_mbps),
-           "--latency-ms", str(args.latency_ms), "--device-threads", str(args.device_threads),
-           "--threads", str(args.server_threads), "--seed", str(args.seed), "--out", out_dir]
-    if args.limit_train:
-        cmd += ["--limit-train", str(args.limit_train)]
-    if args.limit_test:
-        cmd += ["--limit-test", str(args.limit_test)]
+    cmd = train_command(args, mode, args.model, args.uplink_mbps, args.epochs, out_dir)
+    cmd += ["--latency-ms", str(args.latency_ms)]
     extra = args.extra.split()
     if mode == "fl" and any(a.startswith("--dp-") for a in extra):
         raise SystemExit("--extra with --dp-* options applies to the split modes only (--modes sl,sfl,pipar)")
@@ -40,13 +32,8 @@ def run_mode(args, mode, out_dir, split, micro):
     elif mode != "fl" and split == "auto":
         cmd += ["--micro-batches", "1"]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, s = run_train(cmd, out_dir)
     wall = time.monotonic() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{mode} failed with exit code {proc.returncode}: {' '.join(cmd)}")
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        s = json.load(f)
     s["script_wall_seconds"] = wall
     s["command"] = " ".join(cmd)
     return s
@@ -54,31 +41,20 @@ def run_mode(args, mode, out_dir, split, micro):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipar", default="build/apps/pipar")
+    add_run_options(p, limit_train=0, limit_test=0)
     p.add_argument("--model", default="vgg5")
-    p.add_argument("--dataset", default="fmnist")
-    p.add_argument("--devices", type=int, default=4)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--uplink-mbps", type=float, default=10)
-    p.add_argument("--downlink-mbps", type=float, default=25)
     p.add_argument("--latency-ms", type=float, default=0)
     p.add_argument("--split", default="2", help="block number or auto (planner)")
     p.add_argument("--micro-batches", default="4", help="count or auto (planner)")
-    p.add_argument("--device-threads", type=int, default=1)
-    p.add_argument("--server-threads", type=int, default=0)
-    p.add_argument("--limit-train", type=int, default=0)
-    p.add_argument("--limit-test", type=int, default=0)
-    p.add_argument("--seed", type=int, default=1)
     p.add_argument("--modes", default="fl,sl,sfl,pipar")
     p.add_argument("--extra", default="", help="more pipar train options for every mode, e.g. \"--dp-clip 10 --dp-sigma 0.1\" "
                    "(split modes only when they name --dp-*)")
     p.add_argument("--json", help="write all summaries here")
     args = p.parse_args()
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True).stdout.strip()
-    print(f"# modes_bench: commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}")
+    print(machine_line("modes_bench"))
     print(f"# {args.model} on {args.dataset} (train limit {args.limit_train or 'all'}), {args.devices} devices, "
           f"batch {args.batch_size}, {args.epochs} epochs, uplink {args.uplink_mbps} Mbit/s, downlink "
           f"{args.downlink_mbps} Mbit/s, latency {args.latency_ms} ms, split {args.split}, pipar micro-batches "
@@ -95,8 +71,8 @@ def main():
         if "plan" in s:
             print(f"# {mode}: planner chose split {s['split']}, {s['micro_batches']} micro-batches; predicted round "
                   f"{s['plan'].get('round_s', 0):.2f} s, measured {s['train_seconds'] / max(1, len(s['epoch_seconds'])):.2f} s")
-    print(f"| mode | epoch time (s) | server busy (s) | server idle (s) | pipeline efficiency | MB up | MB down | test accuracy |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| mode | epoch time (s) | server busy (s) | server idle (s) | pipeline efficiency | MB up | MB down | test accuracy |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, s in rows.items():
         e = max(1, len(s["epoch_seconds"]))
         print(f"| {mode} | {s['train_seconds'] / e:.2f} | {s['server_busy_seconds'] / e:.2f} | "
