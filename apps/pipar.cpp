@@ -214,15 +214,17 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
                                              a.samples);
   c.server_profile = srv;
   c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;  // as the server's own planner
+  c.private_labels = cfg.labels == "private";
   planner::SearchOptions so;
   so.mode = planner::parse_mode(a.mode);
   so.per_device_split = a.per_device;
   so.runners_up = a.top;
   const planner::CostModel cm(c);
   const planner::SearchResult r = planner::search(cm, so);
-  std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms\n",
+  std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms, "
+              "labels %s\n",
               model->name().c_str(), cfg.devices, cfg.batch_size, static_cast<long long>(a.samples), net.uplink_mbps,
-              net.downlink_mbps, net.latency_ms);
+              net.downlink_mbps, net.latency_ms, cfg.labels.c_str());
   std::printf("searched %d plans in %.3f s\n", r.evaluated, r.seconds);
   for (size_t i = 0; i < r.ranked.size(); ++i) std::printf("%2zu. %s\n", i + 1, r.ranked[i].describe().c_str());
   std::printf("best plan of each mode:\n");
@@ -273,6 +275,11 @@ int main(int argc, char** argv) {
     a->add_option("--dp-delta", cfg.dp_delta, "Differential privacy: delta of the reported epsilon")
         ->capture_default_str()
         ->check(CLI::Range(1e-12, 0.5));
+    a->add_option("--labels", cfg.labels,
+                  "shared (labels go to the server with the activations) or private (split modes: the device keeps the "
+                  "last block and the loss, labels never leave it; one more round trip per micro-batch)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"shared", "private"}));
     a->add_option("--epochs", cfg.epochs, "Epochs")->capture_default_str()->check(CLI::PositiveNumber);
     a->add_option("--batch-size", cfg.batch_size, "Batch size")->capture_default_str()->check(CLI::Range(2, 1 << 20));
     a->add_option("--lr", cfg.lr, "SGD learning rate")->capture_default_str();
@@ -372,6 +379,9 @@ int main(int argc, char** argv) {
   plan->add_option("--save-profile", plan_args.save_profile, "Write the device profile measured here");
   plan->add_option("--device-threads", plan_args.device_threads, "Threads of a device when measuring its profile")->capture_default_str();
   plan->add_flag("--per-device", plan_args.per_device, "Let devices split at different blocks");
+  plan->add_option("--labels", cfg.labels, "shared, or private (the device keeps the last block and the loss)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"shared", "private"}));
   plan->add_option("--top", plan_args.top, "Candidates to print")->capture_default_str();
   add_net(plan);
 
@@ -403,6 +413,9 @@ int main(int argc, char** argv) {
     }
     if ((cfg.dp_clip > 0 || cfg.dp_sgd) && cfg.mode != "sl" && cfg.mode != "sfl" && cfg.mode != "pipar")
       throw Error("--dp-clip/--dp-sgd apply to --mode sl, sfl or pipar");
+    if (cfg.labels == "private" && cfg.mode != "sl" && cfg.mode != "sfl" && cfg.mode != "pipar")
+      throw Error("--labels private applies to --mode sl, sfl or pipar (in --mode " + cfg.mode +
+                  " there is no split: labels never leave the process that holds the data)");
     if (cfg.dp_sgd && (cfg.dp_clip <= 0 || cfg.norm != "none" || cfg.model.rfind("vgg", 0) != 0))
       throw Error("--dp-sgd needs --dp-clip > 0 and a VGG with --norm none (per-sample gradients)");
     if (*train || *server) {

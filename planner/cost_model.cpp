@@ -59,6 +59,9 @@ CostModel::CostModel(Cluster cluster) : c_(std::move(cluster)) {
   for (const Profile& p : c_.device_profiles) p.validate();
   if (c_.server_profile) c_.server_profile->validate();
   blocks_ = c_.device_profiles[0].num_blocks();
+  if (c_.private_labels && blocks_ < 3)
+    throw Error(detail::concat("cost model: private labels need at least 3 blocks (device front, server middle, device tail); ",
+                               c_.device_profiles[0].model, " has ", blocks_));
   auto same_model = [&](const Profile& p) {
     if (p.num_blocks() != blocks_ || p.model != c_.device_profiles[0].model)
       throw Error(detail::concat("cost model: profiles of different models (", c_.device_profiles[0].model, ", ",
@@ -95,14 +98,24 @@ void CostModel::check_split(const std::vector<int>& split, Mode mode) const {
   if (split.size() != c_.devices.size())
     throw Error(detail::concat("cost model: ", split.size(), " split points for ", c_.devices.size(), " devices"));
   for (int p : split)
-    if (p < 1 || static_cast<size_t>(p) >= blocks_)
-      throw Error(detail::concat("cost model: split point ", p, " outside 1..", blocks_ - 1));
+    if (p < 1 || static_cast<size_t>(p) >= server_end())
+      throw Error(detail::concat("cost model: split point ", p, " outside 1..", server_end() - 1,
+                                 c_.private_labels ? detail::concat(" (private labels: the device keeps the last of the ", blocks_, " blocks)")
+                                                   : std::string()));
+}
+
+int64_t CostModel::device_state_bytes(size_t d, size_t split) const {
+  const Profile& p = device_profile(d);
+  return p.state_bytes(0, split) + (c_.private_labels ? p.state_bytes(blocks_ - 1, blocks_) : 0);
 }
 
 // --- stage times -----------------------------------------------------------------------------------
 
 struct CostModel::Stage {
   double f = 0, b = 0, up = 0, down = 0, s = 0;  // device forward/backward, links, server micro-batch
+  // Private labels (s is then the middle forward): middle backward, the middle output down, the
+  // device's tail (forward, loss, backward), the output's gradient up.
+  double s_back = 0, down_mid = 0, tail = 0, up_mid = 0;
 };
 
 CostModel::Stage CostModel::stage(size_t d, int split, int64_t m, Mode mode) const {
@@ -118,8 +131,19 @@ CostModel::Stage CostModel::stage(size_t d, int split, int64_t m, Mode mode) con
   const Profile& sp = server_profile();
   st.f = dp.forward_s(0, p, mm) * ds.time_scale;
   st.b = dp.backward_s(0, p, mm) * ds.time_scale;
-  st.up = transfer_s(static_cast<double>(dp.activation_bytes(p)) * mm, ds.link.up_mbps, ds.link.per_message_s);
+  // Private labels: the cut activation goes up without its labels.
+  const int64_t up_bytes = c_.private_labels ? dp.gradient_bytes(p) : dp.activation_bytes(p);
+  st.up = transfer_s(static_cast<double>(up_bytes) * mm, ds.link.up_mbps, ds.link.per_message_s);
   st.down = transfer_s(static_cast<double>(dp.gradient_bytes(p)) * mm, ds.link.down_mbps, ds.link.per_message_s);
+  if (c_.private_labels) {
+    const size_t e = blocks_ - 1;  // the tail's first block; the middle output is block e-1's
+    st.s = sp.forward_s(p, e, mm) * c_.server_time_scale + c_.server_per_micro_batch_s;
+    st.s_back = sp.backward_s(p, e, mm) * c_.server_time_scale + c_.server_per_micro_batch_s;
+    st.down_mid = transfer_s(static_cast<double>(dp.gradient_bytes(e)) * mm, ds.link.down_mbps, ds.link.per_message_s);
+    st.up_mid = transfer_s(static_cast<double>(dp.gradient_bytes(e)) * mm, ds.link.up_mbps, ds.link.per_message_s);
+    st.tail = (dp.forward_s(e, blocks_, mm) + dp.loss_time_s(mm) + dp.backward_s(e, blocks_, mm)) * ds.time_scale;
+    return st;
+  }
   st.s = (sp.forward_s(p, blocks_, mm) + sp.loss_time_s(mm) + sp.backward_s(p, blocks_, mm)) * c_.server_time_scale +
          c_.server_per_micro_batch_s;
   return st;
@@ -133,10 +157,12 @@ struct Arrival {
   double t;
   size_t d;
   size_t i;
+  bool back = false;  // private labels: the gradient of micro-batch i's middle output (else its activation)
   bool operator>(const Arrival& o) const {
     if (t != o.t) return t > o.t;
     if (d != o.d) return d > o.d;
-    return i > o.i;
+    if (i != o.i) return i > o.i;
+    return back > o.back;
   }
 };
 
@@ -206,7 +232,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
       const double u = std::max(f, v.up_free) + s.up;
       up_busy(d) += s.up;
       v.up_free = u;
-      heap.push({u + v.latency, d, i});
+      heap.push({u + v.latency, d, i, false});
     }
     v.f_end = v.b_end = f;
   };
@@ -227,9 +253,10 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     const size_t p = static_cast<size_t>(split[d]);
     v.lens = whole_round ? batch_lengths(ds.samples, c_.batch_size) : std::vector<int64_t>{c_.batch_size};
     v.latency = ds.link.latency_s;
-    v.step_dev = device_profile(d).step_s(0, p) * ds.time_scale;
-    v.step_srv = server_profile().step_s(p, blocks_) * c_.server_time_scale;
-    const double w = static_cast<double>(device_profile(d).state_bytes(0, p));
+    v.step_dev = (device_profile(d).step_s(0, p) + (c_.private_labels ? device_profile(d).step_s(blocks_ - 1, blocks_) : 0.0)) *
+                 ds.time_scale;
+    v.step_srv = server_profile().step_s(p, server_end()) * c_.server_time_scale;
+    const double w = static_cast<double>(device_state_bytes(d, p));
     v.w_down = transfer_s(w, ds.link.down_mbps, ds.link.per_message_s);
     v.w_up = transfer_s(w, ds.link.up_mbps, ds.link.per_message_s);
     double t0 = 0;
@@ -249,7 +276,25 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     const Stage& s = v.st[a.i];
     const bool last = a.i + 1 == v.sizes.size();
     const double start = std::max(a.t, server_free);
-    const double end = start + s.s + (last ? v.step_srv : 0.0);  // the server steps before the last gradient goes
+    if (c_.private_labels && !a.back) {
+      // The middle forward; its output down; the device's tail once its compute is free (after all its
+      // forwards: b_end starts at their end); the output's gradient up, arriving as a second visit.
+      const double fwd_end = start + s.s;
+      server_busy += s.s;
+      server_free = fwd_end;
+      const double down = std::max(fwd_end, v.down_free) + s.down_mid;
+      down_busy(a.d) += s.down_mid;
+      v.down_free = down;
+      v.b_end = std::max(down + v.latency, v.b_end) + s.tail;
+      compute_busy(a.d) += s.tail;
+      const double up = std::max(v.b_end, v.up_free) + s.up_mid;
+      up_busy(a.d) += s.up_mid;
+      v.up_free = up;
+      heap.push({up + v.latency, a.d, a.i, true});
+      continue;
+    }
+    const double server_s = c_.private_labels ? s.s_back : s.s;
+    const double end = start + server_s + (last ? v.step_srv : 0.0);  // the server steps before the last gradient goes
     server_busy += end - start;
     server_free = end;
     const double down = std::max(end, v.down_free) + s.down;
@@ -350,7 +395,7 @@ double CostModel::round_estimate_s(Mode mode, const std::vector<int>& split, int
   for (size_t d = 0; d < c_.devices.size(); ++d) {
     const DeviceSpec& ds = c_.devices[d];
     most = std::max(most, batch_lengths(ds.samples, c_.batch_size).size());
-    const double w = static_cast<double>(device_profile(d).state_bytes(0, static_cast<size_t>(split[d])));
+    const double w = static_cast<double>(device_state_bytes(d, static_cast<size_t>(split[d])));
     exchange = std::max(exchange, transfer_s(w, ds.link.down_mbps, ds.link.per_message_s) +
                                       transfer_s(w, ds.link.up_mbps, ds.link.per_message_s) + 2 * ds.link.latency_s);
   }
@@ -368,8 +413,13 @@ int64_t CostModel::device_memory_bytes(size_t d, int split, int micro_batches) c
   }
   const size_t s = static_cast<size_t>(split);
   const int64_t m_max = micro_batch_sizes(bs, std::max(1, micro_batches)).front();
+  // Private labels: the tail's weights, and one micro-batch's tail tape and middle output at a time.
+  const int64_t tail = c_.private_labels ? 3 * p.param_bytes(blocks_ - 1, blocks_) +
+                                               (p.state_bytes(blocks_ - 1, blocks_) - p.param_bytes(blocks_ - 1, blocks_)) +
+                                               m_max * (p.tape_bytes(blocks_ - 1, blocks_) + 2 * p.gradient_bytes(blocks_ - 1))
+                                         : 0;
   return 3 * p.param_bytes(0, s) + (p.state_bytes(0, s) - p.param_bytes(0, s)) +
-         bs * (p.tape_bytes(0, s) + p.activation_bytes(s)) + m_max * p.gradient_bytes(s);
+         bs * (p.tape_bytes(0, s) + p.activation_bytes(s)) + m_max * p.gradient_bytes(s) + tail;
 }
 
 int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split, int micro_batches) const {
@@ -382,8 +432,10 @@ int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split,
   int64_t total = 0, tape = 0;
   for (size_t d = 0; d < split.size(); ++d) {
     const size_t s = static_cast<size_t>(split[d]);
-    if (mode != Mode::kSl || d == 0) total += 3 * sp.param_bytes(s, blocks_) + (sp.state_bytes(s, blocks_) - sp.param_bytes(s, blocks_));
-    tape = std::max(tape, m_max * sp.tape_bytes(s, blocks_));
+    const size_t e = server_end();
+    if (mode != Mode::kSl || d == 0) total += 3 * sp.param_bytes(s, e) + (sp.state_bytes(s, e) - sp.param_bytes(s, e));
+    // Private labels: every micro-batch's middle tape is kept until its output's gradient returns.
+    tape = std::max(tape, (c_.private_labels ? bs : m_max) * sp.tape_bytes(s, e));
     if (mode != Mode::kSl || d == 0) total += bs * sp.activation_bytes(s);
   }
   return total + tape;

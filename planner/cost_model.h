@@ -12,6 +12,14 @@
 //   batch end = B[N-1] + device step; the next batch of that device starts there.
 // The server takes arrivals of all devices in time order (a heap: O(K N log K) per batch). With
 // K = 1 and N = 1 a batch is exactly the sum of its stages.
+//
+// Private labels (Cluster::private_labels, a U-shaped split): the device keeps the last block and the
+// loss, the server runs blocks [P, B-1). Each micro-batch makes an extra round trip: at its arrival the
+// server runs the middle forward, the middle output goes down (downlink FIFO), the device runs the tail
+// (forward, loss, backward) when its compute is free, the output's gradient goes up (uplink FIFO), and
+// at that arrival the server runs the middle backward (+ step after the last) and sends the cut
+// gradient down as before. The server's heap holds both kinds of arrival. With K = 1 and N = 1 a batch
+// is f + up + s_fwd + down_mid + tail + up_mid + s_bwd + step_srv + down + b + step_dev (+ 4 latencies).
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -52,6 +60,9 @@ struct Cluster {
   // encoding and queuing the gradient, the loop around them. What makes very many tiny micro-batches
   // slower than the kernels' profile says; 0 in hand-made clusters, kServerPerMicroBatchS in the runtime.
   double server_per_micro_batch_s = 0;
+  // Labels stay on the devices (--labels private): split points 1..B-2, the extra hop above; the
+  // per-micro-batch server overhead is charged to each of the two server visits.
+  bool private_labels = false;
 };
 
 // Measured on the development machine (bench/planner_grid.py, VGG5, 4 device processes and the server
@@ -94,7 +105,7 @@ class CostModel {
   bool micro_batches_fit(int micro_batches) const;
 
   // One full batch of every device, all starting together at t = 0. split[d] = device d's split
-  // point (1 <= P < B; ignored for fl, may be empty then). sfl and sl use one micro-batch; sl runs
+  // point (1 <= P < B, P <= B-2 with private labels; ignored for fl, may be empty then). sfl and sl use one micro-batch; sl runs
   // the devices one after another (span = sum of the devices' batch times).
   Timing batch(Mode mode, const std::vector<int>& split, int micro_batches) const;
   // A whole round: device-part weights down, every batch of every device (its partition), weights
@@ -126,6 +137,9 @@ class CostModel {
   const Profile& device_profile(size_t d) const { return c_.device_profiles[c_.devices[d].profile]; }
   const Profile& server_profile() const { return c_.server_profile ? *c_.server_profile : c_.device_profiles[0]; }
   void check_split(const std::vector<int>& split, Mode mode) const;
+  // The server part's end block (B-1 with private labels) and the device part's weight bytes.
+  size_t server_end() const { return c_.private_labels ? blocks_ - 1 : blocks_; }
+  int64_t device_state_bytes(size_t d, size_t split) const;
 
   Cluster c_;
   size_t blocks_ = 0;

@@ -106,10 +106,15 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
   SearchResult res;
   const size_t blocks = model.num_blocks(), k = model.num_devices();
   std::vector<int> splits = o.splits;
+  // Private labels: the device keeps the last block, so the server needs P <= B-2.
+  const size_t last_split = blocks < 2 ? 0 : model.cluster().private_labels ? blocks - 2 : blocks - 1;
   if (splits.empty())
-    for (size_t p = 1; p < blocks; ++p) splits.push_back(static_cast<int>(p));
+    for (size_t p = 1; p <= last_split; ++p) splits.push_back(static_cast<int>(p));
   for (int p : splits)
-    if (p < 1 || static_cast<size_t>(p) >= blocks) throw Error(detail::concat("planner: split point ", p, " outside 1..", blocks - 1));
+    if (p < 1 || static_cast<size_t>(p) > last_split)
+      throw Error(detail::concat("planner: split point ", p, " outside 1..", last_split,
+                                 model.cluster().private_labels ? " (private labels: the device keeps the last block)" : ""));
+  if (splits.empty()) throw Error(detail::concat("planner: ", blocks, " blocks leave no split point"));
   std::vector<int> ns = o.micro_batches;
   if (o.mode != Mode::kPipar) {
     ns = {1};

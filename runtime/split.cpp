@@ -57,6 +57,52 @@ void ServerPart::step() {
   Sgd::zero_grad(params_);
 }
 
+MiddlePart::MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device)
+    : m_(m), begin_(begin), end_(end), opt_(sgd) {
+  if (begin < 1 || end <= begin || end >= m.num_blocks())
+    throw Error(detail::concat("middle part: blocks [", begin, ", ", end, ") of ", m.name(), " (", m.num_blocks(),
+                               " blocks) must leave the device at least the first and the last block"));
+  params_ = m.params(begin, end);
+  ctx_.device = device;
+  ctx_.training = true;
+  Sgd::zero_grad(params_);
+}
+
+Tensor MiddlePart::forward(int64_t key, const Tensor& x) {
+  auto [it, fresh] = tapes_.try_emplace(key);
+  if (!fresh) throw Error(detail::concat("middle part: forward ", key, " is already in flight"));
+  Tensor y = m_.forward(x, &it->second.tape, ctx_, begin_, end_);
+  it->second.out = y.shape();
+  return y;
+}
+
+Tensor MiddlePart::backward(int64_t key, const Tensor& grad) {
+  auto it = tapes_.find(key);
+  if (it == tapes_.end()) throw Error(detail::concat("middle part: gradient for forward ", key, " that is not in flight"));
+  if (!(grad.shape() == it->second.out))
+    throw Error(detail::concat("middle part: gradient ", grad.shape().str(), " for an output ", it->second.out.str()));
+  Tensor g = m_.backward(grad, it->second.tape, ctx_, begin_, end_);
+  tapes_.erase(it);
+  return g;
+}
+
+const Shape4* MiddlePart::pending(int64_t key) const {
+  auto it = tapes_.find(key);
+  return it == tapes_.end() ? nullptr : &it->second.out;
+}
+
+void MiddlePart::step() {
+  opt_.step(params_);
+  Sgd::zero_grad(params_);
+}
+
+void check_private_split(const Model& m, size_t p) {
+  if (m.num_blocks() < 3 || p < 1 || p + 2 > m.num_blocks())
+    throw Error(detail::concat("--labels private: split point ", p, " leaves the server no block; ", m.name(), " has ",
+                               m.num_blocks(), " blocks and the device keeps the last, so the split must be 1..",
+                               m.num_blocks() >= 3 ? m.num_blocks() - 2 : 0));
+}
+
 std::vector<int64_t> micro_batch_sizes(int64_t n, int k) {
   if (n <= 0 || k <= 0) throw Error(detail::concat("micro_batch_sizes: ", n, " samples in ", k, " micro-batches"));
   const int64_t parts = std::min<int64_t>(n, k);

@@ -3,7 +3,9 @@
 // step per batch. A ServerPart runs blocks [P, B) and the loss for one device: each micro-batch's
 // loss is scaled by 1/batch (the whole batch's size), so the gradients accumulated over a batch's
 // micro-batches equal the gradient of the batch's mean loss, and one step per batch is plain
-// mini-batch SGD.
+// mini-batch SGD. With private labels (a U-shaped split) the server runs only the middle blocks
+// [P, B-1) in a MiddlePart and the device keeps the last block and the loss (a ServerPart over block
+// B-1, run on the device), so labels never leave it.
 #pragma once
 #include <map>
 
@@ -53,6 +55,37 @@ class ServerPart {
   std::vector<Param*> params_;
   Context ctx_;
 };
+
+// The server's part of a U-shaped split: blocks [begin, end) without the loss. Each forward keeps its
+// tape under `key` until the device returns the gradient of the part's output (after its tail's loss).
+class MiddlePart {
+ public:
+  MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device = Device::kCpu);
+  Tensor forward(int64_t key, const Tensor& x);  // the middle output; throws if key is in flight
+  // Backward of the forward under `key` with the gradient of its output (shape as pending(key));
+  // accumulates gradients, returns the gradient of the cut activation.
+  Tensor backward(int64_t key, const Tensor& grad);
+  const Shape4* pending(int64_t key) const;  // output shape of the forward in flight under key, or null
+  void step();
+  void set_lr(float lr) { opt_.params().lr = lr; }
+  void reset() { tapes_.clear(); }  // drop forwards whose gradients will never come
+
+ private:
+  struct InFlight {
+    Tape tape;
+    Shape4 out;
+  };
+  Model& m_;
+  size_t begin_, end_;
+  Sgd opt_;
+  std::vector<Param*> params_;
+  std::map<int64_t, InFlight> tapes_;
+  Context ctx_;
+};
+
+// Validates a split point for private labels: the device keeps the last block, so 1 <= p <= blocks-2
+// (the server needs at least one block); else a pipar::Error naming the model's block count.
+void check_private_split(const Model& m, size_t p);
 
 // Micro-batch sizes for a batch of n samples in k micro-batches: as even as possible (sizes differ by
 // at most one), no sample dropped; k is capped at n.

@@ -43,6 +43,9 @@ struct TrainConfig {
   float dp_sigma = 0;      // noise multiplier: Gaussian noise of sd dp_sigma * dp_clip
   bool dp_sgd = false;     // DP-SGD on the device-side weights (needs --norm none and dp_clip > 0)
   double dp_delta = 1e-5;  // delta of the reported (epsilon, delta)
+  // "shared": labels travel with the cut activation and the server computes the loss; "private" (split
+  // modes): a U-shaped split, the device keeps the last block and the loss, labels never leave it.
+  std::string labels = "shared";
 };
 
 struct EpochMetrics {

@@ -63,6 +63,7 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"dp_sigma", c.dp_sigma},
           {"dp_sgd", c.dp_sgd},
           {"dp_delta", c.dp_delta},
+          {"labels", c.labels},
           {"latency_ms", n.latency_ms},
           // Devices measure their block times for the planner: it chooses the plan (--split or
           // --micro-batches auto) or scores the fixed one (predicted_round_seconds).
@@ -94,6 +95,7 @@ TrainConfig config_from_json(const json& j) {
   c.dp_sigma = j.value("dp_sigma", 0.0f);
   c.dp_sgd = j.value("dp_sgd", false);
   c.dp_delta = j.value("dp_delta", 1e-5);
+  c.labels = j.value("labels", "shared");  // absent: a server from before private labels
   return c;
 }
 
@@ -122,38 +124,76 @@ float batch_lr(const TrainConfig& c, int round, int64_t n, int64_t b) {
   return scheduled_lr(c, round * batches + b, c.epochs * batches);
 }
 
-// The range of blocks whose state a message carries.
-std::pair<size_t, size_t> part_range(tp::WeightsPart part, const Model& m, size_t split) {
+bool private_labels(const TrainConfig& c) { return c.labels == "private"; }
+
+// Block ranges [begin, end), in order, whose state a Weights message carries.
+using BlockRanges = std::vector<std::pair<size_t, size_t>>;
+
+// With private labels the device part is blocks [0, P) and the last block (the tail that computes the
+// loss); the server part is the middle, [P, B-1).
+BlockRanges part_ranges(tp::WeightsPart part, const Model& m, size_t split, bool private_labels) {
+  const size_t b = m.num_blocks();
   switch (part) {
-    case tp::WeightsPart::kDevice: return {0, split};
-    case tp::WeightsPart::kServer: return {split, m.num_blocks()};
-    case tp::WeightsPart::kWhole: return {0, m.num_blocks()};
+    case tp::WeightsPart::kDevice:
+      if (private_labels) return {{0, split}, {b - 1, b}};
+      return {{0, split}};
+    case tp::WeightsPart::kServer: return {{split, private_labels ? b - 1 : b}};
+    case tp::WeightsPart::kWhole: return {{0, b}};
   }
-  return {0, 0};
+  return {};
 }
 
-std::vector<std::string> state_names(Model& m, size_t begin, size_t end) {
+std::vector<std::string> state_names(Model& m, const BlockRanges& ranges) {
   std::vector<std::string> names;
-  for (Param* p : m.params(begin, end)) names.push_back(p->name);
-  for (const Buffer& b : m.buffers(begin, end)) names.push_back(b.name);
+  for (const auto& [begin, end] : ranges) {
+    for (Param* p : m.params(begin, end)) names.push_back(p->name);
+    for (const Buffer& b : m.buffers(begin, end)) names.push_back(b.name);
+  }
   return names;
 }
 
-std::vector<tp::NamedTensor> named_state(Model& m, size_t begin, size_t end) {
-  const std::vector<std::string> names = state_names(m, begin, end);
-  std::vector<Tensor> state = copy_state(m, begin, end);
+std::vector<Tensor*> state_tensors(Model& m, const BlockRanges& ranges) {
+  std::vector<Tensor*> out;
+  for (const auto& [begin, end] : ranges)
+    for (Tensor* t : state_tensors(m, begin, end)) out.push_back(t);
+  return out;
+}
+
+std::vector<Tensor> copy_state(Model& m, const BlockRanges& ranges) {
+  std::vector<Tensor> out;
+  for (const auto& [begin, end] : ranges)
+    for (Tensor& t : copy_state(m, begin, end)) out.push_back(std::move(t));
+  return out;
+}
+
+// Loads state (as copy_state(m, ranges) returns it) into the ranges' blocks.
+void load_state(Model& m, const std::vector<Tensor>& state, const BlockRanges& ranges) {
+  size_t at = 0;
+  for (const auto& [begin, end] : ranges) {
+    const size_t n = state_tensors(m, begin, end).size();
+    if (at + n > state.size()) throw Error(detail::concat("state of ", state.size(), " tensors for more blocks"));
+    load_state(m, std::vector<Tensor>(state.begin() + static_cast<std::ptrdiff_t>(at), state.begin() + static_cast<std::ptrdiff_t>(at + n)),
+               begin, end);
+    at += n;
+  }
+  if (at != state.size()) throw Error(detail::concat("state of ", state.size(), " tensors for blocks holding ", at));
+}
+
+std::vector<tp::NamedTensor> named_state(Model& m, const BlockRanges& ranges) {
+  const std::vector<std::string> names = state_names(m, ranges);
+  std::vector<Tensor> state = copy_state(m, ranges);
   std::vector<tp::NamedTensor> out;
   for (size_t i = 0; i < state.size(); ++i) out.push_back({names[i], std::move(state[i])});
   return out;
 }
 
-// Unpacks a Weights message for blocks [begin, end) of m: names and shapes must match.
-std::vector<Tensor> unpack_state(Model& m, size_t begin, size_t end, const tp::Weights& w) {
-  const std::vector<std::string> names = state_names(m, begin, end);
+// Unpacks a Weights message for the blocks `ranges` of m: names and shapes must match.
+std::vector<Tensor> unpack_state(Model& m, const BlockRanges& ranges, const tp::Weights& w) {
+  const std::vector<std::string> names = state_names(m, ranges);
   if (w.tensors.size() != names.size())
     throw Error(detail::concat("weights message holds ", w.tensors.size(), " tensors; expected ", names.size()));
   std::vector<Tensor> state;
-  const std::vector<Tensor*> dst = state_tensors(m, begin, end);
+  const std::vector<Tensor*> dst = state_tensors(m, ranges);
   for (size_t i = 0; i < names.size(); ++i) {
     if (w.tensors[i].name != names[i] || !(w.tensors[i].tensor.shape() == dst[i]->shape()))
       throw Error("weights message tensor " + w.tensors[i].name + " " + w.tensors[i].tensor.shape().str() +
@@ -302,7 +342,10 @@ class DeviceRunner {
       planner::ProfileOptions po;
       po.threads = o_.threads;
       po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
-      profile_ = planner::profile_model(*model_, po).to_json();
+      // A model of its own, as the server's: profiling takes SGD steps whose momentum (and batch-norm
+      // statistics) would otherwise carry into training. The round's weights overwrite the values, not
+      // the momentum: with private labels the tail's first steps went 0.5% off the shared run's.
+      profile_ = planner::profile_model(cfg_.model, model_->options(), po).to_json();
     }
   }
 
@@ -312,8 +355,11 @@ class DeviceRunner {
     // A new split point (first round, or a re-plan) moves blocks between device and server: a new
     // device part for the new range (momentum stays with the weights, in the model's Params).
     if (is_split_mode(cfg_.mode) && (!device_part_ || device_part_split_ != split_)) {
+      if (private_labels(cfg_)) check_private_split(*model_, split_);
       device_part_ = std::make_unique<DevicePart>(*model_, split_, sgd_);
       device_part_split_ = split_;
+      // Private labels: the last block and the loss run here, with the same loss scaling as the server's.
+      if (private_labels(cfg_)) tail_part_ = std::make_unique<ServerPart>(*model_, model_->num_blocks() - 1, sgd_);
       if (cfg_.dp_sgd)  // differential privacy: DP-SGD replaces the plain device part's backward and step
         dp_part_ = std::make_unique<DpSgdPart>(*model_, split_, sgd_, cfg_.dp_clip, cfg_.dp_sigma, hash64(dp_secret_, ++dp_parts_));
     }
@@ -338,8 +384,8 @@ class DeviceRunner {
     tp::Message m = next();
     auto* w = std::get_if<tp::Weights>(&m);
     if (!w) throw Error("expected the round's weights after the plan");
-    const auto [b0, b1] = part_range(w->part, *model_, split_);
-    load_state(*model_, unpack_state(*model_, b0, b1, *w), b0, b1);
+    const BlockRanges in = part_ranges(w->part, *model_, split_, private_labels(cfg_));
+    load_state(*model_, unpack_state(*model_, in, *w), in);
 
     events_.clear();
     link_->take_transfers();
@@ -354,8 +400,7 @@ class DeviceRunner {
     out.device = o_.id;
     out.part = is_split_mode(cfg_.mode) ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
     out.samples = static_cast<int64_t>(part_.size());
-    const auto [c0, c1] = part_range(out.part, *model_, split_);
-    out.tensors = named_state(*model_, c0, c1);
+    out.tensors = named_state(*model_, part_ranges(out.part, *model_, split_, private_labels(cfg_)));
     link_->send(out);
     link_->flush(ms(600000));
     for (const auto& t : link_->take_transfers())
@@ -436,6 +481,8 @@ class DeviceRunner {
       data::gather_batch(train_, order, b * bs, len, images_, labels_, aug ? &augment : nullptr, hash64(cfg_.seed, plan.round));
       const std::vector<int64_t> sizes = micro_batch_sizes(len, plan.micro_batches);
       std::vector<std::vector<float>> clip_scales(sizes.size());  // differential privacy: per-sample clip factors
+      std::vector<Tensor> kept_labels(sizes.size());  // private labels: for the tail's loss
+      std::vector<char> tail_done(sizes.size(), 0);
       int64_t off = 0;
       for (size_t m = 0; m < sizes.size(); ++m) {
         auto [x, y] = rows(off, sizes[m]);
@@ -451,11 +498,18 @@ class DeviceRunner {
         trace("forward", t0, now_seconds());
         a.round = plan.round, a.batch = static_cast<int32_t>(b), a.micro_batch = static_cast<int32_t>(m);
         a.device = o_.id, a.samples = static_cast<int32_t>(sizes[m]);
-        a.labels = y;
+        if (private_labels(cfg_)) kept_labels[m] = y;
+        else a.labels = y;
         link_->send(a);  // asynchronous: the next forward overlaps this upload
       }
+      // Private labels: the server's middle outputs (Activations) and the cut gradients come in any
+      // order; each middle output goes through the tail and the loss here, its gradient back up.
       for (size_t got = 0; got < sizes.size();) {
         tp::Message msg = next();
+        if (auto* mid = std::get_if<tp::Activation>(&msg); mid && private_labels(cfg_)) {
+          tail_micro(plan, b, len, sizes, *mid, kept_labels, tail_done, stats);
+          continue;
+        }
         auto* g = std::get_if<tp::Gradient>(&msg);
         if (!g) {
           if (auto* e = std::get_if<tp::ErrorReply>(&msg)) throw Error("server error: " + e->text);
@@ -476,9 +530,36 @@ class DeviceRunner {
       const float lr = batch_lr(cfg_, plan.round, n, b);
       if (dp_part_) dp_part_->set_lr(lr), dp_part_->step(len);
       else device_part_->set_lr(lr), device_part_->step();
+      if (tail_part_) tail_part_->set_lr(lr), tail_part_->step();
       trace("step", t0, now_seconds());
       stats.count += len;
     }
+  }
+
+  // Private labels: micro-batch `mid.micro_batch`'s middle output from the server through the tail
+  // (last block) and the loss, scaled by 1/len as the server's would be; its gradient goes back up.
+  void tail_micro(const tp::Plan& plan, int64_t b, int64_t len, const std::vector<int64_t>& sizes, const tp::Activation& mid,
+                  const std::vector<Tensor>& labels, std::vector<char>& done, LossStats& stats) {
+    const Shape4 want = model_->block_out_shape(model_->num_blocks() - 2);
+    const Shape4 xs = mid.data.shape();
+    if (mid.round != plan.round || mid.batch != b || mid.micro_batch < 0 || mid.micro_batch >= static_cast<int>(sizes.size()))
+      throw Error(detail::concat("middle output for round ", mid.round, " batch ", mid.batch, " micro-batch ", mid.micro_batch,
+                                 " while in round ", plan.round, " batch ", b));
+    const size_t m = static_cast<size_t>(mid.micro_batch);
+    if (done[m]) throw Error(detail::concat("middle output of micro-batch ", m, " of batch ", b, " came twice"));
+    if (xs.n != sizes[m] || xs.c != want.c || xs.h != want.h || xs.w != want.w || mid.data.dtype() != DType::kF32)
+      throw Error(detail::concat("middle output ", xs.str(), " of micro-batch ", m, " does not fit ", sizes[m], " samples of ", want.str()));
+    const double t0 = now_seconds();
+    ServerPart::Result r = tail_part_->train_micro(mid.data, labels[m], len);
+    stats.loss_sum += r.stats.loss_sum;  // samples are counted per batch
+    stats.correct += r.stats.correct;
+    done[m] = 1;
+    tp::Gradient g;
+    g.round = plan.round, g.batch = static_cast<int32_t>(b), g.micro_batch = mid.micro_batch;
+    g.device = o_.id, g.samples = static_cast<int32_t>(xs.n);
+    g.data = r.grad;
+    trace("tail", t0, now_seconds());
+    link_->send(g);
   }
 
   void local_round(const tp::Plan& plan, LossStats& stats) {
@@ -513,6 +594,7 @@ class DeviceRunner {
   std::vector<int64_t> part_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<DevicePart> device_part_;
+  std::unique_ptr<ServerPart> tail_part_;  // private labels: the last block and the loss
   // Differential privacy: the DP-SGD device part, the accountant, and the noise's secret seed (drawn on
   // the device: the server knows the config's seed and could regenerate, and subtract, seeded noise).
   // The activation noise of a round is seeded by dp_rounds_ (rounds accounted so far, which only grows)
@@ -545,7 +627,8 @@ struct DeviceSlot {
   int64_t samples = 0;        // partition size
   std::unique_ptr<Model> replica;  // server part (sfl, pipar)
   std::unique_ptr<ServerPart> server_part;
-  std::map<int64_t, std::vector<char>> micro_done;  // batch → which of its micro-batches were served
+  std::unique_ptr<MiddlePart> middle_part;  // private labels: the middle blocks, in place of server_part
+  std::map<int64_t, std::vector<char>> micro_done;  // batch → each micro-batch's MicroState
   int rejected = 0;           // its messages rejected this round
   std::optional<tp::Weights> weights;
   std::optional<tp::RoundEnd> end;
@@ -554,6 +637,14 @@ struct DeviceSlot {
   std::string profile;        // the device's measured profile (planner), JSON
   uint64_t bytes_up0 = 0;     // bytes received from it before the round
 };
+
+// A micro-batch's progress through the server. Shared labels: kNone → kServed (forward, loss and
+// backward at once). Private labels: kNone → kForwarded (middle output sent) → kServed (its gradient
+// back-propagated).
+enum MicroState : char { kNone = 0, kForwarded = 1, kServed = 2 };
+
+// Key of a middle part's forward: batch and micro-batch.
+int64_t middle_key(int32_t batch, int32_t micro) { return (static_cast<int64_t>(batch) << 32) | static_cast<uint32_t>(micro); }
 
 class ServerRunner {
  public:
@@ -573,6 +664,7 @@ class ServerRunner {
     auto_plan_ = split_mode() && (cfg_.split < 0 || cfg_.micro_batches < 0);
     split_ = split_mode() ? static_cast<size_t>(std::max(1, cfg_.split)) : model_->num_blocks();
     if (split_mode() && cfg_.split >= 0) check_split(*model_, split_);
+    if (private_labels() && cfg_.split > 0) check_private_split(*model_, split_);
     slots_.resize(static_cast<size_t>(cfg_.devices));
     for (size_t d = 0; d < slots_.size(); ++d) {
       slots_[d].id = static_cast<uint32_t>(d);
@@ -618,6 +710,11 @@ class ServerRunner {
 
  private:
   bool split_mode() const { return is_split_mode(cfg_.mode); }
+  bool private_labels() const { return pipar::private_labels(cfg_); }
+  // The device part's blocks and the server part's (private labels: the device keeps the last block).
+  // (fl: split_ is the block count, the whole model.)
+  BlockRanges device_ranges() const { return part_ranges(tp::WeightsPart::kDevice, *model_, split_, private_labels()); }
+  size_t server_end() const { return private_labels() ? model_->num_blocks() - 1 : model_->num_blocks(); }
   // Differential privacy is on: the devices account their releases, and this server counts, per device,
   // the rounds it began (checkpointed, and handed to the devices, so a restarted device's epsilon goes on
   // from its true total).
@@ -721,6 +818,14 @@ class ServerRunner {
     if (cfg_.micro_batches == 0 || cfg_.micro_batches < -1) throw Error("--micro-batches must be at least 1 (or auto)");
     if (cfg_.mode != "pipar") cfg_.micro_batches = 1;  // whole batches
     if (cfg_.split < -1) throw Error("--split must be a block number (or auto)");
+    if (cfg_.labels != "shared" && cfg_.labels != "private")
+      throw Error("--labels must be shared or private, got '" + cfg_.labels + "'");
+    if (private_labels() && !split_mode())
+      throw Error("--labels private needs a split mode (sl, sfl or pipar): in --mode " + cfg_.mode +
+                  " the whole model and its labels stay on the devices anyway");
+    if (private_labels() && cfg_.dp_sgd)
+      throw Error("--dp-sgd with --labels private is not supported: DP-SGD covers the device's front blocks, not the "
+                  "tail it would also train; use --dp-clip/--dp-sigma (activation noise) or --labels shared");
   }
 
   void wait_for_devices() {
@@ -843,7 +948,13 @@ class ServerRunner {
       DeviceSlot& s = slots_[d];
       if (!s.replica) s.replica = build_model(cfg_.model, model_options(cfg_, train_));
       load_state(*s.replica, copy_state(*model_, split_), split_);
-      s.server_part = std::make_unique<ServerPart>(*s.replica, split_, sp);
+      if (private_labels()) {
+        s.middle_part = std::make_unique<MiddlePart>(*s.replica, split_, server_end(), sp);
+        s.server_part.reset();
+      } else {
+        s.server_part = std::make_unique<ServerPart>(*s.replica, split_, sp);
+        s.middle_part.reset();
+      }
     }
   }
 
@@ -879,6 +990,7 @@ class ServerRunner {
     }
     cluster_.server_profile = server_profile;
     cluster_.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
+    cluster_.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
     search_options_.mode = planner::parse_mode(cfg_.mode);
     search_options_.per_device_split = false;  // the runtime cuts every device at one block
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
@@ -949,6 +1061,7 @@ class ServerRunner {
   void apply_plan(const planner::Plan& p) {
     split_ = static_cast<size_t>(p.split.at(0));
     check_split(*model_, split_);
+    if (private_labels()) check_private_split(*model_, split_);
     cfg_.split = static_cast<int>(split_);
     cfg_.micro_batches = cfg_.mode == "pipar" ? p.micro_batches : 1;
   }
@@ -1027,12 +1140,13 @@ class ServerRunner {
     // next round's first step.
     DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;
     if (owner.replica) Sgd::zero_grad(owner.replica->params());
+    if (owner.middle_part) owner.middle_part->reset();
     server_.send(s.id, make_plan(r));
     if (dp_accounting()) ++privacy_rounds_[s.id];  // its data leave from now on
     tp::Weights w;
     w.round = r;
     w.part = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
-    w.tensors = named_state(*model_, 0, split_);
+    w.tensors = named_state(*model_, device_ranges());
     server_.send(s.id, w);
   }
 
@@ -1110,43 +1224,90 @@ class ServerRunner {
   }
 
   void handle(DeviceSlot& s, int r, tp::Activation& a, const tp::PeerId& peer) {
+    if (a.labels.defined()) ++labelled_activations_;
     if (!split_mode() || !s.in_round || s.done || a.round != r) return reject(s, peer, detail::concat("unexpected activation for round ", a.round));
     if (a.batch < 0 || a.batch >= batch_count(s.samples, cfg_.batch_size)) return reject(s, peer, detail::concat("batch ", a.batch, " out of range"));
     const int64_t len = batch_len(s.samples, cfg_.batch_size, a.batch);
     const int micros = static_cast<int>(std::min<int64_t>(len, cfg_.micro_batches));
     const Shape4 cut = model_->block_out_shape(split_ - 1);
     const Shape4 xs = a.data.shape();
+    if (private_labels() && a.labels.defined())
+      return reject(s, peer, detail::concat("activation of batch ", a.batch, " micro-batch ", a.micro_batch,
+                                            " carries labels in a --labels private run: labels stay on the device"));
     if (a.micro_batch < 0 || a.micro_batch >= micros || a.samples != xs.n || xs.n < 1 || xs.n > len || xs.c != cut.c ||
-        xs.h != cut.h || xs.w != cut.w || a.data.dtype() != DType::kF32 || !a.labels.defined() ||
-        a.labels.dtype() != DType::kI32 || a.labels.numel() != xs.n)
+        xs.h != cut.h || xs.w != cut.w || a.data.dtype() != DType::kF32 ||
+        (!private_labels() && (!a.labels.defined() || a.labels.dtype() != DType::kI32 || a.labels.numel() != xs.n)))
       return reject(s, peer, detail::concat("activation ", xs.str(), " does not fit the cut ", cut.str(), " of batch ", a.batch));
-    for (int32_t y : a.labels.to_ivector())
-      if (y < 0 || y >= model_->options().num_classes) return reject(s, peer, detail::concat("label ", y, " out of range"));
-    std::vector<char>& served = s.micro_done[a.batch];
-    served.resize(static_cast<size_t>(micros));
-    if (served[static_cast<size_t>(a.micro_batch)])
+    if (!private_labels())
+      for (int32_t y : a.labels.to_ivector())
+        if (y < 0 || y >= model_->options().num_classes) return reject(s, peer, detail::concat("label ", y, " out of range"));
+    std::vector<char>& state = s.micro_done[a.batch];
+    state.resize(static_cast<size_t>(micros), kNone);
+    if (state[static_cast<size_t>(a.micro_batch)] != kNone)
       return reject(s, peer, detail::concat("micro-batch ", a.micro_batch, " of batch ", a.batch, " sent twice"));
     DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;  // sl: one server part, used in turn
     const double t0 = now_seconds();
+    if (private_labels()) {
+      // The middle blocks' output goes down to the device, whose tail computes the loss; the tape stays
+      // here until the output's gradient comes back (handle(Gradient)).
+      tp::Activation out;
+      out.round = r, out.batch = a.batch, out.micro_batch = a.micro_batch, out.device = s.id, out.samples = a.samples;
+      out.data = owner.middle_part->forward(middle_key(a.batch, a.micro_batch), a.data);
+      state[static_cast<size_t>(a.micro_batch)] = kForwarded;
+      trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch, " forward"), t0, now_seconds());
+      server_.send(s.id, out);
+      return;
+    }
     ServerPart::Result res = owner.server_part->train_micro(a.data, a.labels.reshape({xs.n, 1, 1, 1}), len);
     s.stats += res.stats;
     tp::Gradient g;
     g.round = r, g.batch = a.batch, g.micro_batch = a.micro_batch, g.device = s.id, g.samples = a.samples;
     g.data = res.grad;
-    served[static_cast<size_t>(a.micro_batch)] = 1;
-    if (std::count(served.begin(), served.end(), 1) == micros) {
-      owner.server_part->set_lr(batch_lr(cfg_, r, s.samples, a.batch));
-      owner.server_part->step();
-    }
+    serve_done(s, owner, r, a.batch, a.micro_batch, state);
     trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch), t0, now_seconds());
     server_.send(s.id, g);
+  }
+
+  // A micro-batch finished on the server; the server part steps once all of its batch's have.
+  void serve_done(DeviceSlot& s, DeviceSlot& owner, int r, int32_t batch, int32_t micro, std::vector<char>& state) {
+    state[static_cast<size_t>(micro)] = kServed;
+    if (std::count(state.begin(), state.end(), kServed) != static_cast<std::ptrdiff_t>(state.size())) return;
+    const float lr = batch_lr(cfg_, r, s.samples, batch);
+    if (owner.middle_part) owner.middle_part->set_lr(lr), owner.middle_part->step();
+    else owner.server_part->set_lr(lr), owner.server_part->step();
+  }
+
+  // Private labels: the gradient of a middle output, from the device's tail. Back through the middle
+  // blocks with the forward's tape; the cut activation's gradient goes down to the device.
+  void handle(DeviceSlot& s, int r, tp::Gradient& g, const tp::PeerId& peer) {
+    if (!private_labels()) return reject(s, peer, "unexpected message type");
+    if (!s.in_round || s.done || g.round != r) return reject(s, peer, detail::concat("unexpected gradient for round ", g.round));
+    auto it = s.micro_done.find(g.batch);
+    if (it == s.micro_done.end() || g.micro_batch < 0 || g.micro_batch >= static_cast<int>(it->second.size()) ||
+        it->second[static_cast<size_t>(g.micro_batch)] != kForwarded)
+      return reject(s, peer, detail::concat("gradient for batch ", g.batch, " micro-batch ", g.micro_batch,
+                                            ", whose middle output is not awaiting one"));
+    DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;
+    const int64_t key = middle_key(g.batch, g.micro_batch);
+    const Shape4* want = owner.middle_part->pending(key);
+    if (!want) return reject(s, peer, detail::concat("gradient for batch ", g.batch, " micro-batch ", g.micro_batch, " that is not in flight"));
+    if (!(g.data.shape() == *want) || g.data.dtype() != DType::kF32 || g.samples != want->n)
+      return reject(s, peer, detail::concat("gradient ", g.data.shape().str(), " of batch ", g.batch, " micro-batch ",
+                                            g.micro_batch, " does not fit the middle output ", want->str()));
+    const double t0 = now_seconds();
+    tp::Gradient down;
+    down.round = r, down.batch = g.batch, down.micro_batch = g.micro_batch, down.device = s.id, down.samples = g.samples;
+    down.data = owner.middle_part->backward(key, g.data);
+    serve_done(s, owner, r, g.batch, g.micro_batch, it->second);
+    trace_.add("server", detail::concat("d", s.id, " b", g.batch, " m", g.micro_batch, " backward"), t0, now_seconds());
+    server_.send(s.id, down);
   }
 
   void handle(DeviceSlot& s, int r, tp::Weights& w, const tp::PeerId& peer) {
     const tp::WeightsPart want = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
     if (!s.in_round || w.round != r || w.part != want) return reject(s, peer, "unexpected weights");
     try {
-      unpack_state(*model_, 0, split_, w);
+      unpack_state(*model_, device_ranges(), w);
     } catch (const Error& e) {
       return reject(s, peer, e.what());
     }
@@ -1185,11 +1346,13 @@ class ServerRunner {
     if (active.empty()) throw Error("no device is connected");
     if (dp_accounting()) write_privacy_journal(r, active);
     if (cfg_.mode == "sl") {
-      // Devices take turns; each starts from the device part its predecessor trained.
+      // Devices take turns; each starts from the device part its predecessor trained. (Private labels:
+      // the tail's weights pass on too, but its momentum stays with each device, as the front's does,
+      // where shared labels keep one momentum on the one server part: equal runs need --momentum 0.)
       for (DeviceSlot* s : active) {
         start_device(*s, r);
         serve_round(r);
-        if (s->done) load_state(*model_, unpack_state(*model_, 0, split_, *s->weights), 0, split_);
+        if (s->done) load_state(*model_, unpack_state(*model_, device_ranges(), *s->weights), device_ranges());
         s->in_round = s->done;  // keep it in this round's statistics
       }
     } else {
@@ -1230,18 +1393,20 @@ class ServerRunner {
     for (DeviceSlot& s : slots_) {
       if (!s.in_round || !s.done) continue;
       weights.push_back(static_cast<double>(s.samples));
-      if (cfg_.mode != "sl") dev_states.push_back(unpack_state(*model_, 0, split_, *s.weights));
-      if (split_mode() && cfg_.mode != "sl") srv_states.push_back(copy_state(*s.replica, split_));
+      if (cfg_.mode != "sl") dev_states.push_back(unpack_state(*model_, device_ranges(), *s.weights));
+      if (split_mode() && cfg_.mode != "sl") srv_states.push_back(copy_state(*s.replica, split_, server_end()));
     }
     if (weights.empty()) throw Error("no device finished the round");
-    if (cfg_.mode != "sl") load_state(*model_, fedavg(dev_states, weights), 0, split_);
+    // Private labels: the device part includes the last block, so the model evaluated and saved here
+    // has the devices' averaged tail; the replicas' copies of it are never trained.
+    if (cfg_.mode != "sl") load_state(*model_, fedavg(dev_states, weights), device_ranges());
     if (cfg_.mode == "sl") {
-      load_state(*model_, copy_state(*slots_[0].replica, split_), split_);
+      load_state(*model_, copy_state(*slots_[0].replica, split_, server_end()), split_, server_end());
     } else if (split_mode()) {
       const std::vector<Tensor> avg = fedavg(srv_states, weights);
-      load_state(*model_, avg, split_);
+      load_state(*model_, avg, split_, server_end());
       for (DeviceSlot& s : slots_)
-        if (s.replica) load_state(*s.replica, avg, split_);
+        if (s.replica) load_state(*s.replica, avg, split_, server_end());
     }
   }
 
@@ -1253,7 +1418,8 @@ class ServerRunner {
     for (DeviceSlot& s : slots_) {
       const std::string dn = "device " + std::to_string(s.id);
       if (s.in_round && s.done && s.end) {
-        train += split_mode() ? s.stats : LossStats{s.end->loss_sum, s.end->correct, s.end->samples};
+        // Private labels: only the devices see the loss; they report it with their round's end.
+        train += split_mode() && !private_labels() ? s.stats : LossStats{s.end->loss_sum, s.end->correct, s.end->samples};
         if (auto e = s.end->stats.find("epsilon"); e != s.end->stats.end()) epsilon = std::max(epsilon, e->second);
       }
       const double busy = trace_.busy_seconds(dn, t0, t1);
@@ -1296,6 +1462,8 @@ class ServerRunner {
                  {"bottleneck", bottleneck},
                  {"bad_messages", bad_messages_}};
     if (split_mode()) {
+      line["labels"] = cfg_.labels;
+      line["labelled_activations"] = labelled_activations_;  // received over the run; private: must stay 0
       line["split"] = used.split;
       line["micro_batches"] = used.micro_batches;
       line["uplink_mbps"] = uplink_for_round(r);
@@ -1385,6 +1553,7 @@ class ServerRunner {
   std::ofstream metrics_;
   std::vector<json> rounds_;
   uint64_t bad_messages_ = 0;
+  uint64_t labelled_activations_ = 0;  // activations that arrived carrying labels (accepted or not)
   TrainResult result_;
   bool auto_plan_ = false;
   double last_heartbeat_ = 0;

@@ -244,5 +244,103 @@ TEST(CostModel, MemoryGrowsWithTheDevicePart) {
   EXPECT_LT(model.server_memory_bytes(Mode::kSl, {1, 1, 1, 1}, 1), model.server_memory_bytes(Mode::kSfl, {1, 1, 1, 1}, 1));
 }
 
+// --- private labels (U-shaped split) ----------------------------------------------------------------
+
+// K = 1, N = 1 with private labels: the sum of every stage of the extra hop, in order. The per-micro-batch
+// server overhead is charged to both server visits; the weight exchange includes the device's tail.
+TEST(CostModel, PrivateLabelsOneDeviceOneMicroBatchIsTheSumOfStages) {
+  SCOPED_TRACE(pipar::test::seed_trace());
+  pipar::test::Rng rng(11);
+  for (int trial = 0; trial < 20; ++trial) {
+    std::vector<SyntheticBlock> blocks;
+    const int nb = rng.integer(3, 8);
+    for (int b = 0; b < nb; ++b)
+      blocks.push_back({rng.uniform(1e-4f, 1e-2f), rng.uniform(1e-4f, 2e-2f), rng.integer(1, 100000), rng.uniform(0, 1e-3f),
+                        rng.uniform(0, 1e-3f), rng.integer(0, 100000)});
+    Cluster c;
+    c.device_profiles = {synthetic_profile(blocks)};
+    c.server_profile = synthetic_profile(blocks);
+    c.server_time_scale = rng.uniform(0.05f, 2.0f);
+    c.server_per_micro_batch_s = trial % 2 ? rng.uniform(0, 2e-3f) : 0.0;
+    c.batch_size = rng.integer(1, 200);
+    c.private_labels = true;
+    DeviceSpec d;
+    d.link = {rng.uniform(1, 100), rng.uniform(1, 100), rng.uniform(0, 0.05f), 0};
+    d.time_scale = rng.uniform(0.5f, 3.0f);
+    c.devices = {d};
+    const CostModel model(c);
+    const int p = rng.integer(1, nb - 2);
+    const size_t ps = static_cast<size_t>(p), nbs = static_cast<size_t>(nb), e = nbs - 1;
+    const Profile& dp = c.device_profiles[0];
+    const Profile& sp = *c.server_profile;
+    const double m = static_cast<double>(c.batch_size), lat = d.link.latency_s;
+    const double f = dp.forward_s(0, ps, m) * d.time_scale, b = dp.backward_s(0, ps, m) * d.time_scale;
+    const double up = CostModel::transfer_s(static_cast<double>(dp.gradient_bytes(ps)) * m, d.link.up_mbps, 0);  // no labels
+    const double down = CostModel::transfer_s(static_cast<double>(dp.gradient_bytes(ps)) * m, d.link.down_mbps, 0);
+    const double s_fwd = sp.forward_s(ps, e, m) * c.server_time_scale + c.server_per_micro_batch_s;
+    const double s_bwd = sp.backward_s(ps, e, m) * c.server_time_scale + c.server_per_micro_batch_s;
+    const double down_mid = CostModel::transfer_s(static_cast<double>(dp.gradient_bytes(e)) * m, d.link.down_mbps, 0);
+    const double up_mid = CostModel::transfer_s(static_cast<double>(dp.gradient_bytes(e)) * m, d.link.up_mbps, 0);
+    const double tail = (dp.forward_s(e, nbs, m) + dp.loss_time_s(m) + dp.backward_s(e, nbs, m)) * d.time_scale;
+    const double sstep = sp.step_s(ps, e) * c.server_time_scale;
+    const double dstep = (dp.step_s(0, ps) + dp.step_s(e, nbs)) * d.time_scale;
+    const double sum = f + up + lat + s_fwd + down_mid + lat + tail + up_mid + lat + s_bwd + sstep + down + lat + b + dstep;
+    for (Mode mode : {Mode::kPipar, Mode::kSfl, Mode::kSl})
+      EXPECT_NEAR(model.batch(mode, {p}, 1).span_s, sum, 1e-12 * sum) << mode_name(mode);
+    const double w = static_cast<double>(dp.state_bytes(0, ps) + dp.state_bytes(e, nbs));
+    const double wx = CostModel::transfer_s(w, d.link.down_mbps, 0) + CostModel::transfer_s(w, d.link.up_mbps, 0) + 2 * lat;
+    EXPECT_NEAR(model.round(Mode::kPipar, {p}, 1).span_s, sum + wx, 1e-12 * (sum + wx));
+  }
+}
+
+// Three blocks: device front f 1, b 2 s/sample; server middle 0.5 + 0.5 s/sample; device tail 0.25 +
+// 0.25 s/sample. Cut and middle output 250000 floats each (1,000,000 bytes: 1 s per sample at 8 Mbit/s
+// either way; private activations carry no labels).
+Cluster three_block_private_cluster() {
+  Cluster c;
+  c.device_profiles = {synthetic_profile({{1.0, 2.0, 250000, 0, 0}, {0.5, 0.5, 250000, 0, 0}, {0.25, 0.25, 10, 0, 0}})};
+  c.batch_size = 2;
+  c.private_labels = true;
+  DeviceSpec s;
+  s.link.up_mbps = 8.0;
+  s.link.down_mbps = 8.0;
+  c.devices = {s};
+  return c;
+}
+
+TEST(CostModel, PrivateLabelsHandComputedTwoMicroBatches) {
+  // K = 1, N = 2, m = 1. Forwards 0-1, 1-2; uplinks 1-2, 2-3. Server middle forwards: m0 2-2.5, m1
+  // 3-3.5. Middle outputs down: 2.5-3.5, 3.5-4.5. Tails (device free from 2): 3.5-4, 4.5-5. Their
+  // gradients up: 4-5, 5-6. Server middle backwards: m0 5-5.5, m1 6-6.5. Cut gradients down: 5.5-6.5,
+  // 6.5-7.5. Backwards: 6.5-8.5, 8.5-10.5. Batch: 10.5 s.
+  const CostModel model(three_block_private_cluster());
+  const Timing t = model.batch(Mode::kPipar, {1}, 2);
+  EXPECT_NEAR(t.span_s, 10.5, 1e-9);
+  EXPECT_NEAR(t.busy[0].busy_s, 2.0, 1e-9);  // server: 4 visits of 0.5
+  EXPECT_NEAR(t.busy[1].busy_s, 7.0, 1e-9);  // device: forwards 2, tails 1, backwards 4
+  EXPECT_NEAR(t.busy[2].busy_s, 4.0, 1e-9);  // uplink: activations 2, middle-output gradients 2
+  EXPECT_NEAR(t.busy[3].busy_s, 4.0, 1e-9);  // downlink: middle outputs 2, cut gradients 2
+  EXPECT_EQ(t.bottleneck, "device 0");
+  // The same cluster with shared labels: f 1, 2; up 1-2, 2-3 (4 bytes of label: 1.000004 s); server
+  // runs middle and tail at once (1.5 s): the extra hop costs time.
+  Cluster shared = three_block_private_cluster();
+  shared.private_labels = false;
+  EXPECT_LT(CostModel(shared).batch(Mode::kPipar, {1}, 2).span_s, t.span_s);
+}
+
+TEST(CostModel, PrivateLabelsLeaveTheDeviceTheLastBlock) {
+  const CostModel model(three_block_private_cluster());
+  try {
+    model.batch(Mode::kPipar, {2}, 1);
+    FAIL() << "split 2 of 3 blocks accepted with private labels";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("outside 1..1"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("3 blocks"), std::string::npos) << e.what();
+  }
+  Cluster two = two_block_cluster(1, 0, 0, 0);
+  two.private_labels = true;
+  EXPECT_THROW(CostModel{two}, Error);  // no middle block for the server
+}
+
 }  // namespace
 }  // namespace pipar::planner

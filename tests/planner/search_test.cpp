@@ -142,6 +142,24 @@ TEST(Planner, ComparesModes) {
   EXPECT_LE(pipar, sfl);  // sfl is pipar with N = 1, a candidate of the pipar search
 }
 
+// Private labels leave the device the last block: with the narrowest cut after block 3 of 4, shared
+// labels cut there, private labels may not (nor may any runner-up or per-device refinement).
+TEST(Planner, PrivateLabelsOnlyConsiderSplitsThatLeaveTheServerABlock) {
+  Cluster c = narrow_waist_cluster(2);
+  c.device_profiles = {synthetic_profile({{1e-4, 2e-4, 100000}, {1e-4, 2e-4, 100000}, {1e-4, 2e-4, 10}, {1e-4, 1e-4, 10}})};
+  SearchOptions o;
+  o.per_device_split = true;
+  EXPECT_EQ(search(CostModel(c), o).best.split, (std::vector<int>{3, 3}));
+  c.private_labels = true;
+  const CostModel model(c);
+  const SearchResult r = search(model, o);
+  ASSERT_FALSE(r.ranked.empty());
+  for (const Plan& p : r.ranked)
+    for (int s : p.split) EXPECT_LE(s, 2) << p.describe();
+  o.splits = {3};
+  EXPECT_THROW(search(model, o), Error);
+}
+
 TEST(Planner, SearchesEveryZooModelWith16DevicesUnderASecond) {
   // Estimated (FLOP-based) profiles stand in for measured ones; heterogeneous speeds and links.
   for (const std::string& name : model_names()) {

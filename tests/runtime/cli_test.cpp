@@ -58,6 +58,13 @@ TEST(Cli, BadInputGivesClearErrors) {
   r = run("device --connect tcp://127.0.0.1:1 --id 0");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("--keys"), std::string::npos) << r.output;
+  // Private labels need a split mode, and a known value.
+  r = run("train --mode local --labels private --dataset synthetic --out " + temp_dir("bad3"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--labels private applies to --mode sl, sfl or pipar"), std::string::npos) << r.output;
+  r = run("train --mode sfl --labels public --dataset synthetic --out " + temp_dir("bad4"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("--labels"), std::string::npos) << r.output;
 }
 
 }  // namespace

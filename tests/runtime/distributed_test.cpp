@@ -572,5 +572,201 @@ TEST(Distributed, ResumeKeepsTheCheckpointsPlan) {
   EXPECT_EQ(lines[1]["micro_batches"], 5);
 }
 
+// --- private labels (U-shaped split) ---------------------------------------------------------------
+
+// --labels private trains exactly the model --labels shared trains: the same blocks run the same ops
+// on the same micro-batches with the same loss scale and steps, only the last block and the loss run
+// on the device. Per round the train and test losses agree to 1e-4 relative, the accuracies to one of
+// the 200 test images (observed: bitwise equal, one thread per process; the tolerance leaves room for
+// kernels whose summation order follows the thread count, as the device's and the server's may
+// differ). sfl and pipar with N = 3, with batch-norm in the server's middle blocks. No label reaches
+// the server. (This test found that profiling on the device's own model left momentum behind.)
+TEST(Distributed, PrivateLabelsTrainAsSharedLabels) {
+  for (const std::string mode : {"sfl", "pipar"}) {
+    SCOPED_TRACE(mode);
+    TrainConfig a = small_config(mode, "labels_shared_" + mode);
+    TrainConfig b = small_config(mode, "labels_private_" + mode);
+    a.epochs = b.epochs = 2;
+    b.labels = "private";
+    const TrainResult ra = run_cluster(a, fast_net(), 2);
+    const TrainResult rb = run_cluster(b, fast_net(), 2);
+    ASSERT_EQ(ra.epochs.size(), 2u);
+    ASSERT_EQ(rb.epochs.size(), 2u);
+    for (size_t e = 0; e < 2; ++e) {
+      SCOPED_TRACE(e);
+      EXPECT_NEAR(ra.epochs[e].train_loss, rb.epochs[e].train_loss, 1e-4 * std::abs(ra.epochs[e].train_loss));
+      EXPECT_NEAR(ra.epochs[e].test_loss, rb.epochs[e].test_loss, 1e-4 * std::abs(ra.epochs[e].test_loss));
+      EXPECT_NEAR(ra.epochs[e].train_accuracy, rb.epochs[e].train_accuracy, 1.0 / 400 + 1e-9);
+      EXPECT_NEAR(ra.epochs[e].test_accuracy, rb.epochs[e].test_accuracy, 1.0 / 200 + 1e-9);
+    }
+    EXPECT_GE(rb.test_accuracy, 0.6);
+    EXPECT_GT(rb.epochs[0].train_loss, 0);  // the devices' loss reached the metrics
+    const auto ma = metrics(a.out_dir), mb = metrics(b.out_dir);
+    ASSERT_EQ(mb.size(), 2u);
+    for (const auto& m : mb) {
+      EXPECT_EQ(m["labels"], "private");
+      EXPECT_EQ(m["labelled_activations"], 0);
+      EXPECT_EQ(m["devices_finished"], 2);
+      EXPECT_EQ(m["bad_messages"], 0);
+    }
+    EXPECT_GT(ma[1]["labelled_activations"].get<int>(), 0);  // shared: they do come (anti-vacuity)
+    // The extra hop: the middle outputs go down and their gradients up (more bytes both ways).
+    EXPECT_GT(mb[0]["bytes_down"].get<double>(), ma[0]["bytes_down"].get<double>());
+    EXPECT_EQ(summary(b.out_dir)["labels"], "private");
+  }
+}
+
+// A run interrupted after round 1 and resumed ends bitwise as the uninterrupted one with private
+// labels too: the checkpoint holds the devices' averaged last block, the devices their own momentum.
+TEST(Distributed, PrivateLabelsResumedRunEqualsTheUninterruptedOne) {
+  TrainConfig ref = small_config("pipar", "labels_resume_ref");
+  ref.epochs = 2;
+  ref.labels = "private";
+  run_cluster(ref, fast_net(), 2);
+  TrainConfig c = ref;
+  c.out_dir = temp_dir("labels_resume_crash");
+  run_crashed_and_resumed(c, 1);
+  const auto a = metrics(ref.out_dir), b = metrics(c.out_dir);
+  ASSERT_EQ(a.size(), 2u);
+  ASSERT_EQ(b.size(), 2u);
+  for (size_t r = 0; r < 2; ++r)
+    for (const char* key : {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}) EXPECT_EQ(a[r][key], b[r][key]) << r << key;
+  const auto ta = checkpoint_tensors(ref.out_dir + "/server.ckpt");
+  const auto tb = checkpoint_tensors(c.out_dir + "/server.ckpt");
+  ASSERT_EQ(ta.size(), tb.size());
+  for (const auto& [name, values] : ta) EXPECT_TRUE(tb.count(name) && values == tb.at(name)) << name;
+  // The tail in the checkpoint is trained: not the initial weights.
+  ModelOptions mo;
+  mo.input = {1, 1, 28, 28};
+  auto init = build_model(ref.model, mo);
+  const Param* tail = init->params(init->num_blocks() - 1).front();
+  ASSERT_TRUE(ta.count(tail->name));
+  EXPECT_NE(ta.at(tail->name), tail->value.to_vector()) << tail->name;
+}
+
+// Invalid combinations fail at once with errors that name the problem.
+TEST(Distributed, PrivateLabelsRefuseInvalidPlans) {
+  auto error_of = [](TrainConfig c) -> std::string {
+    try {
+      run_server(c, fast_net());
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  TrainConfig c = small_config("fl", "labels_bad_fl");
+  c.labels = "private";
+  EXPECT_NE(error_of(c).find("--labels private needs a split mode"), std::string::npos) << error_of(c);
+  c = small_config("sfl", "labels_bad_split");
+  c.labels = "private";
+  c.split = 4;  // vgg5: 5 blocks, the device keeps the last: 1..3
+  const std::string split_error = error_of(c);
+  EXPECT_NE(split_error.find("5 blocks"), std::string::npos) << split_error;
+  EXPECT_NE(split_error.find("1..3"), std::string::npos) << split_error;
+  c = small_config("pipar", "labels_bad_dpsgd");
+  c.labels = "private";
+  c.norm = "none";
+  c.dp_clip = 1, c.dp_sigma = 0.1f, c.dp_sgd = true;
+  EXPECT_NE(error_of(c).find("--dp-sgd with --labels private"), std::string::npos) << error_of(c);
+  c = small_config("sfl", "labels_bad_value");
+  c.labels = "secret";
+  EXPECT_NE(error_of(c).find("--labels must be shared or private"), std::string::npos) << error_of(c);
+}
+
+// Device 2 of 3 in a private-labels pipar run turns hostile: a labelled activation (rejected: labels
+// must not reach the server), then a good unlabelled one (the server answers with the middle output,
+// no labels), then gradients of that output of the wrong shape, for a micro-batch never forwarded, and
+// the right one (the cut gradient comes back), then the right one again. Every bad message gets an
+// error reply; the server stays up; the run ends with the two honest devices.
+TEST(Distributed, PrivateLabelsServerRejectsLabelsAndBadGradients) {
+  TrainConfig c = small_config("pipar", "labels_hostile");
+  c.devices = 3;
+  c.labels = "private";
+  NetConfig n = fast_net();
+  n.device_timeout_s = 3;  // device 2 falls silent after its messages
+  const data::Dataset train = data::load_dataset(c.dataset, c.data_dir, true, c.seed, c.limit_train);
+  const int64_t n2 = static_cast<int64_t>(data::partition_iid(train.size(), 3, hash64(c.seed, 77))[2].size());
+  ModelOptions mo;
+  mo.input = train.sample_shape();
+  mo.num_classes = train.num_classes;
+  auto model = build_model(c.model, mo);
+  const Shape4 cut = model->block_out_shape(static_cast<size_t>(c.split) - 1);
+  const Shape4 mid = model->block_out_shape(model->num_blocks() - 2);
+  struct Seen {
+    int errors = 0;
+    bool middle_output = false, middle_labels = false, cut_gradient = false;
+    Shape4 middle_shape{}, cut_shape{};
+  };
+  std::promise<Seen> seen;
+  std::thread actor;
+  const TrainResult r = run_cluster(c, n, 2, [&](const std::string& endpoint) {
+    actor = std::thread([&, endpoint] {
+      Seen out;
+      transport::DeviceLink d(endpoint, 2);
+      transport::Hello h;
+      h.device = 2;
+      d.send(h);
+      auto next = [&](auto pred) {  // the server's next message matching pred (30 s at most); counts errors
+        for (int i = 0; i < 300; ++i)
+          if (auto m = d.recv(std::chrono::milliseconds(100)); m && m->ok()) {
+            if (std::holds_alternative<transport::ErrorReply>(m->value())) ++out.errors;
+            if (pred(m->value())) return m->value();
+          }
+        return transport::Message{};
+      };
+      next([](const transport::Message& m) { return std::holds_alternative<transport::Plan>(m); });  // set-up
+      h.data_size = n2;
+      d.send(h);
+      next([](const transport::Message& m) { return std::holds_alternative<transport::Weights>(m); });  // round 1
+      const Shape4 good{9, cut.c, cut.h, cut.w};
+      transport::Activation a;
+      a.round = 0, a.batch = 0, a.micro_batch = 0, a.device = 2, a.samples = 9;
+      a.data = Tensor::zeros(good);
+      a.labels = Tensor::zeros({9, 1, 1, 1}, Device::kCpu, DType::kI32);
+      d.send(a);  // labelled: rejected
+      a.labels = Tensor{};
+      d.send(a);  // accepted: the middle output comes back
+      const transport::Message m = next([](const transport::Message& x) { return std::holds_alternative<transport::Activation>(x); });
+      if (const auto* o = std::get_if<transport::Activation>(&m)) {
+        out.middle_output = true;
+        out.middle_labels = o->labels.defined();
+        out.middle_shape = o->data.shape();
+      }
+      auto grad = [&](Shape4 shape, int micro) {
+        transport::Gradient g;
+        g.round = 0, g.batch = 0, g.micro_batch = micro, g.device = 2, g.samples = static_cast<int32_t>(shape.n);
+        g.data = Tensor::zeros(shape);
+        d.send(g);
+      };
+      grad({9, mid.c + 1, mid.h, mid.w}, 0);  // wrong shape: rejected
+      grad({8, mid.c, mid.h, mid.w}, 0);      // wrong sample count: rejected
+      grad({9, mid.c, mid.h, mid.w}, 1);      // micro-batch 1 was never forwarded: rejected
+      grad({9, mid.c, mid.h, mid.w}, 0);      // right: the cut gradient comes back
+      const transport::Message back = next([](const transport::Message& x) { return std::holds_alternative<transport::Gradient>(x); });
+      if (const auto* g = std::get_if<transport::Gradient>(&back)) out.cut_gradient = true, out.cut_shape = g->data.shape();
+      grad({9, mid.c, mid.h, mid.w}, 0);  // again: rejected
+      for (int i = 0; i < 20; ++i)
+        if (auto x = d.recv(std::chrono::milliseconds(100)); x && x->ok() && std::holds_alternative<transport::ErrorReply>(x->value()))
+          ++out.errors;
+      seen.set_value(out);
+    });
+  });
+  actor.join();
+  const Seen s = seen.get_future().get();
+  EXPECT_EQ(s.errors, 5);
+  EXPECT_TRUE(s.middle_output);
+  EXPECT_FALSE(s.middle_labels);
+  EXPECT_EQ(s.middle_shape, (Shape4{9, mid.c, mid.h, mid.w}));
+  EXPECT_TRUE(s.cut_gradient);
+  EXPECT_EQ(s.cut_shape, (Shape4{9, cut.c, cut.h, cut.w}));
+  ASSERT_EQ(r.epochs.size(), 1u);
+  EXPECT_GE(r.test_accuracy, 0.5);
+  const auto m = metrics(c.out_dir);
+  ASSERT_EQ(m.size(), 1u);
+  EXPECT_EQ(m[0]["devices_finished"], 2);
+  EXPECT_EQ(m[0]["labelled_activations"], 1);  // device 2's, rejected
+  EXPECT_GE(m[0]["bad_messages"].get<int>(), 5);
+}
+
 }  // namespace
 }  // namespace pipar

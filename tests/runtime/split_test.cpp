@@ -96,6 +96,89 @@ TEST(Split, ChangesWeightsAndRejectsUnknownMicroBatches) {
   EXPECT_THROW(DevicePart(*m, 5, kernels::SgdParams{}), Error);
 }
 
+// The U-shaped split of private labels: the device's front and tail (a ServerPart over the last
+// block), the server's middle between them, micro-batches pipelined. The same ops in the same order as
+// the two-part split: the final weights are bitwise equal.
+std::vector<Tensor> train_u_split(const std::string& name, size_t p, int micro, int batches, int64_t bs, uint64_t seed) {
+  ModelOptions o;
+  o.batch_norm = false;
+  o.seed = 11;
+  auto device_model = build_model(name, o);
+  auto server_model = build_model(name, o);
+  const size_t tail = device_model->num_blocks() - 1;
+  kernels::SgdParams sgd;
+  sgd.lr = 0.05f;
+  sgd.momentum = 0.9f;
+  sgd.weight_decay = 1e-3f;
+  DevicePart front(*device_model, p, sgd);
+  ServerPart last(*device_model, tail, sgd);
+  MiddlePart middle(*server_model, p, tail, sgd);
+  test::Rng rng(seed);
+  for (int b = 0; b < batches; ++b) {
+    const std::vector<float> xs = rng.uniform_vec(static_cast<size_t>(bs * 28 * 28));
+    std::vector<int32_t> ys(static_cast<size_t>(bs));
+    for (auto& y : ys) y = rng.integer(0, 9);
+    const std::vector<int64_t> sizes = micro_batch_sizes(bs, micro);
+    std::vector<Tensor> mids, labels;
+    int64_t off = 0;
+    for (size_t m = 0; m < sizes.size(); ++m) {
+      const int64_t n = sizes[m];
+      Tensor x = Tensor::from_vector(std::vector<float>(xs.begin() + off * 784, xs.begin() + (off + n) * 784), {n, 1, 28, 28});
+      labels.push_back(Tensor::from_vector(std::vector<int32_t>(ys.begin() + off, ys.begin() + off + n), {n, 1, 1, 1}));
+      mids.push_back(middle.forward(static_cast<int64_t>(m), front.forward(static_cast<int>(m), x)));
+      off += n;
+    }
+    for (size_t m = 0; m < sizes.size(); ++m) {
+      ServerPart::Result r = last.train_micro(mids[m], labels[m], bs);
+      front.backward(static_cast<int>(m), middle.backward(static_cast<int64_t>(m), r.grad));
+    }
+    middle.step();
+    last.step();
+    front.step();
+  }
+  std::vector<Tensor> state = copy_state(*device_model, 0, p);
+  for (Tensor& t : copy_state(*server_model, p, tail)) state.push_back(t);
+  for (Tensor& t : copy_state(*device_model, tail)) state.push_back(t);
+  return state;
+}
+
+TEST(Split, UShapedSplitEqualsTwoPartSplit) {
+  const uint64_t seed = test::base_seed();
+  SCOPED_TRACE(test::seed_trace());
+  for (size_t p : {1u, 3u})
+    for (int n : {1, 3}) {
+      const auto two = train_split("vgg5", p, n, 3, 20, seed);
+      const auto u = train_u_split("vgg5", p, n, 3, 20, seed);
+      ASSERT_EQ(two.size(), u.size());
+      double norm = 0;
+      for (size_t i = 0; i < two.size(); ++i) {
+        EXPECT_EQ(two[i].to_vector(), u[i].to_vector()) << "P=" << p << " N=" << n << " tensor " << i;
+        for (float v : u[i].to_vector()) norm += std::abs(v);
+      }
+      EXPECT_GT(norm, 0.0);
+    }
+}
+
+TEST(Split, MiddlePartRejectsBadGradientsAndRanges) {
+  ModelOptions o;
+  auto m = build_model("vgg5", o);  // 5 blocks
+  MiddlePart mid(*m, 2, 4, kernels::SgdParams{});
+  EXPECT_THROW(mid.backward(7, Tensor::zeros({2, 128, 1, 1})), Error);  // never forwarded
+  const Tensor y = mid.forward(7, Tensor::zeros({2, 64, 7, 7}));
+  ASSERT_NE(mid.pending(7), nullptr);
+  EXPECT_EQ(*mid.pending(7), y.shape());
+  EXPECT_EQ(mid.pending(8), nullptr);
+  EXPECT_THROW(mid.forward(7, Tensor::zeros({2, 64, 7, 7})), Error);      // already in flight
+  EXPECT_THROW(mid.backward(7, Tensor::zeros({3, y.shape().c, 1, 1})), Error);  // wrong shape
+  EXPECT_EQ(mid.backward(7, Tensor::zeros(y.shape())).shape(), (Shape4{2, 64, 7, 7}));
+  EXPECT_EQ(mid.pending(7), nullptr);
+  EXPECT_THROW(MiddlePart(*m, 0, 4, kernels::SgdParams{}), Error);  // the device keeps block 0
+  EXPECT_THROW(MiddlePart(*m, 2, 5, kernels::SgdParams{}), Error);  // and the last block
+  EXPECT_NO_THROW(check_private_split(*m, 3));
+  EXPECT_THROW(check_private_split(*m, 4), Error);
+  EXPECT_THROW(check_private_split(*m, 0), Error);
+}
+
 TEST(Aggregation, FedAvgWeightsBySampleCount) {
   std::vector<std::vector<Tensor>> states = {{Tensor::from_vector(std::vector<float>{1, 2}, {2, 1, 1, 1})},
                                              {Tensor::from_vector(std::vector<float>{4, 8}, {2, 1, 1, 1})}};
