@@ -322,6 +322,11 @@ int main(int argc, char** argv) {
   add_net(train);
   train->add_option("--device-threads", device_threads, "CPU threads of each device process (distributed modes)")
       ->capture_default_str();
+  train->add_option("--shared-cores", net.shared_cores,
+                    "Cores the device processes share with the server, for the planner (-1: this machine's; 0: plan as if "
+                    "each had its own machine)")
+      ->check(CLI::Range(-1, 1 << 20))
+      ->capture_default_str();
 
   auto* server = app.add_subcommand("server", "Run the server of a distributed run (devices connect with `pipar device`)");
   server->add_option("--listen", net.listen, "Endpoint to bind, e.g. tcp://0.0.0.0:5555")->capture_default_str();

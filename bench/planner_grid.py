@@ -24,6 +24,7 @@ from benchrun import add_run_options, machine_line, run_train, train_command
 
 def run(args, out_dir, model, uplink, split, micro):
     cmd = train_command(args, "pipar", model, uplink, 1, out_dir) + ["--split", str(split), "--micro-batches", str(micro)]
+    cmd += args.extra.split()
     lines, summary = run_train(cmd, out_dir)
     line = lines[0]
     return {"measured": line["round_seconds"], "predicted": line.get("predicted_round_seconds"),
@@ -37,6 +38,7 @@ def main():
     p.add_argument("--uplinks", default="5,10,50")
     p.add_argument("--splits", default="1,2,3,4")
     p.add_argument("--micro-batches", default="1,2,4,8,16")
+    p.add_argument("--extra", default="", help="more pipar train options for every run, e.g. \"--shared-cores 0\"")
     p.add_argument("--json", help="write every run here")
     args = p.parse_args()
 

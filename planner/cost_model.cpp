@@ -308,7 +308,20 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     if (++v.batch < v.lens.size()) start_batch(a.d, batch_end);
     else end_device(a.d, batch_end);
   }
-  return span;
+  // On a shared host the cores bound what overlapping can gain: with N = 1 the compute runs in turns
+  // (the bound is at most the span), with many micro-batches the server's and the devices' compute
+  // overlap in the recurrence but share the same cores in fact.
+  return std::max(span, host_bound_s(busy));
+}
+
+double CostModel::host_bound_s(const std::vector<double>& busy) const {
+  if (c_.host_cores <= 0) return 0;
+  const double cores = c_.host_cores, k = static_cast<double>(c_.devices.size());
+  const double device_cores = std::min<double>(c_.host_device_threads, cores / k);
+  const double server_cores = std::min<double>(c_.host_server_threads, cores);
+  double work = busy[0] * server_cores;
+  for (size_t d = 0; d < c_.devices.size(); ++d) work += busy[1 + 3 * d] * device_cores;
+  return work / cores;
 }
 
 Timing CostModel::simulate_timing(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
@@ -317,6 +330,8 @@ Timing CostModel::simulate_timing(Mode mode, const std::vector<int>& split, int 
   std::vector<double> busy;
   t.span_s = simulate(mode, split, micro_batches, whole_round, devices, busy);
   for (size_t r = 0; r < busy.size(); ++r) t.busy[r].busy_s = busy[r];
+  // Last, after the resources that callers index: names the bottleneck when the shared cores bind.
+  if (c_.host_cores > 0) t.busy.push_back({"host cores", host_bound_s(busy)});
   return t;
 }
 

@@ -63,6 +63,12 @@ struct Cluster {
   // Labels stay on the devices (--labels private): split points 1..B-2, the extra hop above; the
   // per-micro-batch server overhead is charged to each of the two server visits.
   bool private_labels = false;
+  // The devices and the server share one machine's cores (`pipar train` launches its device processes
+  // on the server's machine): 0 = separate machines. Then the round can be no shorter than all the
+  // compute it holds spread over those cores (host_bound_s), however well the pipeline overlaps it.
+  int host_cores = 0;
+  int host_server_threads = 1;  // threads of the server's kernels (its profile was measured alone with them)
+  int host_device_threads = 1;  // threads of each device; their profiles were measured all at once
 };
 
 // Measured on the development machine (bench/planner_grid.py, VGG5, 4 device processes and the server
@@ -86,6 +92,7 @@ struct Timing {
   std::string bottleneck;            // the busiest resource over the span
   double bottleneck_busy_s = 0;
   std::vector<ResourceBusy> busy;    // every resource: server, then per device compute, uplink, downlink
+                                     // (then "host cores" where the devices share the server's machine)
 };
 
 // Batches of a partition of n samples at batch size bs, as the runtime cuts them (a last batch of a
@@ -137,6 +144,10 @@ class CostModel {
   const Profile& device_profile(size_t d) const { return c_.device_profiles[c_.devices[d].profile]; }
   const Profile& server_profile() const { return c_.server_profile ? *c_.server_profile : c_.device_profiles[0]; }
   void check_split(const std::vector<int>& split, Mode mode) const;
+  // Shared host (Cluster::host_cores > 0): the core-seconds of the compute in `busy` (simulate's
+  // order) over the cores. A device profile taken while all K devices profiled at once ran on
+  // min(threads, cores / K) cores; the server's, alone, on min(threads, cores). 0 when not shared.
+  double host_bound_s(const std::vector<double>& busy) const;
   // The server part's end block (B-1 with private labels) and the device part's weight bytes.
   size_t server_end() const { return c_.private_labels ? blocks_ - 1 : blocks_; }
   int64_t device_state_bytes(size_t d, size_t split) const;

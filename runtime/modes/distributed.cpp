@@ -990,6 +990,12 @@ class ServerRunner {
     }
     cluster_.server_profile = server_profile;
     cluster_.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
+    if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
+      cluster_.host_cores = net_.shared_cores > 0 ? net_.shared_cores
+                                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      cluster_.host_device_threads = net_.launched_device_threads;
+      cluster_.host_server_threads = kernels::num_threads();
+    }
     cluster_.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
     search_options_.mode = planner::parse_mode(cfg_.mode);
     search_options_.per_device_split = false;  // the runtime cuts every device at one block
@@ -1632,6 +1638,7 @@ TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, Prog
     children.clear();
   };
   NetConfig n = net;
+  n.launched_device_threads = device_threads > 0 ? device_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   n.launched_devices_failed = [&]() -> std::string {
     for (size_t d = 0; d < children.size(); ++d) {
       int status = 0;

@@ -29,6 +29,10 @@ struct NetConfig {
   // (optional) set by a launcher of device processes: "" while they run, else what went wrong, so
   // the server stops at once instead of waiting out its time-outs.
   std::function<std::string()> launched_devices_failed;
+  // (optional) set by a launcher that runs the device processes on this machine: their thread count.
+  // The planner then knows that the devices and the server share this machine's cores.
+  int launched_device_threads = 0;
+  int shared_cores = -1;  // with launched devices: the cores they share with the server (-1: this machine's; 0: ignore)
 };
 
 // Runs the server of a distributed run to the end: waits for cfg.devices devices, trains cfg.epochs

@@ -90,6 +90,26 @@ TEST(CostModel, HandComputedTwoDevicesTwoMicroBatches) {
   EXPECT_NEAR(model.batch(Mode::kSl, {1, 1}, 2).span_s, 24.0, 1e-9);
 }
 
+// Devices and server on one machine's cores (pipar train): the batch above keeps the server busy 4 s
+// and each device 6 s. On 2 cores, with 1 thread per device (profiled 2 at once: 1 core each) and 2 for
+// the server (profiled alone: 2 cores), that is 4·2 + 6 + 6 = 20 core-seconds: at least 10 s, not the
+// recurrence's 9, and "host cores" is the bottleneck. On 4 cores (5 s) the recurrence stands; with one
+// device and one micro-batch (compute in turns) the sum of stages stands.
+TEST(CostModel, HandComputedSharedHostCores) {
+  Cluster c = two_block_cluster(2, 0, 0, 0);
+  c.host_cores = 2, c.host_device_threads = 1, c.host_server_threads = 2;
+  const Timing t = CostModel(c).batch(Mode::kPipar, {1, 1}, 2);
+  EXPECT_NEAR(t.span_s, 10.0, 1e-9);
+  EXPECT_EQ(t.bottleneck, "host cores");
+  EXPECT_NEAR(t.bottleneck_busy_s, 10.0, 1e-9);
+  EXPECT_NEAR(t.busy[0].busy_s, 4.0, 1e-9);  // the resources callers index are unchanged
+  c.host_cores = 4;
+  EXPECT_NEAR(CostModel(c).batch(Mode::kPipar, {1, 1}, 2).span_s, 9.0, 1e-9);
+  Cluster one = two_block_cluster(1, 0, 0, 0);
+  one.host_cores = 2, one.host_device_threads = 1, one.host_server_threads = 2;
+  EXPECT_NEAR(CostModel(one).batch(Mode::kPipar, {1}, 1).span_s, 2 + 2 + 2 + 2 + 4, 1e-9);  // f up s down b
+}
+
 TEST(CostModel, HandComputedWithLatencyAndSteps) {
   // As above with latency 0.5 each way, server step 0.5 (after a device's last micro-batch), device
   // step 0.25. Arrivals 2.5 (both), 3.5 (both). Server: d0m0 2.5-3.5, d1m0 3.5-4.5, d0m1 4.5-6.0,
