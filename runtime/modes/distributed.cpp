@@ -686,6 +686,7 @@ class ServerRunner {
                          resume_.value("micro_batches", json(0)).dump(), " micro-batches; the one given applies"));
     result_.out_dir = prepare_out_dir(cfg_.out_dir);
     // A resumed run adds its rounds to those already recorded.
+    if (first_round_ > 0) keep_earlier_rounds();
     metrics_.open(result_.out_dir + "/metrics.jsonl", first_round_ > 0 ? std::ios::app : std::ios::trunc);
     if (!metrics_) throw IoError("cannot write " + result_.out_dir + "/metrics.jsonl");
     say(detail::concat(cfg_.mode, " training: ", model_->name(), " (", model_->num_blocks(), " blocks",
@@ -748,6 +749,45 @@ class ServerRunner {
   // its devices' data left in it: a resume counts it from here, so that even devices restarted since
   // (whose own accountants are gone) compose it.
   std::string privacy_journal_path(const std::string& dir) const { return dir + "/privacy_rounds.json"; }
+
+  // A resumed run (from round first_round_ on) reports the whole run: the rounds before it, from the
+  // metrics.jsonl of the same output directory, count in summary.json and the returned result. Lines
+  // of rounds from first_round_ on (recorded after the checkpoint, before the crash: they are run again)
+  // and a line cut short by the crash are dropped from the file, so each round appears once.
+  void keep_earlier_rounds() {
+    const std::string path = result_.out_dir + "/metrics.jsonl";
+    std::ifstream in(path);
+    if (!in) return;  // a new output directory: this run's rounds only
+    std::map<int, json> kept;
+    for (std::string text; std::getline(in, text);) {
+      const json line = json::parse(text, nullptr, false);
+      if (line.is_discarded() || !line.is_object() || !line.contains("round") || !line["round"].is_number_integer()) continue;
+      const int r = line["round"].get<int>();
+      const auto& busy = line.value("device_busy_seconds", json::array());
+      if (r < 0 || r >= first_round_ || !busy.is_array() || busy.size() != slots_.size()) continue;
+      kept[r] = line;  // the last record of a round wins
+    }
+    in.close();
+    std::string text;
+    for (const auto& [r, line] : kept) {
+      text += line.dump() + "\n";
+      EpochMetrics m;
+      m.epoch = line.value("epoch", r + 1);
+      m.train_loss = line.value("train_loss", 0.0), m.train_accuracy = line.value("train_accuracy", 0.0);
+      m.test_loss = line.value("test_loss", 0.0), m.test_accuracy = line.value("test_accuracy", 0.0);
+      m.train_seconds = line.value("round_seconds", 0.0), m.eval_seconds = line.value("eval_seconds", 0.0);
+      m.samples = line.value("samples", int64_t{0});
+      m.samples_per_second = m.train_seconds > 0 ? static_cast<double>(m.samples) / m.train_seconds : 0.0;
+      result_.epochs.push_back(m);
+      result_.train_seconds += m.train_seconds;
+      result_.test_accuracy = m.test_accuracy;
+      rounds_.push_back(line);
+    }
+    write_file_atomically(path, text, "metrics");
+    if (kept.size() != static_cast<size_t>(first_round_))
+      say(detail::concat("metrics.jsonl held ", kept.size(), " of the ", first_round_,
+                         " rounds before the resumed one: summary.json totals those"));
+  }
 
   void write_privacy_journal(int r, const std::vector<DeviceSlot*>& active) {
     std::vector<int64_t> counts = privacy_rounds_;

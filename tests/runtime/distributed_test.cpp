@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <thread>
@@ -391,7 +392,7 @@ std::map<std::string, std::vector<float>> checkpoint_tensors(const std::string& 
 // checkpoint (--load <out>/server.ckpt, same options, same endpoint). The devices are threads that live
 // through both: they notice the silence (timeout 5 s), reconnect with back-off and take the restarted
 // server's rounds.
-void run_crashed_and_resumed(const TrainConfig& c, int crash_after) {
+void run_crashed_and_resumed(const TrainConfig& c, int crash_after, const std::function<void()>& before_resume = {}) {
   std::vector<std::thread> devices;
   std::vector<int> codes(static_cast<size_t>(c.devices), -1);
   std::string endpoint;
@@ -411,6 +412,7 @@ void run_crashed_and_resumed(const TrainConfig& c, int crash_after) {
                           }),
                Crash);
   EXPECT_TRUE(fs::exists(c.out_dir + "/server.ckpt"));
+  if (before_resume) before_resume();
   TrainConfig again = c;
   again.load_path = c.out_dir + "/server.ckpt";
   NetConfig n = fast_net();
@@ -452,7 +454,12 @@ TEST(Distributed, ResumedRunEqualsTheUninterruptedOne) {
     run_cluster(ref, fast_net(), 2);
     TrainConfig c = small_config(mode, "resume_crash_" + mode);
     c.epochs = 3;
-    run_crashed_and_resumed(c, 1);
+    // What a crash can leave in metrics.jsonl besides the checkpointed rounds: the record of a round the
+    // resumed run will run again, and a line cut short. The resumed run keeps one line per round.
+    run_crashed_and_resumed(c, 1, [&] {
+      std::ofstream(c.out_dir + "/metrics.jsonl", std::ios::app) << "{\"round\": 1, \"epoch\": 2, \"device_busy_seconds\": [0, 0]}\n"
+                                                                  << "{\"round\": 2, \"tra";
+    });
 
     const auto a = metrics(ref.out_dir), b = metrics(c.out_dir);
     ASSERT_EQ(a.size(), 3u);
@@ -464,6 +471,15 @@ TEST(Distributed, ResumedRunEqualsTheUninterruptedOne) {
         EXPECT_EQ(a[r][key], b[r][key]) << key;
       EXPECT_EQ(b[r]["devices_finished"], 2);
     }
+    // summary.json of the resumed run covers the whole run, the rounds before the crash included.
+    const auto sa = summary(ref.out_dir), sb = summary(c.out_dir);
+    EXPECT_EQ(sb["epochs_completed"], 3);
+    ASSERT_EQ(sb["epoch_seconds"].size(), 3u);
+    double rounds_s = 0, up = 0;
+    for (const auto& line : b) rounds_s += line["round_seconds"].get<double>(), up += line["bytes_up"].get<double>();
+    EXPECT_NEAR(sb["train_seconds"].get<double>(), rounds_s, 1e-9 * rounds_s);
+    EXPECT_EQ(sb["bytes_up"].get<double>(), up);
+    EXPECT_EQ(sb["test_accuracy"], sa["test_accuracy"]);
     const auto ta = checkpoint_tensors(ref.out_dir + "/server.ckpt");
     const auto tb = checkpoint_tensors(c.out_dir + "/server.ckpt");
     ASSERT_EQ(ta.size(), tb.size());
