@@ -763,20 +763,33 @@ class ServerRunner {
       const json line = json::parse(text, nullptr, false);
       if (line.is_discarded() || !line.is_object() || !line.contains("round") || !line["round"].is_number_integer()) continue;
       const int r = line["round"].get<int>();
-      const auto& busy = line.value("device_busy_seconds", json::array());
-      if (r < 0 || r >= first_round_ || !busy.is_array() || busy.size() != slots_.size()) continue;
-      kept[r] = line;  // the last record of a round wins
+      if (r >= 0 && r < first_round_) kept[r] = line;  // the last record of a round wins
     }
     in.close();
     std::string text;
+    size_t totalled = 0;
     for (const auto& [r, line] : kept) {
       text += line.dump() + "\n";
+      // A record that does not fit the totals (another device count: the run was resumed with other
+      // options; a field missing or of another type) stays in the file but is not totalled.
       EpochMetrics m;
-      m.epoch = line.value("epoch", r + 1);
-      m.train_loss = line.value("train_loss", 0.0), m.train_accuracy = line.value("train_accuracy", 0.0);
-      m.test_loss = line.value("test_loss", 0.0), m.test_accuracy = line.value("test_accuracy", 0.0);
-      m.train_seconds = line.value("round_seconds", 0.0), m.eval_seconds = line.value("eval_seconds", 0.0);
-      m.samples = line.value("samples", int64_t{0});
+      try {
+        for (const char* key : {"device_busy_seconds", "device_idle_seconds"}) {
+          const json& v = line.at(key);
+          if (!v.is_array() || v.size() != slots_.size()) throw json::other_error::create(501, key, nullptr);
+          for (const json& x : v) (void)x.get<double>();
+        }
+        for (const char* key : {"server_busy_seconds", "server_idle_seconds", "bytes_up", "bytes_down", "pipeline_efficiency"})
+          (void)line.at(key).get<double>();
+        m.epoch = line.value("epoch", r + 1);
+        m.train_loss = line.value("train_loss", 0.0), m.train_accuracy = line.value("train_accuracy", 0.0);
+        m.test_loss = line.value("test_loss", 0.0), m.test_accuracy = line.value("test_accuracy", 0.0);
+        m.train_seconds = line.at("round_seconds").get<double>(), m.eval_seconds = line.value("eval_seconds", 0.0);
+        m.samples = line.value("samples", int64_t{0});
+      } catch (const json::exception&) {
+        continue;
+      }
+      ++totalled;
       m.samples_per_second = m.train_seconds > 0 ? static_cast<double>(m.samples) / m.train_seconds : 0.0;
       result_.epochs.push_back(m);
       result_.train_seconds += m.train_seconds;
@@ -784,9 +797,9 @@ class ServerRunner {
       rounds_.push_back(line);
     }
     write_file_atomically(path, text, "metrics");
-    if (kept.size() != static_cast<size_t>(first_round_))
-      say(detail::concat("metrics.jsonl held ", kept.size(), " of the ", first_round_,
-                         " rounds before the resumed one: summary.json totals those"));
+    if (totalled != static_cast<size_t>(first_round_))
+      say(detail::concat("metrics.jsonl held ", totalled, " of the ", first_round_, " rounds before the resumed one for ",
+                         slots_.size(), " devices: summary.json totals those"));
   }
 
   void write_privacy_journal(int r, const std::vector<DeviceSlot*>& active) {
