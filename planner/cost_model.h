@@ -104,6 +104,9 @@ class CostModel {
   explicit CostModel(Cluster cluster);  // validates; throws pipar::Error
   const Cluster& cluster() const { return c_; }
   size_t num_blocks() const { return blocks_; }
+  // The server part's end block: B, or B-1 with private labels (the device keeps the last). Split
+  // points run 1..server_end()-1.
+  size_t server_end() const { return c_.private_labels ? blocks_ - 1 : blocks_; }
   size_t num_devices() const { return c_.devices.size(); }
   int64_t batch_size() const { return c_.batch_size; }
   // The largest min_micro_batch of the profiles; micro_batches_fit(N): every micro-batch of every
@@ -148,8 +151,7 @@ class CostModel {
   // order) over the cores. A device profile taken while all K devices profiled at once ran on
   // min(threads, cores / K) cores; the server's, alone, on min(threads, cores). 0 when not shared.
   double host_bound_s(const std::vector<double>& busy) const;
-  // The server part's end block (B-1 with private labels) and the device part's weight bytes.
-  size_t server_end() const { return c_.private_labels ? blocks_ - 1 : blocks_; }
+  // The device part's weight bytes (with private labels: and the tail's).
   int64_t device_state_bytes(size_t d, size_t split) const;
 
   Cluster c_;

@@ -106,8 +106,7 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
   SearchResult res;
   const size_t blocks = model.num_blocks(), k = model.num_devices();
   std::vector<int> splits = o.splits;
-  // Private labels: the device keeps the last block, so the server needs P <= B-2.
-  const size_t last_split = blocks < 2 ? 0 : model.cluster().private_labels ? blocks - 2 : blocks - 1;
+  const size_t last_split = std::max<size_t>(model.server_end(), 1) - 1;  // private labels: B-2
   if (splits.empty())
     for (size_t p = 1; p <= last_split; ++p) splits.push_back(static_cast<int>(p));
   for (int p : splits)

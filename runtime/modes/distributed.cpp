@@ -716,6 +716,8 @@ class ServerRunner {
   // (fl: split_ is the block count, the whole model.)
   BlockRanges device_ranges() const { return part_ranges(tp::WeightsPart::kDevice, *model_, split_, private_labels()); }
   size_t server_end() const { return private_labels() ? model_->num_blocks() - 1 : model_->num_blocks(); }
+  // The slot whose server part serves s: its own, or in sl the one server part the devices use in turn.
+  DeviceSlot& owner_of(DeviceSlot& s) { return cfg_.mode == "sl" ? slots_[0] : s; }
   // Differential privacy is on: the devices account their releases, and this server counts, per device,
   // the rounds it began (checkpointed, and handed to the devices, so a restarted device's epsilon goes on
   // from its true total).
@@ -766,25 +768,29 @@ class ServerRunner {
       if (r >= 0 && r < first_round_) kept[r] = line;  // the last record of a round wins
     }
     in.close();
+    // A record that does not fit the totals (another device count: the run was resumed with other
+    // options; a field missing or of another type) stays in the file but is not totalled.
+    const auto number = [](const json& line, const char* key) { return line.contains(key) && line[key].is_number(); };
+    const auto per_device = [&](const json& line, const char* key) {
+      return line.contains(key) && line[key].is_array() && line[key].size() == slots_.size() &&
+             std::all_of(line[key].begin(), line[key].end(), [](const json& x) { return x.is_number(); });
+    };
     std::string text;
     size_t totalled = 0;
     for (const auto& [r, line] : kept) {
       text += line.dump() + "\n";
-      // A record that does not fit the totals (another device count: the run was resumed with other
-      // options; a field missing or of another type) stays in the file but is not totalled.
+      if (!per_device(line, "device_busy_seconds") || !per_device(line, "device_idle_seconds")) continue;
+      bool fits = true;
+      for (const char* key : {"round_seconds", "server_busy_seconds", "server_idle_seconds", "bytes_up", "bytes_down",
+                              "pipeline_efficiency"})
+        fits = fits && number(line, key);
+      if (!fits) continue;
       EpochMetrics m;
-      try {
-        for (const char* key : {"device_busy_seconds", "device_idle_seconds"}) {
-          const json& v = line.at(key);
-          if (!v.is_array() || v.size() != slots_.size()) throw json::other_error::create(501, key, nullptr);
-          for (const json& x : v) (void)x.get<double>();
-        }
-        for (const char* key : {"server_busy_seconds", "server_idle_seconds", "bytes_up", "bytes_down", "pipeline_efficiency"})
-          (void)line.at(key).get<double>();
+      try {  // the figures that are not totalled: a default where absent, but the type must fit
         m.epoch = line.value("epoch", r + 1);
         m.train_loss = line.value("train_loss", 0.0), m.train_accuracy = line.value("train_accuracy", 0.0);
         m.test_loss = line.value("test_loss", 0.0), m.test_accuracy = line.value("test_accuracy", 0.0);
-        m.train_seconds = line.at("round_seconds").get<double>(), m.eval_seconds = line.value("eval_seconds", 0.0);
+        m.train_seconds = line["round_seconds"].get<double>(), m.eval_seconds = line.value("eval_seconds", 0.0);
         m.samples = line.value("samples", int64_t{0});
       } catch (const json::exception&) {
         continue;
@@ -1044,8 +1050,7 @@ class ServerRunner {
     cluster_.server_profile = server_profile;
     cluster_.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
     if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
-      cluster_.host_cores = net_.shared_cores > 0 ? net_.shared_cores
-                                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+      cluster_.host_cores = net_.shared_cores > 0 ? net_.shared_cores : kernels::hardware_threads();
       cluster_.host_device_threads = net_.launched_device_threads;
       cluster_.host_server_threads = kernels::num_threads();
     }
@@ -1197,7 +1202,7 @@ class ServerRunner {
     s.last_seen = now_seconds();
     // Gradients of a batch a device left unfinished in an earlier round (it was dropped) never reach the
     // next round's first step.
-    DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;
+    DeviceSlot& owner = owner_of(s);
     if (owner.replica) Sgd::zero_grad(owner.replica->params());
     if (owner.middle_part) owner.middle_part->reset();
     server_.send(s.id, make_plan(r));
@@ -1304,7 +1309,7 @@ class ServerRunner {
     state.resize(static_cast<size_t>(micros), kNone);
     if (state[static_cast<size_t>(a.micro_batch)] != kNone)
       return reject(s, peer, detail::concat("micro-batch ", a.micro_batch, " of batch ", a.batch, " sent twice"));
-    DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;  // sl: one server part, used in turn
+    DeviceSlot& owner = owner_of(s);
     const double t0 = now_seconds();
     if (private_labels()) {
       // The middle blocks' output goes down to the device, whose tail computes the loss; the tape stays
@@ -1346,7 +1351,7 @@ class ServerRunner {
         it->second[static_cast<size_t>(g.micro_batch)] != kForwarded)
       return reject(s, peer, detail::concat("gradient for batch ", g.batch, " micro-batch ", g.micro_batch,
                                             ", whose middle output is not awaiting one"));
-    DeviceSlot& owner = cfg_.mode == "sl" ? slots_[0] : s;
+    DeviceSlot& owner = owner_of(s);
     const int64_t key = middle_key(g.batch, g.micro_batch);
     const Shape4* want = owner.middle_part->pending(key);
     if (!want) return reject(s, peer, detail::concat("gradient for batch ", g.batch, " micro-batch ", g.micro_batch, " that is not in flight"));
@@ -1691,7 +1696,7 @@ TrainResult train_distributed(const TrainConfig& cfg, const NetConfig& net, Prog
     children.clear();
   };
   NetConfig n = net;
-  n.launched_device_threads = device_threads > 0 ? device_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  n.launched_device_threads = device_threads > 0 ? device_threads : kernels::hardware_threads();
   n.launched_devices_failed = [&]() -> std::string {
     for (size_t d = 0; d < children.size(); ++d) {
       int status = 0;
