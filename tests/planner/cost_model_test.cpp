@@ -32,25 +32,34 @@ Cluster two_block_cluster(size_t k, double latency_s, double dev_step, double sr
   return c;
 }
 
+// One device on a random link and speed, over min_blocks..8 random synthetic blocks that the server
+// profile shares; odd trials add a fixed server cost per micro-batch.
+Cluster random_one_device_cluster(pipar::test::Rng& rng, int min_blocks, int trial) {
+  std::vector<SyntheticBlock> blocks;
+  const int nb = rng.integer(min_blocks, 8);
+  for (int b = 0; b < nb; ++b)
+    blocks.push_back({rng.uniform(1e-4f, 1e-2f), rng.uniform(1e-4f, 2e-2f), rng.integer(1, 100000), rng.uniform(0, 1e-3f),
+                      rng.uniform(0, 1e-3f), rng.integer(0, 100000)});
+  Cluster c;
+  c.device_profiles = {synthetic_profile(blocks)};
+  c.server_profile = synthetic_profile(blocks);
+  c.server_time_scale = rng.uniform(0.05f, 2.0f);
+  c.server_per_micro_batch_s = trial % 2 ? rng.uniform(0, 2e-3f) : 0.0;
+  c.batch_size = rng.integer(1, 200);
+  DeviceSpec d;
+  d.link = {rng.uniform(1, 100), rng.uniform(1, 100), rng.uniform(0, 0.05f), 0};
+  d.time_scale = rng.uniform(0.5f, 3.0f);
+  c.devices = {d};
+  return c;
+}
+
 TEST(CostModel, OneDeviceOneMicroBatchIsTheSumOfStages) {
   SCOPED_TRACE(pipar::test::seed_trace());
   pipar::test::Rng rng(5);
   for (int trial = 0; trial < 20; ++trial) {
-    std::vector<SyntheticBlock> blocks;
-    const int nb = rng.integer(2, 8);
-    for (int b = 0; b < nb; ++b)
-      blocks.push_back({rng.uniform(1e-4f, 1e-2f), rng.uniform(1e-4f, 2e-2f), rng.integer(1, 100000), rng.uniform(0, 1e-3f),
-                        rng.uniform(0, 1e-3f), rng.integer(0, 100000)});
-    Cluster c;
-    c.device_profiles = {synthetic_profile(blocks)};
-    c.server_profile = synthetic_profile(blocks);
-    c.server_time_scale = rng.uniform(0.05f, 2.0f);
-    c.server_per_micro_batch_s = trial % 2 ? rng.uniform(0, 2e-3f) : 0.0;  // fixed server cost per micro-batch
-    c.batch_size = rng.integer(1, 200);
-    DeviceSpec d;
-    d.link = {rng.uniform(1, 100), rng.uniform(1, 100), rng.uniform(0, 0.05f), 0};
-    d.time_scale = rng.uniform(0.5f, 3.0f);
-    c.devices = {d};
+    const Cluster c = random_one_device_cluster(rng, 2, trial);
+    const DeviceSpec& d = c.devices[0];
+    const int nb = static_cast<int>(c.device_profiles[0].num_blocks());
     const CostModel model(c);
     const int p = rng.integer(1, nb - 1);
     const size_t ps = static_cast<size_t>(p), nbs = static_cast<size_t>(nb);
@@ -272,22 +281,10 @@ TEST(CostModel, PrivateLabelsOneDeviceOneMicroBatchIsTheSumOfStages) {
   SCOPED_TRACE(pipar::test::seed_trace());
   pipar::test::Rng rng(11);
   for (int trial = 0; trial < 20; ++trial) {
-    std::vector<SyntheticBlock> blocks;
-    const int nb = rng.integer(3, 8);
-    for (int b = 0; b < nb; ++b)
-      blocks.push_back({rng.uniform(1e-4f, 1e-2f), rng.uniform(1e-4f, 2e-2f), rng.integer(1, 100000), rng.uniform(0, 1e-3f),
-                        rng.uniform(0, 1e-3f), rng.integer(0, 100000)});
-    Cluster c;
-    c.device_profiles = {synthetic_profile(blocks)};
-    c.server_profile = synthetic_profile(blocks);
-    c.server_time_scale = rng.uniform(0.05f, 2.0f);
-    c.server_per_micro_batch_s = trial % 2 ? rng.uniform(0, 2e-3f) : 0.0;
-    c.batch_size = rng.integer(1, 200);
+    Cluster c = random_one_device_cluster(rng, 3, trial);
     c.private_labels = true;
-    DeviceSpec d;
-    d.link = {rng.uniform(1, 100), rng.uniform(1, 100), rng.uniform(0, 0.05f), 0};
-    d.time_scale = rng.uniform(0.5f, 3.0f);
-    c.devices = {d};
+    const DeviceSpec& d = c.devices[0];
+    const int nb = static_cast<int>(c.device_profiles[0].num_blocks());
     const CostModel model(c);
     const int p = rng.integer(1, nb - 2);
     const size_t ps = static_cast<size_t>(p), nbs = static_cast<size_t>(nb), e = nbs - 1;

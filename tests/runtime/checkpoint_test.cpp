@@ -37,11 +37,16 @@ class CheckpointTest : public ::testing::Test {
     for (const Buffer& b : m->buffers()) *b.value = Tensor::from_vector(rng.uniform_vec(b.value->numel(), 0.5f, 2.0f), b.value->shape());
     return m;
   }
-  std::string write_model(const std::string& name, Model& m, int epoch) {
+  // The meta a checkpoint of m names: its zoo name and options, and the epoch.
+  static CheckpointMeta meta_of(const Model& m, int epoch = 0) {
     CheckpointMeta meta;
     meta.model = m.name();
     meta.options = m.options();
     meta.epoch = epoch;
+    return meta;
+  }
+  std::string write_model(const std::string& name, Model& m, int epoch) {
+    CheckpointMeta meta = meta_of(m, epoch);
     meta.extra_json = R"({"lr": 0.01})";
     save_checkpoint(path(name), m, meta);
     return path(name);
@@ -133,9 +138,7 @@ TEST_F(CheckpointTest, DamagedFilesGiveClearErrors) {
 
   // A valid file of another model.
   auto r = build_model("resnet18", ModelOptions{});
-  CheckpointMeta meta;
-  meta.model = r->name();
-  meta.options = r->options();
+  const CheckpointMeta meta = meta_of(*r);
   save_checkpoint(path("other.ckpt"), *r, meta);
   expect_io_error(path("other.ckpt"), "holds model resnet18");
 }
@@ -208,10 +211,7 @@ TEST_F(CheckpointTest, RepeatedTensorIsAnError) {
 // that does not ask for them skips them; version-1 files (no state records) still load.
 TEST_F(CheckpointTest, StateRecordsRoundTripAndVersionOneStillLoads) {
   auto a = trained_model(11);
-  CheckpointMeta meta;
-  meta.model = a->name();
-  meta.options = a->options();
-  meta.epoch = 4;
+  const CheckpointMeta meta = meta_of(*a, 4);
   const std::vector<CheckpointState> state = {
       {"replica1/fc.weight/momentum", Tensor::from_vector(std::vector<float>{1.5f, -2.0f, 3.25f, 0.0f, 5.0f, 6.0f}, {2, 3, 1, 1})},
       {"replica0/conv.bias/momentum", Tensor::from_vector(std::vector<float>{7.0f}, {1, 1, 1, 1})}};
@@ -258,9 +258,7 @@ TEST_F(CheckpointTest, StateRecordsRoundTripAndVersionOneStillLoads) {
 // IoErrors, never a huge allocation.
 TEST_F(CheckpointTest, HostileStateRecordsAreRejected) {
   auto a = trained_model(12);
-  CheckpointMeta meta;
-  meta.model = a->name();
-  meta.options = a->options();
+  const CheckpointMeta meta = meta_of(*a);
   save_checkpoint(path("s.ckpt"), *a, meta, {{"s", Tensor::from_vector(std::vector<float>{1.0f, 2.0f}, {2, 1, 1, 1})}});
   const std::string good = read(path("s.ckpt"));
   // The state record is the last: u16 name_len, "s", u8 kind, 4 x i64 shape, 2 x f32, then the CRC.

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 
 #include "runtime/aggregation.h"
 #include "runtime/split.h"
@@ -21,43 +22,61 @@ TEST(Split, MicroBatchSizesAreEvenAndComplete) {
 // Trains `batches` batches of `bs` samples split at `p` with `micro` micro-batches per batch, with the
 // device's micro-batches all forwarded before any backward (the pipeline's order), and returns the
 // final state of the whole model.
-std::vector<Tensor> train_split(const std::string& name, size_t p, int micro, int batches, int64_t bs, uint64_t seed) {
+// Both halves of a split train copies of the same model (no batch-norm, seed 11) with this SGD.
+struct SplitModels {
+  std::unique_ptr<Model> device, server;
+  kernels::SgdParams sgd;
+};
+
+SplitModels split_models(const std::string& name) {
   ModelOptions o;
   o.batch_norm = false;
   o.seed = 11;
-  auto device_model = build_model(name, o);
-  auto server_model = build_model(name, o);
-  kernels::SgdParams sgd;
-  sgd.lr = 0.05f;
-  sgd.momentum = 0.9f;
-  sgd.weight_decay = 1e-3f;
-  DevicePart dev(*device_model, p, sgd);
-  ServerPart srv(*server_model, p, sgd);
+  SplitModels s{build_model(name, o), build_model(name, o), {}};
+  s.sgd.lr = 0.05f;
+  s.sgd.momentum = 0.9f;
+  s.sgd.weight_decay = 1e-3f;
+  return s;
+}
+
+// One batch of bs random 28x28 images and labels, cut as micro_batch_sizes(bs, micro) cuts it.
+struct MicroBatch {
+  Tensor x, y;
+};
+
+std::vector<MicroBatch> random_micro_batches(test::Rng& rng, int64_t bs, int micro) {
+  const std::vector<float> xs = rng.uniform_vec(static_cast<size_t>(bs * 28 * 28));
+  std::vector<int32_t> ys(static_cast<size_t>(bs));
+  for (auto& y : ys) y = rng.integer(0, 9);
+  std::vector<MicroBatch> out;
+  int64_t off = 0;
+  for (int64_t n : micro_batch_sizes(bs, micro)) {
+    out.push_back({Tensor::from_vector(std::vector<float>(xs.begin() + off * 784, xs.begin() + (off + n) * 784), {n, 1, 28, 28}),
+                   Tensor::from_vector(std::vector<int32_t>(ys.begin() + off, ys.begin() + off + n), {n, 1, 1, 1})});
+    off += n;
+  }
+  return out;
+}
+
+std::vector<Tensor> train_split(const std::string& name, size_t p, int micro, int batches, int64_t bs, uint64_t seed) {
+  SplitModels sm = split_models(name);
+  DevicePart dev(*sm.device, p, sm.sgd);
+  ServerPart srv(*sm.server, p, sm.sgd);
   test::Rng rng(seed);
   for (int b = 0; b < batches; ++b) {
-    const std::vector<float> xs = rng.uniform_vec(static_cast<size_t>(bs * 28 * 28));
-    std::vector<int32_t> ys(static_cast<size_t>(bs));
-    for (auto& y : ys) y = rng.integer(0, 9);
-    const std::vector<int64_t> sizes = micro_batch_sizes(bs, micro);
-    std::vector<Tensor> acts, labels;
-    int64_t off = 0;
-    for (size_t m = 0; m < sizes.size(); ++m) {
-      const int64_t n = sizes[m];
-      Tensor x = Tensor::from_vector(std::vector<float>(xs.begin() + off * 784, xs.begin() + (off + n) * 784), {n, 1, 28, 28});
-      labels.push_back(Tensor::from_vector(std::vector<int32_t>(ys.begin() + off, ys.begin() + off + n), {n, 1, 1, 1}));
-      acts.push_back(dev.forward(static_cast<int>(m), x));
-      off += n;
-    }
-    EXPECT_EQ(dev.in_flight(), sizes.size());
-    for (size_t m = 0; m < sizes.size(); ++m) {
-      ServerPart::Result r = srv.train_micro(acts[m], labels[m], bs);
+    const std::vector<MicroBatch> mbs = random_micro_batches(rng, bs, micro);
+    std::vector<Tensor> acts;
+    for (size_t m = 0; m < mbs.size(); ++m) acts.push_back(dev.forward(static_cast<int>(m), mbs[m].x));
+    EXPECT_EQ(dev.in_flight(), mbs.size());
+    for (size_t m = 0; m < mbs.size(); ++m) {
+      ServerPart::Result r = srv.train_micro(acts[m], mbs[m].y, bs);
       dev.backward(static_cast<int>(m), r.grad);
     }
     srv.step();
     dev.step();
   }
-  std::vector<Tensor> state = copy_state(*device_model, 0, p);
-  for (Tensor& t : copy_state(*server_model, p)) state.push_back(t);
+  std::vector<Tensor> state = copy_state(*sm.device, 0, p);
+  for (Tensor& t : copy_state(*sm.server, p)) state.push_back(t);
   return state;
 }
 
@@ -100,45 +119,28 @@ TEST(Split, ChangesWeightsAndRejectsUnknownMicroBatches) {
 // block), the server's middle between them, micro-batches pipelined. The same ops in the same order as
 // the two-part split: the final weights are bitwise equal.
 std::vector<Tensor> train_u_split(const std::string& name, size_t p, int micro, int batches, int64_t bs, uint64_t seed) {
-  ModelOptions o;
-  o.batch_norm = false;
-  o.seed = 11;
-  auto device_model = build_model(name, o);
-  auto server_model = build_model(name, o);
-  const size_t tail = device_model->num_blocks() - 1;
-  kernels::SgdParams sgd;
-  sgd.lr = 0.05f;
-  sgd.momentum = 0.9f;
-  sgd.weight_decay = 1e-3f;
-  DevicePart front(*device_model, p, sgd);
-  ServerPart last(*device_model, tail, sgd);
-  MiddlePart middle(*server_model, p, tail, sgd);
+  SplitModels sm = split_models(name);
+  const size_t tail = sm.device->num_blocks() - 1;
+  DevicePart front(*sm.device, p, sm.sgd);
+  ServerPart last(*sm.device, tail, sm.sgd);
+  MiddlePart middle(*sm.server, p, tail, sm.sgd);
   test::Rng rng(seed);
   for (int b = 0; b < batches; ++b) {
-    const std::vector<float> xs = rng.uniform_vec(static_cast<size_t>(bs * 28 * 28));
-    std::vector<int32_t> ys(static_cast<size_t>(bs));
-    for (auto& y : ys) y = rng.integer(0, 9);
-    const std::vector<int64_t> sizes = micro_batch_sizes(bs, micro);
-    std::vector<Tensor> mids, labels;
-    int64_t off = 0;
-    for (size_t m = 0; m < sizes.size(); ++m) {
-      const int64_t n = sizes[m];
-      Tensor x = Tensor::from_vector(std::vector<float>(xs.begin() + off * 784, xs.begin() + (off + n) * 784), {n, 1, 28, 28});
-      labels.push_back(Tensor::from_vector(std::vector<int32_t>(ys.begin() + off, ys.begin() + off + n), {n, 1, 1, 1}));
-      mids.push_back(middle.forward(static_cast<int64_t>(m), front.forward(static_cast<int>(m), x)));
-      off += n;
-    }
-    for (size_t m = 0; m < sizes.size(); ++m) {
-      ServerPart::Result r = last.train_micro(mids[m], labels[m], bs);
+    const std::vector<MicroBatch> mbs = random_micro_batches(rng, bs, micro);
+    std::vector<Tensor> mids;
+    for (size_t m = 0; m < mbs.size(); ++m)
+      mids.push_back(middle.forward(static_cast<int64_t>(m), front.forward(static_cast<int>(m), mbs[m].x)));
+    for (size_t m = 0; m < mbs.size(); ++m) {
+      ServerPart::Result r = last.train_micro(mids[m], mbs[m].y, bs);
       front.backward(static_cast<int>(m), middle.backward(static_cast<int64_t>(m), r.grad));
     }
     middle.step();
     last.step();
     front.step();
   }
-  std::vector<Tensor> state = copy_state(*device_model, 0, p);
-  for (Tensor& t : copy_state(*server_model, p, tail)) state.push_back(t);
-  for (Tensor& t : copy_state(*device_model, tail)) state.push_back(t);
+  std::vector<Tensor> state = copy_state(*sm.device, 0, p);
+  for (Tensor& t : copy_state(*sm.server, p, tail)) state.push_back(t);
+  for (Tensor& t : copy_state(*sm.device, tail)) state.push_back(t);
   return state;
 }
 
