@@ -128,6 +128,20 @@ int cmd_devices() {
   return 0;
 }
 
+// A whole number of at least 1 (split point, micro-batch count), or a clear error naming the option.
+int parse_count(const char* option, const std::string& text) {
+  size_t used = 0;
+  int v = 0;
+  try {
+    v = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size() || v < 1)
+    throw Error(std::string(option) + ": expected a whole number of at least 1 (or auto), got '" + text + "'");
+  return v;
+}
+
 std::vector<std::pair<int, double>> parse_schedule(const std::string& text) {
   std::vector<std::pair<int, double>> out;
   std::stringstream ss(text);
@@ -294,8 +308,11 @@ int main(int argc, char** argv) {
     a->add_option("--limit-train", cfg.limit_train, "Use only the first N training samples (0: all)");
     a->add_option("--limit-test", cfg.limit_test, "Use only the first N test samples (0: all)");
     a->add_option("--devices", cfg.devices, "Devices (distributed modes)")->capture_default_str();
-    a->add_option("--split", split_arg, "Split point P: the device runs blocks 1..P (split modes), or auto (planner)")
+    a->add_option("--split", split_arg,
+                  "Split point P: the device runs blocks 1..P (split modes); P0,P1,... one per device (sfl, pipar); or auto "
+                  "(planner: in sfl and pipar a split point per device, unless --one-split)")
         ->capture_default_str();
+    a->add_flag("--one-split", cfg.one_split, "With --split auto: one split point for every device");
     a->add_option("--micro-batches", micro_arg, "Micro-batches per batch (pipar mode), or auto (planner)")
         ->capture_default_str();
     a->add_option("--partition", cfg.partition, "iid or dirichlet (distributed modes)")->capture_default_str();
@@ -392,8 +409,18 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   try {
-    cfg.split = split_arg == "auto" ? -1 : std::stoi(split_arg);
-    cfg.micro_batches = micro_arg == "auto" ? -1 : std::stoi(micro_arg);
+    if (split_arg == "auto") {
+      cfg.split = -1;
+    } else {
+      for (size_t at = 0; at <= split_arg.size();) {
+        const size_t comma = std::min(split_arg.find(',', at), split_arg.size());
+        cfg.device_splits.push_back(parse_count("--split", split_arg.substr(at, comma - at)));
+        at = comma + 1;
+      }
+      cfg.split = cfg.device_splits.front();
+      if (cfg.device_splits.size() == 1) cfg.device_splits.clear();  // one for every device
+    }
+    cfg.micro_batches = micro_arg == "auto" ? -1 : parse_count("--micro-batches", micro_arg);
     net.uplink_schedule = parse_schedule(uplink_schedule);
     if (*plan) return cmd_plan(cfg, net, plan_args);
     if (*models) return cmd_models(models_only, models_dataset, models_norm, models_batch);

@@ -32,6 +32,12 @@ struct TrainConfig {
   uint64_t seed = 1;
   int64_t limit_train = 0, limit_test = 0;  // > 0: use only the first samples
   int devices = 1, split = 0, micro_batches = 1;  // recorded; the distributed modes use them
+  // (sfl, pipar) a fixed split point per device (--split P0,P1,...): one entry per device; empty: split
+  // applies to every device. split is then the first entry.
+  std::vector<int> device_splits;
+  // With --split auto: one split point for every device; otherwise (sfl, pipar) the planner may give
+  // each device its own, e.g. an earlier one to a slower device.
+  bool one_split = false;
   std::string partition = "iid";
   double dirichlet_alpha = 0.5;
   std::string out_dir;     // "" = runs/<timestamp>

@@ -625,6 +625,11 @@ struct DeviceSlot {
   bool in_round = false;      // takes part in the current round
   bool done = false;          // its weights and round end arrived
   int64_t samples = 0;        // partition size
+  // Its split point P: it runs blocks [0, P) (and with private labels the last), the server the rest.
+  // Per device in sfl and pipar (heterogeneous devices split where suits each); one for all in sl; fl:
+  // the block count, the whole model.
+  size_t split = 0;
+  size_t part_split = 0;      // the split its replica's server part was built for (0: not built)
   std::unique_ptr<Model> replica;  // server part (sfl, pipar)
   std::unique_ptr<ServerPart> server_part;
   std::unique_ptr<MiddlePart> middle_part;  // private labels: the middle blocks, in place of server_part
@@ -662,13 +667,14 @@ class ServerRunner {
     model_ = build_model(cfg_.model, model_options(cfg_, train_));
     if (!cfg_.load_path.empty()) load();
     auto_plan_ = split_mode() && (cfg_.split < 0 || cfg_.micro_batches < 0);
-    split_ = split_mode() ? static_cast<size_t>(std::max(1, cfg_.split)) : model_->num_blocks();
-    if (split_mode() && cfg_.split >= 0) check_split(*model_, split_);
-    if (private_labels() && cfg_.split > 0) check_private_split(*model_, split_);
     slots_.resize(static_cast<size_t>(cfg_.devices));
     for (size_t d = 0; d < slots_.size(); ++d) {
       slots_[d].id = static_cast<uint32_t>(d);
       slots_[d].samples = static_cast<int64_t>(parts[d].size());
+      const int given = cfg_.device_splits.empty() ? cfg_.split : cfg_.device_splits[d];
+      slots_[d].split = split_mode() ? static_cast<size_t>(std::max(1, given)) : model_->num_blocks();
+      if (split_mode() && given >= 0) check_split(*model_, slots_[d].split);
+      if (private_labels() && given > 0) check_private_split(*model_, slots_[d].split);
     }
     if (dp_accounting()) {
       privacy_rounds_.assign(slots_.size(), 0);
@@ -681,7 +687,7 @@ class ServerRunner {
       if (resumed_) read_privacy_journal();
     }
     if (resumed_ && split_mode() && !auto_plan_ &&
-        (resume_.value("split", json(0)) != json(split_) || resume_.value("micro_batches", json(0)) != json(cfg_.micro_batches)))
+        (resume_.value("split", json(0)) != split_json() || resume_.value("micro_batches", json(0)) != json(cfg_.micro_batches)))
       say(detail::concat("the checkpoint's plan was split ", resume_.value("split", json(0)).dump(), ", ",
                          resume_.value("micro_batches", json(0)).dump(), " micro-batches; the one given applies"));
     result_.out_dir = prepare_out_dir(cfg_.out_dir);
@@ -691,7 +697,7 @@ class ServerRunner {
     if (!metrics_) throw IoError("cannot write " + result_.out_dir + "/metrics.jsonl");
     say(detail::concat(cfg_.mode, " training: ", model_->name(), " (", model_->num_blocks(), " blocks",
                        !split_mode() ? std::string() : auto_plan_ ? std::string(", split chosen by the planner")
-                                                                  : detail::concat(", split after block ", split_),
+                                                                  : ", split after block " + split_json().dump(),
                        cfg_.mode == "pipar" && cfg_.micro_batches > 0 ? detail::concat(", ", cfg_.micro_batches, " micro-batches")
                                                                        : std::string(),
                        ") on ", train_.name, ", ", cfg_.devices, " devices, uplink ", net_.uplink_mbps, " Mbit/s, downlink ",
@@ -712,9 +718,19 @@ class ServerRunner {
  private:
   bool split_mode() const { return is_split_mode(cfg_.mode); }
   bool private_labels() const { return pipar::private_labels(cfg_); }
-  // The device part's blocks and the server part's (private labels: the device keeps the last block).
-  // (fl: split_ is the block count, the whole model.)
-  BlockRanges device_ranges() const { return part_ranges(tp::WeightsPart::kDevice, *model_, split_, private_labels()); }
+  // A device's part's blocks (private labels: with the last block). (fl: its split is the block
+  // count, the whole model.)
+  BlockRanges device_ranges(const DeviceSlot& s) const {
+    return part_ranges(tp::WeightsPart::kDevice, *model_, s.split, private_labels());
+  }
+  // The devices' split points as metrics.jsonl, summary.json and the checkpoint record them: one
+  // number when every device splits at the same block, else one per device.
+  json split_json() const {
+    if (!split_mode()) return 0;
+    json all = json::array();
+    for (const DeviceSlot& s : slots_) all.push_back(s.split);
+    return std::all_of(all.begin(), all.end(), [&](const json& p) { return p == all.front(); }) ? all.front() : all;
+  }
   size_t server_end() const { return private_labels() ? model_->num_blocks() - 1 : model_->num_blocks(); }
   // The slot whose server part serves s: its own, or in sl the one server part the devices use in turn.
   DeviceSlot& owner_of(DeviceSlot& s) { return cfg_.mode == "sl" ? slots_[0] : s; }
@@ -877,6 +893,19 @@ class ServerRunner {
     if (cfg_.micro_batches == 0 || cfg_.micro_batches < -1) throw Error("--micro-batches must be at least 1 (or auto)");
     if (cfg_.mode != "pipar") cfg_.micro_batches = 1;  // whole batches
     if (cfg_.split < -1) throw Error("--split must be a block number (or auto)");
+    if (!cfg_.device_splits.empty()) {
+      if (cfg_.mode != "sfl" && cfg_.mode != "pipar")
+        throw Error("a split point per device (--split P0,P1,...) needs --mode sfl or pipar: in " + cfg_.mode +
+                    (cfg_.mode == "sl" ? " the devices take turns through one server part, which splits at one block"
+                                       : " there is no split"));
+      if (cfg_.device_splits.size() != static_cast<size_t>(cfg_.devices))
+        throw Error(detail::concat("--split lists ", cfg_.device_splits.size(), " split points for ", cfg_.devices,
+                                   " devices: give one per device, one for all, or auto"));
+      if (cfg_.split < 0 || cfg_.micro_batches < 0)
+        throw Error("--split P0,P1,... fixes the plan: give --micro-batches too (or --split auto to let the planner choose both)");
+      for (int p : cfg_.device_splits)
+        if (p < 1) throw Error(detail::concat("--split: split point ", p, " is not a block number"));
+    }
     if (cfg_.labels != "shared" && cfg_.labels != "private")
       throw Error("--labels must be shared or private, got '" + cfg_.labels + "'");
     if (private_labels() && !split_mode())
@@ -918,7 +947,7 @@ class ServerRunner {
     std::set<uint32_t> ready;
     std::string mismatch;
     for (DeviceSlot& s : slots_) {
-      server_.send(s.id, make_plan(-1));
+      server_.send(s.id, make_plan(-1, s));
       s.last_seen = now_seconds();
     }
     // Devices send heartbeats while they load, so silence means gone: such a device is left out
@@ -968,7 +997,7 @@ class ServerRunner {
     meta.model = model_->name();
     meta.options = model_->options();
     meta.epoch = r + 1;
-    json extra = {{"mode", cfg_.mode}, {"split", split_}, {"micro_batches", cfg_.micro_batches}};
+    json extra = {{"mode", cfg_.mode}, {"split", split_json()}, {"micro_batches", cfg_.micro_batches}};
     if (dp_accounting()) extra["privacy_rounds"] = privacy_rounds_;
     if (auto_plan_ && predicted_) {
       json devices = json::array();
@@ -999,27 +1028,32 @@ class ServerRunner {
     if (!why.empty()) throw Error(why);
   }
 
+  // Every device's server part at its split point (sl: one, used in turn), built anew where the split
+  // moved since (the first round, a re-plan). The replica's weights there come from the averaged model;
+  // the momentum stays in its Params.
   void build_replicas() {
     kernels::SgdParams sp;
     sp.lr = cfg_.lr, sp.momentum = cfg_.momentum, sp.weight_decay = cfg_.weight_decay;
     for (size_t d = 0; d < slots_.size(); ++d) {
       if (cfg_.mode == "sl" && d > 0) break;  // sl: one server part, used in turn
       DeviceSlot& s = slots_[d];
+      if (s.part_split == s.split) continue;
       if (!s.replica) s.replica = build_model(cfg_.model, model_options(cfg_, train_));
-      load_state(*s.replica, copy_state(*model_, split_), split_);
+      load_state(*s.replica, copy_state(*model_, s.split), s.split);
       if (private_labels()) {
-        s.middle_part = std::make_unique<MiddlePart>(*s.replica, split_, server_end(), sp);
+        s.middle_part = std::make_unique<MiddlePart>(*s.replica, s.split, server_end(), sp);
         s.server_part.reset();
       } else {
-        s.server_part = std::make_unique<ServerPart>(*s.replica, split_, sp);
+        s.server_part = std::make_unique<ServerPart>(*s.replica, s.split, sp);
         s.middle_part.reset();
       }
+      s.part_split = s.split;
     }
   }
 
   // The first round's plan and its predicted round time, from the devices' measured profiles, this
   // server's own and the configured links. --split auto / --micro-batches auto: the planner's best
-  // plan (one split point shared by all devices). A fixed plan is kept and only scored by the same
+  // plan (in sfl and pipar a split point per device, unless --one-split). A fixed plan is kept and only scored by the same
   // cost model, so metrics.jsonl holds predicted_round_seconds beside round_seconds either way.
   void plan_first() {
     const double t0 = now_seconds();
@@ -1056,7 +1090,8 @@ class ServerRunner {
     }
     cluster_.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
     search_options_.mode = planner::parse_mode(cfg_.mode);
-    search_options_.per_device_split = false;  // the runtime cuts every device at one block
+    // sl's devices take turns through one server part, so they share its split point.
+    search_options_.per_device_split = cfg_.mode != "sl" && !cfg_.one_split;
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
                                                  server_profile.seconds, " s");
     if (auto_plan_) {
@@ -1073,8 +1108,7 @@ class ServerRunner {
     } else {
       // The plan as given (exactly the score the search gives it); the runtime never re-plans it.
       try {
-        plan_ = planner::evaluate_plan(planner::CostModel(cluster_), search_options_.mode,
-                                       std::vector<int>(slots_.size(), static_cast<int>(split_)), cfg_.micro_batches);
+        plan_ = planner::evaluate_plan(planner::CostModel(cluster_), search_options_.mode, slot_splits(), cfg_.micro_batches);
       } catch (const Error& e) {
         say(std::string("the cost model cannot score the fixed plan (") + e.what() + "): its round time is not predicted");
         return;
@@ -1096,8 +1130,10 @@ class ServerRunner {
       const json& ps = resume_.at("planner");
       const planner::Plan p = planner::Plan::from_json(ps.at("plan").dump());
       const json& devices = ps.at("devices");
-      if (p.mode != search_options_.mode || p.split.size() != slots_.size() || devices.size() != slots_.size() ||
-          (cfg_.split > 0 && p.split.at(0) != cfg_.split) || (cfg_.micro_batches > 0 && p.micro_batches != cfg_.micro_batches)) {
+      const bool split_fits = std::all_of(p.split.begin(), p.split.end(), [&](int q) { return cfg_.split <= 0 || q == cfg_.split; }) &&
+                              (search_options_.per_device_split || p.shared_split());
+      if (p.mode != search_options_.mode || p.split.size() != slots_.size() || devices.size() != slots_.size() || !split_fits ||
+          (cfg_.micro_batches > 0 && p.micro_batches != cfg_.micro_batches)) {
         say("the checkpoint's plan (" + p.describe() + ") does not fit this run's options: planning afresh");
         return false;
       }
@@ -1122,11 +1158,21 @@ class ServerRunner {
     return true;
   }
 
+  std::vector<int> slot_splits() const {
+    std::vector<int> out;
+    for (const DeviceSlot& s : slots_) out.push_back(static_cast<int>(s.split));
+    return out;
+  }
+
   void apply_plan(const planner::Plan& p) {
-    split_ = static_cast<size_t>(p.split.at(0));
-    check_split(*model_, split_);
-    if (private_labels()) check_private_split(*model_, split_);
-    cfg_.split = static_cast<int>(split_);
+    if (p.split.size() != slots_.size())
+      throw Error(detail::concat("a plan of ", p.split.size(), " split points for ", slots_.size(), " devices"));
+    for (size_t d = 0; d < slots_.size(); ++d) {
+      const size_t split = static_cast<size_t>(p.split[d]);
+      check_split(*model_, split);
+      if (private_labels()) check_private_split(*model_, split);
+      slots_[d].split = split;
+    }
     cfg_.micro_batches = cfg_.mode == "pipar" ? p.micro_batches : 1;
   }
 
@@ -1155,20 +1201,20 @@ class ServerRunner {
       replans_.push_back({{"after_round", r + 1}, {"reasons", d.reasons}, {"changed", d.changed}, {"plan", json::parse(d.plan.to_json())}});
     }
     if (d.changed) {
-      const size_t old_split = split_;
       apply_plan(d.plan);
-      if (split_ != old_split) build_replicas();
+      build_replicas();  // those whose split moved
     }
     plan_ = d.plan;
     predicted_round_s_ = plan_.round_s;
   }
 
-  tp::Plan make_plan(int r) const {
+  // The plan for device s (its own split point); round -1: the set-up before the first round.
+  tp::Plan make_plan(int r, const DeviceSlot& s) const {
     tp::Plan p;
     p.round = r;
     p.epoch = r;
     p.mode = cfg_.mode;
-    p.split_point = static_cast<int32_t>(split_);
+    p.split_point = static_cast<int32_t>(s.split);
     p.micro_batches = cfg_.micro_batches;
     p.batch_size = cfg_.batch_size;
     p.learning_rate = cfg_.lr;
@@ -1176,8 +1222,8 @@ class ServerRunner {
     json config = config_to_json(cfg_, net_);
     if (dp_accounting()) config["privacy_rounds"] = privacy_rounds_;  // per device, rounds begun before this one
     p.config = config.dump();
-    for (const DeviceSlot& s : slots_)
-      p.devices.push_back({s.id, s.samples, static_cast<int32_t>(batch_count(s.samples, cfg_.batch_size)),
+    for (const DeviceSlot& o : slots_)
+      p.devices.push_back({o.id, o.samples, static_cast<int32_t>(batch_count(o.samples, cfg_.batch_size)),
                            uplink_for_round(r), net_.downlink_mbps});
     return p;
   }
@@ -1205,12 +1251,12 @@ class ServerRunner {
     DeviceSlot& owner = owner_of(s);
     if (owner.replica) Sgd::zero_grad(owner.replica->params());
     if (owner.middle_part) owner.middle_part->reset();
-    server_.send(s.id, make_plan(r));
+    server_.send(s.id, make_plan(r, s));
     if (dp_accounting()) ++privacy_rounds_[s.id];  // its data leave from now on
     tp::Weights w;
     w.round = r;
     w.part = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
-    w.tensors = named_state(*model_, device_ranges());
+    w.tensors = named_state(*model_, device_ranges(s));
     server_.send(s.id, w);
   }
 
@@ -1293,7 +1339,7 @@ class ServerRunner {
     if (a.batch < 0 || a.batch >= batch_count(s.samples, cfg_.batch_size)) return reject(s, peer, detail::concat("batch ", a.batch, " out of range"));
     const int64_t len = batch_len(s.samples, cfg_.batch_size, a.batch);
     const int micros = static_cast<int>(std::min<int64_t>(len, cfg_.micro_batches));
-    const Shape4 cut = model_->block_out_shape(split_ - 1);
+    const Shape4 cut = model_->block_out_shape(s.split - 1);
     const Shape4 xs = a.data.shape();
     if (private_labels() && a.labels.defined())
       return reject(s, peer, detail::concat("activation of batch ", a.batch, " micro-batch ", a.micro_batch,
@@ -1371,7 +1417,7 @@ class ServerRunner {
     const tp::WeightsPart want = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
     if (!s.in_round || w.round != r || w.part != want) return reject(s, peer, "unexpected weights");
     try {
-      unpack_state(*model_, device_ranges(), w);
+      unpack_state(*model_, device_ranges(s), w);
     } catch (const Error& e) {
       return reject(s, peer, e.what());
     }
@@ -1416,7 +1462,7 @@ class ServerRunner {
       for (DeviceSlot* s : active) {
         start_device(*s, r);
         serve_round(r);
-        if (s->done) load_state(*model_, unpack_state(*model_, device_ranges(), *s->weights), device_ranges());
+        if (s->done) load_state(*model_, unpack_state(*model_, device_ranges(*s), *s->weights), device_ranges(*s));
         s->in_round = s->done;  // keep it in this round's statistics
       }
     } else {
@@ -1428,14 +1474,14 @@ class ServerRunner {
     const double t1 = now_seconds();
     trace_.add("server", "aggregate", t_agg, t1);
     collect_traces();
-    const RoundPlan used{split_, cfg_.micro_batches, predicted_round_s_};  // this round's, for its metrics line
+    const RoundPlan used{split_json(), cfg_.micro_batches, predicted_round_s_};  // this round's, for its metrics line
     maybe_replan(r, t0, t1);  // the next round's plan, part of the checkpoint
     save_round(r);  // before the metrics line: a line then always has its checkpoint, and a resume never redoes a round
     record_round(r, t0, t1, stats0, used);
   }
 
   struct RoundPlan {
-    size_t split;
+    json split;
     int micro_batches;
     double predicted_s;
   };
@@ -1451,27 +1497,40 @@ class ServerRunner {
       if (s.in_round && s.done && s.end) trace_.add_all(events_from_json(s.end->details));
   }
 
+  // The state of the whole model (as copy_state orders it) that device s trained this round: its device
+  // part from its weights message, the rest from its server-side replica. The device part goes into the
+  // replica's copies of those blocks, which its server part never touches.
+  std::vector<Tensor> trained_state(DeviceSlot& s) {
+    std::vector<Tensor> dev = unpack_state(*model_, device_ranges(s), *s.weights);
+    if (!split_mode()) return dev;  // fl: the whole model
+    load_state(*s.replica, dev, device_ranges(s));
+    return copy_state(*s.replica);
+  }
+
+  // FedAvg, block by block over the whole model, weighted by sample counts: each device's block comes
+  // from wherever that device trained it (its device part or its server-side replica), so devices that
+  // split at different blocks average alike. Every replica then starts the next round from the average.
   void aggregate() {
-    std::vector<std::vector<Tensor>> dev_states, srv_states;
+    std::vector<std::vector<Tensor>> states;
     std::vector<double> weights;
     for (DeviceSlot& s : slots_) {
       if (!s.in_round || !s.done) continue;
       weights.push_back(static_cast<double>(s.samples));
-      if (cfg_.mode != "sl") dev_states.push_back(unpack_state(*model_, device_ranges(), *s.weights));
-      if (split_mode() && cfg_.mode != "sl") srv_states.push_back(copy_state(*s.replica, split_, server_end()));
+      if (cfg_.mode != "sl") states.push_back(trained_state(s));
     }
     if (weights.empty()) throw Error("no device finished the round");
+    const size_t blocks = model_->num_blocks();
+    if (cfg_.mode == "sl") {  // the devices' part was handed on in turn (run_round); the one server part
+      DeviceSlot& s = slots_[0];
+      load_state(*model_, copy_state(*s.replica, s.split, server_end()), s.split, server_end());
+      return;
+    }
     // Private labels: the device part includes the last block, so the model evaluated and saved here
     // has the devices' averaged tail; the replicas' copies of it are never trained.
-    if (cfg_.mode != "sl") load_state(*model_, fedavg(dev_states, weights), device_ranges());
-    if (cfg_.mode == "sl") {
-      load_state(*model_, copy_state(*slots_[0].replica, split_, server_end()), split_, server_end());
-    } else if (split_mode()) {
-      const std::vector<Tensor> avg = fedavg(srv_states, weights);
-      load_state(*model_, avg, split_, server_end());
-      for (DeviceSlot& s : slots_)
-        if (s.replica) load_state(*s.replica, avg, split_, server_end());
-    }
+    const std::vector<Tensor> avg = fedavg(states, weights);
+    load_state(*model_, avg, 0, blocks);
+    for (DeviceSlot& s : slots_)
+      if (s.replica) load_state(*s.replica, avg, 0, blocks);
   }
 
   void record_round(int r, double t0, double t1, const tp::LinkStats& stats0, const RoundPlan& used) {
@@ -1560,7 +1619,7 @@ class ServerRunner {
     s.erase("data_dir");
     s["dataset"] = train_.name;
     s["model"] = model_->name();
-    s["split"] = split_mode() ? static_cast<int>(split_) : 0;
+    s["split"] = split_json();
     s["uplink_mbps"] = net_.uplink_mbps;
     s["downlink_mbps"] = net_.downlink_mbps;
     s["test_accuracy"] = result_.test_accuracy;
@@ -1610,7 +1669,6 @@ class ServerRunner {
   tp::Server server_;
   data::Dataset train_, test_;
   std::unique_ptr<Model> model_;
-  size_t split_ = 0;
   std::vector<DeviceSlot> slots_;
   Trace trace_;
   double origin_ = 0;

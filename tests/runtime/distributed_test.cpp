@@ -557,10 +557,12 @@ TEST(Distributed, ResumeKeepsTheCheckpointsPlan) {
   nlohmann::json extra = nlohmann::json::parse(meta.extra_json);
   ASSERT_TRUE(extra.contains("planner")) << extra.dump();
   ASSERT_EQ(extra["planner"]["devices"].size(), 2u);
-  // Another plan than the one in force: split 1 or 3, 5 micro-batches.
-  const int split = extra["split"].get<int>() == 1 ? 3 : 1;
+  // Another plan than the one in force, with a split point per device: 1 and 3, or 3 and 1, and 5
+  // micro-batches.
+  const nlohmann::json split = extra["split"] == nlohmann::json::array({1, 3}) ? nlohmann::json::array({3, 1})
+                                                                              : nlohmann::json::array({1, 3});
   extra["split"] = split, extra["micro_batches"] = 5;
-  extra["planner"]["plan"]["split"] = {split, split}, extra["planner"]["plan"]["micro_batches"] = 5;
+  extra["planner"]["plan"]["split"] = split, extra["planner"]["plan"]["micro_batches"] = 5;
   meta.extra_json = extra.dump();
   auto m = build_model(meta.model, meta.options);
   std::vector<CheckpointState> state;
@@ -782,6 +784,100 @@ TEST(Distributed, PrivateLabelsServerRejectsLabelsAndBadGradients) {
   EXPECT_EQ(m[0]["devices_finished"], 2);
   EXPECT_EQ(m[0]["labelled_activations"], 1);  // device 2's, rejected
   EXPECT_GE(m[0]["bad_messages"].get<int>(), 5);
+}
+
+// --- per-device split points ----------------------------------------------------------------------
+
+// Devices that split at different blocks train the same model as devices that all split at one: a block
+// runs the same ops on the device as on the server, and FedAvg averages each block over the devices
+// wherever each trained it. sfl, pipar and pipar with private labels; devices at blocks 1 and 3 against
+// both at 2. Per round the losses agree to 1e-4 relative and the accuracies to one image (as
+// PrivateLabelsTrainAsSharedLabels: the same arithmetic, but the device's and the server's kernels may
+// sum in another order). The split points are recorded per device wherever the plan is.
+TEST(Distributed, PerDeviceSplitsTrainAsOneSplit) {
+  for (const auto& [mode, labels] : {std::pair<std::string, std::string>{"sfl", "shared"}, {"pipar", "shared"}, {"pipar", "private"}}) {
+    SCOPED_TRACE(mode + " " + labels);
+    TrainConfig a = small_config(mode, "split_one_" + mode + labels);
+    TrainConfig b = small_config(mode, "split_per_device_" + mode + labels);
+    a.epochs = b.epochs = 2;
+    a.labels = b.labels = labels;
+    b.device_splits = {1, 3};
+    b.split = 1;
+    const TrainResult ra = run_cluster(a, fast_net(), 2);
+    const TrainResult rb = run_cluster(b, fast_net(), 2);
+    ASSERT_EQ(ra.epochs.size(), 2u);
+    ASSERT_EQ(rb.epochs.size(), 2u);
+    for (size_t e = 0; e < 2; ++e) {
+      SCOPED_TRACE(e);
+      EXPECT_NEAR(ra.epochs[e].train_loss, rb.epochs[e].train_loss, 1e-4 * std::abs(ra.epochs[e].train_loss));
+      EXPECT_NEAR(ra.epochs[e].test_loss, rb.epochs[e].test_loss, 1e-4 * std::abs(ra.epochs[e].test_loss));
+      EXPECT_NEAR(ra.epochs[e].train_accuracy, rb.epochs[e].train_accuracy, 1.0 / 400 + 1e-9);
+      EXPECT_NEAR(ra.epochs[e].test_accuracy, rb.epochs[e].test_accuracy, 1.0 / 200 + 1e-9);
+    }
+    EXPECT_GE(rb.test_accuracy, 0.6);
+    const nlohmann::json splits = nlohmann::json::array({1, 3});
+    for (const auto& m : metrics(b.out_dir)) {
+      EXPECT_EQ(m["split"], splits);
+      EXPECT_EQ(m["devices_finished"], 2);
+      EXPECT_EQ(m["bad_messages"], 0);
+    }
+    EXPECT_EQ(metrics(a.out_dir)[0]["split"], 2);  // one number where every device splits alike
+    const auto s = summary(b.out_dir);
+    EXPECT_EQ(s["split"], splits);
+    EXPECT_EQ(s["predicted_plan"]["split"], splits);  // the cost model scored the plan as it ran
+    EXPECT_EQ(nlohmann::json::parse(read_checkpoint_meta(b.out_dir + "/server.ckpt").extra_json)["split"], splits);
+  }
+}
+
+// Split points per device that cannot work fail at once, naming the problem.
+TEST(Distributed, PerDeviceSplitsRefuseInvalidPlans) {
+  auto error_of = [](TrainConfig c) -> std::string {
+    try {
+      run_server(c, fast_net());
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  TrainConfig c = small_config("sl", "splits_bad_sl");
+  c.device_splits = {1, 3};
+  EXPECT_NE(error_of(c).find("take turns through one server part"), std::string::npos) << error_of(c);
+  c = small_config("pipar", "splits_bad_count");
+  c.device_splits = {1, 2, 3};
+  EXPECT_NE(error_of(c).find("3 split points for 2 devices"), std::string::npos) << error_of(c);
+  c = small_config("pipar", "splits_bad_auto");
+  c.device_splits = {1, 3};
+  c.micro_batches = -1;
+  EXPECT_NE(error_of(c).find("give --micro-batches too"), std::string::npos) << error_of(c);
+  c = small_config("sfl", "splits_bad_block");
+  c.device_splits = {1, 5};  // vgg5: split points 1..4
+  EXPECT_NE(error_of(c).find("1..4"), std::string::npos) << error_of(c);
+  c = small_config("pipar", "splits_bad_private");
+  c.labels = "private";
+  c.device_splits = {1, 4};  // the device keeps the last block: 1..3
+  EXPECT_NE(error_of(c).find("1..3"), std::string::npos) << error_of(c);
+}
+
+// A run with per-device split points, interrupted after round 1 and resumed, ends bitwise as the
+// uninterrupted one: each replica's momentum at its own split point comes back from the checkpoint.
+TEST(Distributed, PerDeviceSplitsResumedRunEqualsTheUninterruptedOne) {
+  TrainConfig ref = small_config("pipar", "splits_resume_ref");
+  ref.epochs = 2;
+  ref.device_splits = {3, 1};
+  ref.split = 3;
+  run_cluster(ref, fast_net(), 2);
+  TrainConfig c = ref;
+  c.out_dir = temp_dir("splits_resume_crash");
+  run_crashed_and_resumed(c, 1);
+  const auto a = metrics(ref.out_dir), b = metrics(c.out_dir);
+  ASSERT_EQ(a.size(), 2u);
+  ASSERT_EQ(b.size(), 2u);
+  for (size_t r = 0; r < 2; ++r)
+    for (const char* key : {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}) EXPECT_EQ(a[r][key], b[r][key]) << r << key;
+  const auto ta = checkpoint_tensors(ref.out_dir + "/server.ckpt");
+  const auto tb = checkpoint_tensors(c.out_dir + "/server.ckpt");
+  ASSERT_EQ(ta.size(), tb.size());
+  for (const auto& [name, values] : ta) EXPECT_TRUE(tb.count(name) && values == tb.at(name)) << name;
 }
 
 }  // namespace
