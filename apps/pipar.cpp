@@ -195,6 +195,7 @@ struct PlanArgs {
   int64_t samples = 15000;
   int device_threads = 1;
   bool per_device = false;
+  std::string device_speeds;  // per device: its compute time over the profile's (2: twice as slow)
   size_t top = 8;
 };
 
@@ -227,6 +228,20 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
                                              {net.uplink_mbps, net.downlink_mbps, net.latency_ms / 1e3, 0}, cfg.batch_size,
                                              a.samples);
   c.server_profile = srv;
+  if (!a.device_speeds.empty()) {
+    std::vector<double> scales;
+    std::stringstream ss(a.device_speeds);
+    for (std::string item; std::getline(ss, item, ',');) {
+      char* end = nullptr;
+      const double v = std::strtod(item.c_str(), &end);
+      if (item.empty() || *end != '\0' || !(v > 0) || v > 1e6)
+        throw Error("--device-slowdown: expected positive numbers, one per device, got '" + item + "'");
+      scales.push_back(v);
+    }
+    if (scales.size() != c.devices.size())
+      throw Error(detail::concat("--device-slowdown lists ", scales.size(), " values for ", c.devices.size(), " devices"));
+    for (size_t d = 0; d < scales.size(); ++d) c.devices[d].time_scale = scales[d];
+  }
   c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;  // as the server's own planner
   c.private_labels = cfg.labels == "private";
   planner::SearchOptions so;
@@ -401,6 +416,8 @@ int main(int argc, char** argv) {
   plan->add_option("--save-profile", plan_args.save_profile, "Write the device profile measured here");
   plan->add_option("--device-threads", plan_args.device_threads, "Threads of a device when measuring its profile")->capture_default_str();
   plan->add_flag("--per-device", plan_args.per_device, "Let devices split at different blocks");
+  plan->add_option("--device-slowdown", plan_args.device_speeds,
+                   "Per device, its compute time over the measured profile's: S0,S1,... (2: twice as slow; heterogeneous devices)");
   plan->add_option("--labels", cfg.labels, "shared, or private (the device keeps the last block and the loss)")
       ->capture_default_str()
       ->check(CLI::IsMember({"shared", "private"}));

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -21,6 +22,14 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+double mean(std::vector<double> v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return v.empty() ? 0 : sum / static_cast<double>(v.size());
+}
+
+constexpr int kMaxPasses = 100000;  // min_seconds_per_size: a bound on passes at one size
 
 double median(std::vector<double> v) {
   if (v.empty()) return 0;
@@ -284,6 +293,60 @@ Profile describe(Model& model) {
 
 }  // namespace
 
+namespace {
+
+// The first line of a small file, or "".
+std::string first_line(const std::string& path) {
+  std::ifstream f(path);
+  std::string line;
+  std::getline(f, line);
+  return line;
+}
+
+}  // namespace
+
+CpuQuota cpu_quota() {
+  CpuQuota best;
+  auto consider = [&](double quota_us, double period_us) {
+    if (quota_us <= 0 || period_us <= 0) return;
+    const double cores = quota_us / period_us;
+    if (best.cores == 0 || cores < best.cores) best = {cores, period_us / 1e6};
+  };
+  std::ifstream groups("/proc/self/cgroup");
+  for (std::string line; std::getline(groups, line);) {
+    // "ID:CONTROLLERS:PATH": v1 with the cpu controller, or v2 ("0::PATH").
+    const size_t a = line.find(':'), b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    std::string path = line.substr(b + 1);
+    bool v1 = false;
+    for (size_t at = 0; at <= controllers.size();) {
+      const size_t comma = std::min(controllers.find(',', at), controllers.size());
+      v1 |= controllers.substr(at, comma - at) == "cpu";
+      at = comma + 1;
+    }
+    if (!v1 && !controllers.empty()) continue;
+    const std::vector<std::string> roots = v1 ? std::vector<std::string>{"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}
+                                              : std::vector<std::string>{"/sys/fs/cgroup", "/sys/fs/cgroup/unified"};
+    for (const std::string& root : roots) {
+      // The group and every group above it up to the mount's root (a container's own limit sits there).
+      for (std::string p = path;; p = p.substr(0, p.rfind('/'))) {
+        const std::string dir = root + (p == "/" ? "" : p);
+        if (v1) {
+          const std::string q = first_line(dir + "/cpu.cfs_quota_us"), per = first_line(dir + "/cpu.cfs_period_us");
+          if (!q.empty() && !per.empty()) consider(std::atof(q.c_str()), std::atof(per.c_str()));
+        } else {
+          std::istringstream max(first_line(dir + "/cpu.max"));
+          std::string q, per;
+          if (max >> q >> per && q != "max") consider(std::atof(q.c_str()), std::atof(per.c_str()));
+        }
+        if (p.empty() || p == "/") break;
+      }
+    }
+  }
+  return best;
+}
+
 Profile profile_model(Model& model, const ProfileOptions& options) {
   PIPAR_CHECK(model.device() == Device::kCpu, "the profiler measures the CPU backend");
   PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
@@ -377,12 +440,20 @@ Profile profile_model(Model& model, const ProfileOptions& options) {
     for (auto& v : bwd) v.clear();
     loss.clear();
     const auto t_size = std::chrono::steady_clock::now();
-    for (int r = 0; r < options.repeats && (r == 0 || seconds_since(t_size) < options.max_seconds_per_size); ++r) pass(m, true);
-    for (size_t b = 0; b < nb; ++b) {
-      p.blocks[b].forward_s.push_back(median(fwd[b]));
-      p.blocks[b].backward_s.push_back(median(bwd[b]));
+    const bool over_time = options.min_seconds_per_size > 0;
+    for (int r = 0;; ++r) {
+      const double spent = seconds_since(t_size);
+      if (r > 0 && !(over_time ? spent < options.min_seconds_per_size && r < kMaxPasses
+                               : r < options.repeats && spent < options.max_seconds_per_size))
+        break;
+      pass(m, true);
     }
-    p.loss_s.push_back(median(loss));
+    const auto stat = over_time ? mean : median;
+    for (size_t b = 0; b < nb; ++b) {
+      p.blocks[b].forward_s.push_back(stat(fwd[b]));
+      p.blocks[b].backward_s.push_back(stat(bwd[b]));
+    }
+    p.loss_s.push_back(stat(loss));
   }
   for (size_t b = 0; b < nb; ++b) {
     make_non_decreasing(p.blocks[b].forward_s);

@@ -71,6 +71,11 @@ struct ProfileOptions {
   int warmup = 1;       // untimed passes at the smallest size first
   int repeats = 3;      // timed passes per size (at most); the median is kept
   double max_seconds_per_size = 1.0;  // no further repeat of a size once its passes took this long (>= 1 pass)
+  // > 0: passes at each size go on until they took this long (past `repeats` and max_seconds_per_size),
+  // and each time is the mean over them, not the median. For a process under a CPU quota (a container's
+  // --cpus): it runs at full speed until its quota for the period is spent, then not at all, so only a
+  // measurement over several periods sees its true speed (cpu_quota below).
+  double min_seconds_per_size = 0;
   uint64_t seed = 1;
 };
 
@@ -79,6 +84,15 @@ struct ProfileOptions {
 Profile profile_model(Model& model, const ProfileOptions& options = {});
 // Builds the zoo model `name` with `model_options` and measures it.
 Profile profile_model(const std::string& name, const ModelOptions& model_options, const ProfileOptions& options = {});
+
+// This process's CPU quota, from its cgroup (v1 cpu.cfs_quota_us / cfs_period_us, or v2 cpu.max),
+// the tightest of its group and the groups above it: cores (e.g. 0.5) and the period in seconds over
+// which it is enforced. {0, 0} where none is set or none can be read.
+struct CpuQuota {
+  double cores = 0;
+  double period_s = 0;
+};
+CpuQuota cpu_quota();
 
 // A FLOP-based estimate (no measurement): forward = fixed_s + flops/flops_per_s per block, backward
 // twice the forward; bytes as measured would report, except tape_bytes (the block's output floats * 4

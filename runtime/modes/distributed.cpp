@@ -342,6 +342,13 @@ class DeviceRunner {
       planner::ProfileOptions po;
       po.threads = o_.threads;
       po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
+      // Under a CPU quota (a container's --cpus, a cgroup) the device runs at full speed until the
+      // period's quota is spent: each size is measured over several periods, for its true speed.
+      if (const planner::CpuQuota q = planner::cpu_quota(); q.period_s > 0) {
+        po.min_seconds_per_size = std::min(1.0, 5 * q.period_s);
+        log(detail::concat("CPU quota of ", q.cores, " cores (period ", q.period_s * 1e3, " ms): profiling each size for ",
+                           po.min_seconds_per_size, " s"));
+      }
       // A model of its own, as the server's: profiling takes SGD steps whose momentum (and batch-norm
       // statistics) would otherwise carry into training. The round's weights overwrite the values, not
       // the momentum: with private labels the tail's first steps went 0.5% off the shared run's.

@@ -2,8 +2,13 @@
 // model, the thread count is restored, JSON round-trips, interpolation is piecewise linear.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
+#include <string>
 
 #include "kernels/parallel.h"
 #include "planner/profile.h"
@@ -58,6 +63,59 @@ TEST(Profile, SizeOneBecomesTwoWhereBatchNormNeedsTwo) {
   EXPECT_EQ(Profile::from_json(p.to_json()).min_micro_batch, 2);
   const Profile v = profile_model("vgg5", ModelOptions{}, o);  // 3x3 maps at the end: one sample is fine
   EXPECT_EQ(v.min_micro_batch, 1);
+}
+
+// min_seconds_per_size: each size's passes go on for at least that long (a process under a CPU quota
+// runs at full speed until the period's quota is spent; only a measurement over several periods sees
+// its speed), and the times are their means.
+TEST(Profile, MeasuresEachSizeForAMinimumTime) {
+  auto model = build_model("vgg5", ModelOptions{});
+  ProfileOptions o;
+  o.sizes = {1, 4};
+  o.threads = 1;
+  o.min_seconds_per_size = 0.1;
+  const auto t0 = std::chrono::steady_clock::now();
+  const Profile p = profile_model(*model, o);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_GE(s, 0.2);
+  EXPECT_LT(s, 5.0);
+  for (size_t b = 0; b < p.num_blocks(); ++b) {
+    EXPECT_GT(p.blocks[b].forward_s[0], 0) << b;
+    EXPECT_GE(p.blocks[b].forward_s[1], p.blocks[b].forward_s[0]) << b;
+  }
+}
+
+// cpu_quota reads this process's CFS quota from its cgroup: a child process put in a group of 0.25
+// cores reports 0.25 cores and the group's period. Needs a writable cgroup v1 cpu controller (root);
+// skipped elsewhere.
+TEST(Profile, ReadsTheCpuQuotaOfItsCgroup) {
+  const std::string base = "/sys/fs/cgroup/cpu";
+  const std::string dir = base + "/pipar_profile_test_" + std::to_string(getpid());
+  if (access((base + "/cpu.cfs_quota_us").c_str(), F_OK) != 0 || mkdir(dir.c_str(), 0755) != 0)
+    GTEST_SKIP() << "no writable cgroup v1 cpu controller at " << base;
+  auto write = [](const std::string& path, const std::string& v) {
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) return false;
+    const bool ok = std::fputs(v.c_str(), f) >= 0;
+    return std::fclose(f) == 0 && ok;
+  };
+  const bool set = write(dir + "/cpu.cfs_period_us", "20000") && write(dir + "/cpu.cfs_quota_us", "5000");
+  int code = -1;
+  if (set) {
+    const pid_t child = fork();
+    if (child == 0) {  // only file I/O and _exit in the child
+      if (!write(dir + "/cgroup.procs", std::to_string(getpid()))) _exit(255);
+      const CpuQuota q = cpu_quota();
+      _exit(q.period_s == 0.02 ? static_cast<int>(q.cores * 100 + 0.5) : 254);
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    code = WIFEXITED(status) ? WEXITSTATUS(status) : -2;
+  }
+  rmdir(dir.c_str());
+  ASSERT_TRUE(set) << "could not set the quota of " << dir;
+  EXPECT_EQ(code, 25);  // 0.25 cores, period 20 ms
+  EXPECT_EQ(cpu_quota().cores == 0 || cpu_quota().cores > 0.25, true);  // this process: not in that group
 }
 
 TEST(Profile, DefaultVgg5ProfileIsFast) {
