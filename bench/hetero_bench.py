@@ -9,7 +9,7 @@ side, repeats alternating:
   - auto:       --split auto --micro-batches auto (the planner may give each device its own split point)
   - one-split:  --split auto --micro-batches auto --one-split (the planner's best single split point)
   - the grid:   every shared (P, N) of --splits x --micro-batches, fixed, once each
-  - per-device: the plan auto ended with, fixed (--split P0,P1,... --micro-batches N)
+  - per-device: the plan auto chose first, fixed (--split P0,P1,... --micro-batches N)
 
 and prints, per run, the plan and the training time (the sum of metrics.jsonl's round_seconds; set-up
 and evaluation excluded), then the ratios: the best shared grid point's time over auto's and over the
@@ -105,6 +105,7 @@ def run(args, groups, out_dir, split, micro, one_split=False):
            "--split", split, "--micro-batches", micro]
     if one_split:
         cmd.append("--one-split")
+    cmd += args.extra.split()
     log_path = out_dir + ".log"
     os.makedirs(out_dir, exist_ok=True)
     with open(log_path, "w") as log:
@@ -175,6 +176,7 @@ def main():
     p.add_argument("--splits", default="1,2,3,4", help="shared split points of the grid")
     p.add_argument("--micro-batches", default="1,2,4,8,16", help="micro-batch counts of the grid")
     p.add_argument("--repeats", type=int, default=3, help="repeats of auto, one-split and the fixed per-device plan")
+    p.add_argument("--extra", default="", help="more options for every run's server, e.g. --no-replan")
     p.add_argument("--json", help="write every run here")
     args = p.parse_args()
 
@@ -195,12 +197,12 @@ def main():
         for rep in range(args.repeats):
             order = ["auto", "one-split", "per-device"] if rep % 2 == 0 else ["per-device", "one-split", "auto"]
             for kind in order:
-                # (the first repeat runs auto first: its final plan is the fixed per-device plan)
+                # (the first repeat runs auto first: its first plan is the fixed per-device plan)
                 out = os.path.join(root, f"{kind}_{rep}")
                 if kind == "auto":
                     r = run(args, groups, out, "auto", "auto")
                     if fixed is None:
-                        plan = r["plan"]
+                        plan = r["first_plan"]
                         fixed = (",".join(str(s) for s in plan["split"]), str(plan["micro_batches"]))
                 elif kind == "one-split":
                     r = run(args, groups, out, "auto", "auto", one_split=True)

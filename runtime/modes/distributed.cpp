@@ -1007,13 +1007,14 @@ class ServerRunner {
     json extra = {{"mode", cfg_.mode}, {"split", split_json()}, {"micro_batches", cfg_.micro_batches}};
     if (dp_accounting()) extra["privacy_rounds"] = privacy_rounds_;
     if (auto_plan_ && predicted_) {
-      json devices = json::array();
-      for (const planner::DeviceSpec& d : cluster_.devices)
-        devices.push_back({{"up_mbps", d.link.up_mbps}, {"down_mbps", d.link.down_mbps}, {"time_scale", d.time_scale}});
-      extra["planner"] = {{"plan", json::parse(plan_.to_json())},
-                          {"first_plan", json::parse(first_plan_.to_json())},
-                          {"devices", devices},
-                          {"server_time_scale", cluster_.server_time_scale}};
+      json ps = cluster_basis(cluster_);
+      ps["plan"] = json::parse(plan_.to_json());
+      ps["first_plan"] = json::parse(first_plan_.to_json());
+      ps["speed_replans"] = speed_replans_;
+      if (trial_)
+        ps["trial"] = {{"before", json::parse(trial_->before.to_json())}, {"basis", trial_->basis},
+                       {"per_sample_s", trial_->per_sample_s}, {"up_mbps", trial_->up_mbps}};
+      extra["planner"] = ps;
     }
     meta.extra_json = extra.dump();
     std::vector<CheckpointState> state;
@@ -1144,15 +1145,16 @@ class ServerRunner {
         say("the checkpoint's plan (" + p.describe() + ") does not fit this run's options: planning afresh");
         return false;
       }
-      for (size_t d = 0; d < slots_.size(); ++d) {
-        planner::DeviceSpec& ds = cluster_.devices[d];
-        ds.link.up_mbps = devices[d].at("up_mbps").get<double>();
-        ds.link.down_mbps = devices[d].at("down_mbps").get<double>();
-        ds.time_scale = devices[d].at("time_scale").get<double>();
-      }
-      cluster_.server_time_scale = ps.at("server_time_scale").get<double>();
+      load_cluster_basis(ps);
       plan_ = p;
       first_plan_ = planner::Plan::from_json(ps.at("first_plan").dump());
+      speed_replans_ = ps.value("speed_replans", true);
+      if (ps.contains("trial")) {
+        const json& t = ps.at("trial");
+        trial_ = ReplanTrial{planner::Plan::from_json(t.at("before").dump()), t.at("basis"), t.at("per_sample_s").get<double>(),
+                             t.at("up_mbps").get<std::vector<double>>()};
+        if (trial_->before.split.size() != slots_.size()) throw Error("the re-plan on trial is for another device count");
+      }
     } catch (const json::exception& e) {
       throw IoError("checkpoint " + cfg_.load_path + ": bad planner state: " + e.what());
     } catch (const Error& e) {
@@ -1183,9 +1185,65 @@ class ServerRunner {
     cfg_.micro_batches = cfg_.mode == "pipar" ? p.micro_batches : 1;
   }
 
+  // The cluster's measured part (link rates, speed factors) as the checkpoint holds it.
+  static json cluster_basis(const planner::Cluster& c) {
+    json devices = json::array();
+    for (const planner::DeviceSpec& d : c.devices)
+      devices.push_back({{"up_mbps", d.link.up_mbps}, {"down_mbps", d.link.down_mbps}, {"time_scale", d.time_scale}});
+    return {{"devices", devices}, {"server_time_scale", c.server_time_scale}};
+  }
+  void load_cluster_basis(const json& basis) {
+    const json& devices = basis.at("devices");
+    if (devices.size() != cluster_.devices.size()) throw Error(detail::concat("planner state for ", devices.size(), " devices"));
+    for (size_t d = 0; d < cluster_.devices.size(); ++d) {
+      planner::DeviceSpec& ds = cluster_.devices[d];
+      ds.link.up_mbps = devices[d].at("up_mbps").get<double>();
+      ds.link.down_mbps = devices[d].at("down_mbps").get<double>();
+      ds.time_scale = devices[d].at("time_scale").get<double>();
+    }
+    cluster_.server_time_scale = basis.at("server_time_scale").get<double>();
+  }
+
+  // A re-plan is a prediction; the round after it is the measurement. The plan before a change, with
+  // its basis, its last round's time per sample and the uplink rates then measured, until the first
+  // round under the new plan has been timed (undo_replan_if_worse).
+  struct ReplanTrial {
+    planner::Plan before;
+    json basis;
+    double per_sample_s = 0;
+    std::vector<double> up_mbps;
+  };
+
+  // The first round under a re-planned plan took longer per sample than the last round under the old
+  // one (by more than kUndoMargin), on the same uplinks (within the drift): the cost model misjudged
+  // the new plan on this machine. Back to the old plan and its basis, and from then on only drifting
+  // links re-plan, not measured speeds (the measurement that misled it). Returns whether it undid.
+  static constexpr double kUndoMargin = 0.10;
+  bool undo_replan_if_worse(int r, double per_sample_s, const std::vector<double>& up) {
+    if (!trial_) return false;
+    const ReplanTrial t = std::move(*trial_);
+    trial_.reset();
+    bool same_links = up.size() == t.up_mbps.size();
+    for (size_t d = 0; same_links && d < up.size(); ++d)
+      if (up[d] > 0 && t.up_mbps[d] > 0) same_links = std::abs(up[d] / t.up_mbps[d] - 1) <= 0.2;
+    if (!same_links || !(per_sample_s > t.per_sample_s * (1 + kUndoMargin))) return false;
+    const std::string why = detail::concat("round ", r + 1, " under ", plan_.describe(), " took ", per_sample_s * 1e3, " ms per sample, ",
+                                           t.per_sample_s * 1e3, " ms under the plan before");
+    say("re-plan undone: " + why + " → back to " + t.before.describe() + "; from now on only drifting links re-plan");
+    load_cluster_basis(t.basis);
+    apply_plan(t.before);
+    build_replicas();
+    plan_ = t.before;
+    predicted_round_s_ = plan_.round_s;
+    speed_replans_ = false;
+    replans_.push_back({{"after_round", r + 1}, {"reasons", {"undone: " + why}}, {"changed", true}, {"plan", json::parse(plan_.to_json())}});
+    return true;
+  }
+
   // At a round boundary: measured link rates and speeds against the plan's; a drift beyond 20%
-  // triggers a new search, and a better plan takes effect from the next round.
-  void maybe_replan(int r, double t0, double t1) {
+  // triggers a new search, and a better plan takes effect from the next round (and is undone if that
+  // round measures slower than the last under the old plan).
+  void maybe_replan(int r, double t0, double t1, int64_t samples) {
     if (!auto_plan_ || !net_.replan) return;
     std::vector<double> busy(slots_.size(), 0.0), up(slots_.size(), 0.0);
     for (size_t d = 0; d < slots_.size(); ++d) {
@@ -1195,10 +1253,14 @@ class ServerRunner {
       const uint64_t bytes = server_.stats(tp::routing_id(slots_[d].id)).bytes_received - slots_[d].bytes_up0;
       if (up_busy > 0 && bytes > 0 && net_.uplink_mbps > 0) up[d] = bytes * 8.0 / up_busy / 1e6;
     }
-    const planner::Measurement m =
+    const double per_sample_s = samples > 0 ? (t1 - t0) / static_cast<double>(samples) : 0;
+    if (undo_replan_if_worse(r, per_sample_s, up)) return;
+    planner::Measurement m =
         planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t1), up);
+    if (!speed_replans_) m.device_time_scale.clear(), m.server_time_scale = 0;  // links only (undo_replan_if_worse)
     planner::ReplanOptions ro;
     ro.search = search_options_;
+    const json basis = cluster_basis(cluster_);
     const planner::ReplanDecision d = planner::replan(cluster_, plan_, m, ro);
     cluster_ = d.cluster;
     if (d.drifted) {
@@ -1208,6 +1270,7 @@ class ServerRunner {
       replans_.push_back({{"after_round", r + 1}, {"reasons", d.reasons}, {"changed", d.changed}, {"plan", json::parse(d.plan.to_json())}});
     }
     if (d.changed) {
+      if (per_sample_s > 0) trial_ = ReplanTrial{plan_, basis, per_sample_s, up};
       apply_plan(d.plan);
       build_replicas();  // those whose split moved
     }
@@ -1482,7 +1545,10 @@ class ServerRunner {
     trace_.add("server", "aggregate", t_agg, t1);
     collect_traces();
     const RoundPlan used{split_json(), cfg_.micro_batches, predicted_round_s_};  // this round's, for its metrics line
-    maybe_replan(r, t0, t1);  // the next round's plan, part of the checkpoint
+    int64_t samples = 0;
+    for (const DeviceSlot& s : slots_)
+      if (s.in_round && s.done && s.end) samples += s.end->samples;
+    maybe_replan(r, t0, t1, samples);  // the next round's plan, part of the checkpoint
     save_round(r);  // before the metrics line: a line then always has its checkpoint, and a resume never redoes a round
     record_round(r, t0, t1, stats0, used);
   }
@@ -1694,6 +1760,8 @@ class ServerRunner {
   planner::SearchOptions search_options_;
   double predicted_round_s_ = 0;
   std::vector<json> replans_;
+  std::optional<ReplanTrial> trial_;  // a re-plan awaiting its first round's time
+  bool speed_replans_ = true;         // measured speeds may re-plan (false once such a re-plan was undone)
   // --load: the checkpoint's metadata "extra" and state records (cleared once used); resumed_: it was
   // written by a run of this mode, so its optimizer, plan and privacy state apply.
   json resume_ = json::object();

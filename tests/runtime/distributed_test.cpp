@@ -543,26 +543,16 @@ TEST(Distributed, EpsilonContinuesAfterAResume) {
   }
 }
 
-// A resumed run with an automatic plan goes on with the plan its checkpoint holds (and the
-// re-planner's basis), not one searched afresh: here the checkpoint's plan is replaced by another
-// valid one, which the resumed round then uses.
-TEST(Distributed, ResumeKeepsTheCheckpointsPlan) {
-  TrainConfig c = small_config("pipar", "resume_plan");
-  c.split = c.micro_batches = -1;  // auto
-  c.epochs = 2;
+// Runs c (automatic plan, 2 rounds) to a crash after round 1, lets `edit` change the checkpoint's
+// metadata, and resumes it to the end with two fresh devices. Returns the resumed server's log.
+Said resume_with_edited_checkpoint(const TrainConfig& c, const std::function<void(nlohmann::json& extra)>& edit) {
   std::vector<std::thread> old_devices;
   crash_after_round_one(c, old_devices);
   const std::string ckpt = c.out_dir + "/server.ckpt";
   CheckpointMeta meta = read_checkpoint_meta(ckpt);
   nlohmann::json extra = nlohmann::json::parse(meta.extra_json);
-  ASSERT_TRUE(extra.contains("planner")) << extra.dump();
-  ASSERT_EQ(extra["planner"]["devices"].size(), 2u);
-  // Another plan than the one in force, with a split point per device: 1 and 3, or 3 and 1, and 5
-  // micro-batches.
-  const nlohmann::json split = extra["split"] == nlohmann::json::array({1, 3}) ? nlohmann::json::array({3, 1})
-                                                                              : nlohmann::json::array({1, 3});
-  extra["split"] = split, extra["micro_batches"] = 5;
-  extra["planner"]["plan"]["split"] = split, extra["planner"]["plan"]["micro_batches"] = 5;
+  EXPECT_TRUE(extra.contains("planner")) << extra.dump();
+  edit(extra);
   meta.extra_json = extra.dump();
   auto m = build_model(meta.model, meta.options);
   std::vector<CheckpointState> state;
@@ -583,11 +573,75 @@ TEST(Distributed, ResumeKeepsTheCheckpointsPlan) {
   });
   for (auto& t : devices) t.join();
   for (auto& t : old_devices) t.join();
+  return said;
+}
+
+// A resumed run with an automatic plan goes on with the plan its checkpoint holds (and the
+// re-planner's basis), not one searched afresh: here the checkpoint's plan is replaced by another
+// valid one, which the resumed round then uses.
+TEST(Distributed, ResumeKeepsTheCheckpointsPlan) {
+  TrainConfig c = small_config("pipar", "resume_plan");
+  c.split = c.micro_batches = -1;  // auto
+  c.epochs = 2;
+  nlohmann::json split;
+  const Said said = resume_with_edited_checkpoint(c, [&](nlohmann::json& extra) {
+    ASSERT_EQ(extra["planner"]["devices"].size(), 2u);
+    // Another plan than the one in force, with a split point per device: 1 and 3, or 3 and 1, and 5
+    // micro-batches.
+    split = extra["split"] == nlohmann::json::array({1, 3}) ? nlohmann::json::array({3, 1}) : nlohmann::json::array({1, 3});
+    extra["split"] = split, extra["micro_batches"] = 5;
+    extra["planner"]["plan"]["split"] = split, extra["planner"]["plan"]["micro_batches"] = 5;
+  });
   EXPECT_TRUE(said.any("plan as the checkpoint left it")) << ::testing::PrintToString(said.lines);
   const auto lines = metrics(c.out_dir);
   ASSERT_EQ(lines.size(), 2u);
   EXPECT_EQ(lines[1]["split"], split);
   EXPECT_EQ(lines[1]["micro_batches"], 5);
+}
+
+// A re-plan that measures worse is undone: the first round under a re-planned plan took longer per
+// sample than the last round under the plan before it, so the server goes back to that plan (and its
+// basis) and from then on re-plans only on drifting links. The re-plan on trial is put into the
+// checkpoint (plan 1/3 N=5 in force, plan 2 N=4 before it, whose last round "took" 1 ns per sample);
+// the resumed round 2 is then its first round. Against a plan before that "took" 1000 s per sample
+// nothing is undone.
+TEST(Distributed, ReplanThatMeasuresWorseIsUndone) {
+  for (const bool worse : {true, false}) {
+    SCOPED_TRACE(worse);
+    TrainConfig c = small_config("pipar", worse ? "replan_undo" : "replan_kept");
+    c.split = c.micro_batches = -1;  // auto
+    c.epochs = 2;
+    const Said said = resume_with_edited_checkpoint(c, [&](nlohmann::json& extra) {
+      nlohmann::json& ps = extra["planner"];
+      ps["trial"] = {{"before", ps["plan"]}, {"basis", {{"devices", ps["devices"]}, {"server_time_scale", ps["server_time_scale"]}}},
+                     {"per_sample_s", worse ? 1e-9 : 1e3}, {"up_mbps", {0, 0}}};  // 0: not measured (unshaped links)
+      ps["trial"]["before"]["split"] = {2, 2}, ps["trial"]["before"]["micro_batches"] = 4;
+      extra["split"] = {1, 3}, extra["micro_batches"] = 5;
+      ps["plan"]["split"] = {1, 3}, ps["plan"]["micro_batches"] = 5;
+    });
+    const auto lines = metrics(c.out_dir);
+    ASSERT_EQ(lines.size(), 2u);
+    EXPECT_EQ(lines[1]["split"], nlohmann::json::array({1, 3}));  // round 2 ran the plan on trial
+    EXPECT_EQ(said.any("re-plan undone"), worse) << ::testing::PrintToString(said.lines);
+    const auto extra = nlohmann::json::parse(read_checkpoint_meta(c.out_dir + "/server.ckpt").extra_json);
+    // The injected trial was judged (a re-plan after round 2 may have put a new one on trial).
+    if (extra["planner"].contains("trial")) {
+      EXPECT_NE(extra["planner"]["trial"]["per_sample_s"], worse ? 1e-9 : 1e3);
+    }
+    if (worse) {
+      EXPECT_FALSE(extra["planner"].contains("trial"));  // undone: nothing re-planned that round
+    }
+    if (worse) {
+      EXPECT_EQ(extra["split"], 2);  // the next round's plan: the one before
+      EXPECT_EQ(extra["micro_batches"], 4);
+      EXPECT_EQ(extra["planner"]["speed_replans"], false);
+      const auto s = summary(c.out_dir);
+      ASSERT_FALSE(s["replans"].empty());
+      EXPECT_NE(s["replans"].back()["reasons"][0].get<std::string>().find("undone"), std::string::npos);
+    } else {
+      EXPECT_EQ(extra["planner"]["speed_replans"], true);
+    }
+  }
 }
 
 // --- private labels (U-shaped split) ---------------------------------------------------------------
