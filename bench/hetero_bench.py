@@ -3,18 +3,17 @@
 
 Runs `pipar server` and its `pipar device` processes on this machine, each device in a Linux cgroup
 with a CPU quota of its own (--cpus, in cores: what `docker run --cpus` sets), so that half the devices
-get half the CPU of the others. A slower device is one with less CPU, never one that sleeps. Side by
-side, repeats alternating:
+get half the CPU of the others. A slower device is one with less CPU, never one that sleeps.
 
-  - auto:       --split auto --micro-batches auto (the planner may give each device its own split point)
-  - one-split:  --split auto --micro-batches auto --one-split (the planner's best single split point)
-  - the grid:   every shared (P, N) of --splits x --micro-batches, fixed, once each
-  - per-device: the plan auto chose first, fixed (--split P0,P1,... --micro-batches N)
+  1. auto (--split auto --micro-batches auto: the planner may give each device its own split point),
+     then every shared (P, N) of --splits x --micro-batches, fixed, once each;
+  2. --repeats times, side by side in alternating order: the per-device plan auto chose (fixed:
+     --split P0,P1,... --micro-batches N), the two best shared grid points (fixed), auto, and auto
+     with --one-split.
 
-and prints, per run, the plan and the training time (the sum of metrics.jsonl's round_seconds; set-up
-and evaluation excluded), then the ratios: the best shared grid point's time over auto's and over the
-fixed per-device plan's (medians over repeats). Goal (issue #5): per-device plans beat the best single
-shared plan, measured.
+Per run it prints the plan and the training time (the sum of metrics.jsonl's round_seconds; set-up
+and evaluation excluded), then medians and the ratio of the best shared plan's median to each.
+Goal (issue #5): per-device plans beat the best single shared plan, measured.
 
   sudo bench/hetero_bench.py --pipar build/apps/pipar --model vgg5 --cpus 0.3,0.3,0.15,0.15 \\
       --uplink-mbps 50 --downlink-mbps 50 --epochs 3 --limit-train 2000 --repeats 3
@@ -186,54 +185,58 @@ def main():
           f"downlink {args.downlink_mbps:g} Mbit/s, server {args.server_threads} thread(s)", flush=True)
     groups = CpuGroups(quotas, args.period_us)
     root = tempfile.mkdtemp(prefix="pipar_hetero_")
-    runs = {"auto": [], "one-split": [], "per-device": [], "grid": []}
+    runs = {"grid": []}
     try:
         def show(kind, r):
-            print(f"#   {kind:10s} {r['total']:7.2f} s  {plan_text(r)}  (predicted first round "
+            print(f"#   {kind:14s} {r['total']:7.2f} s  {plan_text(r)}  (predicted first round "
                   f"{(r['first_plan'] or {}).get('round_s', float('nan')):.2f} s, rounds "
                   + ", ".join(f"{x['round_seconds']:.2f}" for x in r["rounds"]) + ")", flush=True)
 
-        fixed = None
-        for rep in range(args.repeats):
-            order = ["auto", "one-split", "per-device"] if rep % 2 == 0 else ["per-device", "one-split", "auto"]
-            for kind in order:
-                # (the first repeat runs auto first: its first plan is the fixed per-device plan)
-                out = os.path.join(root, f"{kind}_{rep}")
-                if kind == "auto":
-                    r = run(args, groups, out, "auto", "auto")
-                    if fixed is None:
-                        plan = r["first_plan"]
-                        fixed = (",".join(str(s) for s in plan["split"]), str(plan["micro_batches"]))
-                elif kind == "one-split":
-                    r = run(args, groups, out, "auto", "auto", one_split=True)
-                else:
-                    r = run(args, groups, out, fixed[0], fixed[1])
-                runs[kind].append(r)
-                show(kind, r)
-        for s in args.splits.split(","):
+        # 1. The planner's choices, and every shared grid point once.
+        first = run(args, groups, os.path.join(root, "auto_first"), "auto", "auto")
+        show("auto", first)
+        plan = first["first_plan"]
+        per_device = (",".join(str(x) for x in plan["split"]), str(plan["micro_batches"]))
+        for sp in args.splits.split(","):
             for n in args.micro_batches.split(","):
-                r = run(args, groups, os.path.join(root, f"grid_{s}_{n}"), s, n)
+                r = run(args, groups, os.path.join(root, f"grid_{sp}_{n}"), sp, n)
                 runs["grid"].append(r)
                 show("grid", r)
+        # 2. Repeats, side by side in alternating order: the per-device plan the planner chose (fixed),
+        # the two best shared grid points (fixed), and the automatic runs with and without per-device
+        # split points (re-planning as configured).
+        top = sorted(runs["grid"], key=lambda r: r["total"])[:2]
+        kinds = {"per-device": (per_device[0], per_device[1], False), "auto": ("auto", "auto", False),
+                 "one-split": ("auto", "auto", True)}
+        for i, r in enumerate(top):
+            kinds[f"shared #{i + 1}"] = (r["split_arg"], r["micro_arg"], False)
+        for k in kinds:
+            runs[k] = []
+        runs["auto"].append(first)
+        names = list(kinds)
+        for rep in range(args.repeats):
+            for k in (names if rep % 2 == 0 else names[::-1]):
+                sp, n, one = kinds[k]
+                r = run(args, groups, os.path.join(root, f"{k.replace(' ', '').replace('#', '')}_{rep}"), sp, n, one)
+                runs[k].append(r)
+                show(k, r)
     finally:
         groups.close()
 
-    best = min(runs["grid"], key=lambda r: r["total"])
-    med = {k: statistics.median(r["total"] for r in runs[k]) for k in ("auto", "one-split", "per-device")}
+    med = {k: statistics.median(r["total"] for r in v) for k, v in runs.items() if k != "grid"}
+    best_shared = min(med[k] for k in med if k.startswith("shared"))
     print()
-    print("| run | plan | training time (s), median | best shared grid point / this |")
+    print("| run | plan | training time (s), median (each) | best shared / this |")
     print("|---|---|---|---|")
-    for k in ("auto", "per-device", "one-split"):
+    for k in med:
         each = ", ".join("%.2f" % r["total"] for r in runs[k])
-        print(f"| {k} | {plan_text(runs[k][0])} | {med[k]:.2f} ({each}) | "
-              f"{best['total'] / med[k]:.3f}x |")
-    print(f"| best of the {len(runs['grid'])}-point shared grid | {plan_text(best)} | {best['total']:.2f} | 1 |")
+        print(f"| {k} | {plan_text(runs[k][0])} | {med[k]:.2f} ({each}) | {best_shared / med[k]:.3f}x |")
     print()
     print("| grid P \\ N | " + " | ".join(args.micro_batches.split(",")) + " |")
     print("|---" * (1 + len(args.micro_batches.split(","))) + "|")
-    for s in args.splits.split(","):
-        row = [r for r in runs["grid"] if r["split_arg"] == s]
-        print(f"| {s} | " + " | ".join(f"{r['total']:.2f}" for r in row) + " |")
+    for sp in args.splits.split(","):
+        row = [r for r in runs["grid"] if r["split_arg"] == sp]
+        print(f"| {sp} | " + " | ".join(f"{r['total']:.2f}" for r in row) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)

@@ -83,22 +83,26 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
 
 Measurement measurement_from_round(const Cluster& used, const Plan& plan, const std::vector<double>& device_busy_s,
                                    double server_busy_s, const std::vector<double>& up_mbps,
-                                   const std::vector<double>& down_mbps) {
+                                   const std::vector<double>& down_mbps, double min_share) {
   const size_t k = used.devices.size();
   check_size(device_busy_s, k, "device busy");
   const Timing predicted = CostModel(used).round(plan.mode, plan.split, plan.micro_batches);
   Measurement m;
   m.up_mbps = up_mbps;
   m.down_mbps = down_mbps;
+  // Compute that is a small share of the round says little about the blocks the next plan may move:
+  // tiny ops are mostly fixed costs (and, under a CPU quota, run in bursts at full speed).
+  const double least = min_share * predicted.span_s;
   if (!device_busy_s.empty()) {
     m.device_time_scale.assign(k, 0.0);
     for (size_t d = 0; d < k; ++d) {
+      if (predicted.busy[1 + 3 * d].busy_s < least) continue;
       const double r = measured_time_scale(device_busy_s[d], predicted.busy[1 + 3 * d].busy_s);
       m.device_time_scale[d] = r > 0 ? r * used.devices[d].time_scale : 0.0;
     }
   }
   const double server_pred = predicted.busy[0].busy_s - used.aggregation_s;
-  const double r = plan.mode == Mode::kFl ? 0.0 : measured_time_scale(server_busy_s, server_pred);
+  const double r = plan.mode == Mode::kFl || server_pred < least ? 0.0 : measured_time_scale(server_busy_s, server_pred);
   m.server_time_scale = r > 0 ? r * used.server_time_scale : 0.0;
   return m;
 }

@@ -42,10 +42,12 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
 // A Measurement from one round's measured busy seconds (metrics.jsonl's device_busy_seconds and
 // server_busy_seconds, aggregation excluded) and link rates: the time scales are the basis's scaled by
 // measured / predicted busy time of `plan` under `used` (so they stay relative to the profiles).
-// Empty or non-positive entries mean "not measured".
+// Empty or non-positive entries mean "not measured". A compute resource whose predicted busy time is
+// under min_share of the predicted round is left unmeasured: its few small ops, mostly fixed costs,
+// would be extrapolated to the blocks another plan gives it.
 Measurement measurement_from_round(const Cluster& used, const Plan& plan, const std::vector<double>& device_busy_s,
                                    double server_busy_s, const std::vector<double>& up_mbps = {},
-                                   const std::vector<double>& down_mbps = {});
+                                   const std::vector<double>& down_mbps = {}, double min_share = 0.1);
 
 // Link rate from real transfers: total bytes * 8 / total transmission seconds, in Mbit/s (0 when no
 // transfer took time). Each pair is (bytes, seconds from first to last bit, latency excluded).

@@ -117,6 +117,23 @@ TEST(Replan, MeasurementFromRoundBusyTimes) {
   EXPECT_DOUBLE_EQ(d.cluster.devices[3].time_scale, 1.0);
 }
 
+// Compute under min_share of the predicted round is not measured: with the whole round as the
+// threshold no device and not the server count; with 0 all do. (On devices under a CPU quota, the
+// first block's few small ops ran at 0.2-0.5x their profiled time and, extrapolated to the blocks the
+// next plan moved there, sent the re-planner to plans 2x slower than predicted.)
+TEST(Replan, SmallShareOfTheRoundIsNotMeasured) {
+  const Cluster used = cluster(100);
+  const Plan current = best_plan(used);
+  const Timing t = CostModel(used).round(current.mode, current.split, current.micro_batches);
+  const std::vector<double> busy = {2 * t.busy[1].busy_s, 2 * t.busy[4].busy_s, 2 * t.busy[7].busy_s, 2 * t.busy[10].busy_s};
+  const Measurement none = measurement_from_round(used, current, busy, 2 * t.busy[0].busy_s, {}, {}, 1.0);
+  for (double s : none.device_time_scale) EXPECT_EQ(s, 0.0);
+  EXPECT_EQ(none.server_time_scale, 0.0);
+  const Measurement all = measurement_from_round(used, current, busy, 2 * t.busy[0].busy_s, {}, {}, 0.0);
+  for (double s : all.device_time_scale) EXPECT_NEAR(s, 2.0, 1e-12);
+  EXPECT_NEAR(all.server_time_scale, 2.0 * used.server_time_scale, 1e-9);
+}
+
 TEST(Replan, MeasurementHelpers) {
   EXPECT_DOUBLE_EQ(measured_mbps({{1e6, 1.0}, {1e6, 1.0}}), 8.0);
   EXPECT_DOUBLE_EQ(measured_mbps({}), 0.0);
