@@ -196,6 +196,8 @@ struct PlanArgs {
   int device_threads = 1;
   bool per_device = false;
   std::string device_speeds;  // per device: its compute time over the profile's (2: twice as slow)
+  double server_memory_gb = 0, device_memory_gb = 0;  // 0: no limit
+  std::string server_model = "per-device";
   size_t top = 8;
 };
 
@@ -244,12 +246,25 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   }
   c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;  // as the server's own planner
   c.private_labels = cfg.labels == "private";
+  if (a.server_model != "per-device" && a.server_model != "shared")
+    throw Error("--server-model must be per-device or shared, got '" + a.server_model + "'");
+  c.shared_server_model = a.server_model == "shared";
   planner::SearchOptions so;
+  if (a.server_memory_gb > 0) so.server_memory_limit = a.server_memory_gb * (1 << 30);
+  if (a.device_memory_gb > 0) so.device_memory_limit = a.device_memory_gb * (1 << 30);
   so.mode = planner::parse_mode(a.mode);
-  so.per_device_split = a.per_device;
+  so.per_device_split = a.per_device && !c.shared_server_model;  // one server-side model splits at one block
   so.runners_up = a.top;
   const planner::CostModel cm(c);
-  const planner::SearchResult r = planner::search(cm, so);
+  planner::SearchResult r;
+  try {
+    r = planner::search(cm, so);
+  } catch (const Error& e) {
+    if (std::string(e.what()).find("memory") == std::string::npos) throw;
+    throw Error(std::string(e.what()) + "; options: fewer micro-batches in flight (--micro-batches)" +
+                (c.shared_server_model || so.mode == planner::Mode::kSl ? "" : ", one server-side model for all devices (--server-model shared)") +
+                ", fewer devices per server");
+  }
   std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms, "
               "labels %s\n",
               model->name().c_str(), cfg.devices, cfg.batch_size, static_cast<long long>(a.samples), net.uplink_mbps,
@@ -328,6 +343,13 @@ int main(int argc, char** argv) {
                   "(planner: in sfl and pipar a split point per device, unless --one-split)")
         ->capture_default_str();
     a->add_flag("--one-split", cfg.one_split, "With --split auto: one split point for every device");
+    a->add_option("--server-model", cfg.server_model,
+                  "sfl, pipar: per-device (a server-side replica per device, averaged each round) or shared (one "
+                  "server-side model trained by every device's micro-batches in turn, SplitFed v2)")
+        ->capture_default_str();
+    a->add_option("--server-memory-gb", cfg.server_memory_gb,
+                  "Server memory the plan must fit, GiB (0: this machine's available memory)")
+        ->capture_default_str();
     a->add_option("--micro-batches", micro_arg, "Micro-batches per batch (pipar mode), or auto (planner)")
         ->capture_default_str();
     a->add_option("--partition", cfg.partition, "iid or dirichlet (distributed modes)")->capture_default_str();
@@ -416,6 +438,10 @@ int main(int argc, char** argv) {
   plan->add_option("--save-profile", plan_args.save_profile, "Write the device profile measured here");
   plan->add_option("--device-threads", plan_args.device_threads, "Threads of a device when measuring its profile")->capture_default_str();
   plan->add_flag("--per-device", plan_args.per_device, "Let devices split at different blocks");
+  plan->add_option("--server-memory-gb", plan_args.server_memory_gb, "Server memory a plan must fit, GiB (0: no limit)");
+  plan->add_option("--device-memory-gb", plan_args.device_memory_gb, "Device memory a plan must fit, GiB (0: no limit)");
+  plan->add_option("--server-model", plan_args.server_model, "per-device or shared (one server-side model for all devices)")
+      ->capture_default_str();
   plan->add_option("--device-slowdown", plan_args.device_speeds,
                    "Per device, its compute time over the measured profile's: S0,S1,... (2: twice as slow; heterogeneous devices)");
   plan->add_option("--labels", cfg.labels, "shared, or private (the device keeps the last block and the loss)")

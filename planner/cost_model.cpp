@@ -448,7 +448,8 @@ int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split,
   for (size_t d = 0; d < split.size(); ++d) {
     const size_t s = static_cast<size_t>(split[d]);
     const size_t e = server_end();
-    if (mode != Mode::kSl || d == 0) total += 3 * sp.param_bytes(s, e) + (sp.state_bytes(s, e) - sp.param_bytes(s, e));
+    if ((mode != Mode::kSl && !c_.shared_server_model) || d == 0)
+      total += 3 * sp.param_bytes(s, e) + (sp.state_bytes(s, e) - sp.param_bytes(s, e));
     // Private labels: every micro-batch's middle tape is kept until its output's gradient returns.
     tape = std::max(tape, (c_.private_labels ? bs : m_max) * sp.tape_bytes(s, e));
     if (mode != Mode::kSl || d == 0) total += bs * sp.activation_bytes(s);

@@ -69,6 +69,9 @@ struct Cluster {
   int host_cores = 0;
   int host_server_threads = 1;  // threads of the server's kernels (its profile was measured alone with them)
   int host_device_threads = 1;  // threads of each device; their profiles were measured all at once
+  // sfl and pipar with one server-side model for all devices (--server-model shared): its weights,
+  // gradients and momentum count once in the server's memory, not once per device.
+  bool shared_server_model = false;
 };
 
 // Measured on the development machine (bench/planner_grid.py, VGG5, 4 device processes and the server

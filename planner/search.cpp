@@ -29,6 +29,8 @@ std::string Plan::describe() const {
   os.setf(std::ios::fixed);
   os.precision(4);
   os << ": batch " << batch_s << " s, round " << round_s << " s, bottleneck " << bottleneck;
+  os.precision(1);
+  if (server_memory_bytes > 0) os << ", server memory " << static_cast<double>(server_memory_bytes) / (1 << 20) << " MiB";
   return os.str();
 }
 

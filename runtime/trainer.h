@@ -38,6 +38,12 @@ struct TrainConfig {
   // With --split auto: one split point for every device; otherwise (sfl, pipar) the planner may give
   // each device its own, e.g. an earlier one to a slower device.
   bool one_split = false;
+  // sfl and pipar: "per-device" (a server-side replica per device, averaged after each round) or
+  // "shared" (one server-side model that every device's micro-batches train in arrival order, stepped
+  // at the end of each device's batch: SplitFed v2; its memory does not grow with the devices).
+  std::string server_model = "per-device";
+  // Server memory the plan must fit (GiB): 0 = this machine's available memory.
+  double server_memory_gb = 0;
   std::string partition = "iid";
   double dirichlet_alpha = 0.5;
   std::string out_dir;     // "" = runs/<timestamp>

@@ -8,13 +8,16 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "kernels/parallel.h"
@@ -64,6 +67,7 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"dp_sgd", c.dp_sgd},
           {"dp_delta", c.dp_delta},
           {"labels", c.labels},
+          {"server_model", c.server_model},
           {"latency_ms", n.latency_ms},
           // Devices measure their block times for the planner: it chooses the plan (--split or
           // --micro-batches auto) or scores the fixed one (predicted_round_seconds).
@@ -96,6 +100,7 @@ TrainConfig config_from_json(const json& j) {
   c.dp_sgd = j.value("dp_sgd", false);
   c.dp_delta = j.value("dp_delta", 1e-5);
   c.labels = j.value("labels", "shared");  // absent: a server from before private labels
+  c.server_model = j.value("server_model", "per-device");
   return c;
 }
 
@@ -740,7 +745,9 @@ class ServerRunner {
   }
   size_t server_end() const { return private_labels() ? model_->num_blocks() - 1 : model_->num_blocks(); }
   // The slot whose server part serves s: its own, or in sl the one server part the devices use in turn.
-  DeviceSlot& owner_of(DeviceSlot& s) { return cfg_.mode == "sl" ? slots_[0] : s; }
+  DeviceSlot& owner_of(DeviceSlot& s) { return shared_server() ? slots_[0] : s; }
+  // One server part for all devices: sl's (in turn), or --server-model shared (in arrival order).
+  bool shared_server() const { return cfg_.mode == "sl" || (split_mode() && cfg_.server_model == "shared"); }
   // Differential privacy is on: the devices account their releases, and this server counts, per device,
   // the rounds it began (checkpointed, and handed to the devices, so a restarted device's epsilon goes on
   // from its true total).
@@ -900,6 +907,18 @@ class ServerRunner {
     if (cfg_.micro_batches == 0 || cfg_.micro_batches < -1) throw Error("--micro-batches must be at least 1 (or auto)");
     if (cfg_.mode != "pipar") cfg_.micro_batches = 1;  // whole batches
     if (cfg_.split < -1) throw Error("--split must be a block number (or auto)");
+    if (cfg_.server_model != "per-device" && cfg_.server_model != "shared")
+      throw Error("--server-model must be per-device or shared, got '" + cfg_.server_model + "'");
+    if (!(cfg_.server_memory_gb >= 0)) throw Error("--server-memory-gb must be 0 (this machine's available memory) or more");
+    if (cfg_.server_model == "shared") {
+      if (cfg_.mode == "fl")
+        throw Error("--server-model shared applies to sfl and pipar: in fl the devices train whole models (and sl always "
+                    "shares its one server part)");
+      if (!cfg_.device_splits.empty())
+        throw Error("--server-model shared: the one server-side model splits at one block; give one --split (or auto)");
+      if (cfg_.labels == "private" && cfg_.mode != "sl")
+        throw Error("--server-model shared with --labels private is not supported: use --server-model per-device");
+    }
     if (!cfg_.device_splits.empty()) {
       if (cfg_.mode != "sfl" && cfg_.mode != "pipar")
         throw Error("a split point per device (--split P0,P1,...) needs --mode sfl or pipar: in " + cfg_.mode +
@@ -1043,7 +1062,7 @@ class ServerRunner {
     kernels::SgdParams sp;
     sp.lr = cfg_.lr, sp.momentum = cfg_.momentum, sp.weight_decay = cfg_.weight_decay;
     for (size_t d = 0; d < slots_.size(); ++d) {
-      if (cfg_.mode == "sl" && d > 0) break;  // sl: one server part, used in turn
+      if (shared_server() && d > 0) break;  // one server part: sl's, used in turn, or --server-model shared
       DeviceSlot& s = slots_[d];
       if (s.part_split == s.split) continue;
       if (!s.replica) s.replica = build_model(cfg_.model, model_options(cfg_, train_));
@@ -1098,8 +1117,10 @@ class ServerRunner {
     }
     cluster_.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
     search_options_.mode = planner::parse_mode(cfg_.mode);
-    // sl's devices take turns through one server part, so they share its split point.
-    search_options_.per_device_split = cfg_.mode != "sl" && !cfg_.one_split;
+    // One server part (sl's, or --server-model shared) splits at one block for every device.
+    search_options_.per_device_split = !shared_server() && !cfg_.one_split;
+    cluster_.shared_server_model = shared_server();
+    search_options_.server_memory_limit = server_memory_limit();
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
                                                  server_profile.seconds, " s");
     if (auto_plan_) {
@@ -1107,7 +1128,13 @@ class ServerRunner {
       if (cfg_.micro_batches > 0) search_options_.micro_batches = {cfg_.micro_batches};
       if (restore_plan()) return;
       // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.
-      const planner::SearchResult r = planner::search(planner::CostModel(cluster_), search_options_);
+      planner::SearchResult r;
+      try {
+        r = planner::search(planner::CostModel(cluster_), search_options_);
+      } catch (const Error& e) {
+        if (std::string(e.what()).find("memory") == std::string::npos) throw;
+        throw Error(std::string(e.what()) + "; options: " + memory_options());
+      }
       plan_ = r.best;
       apply_plan(plan_);
       say(detail::concat("planner (", now_seconds() - t0, " s, ", r.evaluated, " plans scored; ", profiling, "): ",
@@ -1123,6 +1150,11 @@ class ServerRunner {
       }
       say(detail::concat("fixed plan scored by the cost model (", now_seconds() - t0, " s; ", profiling,
                          "): ", plan_.describe()));
+      if (static_cast<double>(plan_.server_memory_bytes) > search_options_.server_memory_limit)
+        throw Error(detail::concat("the plan needs ", mib(static_cast<double>(plan_.server_memory_bytes)), " on the server for ",
+                                   slots_.size(), " devices (server-side weights, gradients and momentum, queued activations, "
+                                   "tapes) but ", mib(search_options_.server_memory_limit),
+                                   " are available (--server-memory-gb); options: ", memory_options()));
     }
     predicted_round_s_ = plan_.round_s;
     first_plan_ = plan_;
@@ -1165,6 +1197,36 @@ class ServerRunner {
     predicted_ = true;
     say("plan as the checkpoint left it: " + plan_.describe());
     return true;
+  }
+
+  // "12.3 MiB" (three significant digits at least, in MiB).
+  static std::string mib(double bytes) {
+    std::ostringstream os;
+    os.setf(std::ios::fixed);
+    os.precision(bytes >= 100 * (1 << 20) ? 0 : 3);
+    os << bytes / (1 << 20) << " MiB";
+    return os.str();
+  }
+
+  // The memory a plan may use on this server: --server-memory-gb, else this machine's available
+  // memory (MemAvailable; the CPU backend keeps the server-side parts in host memory).
+  double server_memory_limit() const {
+    if (cfg_.server_memory_gb > 0) return cfg_.server_memory_gb * (1 << 30);
+    std::ifstream f("/proc/meminfo");
+    for (std::string key; f >> key;) {
+      double kib = 0;
+      f >> kib;
+      if (key == "MemAvailable:" && kib > 0) return kib * 1024;
+      f.ignore(1 << 10, '\n');
+    }
+    return std::numeric_limits<double>::infinity();
+  }
+
+  // What to do when a plan does not fit the server's memory.
+  std::string memory_options() const {
+    return std::string("fewer micro-batches in flight (--micro-batches)") +
+           (shared_server() ? "" : ", one server-side model for all devices (--server-model shared)") +
+           ", fewer devices per server, or --server-memory-gb if more memory is free";
   }
 
   std::vector<int> slot_splits() const {
@@ -1576,8 +1638,9 @@ class ServerRunner {
   std::vector<Tensor> trained_state(DeviceSlot& s) {
     std::vector<Tensor> dev = unpack_state(*model_, device_ranges(s), *s.weights);
     if (!split_mode()) return dev;  // fl: the whole model
-    load_state(*s.replica, dev, device_ranges(s));
-    return copy_state(*s.replica);
+    Model& replica = *owner_of(s).replica;
+    load_state(replica, dev, device_ranges(s));
+    return copy_state(replica);
   }
 
   // FedAvg, block by block over the whole model, weighted by sample counts: each device's block comes

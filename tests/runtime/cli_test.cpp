@@ -67,4 +67,30 @@ TEST(Cli, BadInputGivesClearErrors) {
   EXPECT_NE(r.output.find("--labels"), std::string::npos) << r.output;
 }
 
+// A plan that does not fit the server's memory is refused before training, naming the need, the
+// limit and the options; `pipar plan` the same. Malformed --split and --micro-batches values too.
+TEST(Cli, MemoryThatDoesNotFitIsRefusedWithOptions) {
+  const std::string common = "--devices 2 --dataset synthetic --limit-train 400 --limit-test 100 --epochs 1 --batch-size 50 "
+                             "--uplink-mbps 0 --downlink-mbps 0 --server-memory-gb 0.000001 ";
+  Outcome r = run("train --mode pipar --split 2 --micro-batches 3 " + common + "--out " + temp_dir("mem_fixed"));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("MiB on the server for 2 devices"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--server-model shared"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--micro-batches"), std::string::npos) << r.output;
+  r = run("train --mode sfl " + common + "--out " + temp_dir("mem_auto"));
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("no plan fits the memory limits"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("--server-model shared"), std::string::npos) << r.output;
+  r = run("plan --model vgg5 --devices 4 --server-memory-gb 0.000001");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("no plan fits the memory limits"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("options:"), std::string::npos) << r.output;
+  r = run("train --mode pipar --split 2,x --micro-batches 3 --devices 2 --out " + temp_dir("bad_split"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--split: expected a whole number of at least 1 (or auto), got 'x'"), std::string::npos) << r.output;
+  r = run("train --mode pipar --micro-batches 0 --out " + temp_dir("bad_micro"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--micro-batches: expected a whole number"), std::string::npos) << r.output;
+}
+
 }  // namespace

@@ -690,23 +690,30 @@ TEST(Distributed, PrivateLabelsTrainAsSharedLabels) {
 
 // A run interrupted after round 1 and resumed ends bitwise as the uninterrupted one with private
 // labels too: the checkpoint holds the devices' averaged last block, the devices their own momentum.
+// Runs ref (2 rounds) uninterrupted, and again in crash_dir crashed after round 1 and resumed; both
+// runs' rounds and final checkpoints must be bitwise equal. Returns the checkpoint's tensors.
+std::map<std::string, std::vector<float>> expect_resumed_run_equals_uninterrupted(const TrainConfig& ref, const std::string& crash_dir) {
+  run_cluster(ref, fast_net(), 2);
+  TrainConfig c = ref;
+  c.out_dir = temp_dir(crash_dir);
+  run_crashed_and_resumed(c, 1);
+  const auto a = metrics(ref.out_dir), b = metrics(c.out_dir);
+  EXPECT_EQ(a.size(), 2u);
+  EXPECT_EQ(b.size(), 2u);
+  for (size_t r = 0; r < 2 && r < a.size() && r < b.size(); ++r)
+    for (const char* key : {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}) EXPECT_EQ(a[r][key], b[r][key]) << r << key;
+  const auto ta = checkpoint_tensors(ref.out_dir + "/server.ckpt");
+  const auto tb = checkpoint_tensors(c.out_dir + "/server.ckpt");
+  EXPECT_EQ(ta.size(), tb.size());
+  for (const auto& [name, values] : ta) EXPECT_TRUE(tb.count(name) && values == tb.at(name)) << name;
+  return ta;
+}
+
 TEST(Distributed, PrivateLabelsResumedRunEqualsTheUninterruptedOne) {
   TrainConfig ref = small_config("pipar", "labels_resume_ref");
   ref.epochs = 2;
   ref.labels = "private";
-  run_cluster(ref, fast_net(), 2);
-  TrainConfig c = ref;
-  c.out_dir = temp_dir("labels_resume_crash");
-  run_crashed_and_resumed(c, 1);
-  const auto a = metrics(ref.out_dir), b = metrics(c.out_dir);
-  ASSERT_EQ(a.size(), 2u);
-  ASSERT_EQ(b.size(), 2u);
-  for (size_t r = 0; r < 2; ++r)
-    for (const char* key : {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}) EXPECT_EQ(a[r][key], b[r][key]) << r << key;
-  const auto ta = checkpoint_tensors(ref.out_dir + "/server.ckpt");
-  const auto tb = checkpoint_tensors(c.out_dir + "/server.ckpt");
-  ASSERT_EQ(ta.size(), tb.size());
-  for (const auto& [name, values] : ta) EXPECT_TRUE(tb.count(name) && values == tb.at(name)) << name;
+  const auto ta = expect_resumed_run_equals_uninterrupted(ref, "labels_resume_crash");
   // The tail in the checkpoint is trained: not the initial weights.
   ModelOptions mo;
   mo.input = {1, 1, 28, 28};
@@ -919,19 +926,71 @@ TEST(Distributed, PerDeviceSplitsResumedRunEqualsTheUninterruptedOne) {
   ref.epochs = 2;
   ref.device_splits = {3, 1};
   ref.split = 3;
-  run_cluster(ref, fast_net(), 2);
-  TrainConfig c = ref;
-  c.out_dir = temp_dir("splits_resume_crash");
-  run_crashed_and_resumed(c, 1);
-  const auto a = metrics(ref.out_dir), b = metrics(c.out_dir);
-  ASSERT_EQ(a.size(), 2u);
-  ASSERT_EQ(b.size(), 2u);
-  for (size_t r = 0; r < 2; ++r)
-    for (const char* key : {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}) EXPECT_EQ(a[r][key], b[r][key]) << r << key;
-  const auto ta = checkpoint_tensors(ref.out_dir + "/server.ckpt");
-  const auto tb = checkpoint_tensors(c.out_dir + "/server.ckpt");
-  ASSERT_EQ(ta.size(), tb.size());
-  for (const auto& [name, values] : ta) EXPECT_TRUE(tb.count(name) && values == tb.at(name)) << name;
+  expect_resumed_run_equals_uninterrupted(ref, "splits_resume_crash");
+}
+
+// --- one server-side model for all devices (--server-model shared) --------------------------------
+
+// sfl and pipar with one server-side model: it trains, its memory estimate counts the server-side
+// weights once (less than one replica per device), and the checkpoint holds one server-side model's
+// momentum, not one per device. With one device it is the per-device run, bitwise.
+TEST(Distributed, SharedServerModelTrainsWithOneServerSideModel) {
+  for (const std::string mode : {"sfl", "pipar"}) {
+    SCOPED_TRACE(mode);
+    TrainConfig per = small_config(mode, "server_per_device_" + mode);
+    TrainConfig shared = small_config(mode, "server_shared_" + mode);
+    shared.server_model = "shared";
+    run_cluster(per, fast_net(), 2);
+    const TrainResult r = run_cluster(shared, fast_net(), 2);
+    EXPECT_GE(r.test_accuracy, 0.6);
+    const auto sp = summary(per.out_dir), ss = summary(shared.out_dir);
+    EXPECT_EQ(ss["server_model"], "shared");
+    EXPECT_LT(ss["predicted_plan"]["server_memory_bytes"].get<double>(), sp["predicted_plan"]["server_memory_bytes"].get<double>());
+    int replica0 = 0, replica1 = 0;
+    for (const auto& [name, values] : checkpoint_tensors(shared.out_dir + "/server.ckpt")) {
+      replica0 += name.rfind("state replica0/", 0) == 0;
+      replica1 += name.rfind("state replica1/", 0) == 0;
+    }
+    EXPECT_GT(replica0, 0);
+    EXPECT_EQ(replica1, 0);
+    for (const auto& m : metrics(shared.out_dir)) EXPECT_EQ(m["devices_finished"], 2);
+
+    TrainConfig one = small_config(mode, "server_one_per_device_" + mode), one_shared = one;
+    one.devices = one_shared.devices = 1;
+    one_shared.server_model = "shared";
+    one_shared.out_dir = temp_dir("server_one_shared_" + mode);
+    run_cluster(one, fast_net(), 1);
+    run_cluster(one_shared, fast_net(), 1);
+    const auto a = metrics(one.out_dir), b = metrics(one_shared.out_dir);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i)
+      for (const char* key : {"train_loss", "test_loss", "test_accuracy"}) EXPECT_EQ(a[i][key], b[i][key]) << key;
+  }
+}
+
+TEST(Distributed, SharedServerModelRefusesWhatItCannotDo) {
+  auto error_of = [](TrainConfig c) -> std::string {
+    try {
+      run_server(c, fast_net());
+    } catch (const Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  TrainConfig c = small_config("fl", "shared_bad_fl");
+  c.server_model = "shared";
+  EXPECT_NE(error_of(c).find("applies to sfl and pipar"), std::string::npos) << error_of(c);
+  c = small_config("pipar", "shared_bad_splits");
+  c.server_model = "shared";
+  c.device_splits = {1, 3};
+  EXPECT_NE(error_of(c).find("splits at one block"), std::string::npos) << error_of(c);
+  c = small_config("pipar", "shared_bad_private");
+  c.server_model = "shared";
+  c.labels = "private";
+  EXPECT_NE(error_of(c).find("--labels private is not supported"), std::string::npos) << error_of(c);
+  c = small_config("pipar", "shared_bad_value");
+  c.server_model = "pooled";
+  EXPECT_NE(error_of(c).find("--server-model must be per-device or shared"), std::string::npos) << error_of(c);
 }
 
 }  // namespace
