@@ -15,8 +15,8 @@ Per run it prints the plan and the training time (the sum of metrics.jsonl's rou
 and evaluation excluded), then medians and the ratio of the best shared plan's median to each.
 Goal (issue #5): per-device plans beat the best single shared plan, measured.
 
-  sudo bench/hetero_bench.py --pipar build/apps/pipar --model vgg5 --cpus 0.3,0.3,0.15,0.15 \\
-      --uplink-mbps 50 --downlink-mbps 50 --epochs 3 --limit-train 2000 --repeats 3
+  bench/hetero_bench.py --pipar build/apps/pipar --model vgg5 --cpus 0.3,0.3,0.15,0.15 \\
+      --uplink-mbps 200 --downlink-mbps 200 --epochs 3 --limit-train 2000 --repeats 3
 
 Needs root and a writable cgroup cpu controller (v1 /sys/fs/cgroup/cpu, or v2 with "cpu" enabled).
 """
@@ -164,8 +164,8 @@ def main():
     p.add_argument("--dataset", default="fmnist")
     p.add_argument("--cpus", default="0.3,0.3,0.15,0.15", help="each device's CPU quota in cores (one per device)")
     p.add_argument("--period-us", type=int, default=10000, help="CFS period of the quotas")
-    p.add_argument("--uplink-mbps", type=float, default=50)
-    p.add_argument("--downlink-mbps", type=float, default=50)
+    p.add_argument("--uplink-mbps", type=float, default=200)
+    p.add_argument("--downlink-mbps", type=float, default=200)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--limit-train", type=int, default=2000)
@@ -173,8 +173,8 @@ def main():
     p.add_argument("--server-threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--splits", default="1,2,3,4", help="shared split points of the grid")
-    p.add_argument("--micro-batches", default="1,2,4,8,16", help="micro-batch counts of the grid")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of auto, one-split and the fixed per-device plan")
+    p.add_argument("--micro-batches", default="2,4,6,8,12", help="micro-batch counts of the grid")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of step 2")
     p.add_argument("--extra", default="", help="more options for every run's server, e.g. --no-replan")
     p.add_argument("--json", help="write every run here")
     args = p.parse_args()
