@@ -401,6 +401,10 @@ int main(int argc, char** argv) {
   device->add_option("--id", dev_opts.id, "Device id, 0..devices-1")->required();
   device->add_option("--threads", dev_opts.threads, "CPU threads")->capture_default_str();
   device->add_option("--data-dir", dev_opts.data_dir, "Data directory on this device");
+  device->add_option("--record", dev_opts.record, "Write the first batch's activations and labels here (for --replay)");
+  device->add_option("--replay", dev_opts.replay,
+                     "A light device: send this recording's activations and labels instead of computing (tests, benchmarks "
+                     "of many devices)");
   device->add_option("--timeout", dev_opts.timeout_s, "Seconds of server silence before it counts as gone")->capture_default_str();
   device->add_option("--reconnect", dev_opts.reconnect_s,
                      "Seconds to keep looking for a gone server (back-off 1, 2, 4 .. 30 s) before giving up; 0: give up at once")

@@ -19,6 +19,7 @@
 #include <set>
 #include <sstream>
 #include <thread>
+#include <tuple>
 
 #include "kernels/parallel.h"
 #include "kernels/rng.h"
@@ -215,12 +216,71 @@ bool dp_accounted(const TrainConfig& c) { return is_split_mode(c.mode) && c.dp_c
 
 double seconds_of(tp::Clock::time_point t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
 
+// --- recordings for light devices (DeviceOptions::record / replay) ---------------------------------
+
+// A device's first batch as it sent it: split point, activations [n, c, h, w] (f32) and labels [n],
+// and the device's planner profile (JSON; may be empty), which a light device reports as its own.
+struct Recording {
+  int32_t split = 0;
+  Tensor x, y;
+  std::string profile;
+};
+
+constexpr char kRecordingMagic[8] = {'P', 'I', 'P', 'A', 'R', 'R', 'C', '1'};
+
+void write_recording(const std::string& path, int32_t split, const std::vector<Tensor>& xs, const std::vector<Tensor>& ys,
+                     const std::string& profile) {
+  if (xs.empty() || xs.size() != ys.size()) throw Error("write_recording: nothing to record");
+  Shape4 s = xs[0].shape();
+  int64_t n = 0;
+  for (const Tensor& x : xs) n += x.shape().n;
+  std::string bytes(kRecordingMagic, sizeof kRecordingMagic);
+  auto put = [&](const void* p, size_t len) { bytes.append(static_cast<const char*>(p), len); };
+  const int64_t dims[5] = {split, n, s.c, s.h, s.w};
+  put(dims, sizeof dims);
+  for (const Tensor& x : xs) put(x.data(), static_cast<size_t>(x.numel()) * sizeof(float));
+  for (const Tensor& y : ys) put(y.idata(), static_cast<size_t>(y.numel()) * sizeof(int32_t));
+  const int64_t len = static_cast<int64_t>(profile.size());
+  put(&len, sizeof len);
+  bytes += profile;
+  write_file_atomically(path, bytes, "recording");
+}
+
+Recording read_recording(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw IoError("cannot read the recording " + path);
+  const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  int64_t dims[5] = {0, 0, 0, 0, 0};
+  if (bytes.size() < sizeof kRecordingMagic + sizeof dims || bytes.compare(0, sizeof kRecordingMagic, kRecordingMagic, sizeof kRecordingMagic) != 0)
+    throw IoError(path + " is not a PiPar recording (pipar device --record)");
+  std::memcpy(dims, bytes.data() + sizeof kRecordingMagic, sizeof dims);
+  const auto [split, n, c, h, w] = std::tuple{dims[0], dims[1], dims[2], dims[3], dims[4]};
+  const int64_t head = static_cast<int64_t>(sizeof kRecordingMagic + sizeof dims);
+  int64_t profile_len = -1;
+  const bool sane = split >= 1 && split <= 4096 && n >= 1 && n <= (1 << 20) && c >= 1 && h >= 1 && w >= 1 && c * h * w <= (int64_t{1} << 26);
+  const int64_t at_profile = sane ? head + n * c * h * w * 4 + n * 4 : 0;
+  if (sane && static_cast<int64_t>(bytes.size()) >= at_profile + 8) std::memcpy(&profile_len, bytes.data() + at_profile, 8);
+  if (!sane || profile_len < 0 || static_cast<int64_t>(bytes.size()) != at_profile + 8 + profile_len)
+    throw IoError(detail::concat(path, ": a recording of ", n, " x [", c, ", ", h, ", ", w, "] at split ", split, " does not fit its ",
+                                 bytes.size(), " bytes"));
+  Recording r;
+  r.split = static_cast<int32_t>(split);
+  r.x = Tensor::empty({n, c, h, w});
+  r.y = Tensor::empty({n, 1, 1, 1}, Device::kCpu, DType::kI32);
+  const char* at = bytes.data() + sizeof kRecordingMagic + sizeof dims;
+  std::memcpy(r.x.data(), at, static_cast<size_t>(n * c * h * w) * sizeof(float));
+  std::memcpy(r.y.idata(), at + n * c * h * w * 4, static_cast<size_t>(n) * sizeof(int32_t));
+  r.profile = bytes.substr(static_cast<size_t>(at_profile + 8));
+  return r;
+}
+
 // --- device ----------------------------------------------------------------------------------------
 
 class DeviceRunner {
  public:
   explicit DeviceRunner(const DeviceOptions& o)
-      : o_(o), link_(std::make_unique<tp::DeviceLink>(o.connect, o.id, link_options())) {}
+      : o_(o), recording_(o.replay.empty() ? std::nullopt : std::optional<Recording>(read_recording(o.replay))),
+        link_(std::make_unique<tp::DeviceLink>(o.connect, o.id, link_options())) {}
 
   // Sessions with the server until it says training is finished. A server that goes away (silent for
   // timeout_s: killed, restarting, network down) is looked for again on a fresh link (messages queued
@@ -274,12 +334,12 @@ class DeviceRunner {
         if (plan->round < 0) {
           // Set-up before the first round (data, model), so that no round's time includes it; the
           // device answers with a hello that carries its partition size.
-          if (!model_) setup(*plan);
+          if (!model_ && replay_samples_ == 0) setup(*plan);
           tp::Hello ready;
           ready.device = o_.id;
           ready.capabilities = hello.capabilities;
-          ready.data_size = static_cast<int64_t>(part_.size());
-          ready.profile = profile_;
+          ready.data_size = recording_ ? replay_samples_ : static_cast<int64_t>(part_.size());
+          ready.profile = recording_ ? recording_->profile : profile_;
           link_->send(ready);
           continue;
         }
@@ -327,6 +387,7 @@ class DeviceRunner {
 
   void setup(const tp::Plan& plan) {
     cfg_ = config_from_json(json::parse(plan.config));
+    if (!o_.replay.empty()) return setup_replay(plan);
     if (!o_.data_dir.empty()) cfg_.data_dir = o_.data_dir;
     kernels::set_num_threads(o_.threads);
     train_ = data::load_dataset(cfg_.dataset, cfg_.data_dir, true, cfg_.seed, cfg_.limit_train);
@@ -362,7 +423,8 @@ class DeviceRunner {
   }
 
   void round(const tp::Plan& plan) {
-    if (!model_) setup(plan);
+    if (!model_ && replay_samples_ == 0) setup(plan);
+    if (recording_) return replay_round(plan);
     split_ = static_cast<size_t>(plan.split_point);
     // A new split point (first round, or a re-plan) moves blocks between device and server: a new
     // device part for the new range (momentum stays with the weights, in the model's Params).
@@ -494,6 +556,7 @@ class DeviceRunner {
       const std::vector<int64_t> sizes = micro_batch_sizes(len, plan.micro_batches);
       std::vector<std::vector<float>> clip_scales(sizes.size());  // differential privacy: per-sample clip factors
       std::vector<Tensor> kept_labels(sizes.size());  // private labels: for the tail's loss
+      std::vector<Tensor> sent_x, sent_y;             // --record: the first batch as sent
       std::vector<char> tail_done(sizes.size(), 0);
       int64_t off = 0;
       for (size_t m = 0; m < sizes.size(); ++m) {
@@ -512,7 +575,13 @@ class DeviceRunner {
         a.device = o_.id, a.samples = static_cast<int32_t>(sizes[m]);
         if (private_labels(cfg_)) kept_labels[m] = y;
         else a.labels = y;
+        if (!o_.record.empty() && !recorded_) sent_x.push_back(a.data.clone()), sent_y.push_back(y.clone());
         link_->send(a);  // asynchronous: the next forward overlaps this upload
+      }
+      if (!sent_x.empty()) {
+        write_recording(o_.record, static_cast<int32_t>(split_), sent_x, sent_y, profile_);
+        recorded_ = true;
+        log("recorded its first batch in " + o_.record);
       }
       // Private labels: the server's middle outputs (Activations) and the cut gradients come in any
       // order; each middle output goes through the tail and the loss here, its gradient back up.
@@ -574,6 +643,80 @@ class DeviceRunner {
     link_->send(g);
   }
 
+  // --- a light device (--replay) ------------------------------------------------------------------
+
+  void setup_replay(const tp::Plan& plan) {
+    if (!is_split_mode(cfg_.mode) || private_labels(cfg_))
+      throw Error("--replay: a light device takes part in sl, sfl or pipar runs with shared labels, not --mode " + cfg_.mode +
+                  (private_labels(cfg_) ? " --labels private" : ""));
+    const Recording& r = *recording_;
+    const auto it = std::find_if(plan.devices.begin(), plan.devices.end(), [&](const tp::DevicePlan& d) { return d.device == o_.id; });
+    if (it == plan.devices.end() || it->samples < 1) throw Error(detail::concat("--replay: the plan holds no partition for device ", o_.id));
+    replay_samples_ = it->samples;
+    log(detail::concat("replaying ", r.x.shape().n, " recorded samples (split ", r.split, ") for a partition of ", replay_samples_));
+  }
+
+  // One round as a device would run it, with the recording's rows (in turn) as every micro-batch's
+  // activations and labels, and the round's weights handed back untouched.
+  void replay_round(const tp::Plan& plan) {
+    const Recording& rec = *recording_;
+    if (plan.split_point != rec.split)
+      throw Error(detail::concat("--replay: the recording was made at split ", rec.split, " but the plan splits at ", plan.split_point,
+                                 " (record at that split, or give the server --split ", rec.split, ")"));
+    for (const auto& d : plan.devices)
+      if (d.device == o_.id) link_->set_shape({d.uplink_mbps, cfg_latency(plan)});
+    tp::Message m = next();
+    auto* w = std::get_if<tp::Weights>(&m);
+    if (!w) throw Error("expected the round's weights after the plan");
+    tp::Weights out = std::move(*w);
+    const Shape4 s = rec.x.shape();
+    const int64_t n = replay_samples_, bs = cfg_.batch_size;
+    int64_t count = 0;
+    for (int64_t b = 0; b < batch_count(n, bs); ++b) {
+      const int64_t len = batch_len(n, bs, b);
+      const std::vector<int64_t> sizes = micro_batch_sizes(len, plan.micro_batches);
+      for (size_t mi = 0; mi < sizes.size(); ++mi) {
+        tp::Activation a;
+        a.round = plan.round, a.batch = static_cast<int32_t>(b), a.micro_batch = static_cast<int32_t>(mi);
+        a.device = o_.id, a.samples = static_cast<int32_t>(sizes[mi]);
+        a.data = Tensor::empty({sizes[mi], s.c, s.h, s.w});
+        a.labels = Tensor::empty({sizes[mi], 1, 1, 1}, Device::kCpu, DType::kI32);
+        for (int64_t i = 0; i < sizes[mi]; ++i, replay_row_ = (replay_row_ + 1) % s.n) {
+          const float* row = rec.x.data() + replay_row_ * s.per_sample();
+          std::copy(row, row + s.per_sample(), a.data.data() + i * s.per_sample());
+          a.labels.idata()[i] = rec.y.idata()[replay_row_];
+        }
+        link_->send(a);
+      }
+      for (size_t got = 0; got < sizes.size();) {
+        tp::Message msg = next();
+        auto* g = std::get_if<tp::Gradient>(&msg);
+        if (!g) {
+          if (auto* e = std::get_if<tp::ErrorReply>(&msg)) throw Error("server error: " + e->text);
+          log(std::string("ignoring unexpected ") + tp::message_type_name(tp::message_type(msg)) + " during a batch");
+          continue;
+        }
+        if (g->round != plan.round || g->batch != b || g->micro_batch < 0 || g->micro_batch >= static_cast<int>(sizes.size()) ||
+            g->data.shape().n != sizes[static_cast<size_t>(g->micro_batch)])
+          throw Error(detail::concat("gradient for round ", g->round, " batch ", g->batch, " micro-batch ", g->micro_batch,
+                                     " while in round ", plan.round, " batch ", b));
+        ++got;
+      }
+      count += len;
+    }
+    out.round = plan.round;
+    out.device = o_.id;
+    out.samples = n;
+    link_->send(out);
+    link_->flush(ms(600000));
+    tp::RoundEnd end;
+    end.round = plan.round;
+    end.device = o_.id;
+    end.samples = count;
+    end.details = events_to_json({});
+    link_->send(end);
+  }
+
   void local_round(const tp::Plan& plan, LossStats& stats) {
     const int64_t n = static_cast<int64_t>(part_.size()), bs = cfg_.batch_size;
     const auto order = data::shuffled_indices(part_, hash64(cfg_.seed, 1000 + plan.round * 1000 + o_.id));
@@ -600,6 +743,7 @@ class DeviceRunner {
   }
 
   DeviceOptions o_;
+  std::optional<Recording> recording_;  // --replay: what it sends (read before connecting)
   std::unique_ptr<tp::DeviceLink> link_;
   TrainConfig cfg_;
   data::Dataset train_;
@@ -622,6 +766,8 @@ class DeviceRunner {
   int snapshot_round_ = -1;
   size_t device_part_split_ = 0;
   std::string profile_;
+  bool recorded_ = false;                 // --record: written
+  int64_t replay_samples_ = 0, replay_row_ = 0;
   std::unique_ptr<Sgd> local_opt_;
   kernels::SgdParams sgd_;
   size_t split_ = 0;

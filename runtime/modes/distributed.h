@@ -51,6 +51,13 @@ struct DeviceOptions {
   // back-off waits of 1, 2, 4, ... up to 30 s, for this long in all before the device gives up; 0: at once.
   double reconnect_s = 600;
   std::optional<transport::Security> security;  // its CURVE key pair and the server's public key
+  // (split modes, shared labels) after its first batch, write the activations and labels it sent to
+  // this file: a recording for light devices.
+  std::string record;
+  // A light device for tests and benchmarks of many devices: no data, no model; it answers the
+  // server's plans by sending the recording's activations and labels (rows taken in turn) for every
+  // micro-batch of its partition, takes the gradients, and hands back the weights it was given.
+  std::string replay;
 };
 // Runs one device until the server says training is finished; returns a process exit code.
 int run_device(const DeviceOptions& options);

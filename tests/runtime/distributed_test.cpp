@@ -993,5 +993,53 @@ TEST(Distributed, SharedServerModelRefusesWhatItCannotDo) {
   EXPECT_NE(error_of(c).find("--server-model must be per-device or shared"), std::string::npos) << error_of(c);
 }
 
+// --- light devices (DeviceOptions::record / replay) -------------------------------------------------
+
+// A real device records its first batch; 64 light devices replaying it against one server (one shared
+// server-side model) finish a round: every device's weights and round end arrive, every sample of the
+// 64 partitions is served, no message is rejected. A file that is no recording fails at once.
+TEST(Distributed, SixtyFourLightDevicesFinishARound) {
+  const std::string rec = temp_dir("light") + "/first_batch.rec";
+  {
+    TrainConfig c = small_config("pipar", "light_record");
+    c.devices = 1;
+    c.limit_train = 100;
+    std::thread device;
+    run_server(c, fast_net(), nullptr, [&](const std::string& e) {
+      device = std::thread([e, rec] {
+        DeviceOptions o;
+        o.connect = e, o.id = 0, o.timeout_s = 30, o.record = rec;
+        EXPECT_EQ(run_device(o), 0);
+      });
+    });
+    device.join();
+  }
+  ASSERT_TRUE(fs::exists(rec));
+  TrainConfig c = small_config("pipar", "light_64");
+  c.devices = 64;
+  c.limit_train = 1600;  // 25 samples per device: one batch of 3 micro-batches each
+  c.server_model = "shared";
+  std::vector<std::thread> devices;
+  std::vector<int> codes(64, -1);
+  run_server(c, fast_net(), nullptr, [&](const std::string& e) {
+    for (uint32_t d = 0; d < 64; ++d)
+      devices.emplace_back([&, d, e] {
+        DeviceOptions o;
+        o.connect = e, o.id = d, o.timeout_s = 30, o.reconnect_s = 0, o.replay = rec;
+        codes[d] = run_device(o);
+      });
+  });
+  for (auto& t : devices) t.join();
+  for (size_t d = 0; d < 64; ++d) EXPECT_EQ(codes[d], 0) << d;
+  const auto m = metrics(c.out_dir);
+  ASSERT_EQ(m.size(), 1u);
+  EXPECT_EQ(m[0]["devices_finished"], 64);
+  EXPECT_EQ(m[0]["samples"], 1600);
+  EXPECT_EQ(m[0]["bad_messages"], 0);
+  DeviceOptions bad;
+  bad.connect = "tcp://127.0.0.1:1", bad.replay = c.out_dir + "/summary.json";  // not a recording
+  EXPECT_EQ(run_device(bad), 1);
+}
+
 }  // namespace
 }  // namespace pipar
