@@ -444,15 +444,21 @@ int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split,
   if (mode == Mode::kFl) return static_cast<int64_t>(c_.devices.size() + 1) * sp.state_bytes(0, blocks_);
   check_split(split, mode);
   const int64_t m_max = micro_batch_sizes(bs, n).front();
-  int64_t total = 0, tape = 0;
+  // A server-side part is a whole model (the runtime builds replicas of the whole model): values,
+  // gradients and momentum of every parameter, and the buffers.
+  const int64_t whole = sp.state_bytes(0, blocks_);
+  const int64_t replica = 3 * sp.param_bytes(0, blocks_) + (whole - sp.param_bytes(0, blocks_));
+  // FedAvg after the round: double accumulators (2x), one device's state and the average.
+  int64_t total = 4 * whole, tape = 0;
   for (size_t d = 0; d < split.size(); ++d) {
     const size_t s = static_cast<size_t>(split[d]);
     const size_t e = server_end();
-    if ((mode != Mode::kSl && !c_.shared_server_model) || d == 0)
-      total += 3 * sp.param_bytes(s, e) + (sp.state_bytes(s, e) - sp.param_bytes(s, e));
+    if ((mode != Mode::kSl && !c_.shared_server_model) || d == 0) total += replica;
     // Private labels: every micro-batch's middle tape is kept until its output's gradient returns.
     tape = std::max(tape, (c_.private_labels ? bs : m_max) * sp.tape_bytes(s, e));
-    if (mode != Mode::kSl || d == 0) total += bs * sp.activation_bytes(s);
+    // A batch of its activations queued on the way in and of their gradients on the way out (a slow
+    // downlink), and its device part's weights message, kept until the round's FedAvg.
+    if (mode != Mode::kSl || d == 0) total += 2 * bs * sp.activation_bytes(s) + sp.state_bytes(0, s);
   }
   return total + tape;
 }

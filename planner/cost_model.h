@@ -130,8 +130,9 @@ class CostModel {
 
   // Estimated peak memory. Device: weights, gradients and momentum of its part, batch-norm state,
   // and the tapes and queued activations of all N micro-batches of a batch (every forward precedes
-  // every backward). Server: one server part per device (sl: one), the tape of one micro-batch, and
-  // every device's activations of a batch queued.
+  // every backward). Server: one replica of the whole model per device (sl, shared server model: one)
+  // with gradients and momentum, the tape of one micro-batch, every device's activations of a batch
+  // queued in and their gradients out, its device part's weights message, and FedAvg's accumulators.
   int64_t device_memory_bytes(size_t d, int split, int micro_batches) const;
   int64_t server_memory_bytes(Mode mode, const std::vector<int>& split, int micro_batches) const;
 

@@ -37,22 +37,41 @@ std::vector<Tensor> fedavg(const std::vector<std::vector<Tensor>>& states, const
     if (!(w >= 0)) throw Error("fedavg: negative or NaN weight");
     total += w;
   }
-  if (!(total > 0)) throw Error("fedavg: weights sum to zero");
-  const size_t count = states[0].size();
-  std::vector<Tensor> out;
-  out.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    const Shape4 s = states[0][i].shape();
-    std::vector<double> acc(static_cast<size_t>(s.numel()), 0.0);
-    for (size_t k = 0; k < states.size(); ++k) {
-      if (states[k].size() != count || !(states[k][i].shape() == s))
-        throw ShapeError(detail::concat("fedavg: state ", k, " tensor ", i, " does not match state 0 (", s.str(), ")"));
-      const std::vector<float> v = states[k][i].to_vector();
-      const double w = weights[k] / total;
-      for (size_t j = 0; j < v.size(); ++j) acc[j] += w * v[j];
+  FedAvg avg(total);
+  for (size_t k = 0; k < states.size(); ++k) avg.add(states[k], weights[k]);
+  return avg.result();
+}
+
+FedAvg::FedAvg(double total_weight) : total_(total_weight) {
+  if (!(total_ > 0)) throw Error("fedavg: weights sum to zero");
+}
+
+void FedAvg::add(const std::vector<Tensor>& state, double weight) {
+  if (!(weight >= 0)) throw Error("fedavg: negative or NaN weight");
+  if (added_ == 0) {
+    for (const Tensor& t : state) {
+      shapes_.push_back(t.shape());
+      acc_.emplace_back(static_cast<size_t>(t.numel()), 0.0);
     }
-    Tensor t = Tensor::empty(s);
-    for (size_t j = 0; j < acc.size(); ++j) t.data()[j] = static_cast<float>(acc[j]);
+  }
+  const double w = weight / total_;
+  for (size_t i = 0; i < shapes_.size(); ++i) {
+    if (state.size() != shapes_.size() || !(state[i].shape() == shapes_[i]))
+      throw ShapeError(detail::concat("fedavg: state ", added_, " tensor ", i, " does not match state 0 (", shapes_[i].str(), ")"));
+    const std::vector<float> v = state[i].to_vector();
+    std::vector<double>& acc = acc_[i];
+    for (size_t j = 0; j < v.size(); ++j) acc[j] += w * v[j];
+  }
+  ++added_;
+}
+
+std::vector<Tensor> FedAvg::result() const {
+  if (added_ == 0) throw Error("fedavg: no state added");
+  std::vector<Tensor> out;
+  out.reserve(acc_.size());
+  for (size_t i = 0; i < acc_.size(); ++i) {
+    Tensor t = Tensor::empty(shapes_[i]);
+    for (size_t j = 0; j < acc_[i].size(); ++j) t.data()[j] = static_cast<float>(acc_[i][j]);
     out.push_back(std::move(t));
   }
   return out;

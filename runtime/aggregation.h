@@ -17,4 +17,21 @@ void load_state(Model& m, const std::vector<Tensor>& state, size_t begin = 0, si
 // Throws if the states disagree in count or shapes, or the weights do not sum to a positive value.
 std::vector<Tensor> fedavg(const std::vector<std::vector<Tensor>>& states, const std::vector<double>& weights);
 
+// fedavg one state at a time, so that the K states need not all be held at once (a server with many
+// devices): the same sums in the same order, given the weights' total up front. Memory: one double
+// per averaged value.
+class FedAvg {
+ public:
+  explicit FedAvg(double total_weight);  // throws unless positive
+  void add(const std::vector<Tensor>& state, double weight);  // throws on a count or shape mismatch
+  std::vector<Tensor> result() const;   // throws if nothing was added
+  size_t added() const { return added_; }
+
+ private:
+  double total_;
+  size_t added_ = 0;
+  std::vector<Shape4> shapes_;
+  std::vector<std::vector<double>> acc_;
+};
+
 }  // namespace pipar

@@ -1,6 +1,7 @@
 // Server and device roles of the distributed modes, and the launcher that runs them on loopback.
 #include "runtime/modes/distributed.h"
 
+#include <malloc.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -1222,6 +1223,7 @@ class ServerRunner {
       }
       s.part_split = s.split;
     }
+    malloc_trim(0);  // the copies it made while loading K replicas: back to the system, not kept as free heap
   }
 
   // The first round's plan and its predicted round time, from the devices' measured profiles, this
@@ -1800,15 +1802,12 @@ class ServerRunner {
   // FedAvg, block by block over the whole model, weighted by sample counts: each device's block comes
   // from wherever that device trained it (its device part or its server-side replica), so devices that
   // split at different blocks average alike. Every replica then starts the next round from the average.
+  // One device's state at a time (FedAvg): the server never holds all K.
   void aggregate() {
-    std::vector<std::vector<Tensor>> states;
-    std::vector<double> weights;
-    for (DeviceSlot& s : slots_) {
-      if (!s.in_round || !s.done) continue;
-      weights.push_back(static_cast<double>(s.samples));
-      if (cfg_.mode != "sl") states.push_back(trained_state(s));
-    }
-    if (weights.empty()) throw Error("no device finished the round");
+    double total = 0;
+    for (const DeviceSlot& s : slots_)
+      if (s.in_round && s.done) total += static_cast<double>(s.samples);
+    if (!(total > 0)) throw Error("no device finished the round");
     const size_t blocks = model_->num_blocks();
     if (cfg_.mode == "sl") {  // the devices' part was handed on in turn (run_round); the one server part
       DeviceSlot& s = slots_[0];
@@ -1817,10 +1816,17 @@ class ServerRunner {
     }
     // Private labels: the device part includes the last block, so the model evaluated and saved here
     // has the devices' averaged tail; the replicas' copies of it are never trained.
-    const std::vector<Tensor> avg = fedavg(states, weights);
+    FedAvg acc(total);
+    for (DeviceSlot& s : slots_)
+      if (s.in_round && s.done) {
+        acc.add(trained_state(s), static_cast<double>(s.samples));
+        s.weights.reset();  // its message is spent
+      }
+    const std::vector<Tensor> avg = acc.result();
     load_state(*model_, avg, 0, blocks);
     for (DeviceSlot& s : slots_)
       if (s.replica) load_state(*s.replica, avg, 0, blocks);
+    malloc_trim(0);  // K states' copies and the replaced tensors: back to the system
   }
 
   void record_round(int r, double t0, double t1, const tp::LinkStats& stats0, const RoundPlan& used) {

@@ -192,6 +192,31 @@ TEST(Aggregation, FedAvgWeightsBySampleCount) {
   EXPECT_THROW(fedavg(states, {1, 1}), ShapeError);
 }
 
+// The streaming FedAvg (one state at a time) is bitwise fedavg of all states at once: random states of
+// odd shapes, fresh seed, five devices with uneven sample counts. Its own errors: a shape or count
+// mismatch, a negative weight, nothing added.
+TEST(Aggregation, StreamingFedAvgEqualsFedAvg) {
+  SCOPED_TRACE(test::seed_trace());
+  test::Rng rng(91);
+  const std::vector<Shape4> shapes = {{3, 5, 1, 1}, {7, 1, 1, 1}, {2, 3, 3, 3}};
+  std::vector<std::vector<Tensor>> states(5);
+  for (auto& st : states)
+    for (const Shape4& sh : shapes) st.push_back(Tensor::from_vector(rng.uniform_vec(static_cast<size_t>(sh.numel())), sh));
+  const std::vector<double> weights = {13, 100, 7, 0, 55};
+  FedAvg acc(175);
+  for (size_t k = 0; k < states.size(); ++k) acc.add(states[k], weights[k]);
+  const auto a = acc.result(), b = fedavg(states, weights);
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].to_vector(), b[i].to_vector()) << i;
+  EXPECT_EQ(acc.added(), 5u);
+  FedAvg bad(1);
+  EXPECT_THROW(bad.result(), Error);
+  bad.add(states[0], 1);
+  EXPECT_THROW(bad.add(states[1], -1), Error);
+  EXPECT_THROW(bad.add({states[1][0]}, 1), ShapeError);
+  EXPECT_THROW(FedAvg(0), Error);
+}
+
 TEST(Aggregation, StateRoundTripAndAverageOfEqualModelsIsIdentity) {
   ModelOptions o;
   auto a = build_model("resnet18", o);
