@@ -86,6 +86,16 @@ TrainResult run_cluster(const TrainConfig& c, const NetConfig& n, int devices,
   return r;
 }
 
+// The error a server with options c stops with before any device connects ("" if none).
+std::string error_of(const TrainConfig& c) {
+  try {
+    run_server(c, fast_net());
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 nlohmann::json summary(const std::string& dir) {
   std::ifstream f(dir + "/summary.json");
   return nlohmann::json::parse(f);
@@ -725,14 +735,6 @@ TEST(Distributed, PrivateLabelsResumedRunEqualsTheUninterruptedOne) {
 
 // Invalid combinations fail at once with errors that name the problem.
 TEST(Distributed, PrivateLabelsRefuseInvalidPlans) {
-  auto error_of = [](TrainConfig c) -> std::string {
-    try {
-      run_server(c, fast_net());
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "";
-  };
   TrainConfig c = small_config("fl", "labels_bad_fl");
   c.labels = "private";
   EXPECT_NE(error_of(c).find("--labels private needs a split mode"), std::string::npos) << error_of(c);
@@ -892,14 +894,6 @@ TEST(Distributed, PerDeviceSplitsTrainAsOneSplit) {
 
 // Split points per device that cannot work fail at once, naming the problem.
 TEST(Distributed, PerDeviceSplitsRefuseInvalidPlans) {
-  auto error_of = [](TrainConfig c) -> std::string {
-    try {
-      run_server(c, fast_net());
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "";
-  };
   TrainConfig c = small_config("sl", "splits_bad_sl");
   c.device_splits = {1, 3};
   EXPECT_NE(error_of(c).find("take turns through one server part"), std::string::npos) << error_of(c);
@@ -969,14 +963,6 @@ TEST(Distributed, SharedServerModelTrainsWithOneServerSideModel) {
 }
 
 TEST(Distributed, SharedServerModelRefusesWhatItCannotDo) {
-  auto error_of = [](TrainConfig c) -> std::string {
-    try {
-      run_server(c, fast_net());
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "";
-  };
   TrainConfig c = small_config("fl", "shared_bad_fl");
   c.server_model = "shared";
   EXPECT_NE(error_of(c).find("applies to sfl and pipar"), std::string::npos) << error_of(c);
