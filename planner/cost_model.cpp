@@ -448,12 +448,13 @@ int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split,
   // gradients and momentum of every parameter, and the buffers.
   const int64_t whole = sp.state_bytes(0, blocks_);
   const int64_t replica = 3 * sp.param_bytes(0, blocks_) + (whole - sp.param_bytes(0, blocks_));
-  // FedAvg after the round: double accumulators (2x), one device's state and the average.
-  int64_t total = 4 * whole, tape = 0;
+  // FedAvg after the round: double accumulators (2x), one device's state and the average; then the
+  // checkpoint's bytes: the model's values and momentum, and each server-side part's momentum.
+  int64_t total = 4 * whole + 2 * sp.param_bytes(0, blocks_), tape = 0;
   for (size_t d = 0; d < split.size(); ++d) {
     const size_t s = static_cast<size_t>(split[d]);
     const size_t e = server_end();
-    if ((mode != Mode::kSl && !c_.shared_server_model) || d == 0) total += replica;
+    if ((mode != Mode::kSl && !c_.shared_server_model) || d == 0) total += replica + sp.param_bytes(s, e);
     // Private labels: every micro-batch's middle tape is kept until its output's gradient returns.
     tape = std::max(tape, (c_.private_labels ? bs : m_max) * sp.tape_bytes(s, e));
     // A batch of its activations queued on the way in and of their gradients on the way out (a slow

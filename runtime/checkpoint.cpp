@@ -187,6 +187,11 @@ void save_checkpoint(const std::string& path, Model& model, const CheckpointMeta
       throw Error("save_checkpoint: state name '" + st.name.substr(0, 64) + "' is too long or given twice");
     items.push_back({st.name, 3, &st.value});
   }
+  // One allocation for the whole file: a buffer grown by doubling held up to three times its size at
+  // once (a server with many replicas writes hundreds of MB of momentum).
+  size_t size = w.buf.size() + 2 * sizeof(uint32_t);
+  for (const Item& it : items) size += sizeof(uint16_t) + it.name.size() + 1 + 4 * sizeof(int64_t) + static_cast<size_t>(it.t->bytes());
+  w.buf.reserve(size);
   w.put<uint32_t>(static_cast<uint32_t>(items.size()));
   for (const Item& it : items) {
     w.put<uint16_t>(static_cast<uint16_t>(it.name.size()));

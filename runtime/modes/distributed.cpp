@@ -1190,7 +1190,7 @@ class ServerRunner {
         Tensor m = p->momentum.to(Device::kCpu);
         const float* v = m.data();
         if (std::any_of(v, v + m.numel(), [](float x) { return x != 0.0f; }))
-          state.push_back({replica_state_name(s.id, p->name), m.clone()});
+          state.push_back({replica_state_name(s.id, p->name), m});  // no copy: written before anything trains
       }
     }
     save_checkpoint(result_.out_dir + "/server.ckpt", *model_, meta, state);
