@@ -256,15 +256,7 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   so.per_device_split = a.per_device && !c.shared_server_model;  // one server-side model splits at one block
   so.runners_up = a.top;
   const planner::CostModel cm(c);
-  planner::SearchResult r;
-  try {
-    r = planner::search(cm, so);
-  } catch (const Error& e) {
-    if (std::string(e.what()).find("memory") == std::string::npos) throw;
-    throw Error(std::string(e.what()) + "; options: fewer micro-batches in flight (--micro-batches)" +
-                (c.shared_server_model || so.mode == planner::Mode::kSl ? "" : ", one server-side model for all devices (--server-model shared)") +
-                ", fewer devices per server");
-  }
+  const planner::SearchResult r = planner::search(cm, so);
   std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms, "
               "labels %s\n",
               model->name().c_str(), cfg.devices, cfg.batch_size, static_cast<long long>(a.samples), net.uplink_mbps,

@@ -103,6 +103,12 @@ bool better(double a_time, int a_n, const std::vector<int>& a_split, double b_ti
 
 }  // namespace
 
+std::string memory_options(const Cluster& cluster, Mode mode) {
+  return std::string("fewer micro-batches in flight (--micro-batches)") +
+         (cluster.shared_server_model || mode == Mode::kSl ? "" : ", one server-side model for all devices (--server-model shared)") +
+         ", fewer devices per server, or a higher --server-memory-gb if more memory is free";
+}
+
 SearchResult search(const CostModel& model, const SearchOptions& o) {
   const auto t_start = std::chrono::steady_clock::now();
   SearchResult res;
@@ -171,7 +177,7 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
   if (cands.empty())
     throw Error(detail::concat("planner: no plan fits the memory limits (device ", o.device_memory_limit, " bytes, server ",
                                o.server_memory_limit, " bytes); the smallest needs are ", least_device, " bytes per device and ",
-                               least_server, " on the server"));
+                               least_server, " on the server; options: ", memory_options(model.cluster(), o.mode)));
   auto by_score = [](const Candidate& a, const Candidate& b) { return better(a.score, a.n, a.split, b.score, b.n, b.split); };
   std::sort(cands.begin(), cands.end(), by_score);
 

@@ -47,6 +47,10 @@ struct SearchResult {
   double seconds = 0;         // search time
 };
 
+// What to try when no plan fits the memory limits: the options every such error names (search's, the
+// server's for a fixed plan).
+std::string memory_options(const Cluster& cluster, Mode mode);
+
 // Fills a plan's predicted times, bottleneck and memory from the cost model.
 Plan evaluate_plan(const CostModel& model, Mode mode, std::vector<int> split, int micro_batches);
 // The best plan of options.mode. Throws pipar::Error when no candidate fits the memory limits

@@ -1276,13 +1276,7 @@ class ServerRunner {
       if (cfg_.micro_batches > 0) search_options_.micro_batches = {cfg_.micro_batches};
       if (restore_plan()) return;
       // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.
-      planner::SearchResult r;
-      try {
-        r = planner::search(planner::CostModel(cluster_), search_options_);
-      } catch (const Error& e) {
-        if (std::string(e.what()).find("memory") == std::string::npos) throw;
-        throw Error(std::string(e.what()) + "; options: " + memory_options());
-      }
+      const planner::SearchResult r = planner::search(planner::CostModel(cluster_), search_options_);
       plan_ = r.best;
       apply_plan(plan_);
       say(detail::concat("planner (", now_seconds() - t0, " s, ", r.evaluated, " plans scored; ", profiling, "): ",
@@ -1302,7 +1296,8 @@ class ServerRunner {
         throw Error(detail::concat("the plan needs ", mib(static_cast<double>(plan_.server_memory_bytes)), " on the server for ",
                                    slots_.size(), " devices (server-side weights, gradients and momentum, queued activations, "
                                    "tapes) but ", mib(search_options_.server_memory_limit),
-                                   " are available (--server-memory-gb); options: ", memory_options()));
+                                   " are available (--server-memory-gb); options: ",
+                                   planner::memory_options(cluster_, search_options_.mode)));
     }
     predicted_round_s_ = plan_.round_s;
     first_plan_ = plan_;
@@ -1370,13 +1365,6 @@ class ServerRunner {
       f.ignore(1 << 10, '\n');
     }
     return std::numeric_limits<double>::infinity();
-  }
-
-  // What to do when a plan does not fit the server's memory.
-  std::string memory_options() const {
-    return std::string("fewer micro-batches in flight (--micro-batches)") +
-           (shared_server() ? "" : ", one server-side model for all devices (--server-model shared)") +
-           ", fewer devices per server, or --server-memory-gb if more memory is free";
   }
 
   std::vector<int> slot_splits() const {
