@@ -592,15 +592,8 @@ class DeviceRunner {
           tail_micro(plan, b, len, sizes, *mid, kept_labels, tail_done, stats);
           continue;
         }
-        auto* g = std::get_if<tp::Gradient>(&msg);
-        if (!g) {
-          if (auto* e = std::get_if<tp::ErrorReply>(&msg)) throw Error("server error: " + e->text);
-          log(std::string("ignoring unexpected ") + tp::message_type_name(tp::message_type(msg)) + " during a batch");
-          continue;
-        }
-        if (g->round != plan.round || g->batch != b || g->micro_batch < 0 || g->micro_batch >= static_cast<int>(sizes.size()))
-          throw Error(detail::concat("gradient for round ", g->round, " batch ", g->batch, " micro-batch ", g->micro_batch,
-                                     " while in round ", plan.round, " batch ", b));
+        tp::Gradient* g = batch_gradient(msg, plan, b, sizes.size());
+        if (!g) continue;
         const double t0 = now_seconds();
         if (cfg_.dp_clip > 0) clip_backward(g->data, clip_scales[static_cast<size_t>(g->micro_batch)]);  // differential privacy
         if (dp_part_) dp_part_->backward(g->micro_batch, g->data, len);
@@ -616,6 +609,22 @@ class DeviceRunner {
       trace("step", t0, now_seconds());
       stats.count += len;
     }
+  }
+
+  // A message during batch b: the gradient of one of its `micros` micro-batches, or nullptr for a
+  // message to ignore (logged); an error reply, or a gradient of another round, batch or micro-batch,
+  // throws.
+  tp::Gradient* batch_gradient(tp::Message& msg, const tp::Plan& plan, int64_t b, size_t micros) const {
+    auto* g = std::get_if<tp::Gradient>(&msg);
+    if (!g) {
+      if (auto* e = std::get_if<tp::ErrorReply>(&msg)) throw Error("server error: " + e->text);
+      log(std::string("ignoring unexpected ") + tp::message_type_name(tp::message_type(msg)) + " during a batch");
+      return nullptr;
+    }
+    if (g->round != plan.round || g->batch != b || g->micro_batch < 0 || g->micro_batch >= static_cast<int>(micros))
+      throw Error(detail::concat("gradient for round ", g->round, " batch ", g->batch, " micro-batch ", g->micro_batch,
+                                 " while in round ", plan.round, " batch ", b));
+    return g;
   }
 
   // Private labels: micro-batch `mid.micro_batch`'s middle output from the server through the tail
@@ -691,16 +700,11 @@ class DeviceRunner {
       }
       for (size_t got = 0; got < sizes.size();) {
         tp::Message msg = next();
-        auto* g = std::get_if<tp::Gradient>(&msg);
-        if (!g) {
-          if (auto* e = std::get_if<tp::ErrorReply>(&msg)) throw Error("server error: " + e->text);
-          log(std::string("ignoring unexpected ") + tp::message_type_name(tp::message_type(msg)) + " during a batch");
-          continue;
-        }
-        if (g->round != plan.round || g->batch != b || g->micro_batch < 0 || g->micro_batch >= static_cast<int>(sizes.size()) ||
-            g->data.shape().n != sizes[static_cast<size_t>(g->micro_batch)])
-          throw Error(detail::concat("gradient for round ", g->round, " batch ", g->batch, " micro-batch ", g->micro_batch,
-                                     " while in round ", plan.round, " batch ", b));
+        const tp::Gradient* g = batch_gradient(msg, plan, b, sizes.size());
+        if (!g) continue;
+        if (g->data.shape().n != sizes[static_cast<size_t>(g->micro_batch)])
+          throw Error(detail::concat("gradient ", g->data.shape().str(), " for micro-batch ", g->micro_batch, " of ",
+                                     sizes[static_cast<size_t>(g->micro_batch)], " samples"));
         ++got;
       }
       count += len;

@@ -384,6 +384,20 @@ std::vector<nlohmann::json> metrics(const std::string& dir) {
   return out;
 }
 
+// Runs a and b trained the same model over `rounds` rounds of small_config: per round the train and
+// test losses agree to 1e-4 relative, the accuracies to one of the 400 training and 200 test images.
+void expect_same_training(const TrainResult& ra, const TrainResult& rb, size_t rounds) {
+  ASSERT_EQ(ra.epochs.size(), rounds);
+  ASSERT_EQ(rb.epochs.size(), rounds);
+  for (size_t e = 0; e < rounds; ++e) {
+    SCOPED_TRACE(e);
+    EXPECT_NEAR(ra.epochs[e].train_loss, rb.epochs[e].train_loss, 1e-4 * std::abs(ra.epochs[e].train_loss));
+    EXPECT_NEAR(ra.epochs[e].test_loss, rb.epochs[e].test_loss, 1e-4 * std::abs(ra.epochs[e].test_loss));
+    EXPECT_NEAR(ra.epochs[e].train_accuracy, rb.epochs[e].train_accuracy, 1.0 / 400 + 1e-9);
+    EXPECT_NEAR(ra.epochs[e].test_accuracy, rb.epochs[e].test_accuracy, 1.0 / 200 + 1e-9);
+  }
+}
+
 // Every tensor of a server checkpoint (the model's weights, momentum, buffers and the state records),
 // by name, as floats.
 std::map<std::string, std::vector<float>> checkpoint_tensors(const std::string& path) {
@@ -672,15 +686,7 @@ TEST(Distributed, PrivateLabelsTrainAsSharedLabels) {
     b.labels = "private";
     const TrainResult ra = run_cluster(a, fast_net(), 2);
     const TrainResult rb = run_cluster(b, fast_net(), 2);
-    ASSERT_EQ(ra.epochs.size(), 2u);
-    ASSERT_EQ(rb.epochs.size(), 2u);
-    for (size_t e = 0; e < 2; ++e) {
-      SCOPED_TRACE(e);
-      EXPECT_NEAR(ra.epochs[e].train_loss, rb.epochs[e].train_loss, 1e-4 * std::abs(ra.epochs[e].train_loss));
-      EXPECT_NEAR(ra.epochs[e].test_loss, rb.epochs[e].test_loss, 1e-4 * std::abs(ra.epochs[e].test_loss));
-      EXPECT_NEAR(ra.epochs[e].train_accuracy, rb.epochs[e].train_accuracy, 1.0 / 400 + 1e-9);
-      EXPECT_NEAR(ra.epochs[e].test_accuracy, rb.epochs[e].test_accuracy, 1.0 / 200 + 1e-9);
-    }
+    ASSERT_NO_FATAL_FAILURE(expect_same_training(ra, rb, 2));
     EXPECT_GE(rb.test_accuracy, 0.6);
     EXPECT_GT(rb.epochs[0].train_loss, 0);  // the devices' loss reached the metrics
     const auto ma = metrics(a.out_dir), mb = metrics(b.out_dir);
@@ -868,15 +874,7 @@ TEST(Distributed, PerDeviceSplitsTrainAsOneSplit) {
     b.split = 1;
     const TrainResult ra = run_cluster(a, fast_net(), 2);
     const TrainResult rb = run_cluster(b, fast_net(), 2);
-    ASSERT_EQ(ra.epochs.size(), 2u);
-    ASSERT_EQ(rb.epochs.size(), 2u);
-    for (size_t e = 0; e < 2; ++e) {
-      SCOPED_TRACE(e);
-      EXPECT_NEAR(ra.epochs[e].train_loss, rb.epochs[e].train_loss, 1e-4 * std::abs(ra.epochs[e].train_loss));
-      EXPECT_NEAR(ra.epochs[e].test_loss, rb.epochs[e].test_loss, 1e-4 * std::abs(ra.epochs[e].test_loss));
-      EXPECT_NEAR(ra.epochs[e].train_accuracy, rb.epochs[e].train_accuracy, 1.0 / 400 + 1e-9);
-      EXPECT_NEAR(ra.epochs[e].test_accuracy, rb.epochs[e].test_accuracy, 1.0 / 200 + 1e-9);
-    }
+    ASSERT_NO_FATAL_FAILURE(expect_same_training(ra, rb, 2));
     EXPECT_GE(rb.test_accuracy, 0.6);
     const nlohmann::json splits = nlohmann::json::array({1, 3});
     for (const auto& m : metrics(b.out_dir)) {
