@@ -13,6 +13,7 @@
 namespace pipar::kernels {
 namespace {
 std::atomic<int> g_threads{0};  // 0: not set yet → all cores
+thread_local int t_threads = 0;  // this thread's own count (0: none)
 
 Isa detect_isa() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -47,7 +48,13 @@ void set_num_threads(int n) {
   omp_set_num_threads(n);
 }
 
+void set_thread_local_threads(int n) { t_threads = n > 0 ? n : 0; }
+
+ScopedThreads::ScopedThreads(int n) : saved_(t_threads) { set_thread_local_threads(n); }
+ScopedThreads::~ScopedThreads() { t_threads = saved_; }
+
 int num_threads() {
+  if (t_threads > 0) return t_threads;
   int n = g_threads.load();
   if (n == 0) {
     set_num_threads(0);

@@ -5,8 +5,22 @@
 namespace pipar::kernels {
 
 void set_num_threads(int n);  // n <= 0 means all cores
-int num_threads();
+int num_threads();  // the calling thread's own count where one is set, else the process-wide one
 int hardware_threads();
+
+// A thread's own CPU thread count for the kernels it calls, over the process-wide one: replicas
+// trained side by side on several threads each get a share of the cores. n <= 0 clears it.
+void set_thread_local_threads(int n);
+class ScopedThreads {
+ public:
+  explicit ScopedThreads(int n);
+  ~ScopedThreads();
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+
+ private:
+  int saved_;
+};
 
 // The widest vector instruction set the CPU kernels use on this machine (detected at run time).
 enum class Isa { kGeneric, kAvx2, kAvx512 };

@@ -1,0 +1,133 @@
+// Server throughput against the number of devices: K server-side replicas (each its own weights) of
+// a model cut at P, one micro-batch of m samples each, trained one replica at a time on all the
+// server's threads (what a server without cross-device batching does), against the same K
+// micro-batches trained as one group by ServerLanes (replicas side by side on shares of the cores).
+// Both in one process, alternating, median over repeats; prints micro-batches per second and the ratio.
+// Run: build/bench/pipar_bench_server [--models vgg5:2,resnet18:3] [--devices 1,4,16,64] [--micro 10]
+//      [--threads T] [--repeats R] [--min-seconds S]
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench/harness.h"
+#include "kernels/parallel.h"
+#include "runtime/lanes.h"
+
+using namespace pipar;
+using namespace pipar::bench;
+
+namespace {
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+struct Replica {
+  std::unique_ptr<Model> model;
+  std::unique_ptr<ServerPart> part;
+  Tensor x, y;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> models = {"vgg5:2", "resnet18:3"};
+  std::vector<int> devices = {1, 4, 16, 64};
+  int micro = 10, repeats = 5, threads = 0;
+  double min_seconds = 0.3;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--models") models = split_list(next());
+    else if (a == "--devices") {
+      devices.clear();
+      for (const auto& d : split_list(next())) devices.push_back(std::atoi(d.c_str()));
+    } else if (a == "--micro") micro = std::atoi(next().c_str());
+    else if (a == "--threads") threads = std::atoi(next().c_str());
+    else if (a == "--repeats") repeats = std::atoi(next().c_str());
+    else if (a == "--min-seconds") min_seconds = std::atof(next().c_str());
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  kernels::set_num_threads(threads);
+  const int t = kernels::num_threads();
+  std::printf("# server throughput, CPU backend: %s, %d threads, %s, commit %s\n", cpu_model().c_str(), t,
+              kernels::isa_name(kernels::cpu_isa()), git_commit().c_str());
+  std::printf("# one micro-batch of %d per replica per group; median of %d repeats (min..max)\n", micro, repeats);
+  std::printf("%-10s %5s %7s %22s %22s %7s\n", "model", "K", "lanes", "one-at-a-time mb/s", "grouped mb/s", "ratio");
+  for (const std::string& spec : models) {
+    const auto colon = spec.find(':');
+    const std::string name = spec.substr(0, colon);
+    const size_t split = colon == std::string::npos ? 2 : std::strtoul(spec.c_str() + colon + 1, nullptr, 10);
+    for (int k : devices) {
+      std::vector<Replica> reps(static_cast<size_t>(k));
+      for (int d = 0; d < k; ++d) {
+        ModelOptions o;
+        o.seed = 100 + static_cast<uint64_t>(d);
+        Replica& r = reps[static_cast<size_t>(d)];
+        r.model = build_model(name, o);
+        r.part = std::make_unique<ServerPart>(*r.model, split, kernels::SgdParams{});
+        Shape4 cut = r.model->block_out_shape(split - 1);
+        cut.n = micro;
+        std::vector<float> xs(static_cast<size_t>(cut.numel()));
+        for (size_t i = 0; i < xs.size(); ++i) xs[i] = static_cast<float>((i * 2654435761u + d) % 1000) / 500.0f - 1.0f;
+        std::vector<int32_t> ys(static_cast<size_t>(micro));
+        for (int i = 0; i < micro; ++i) ys[static_cast<size_t>(i)] = (i + d) % 10;
+        r.x = Tensor::from_vector(xs, cut);
+        r.y = Tensor::from_vector(ys, {micro, 1, 1, 1});
+      }
+      const auto [lanes, per_lane] = ServerLanes::split_cores(k, t);
+      ServerLanes pool(lanes, per_lane);
+      // One pass over the K replicas each way; each repeat runs passes for at least min_seconds.
+      auto sequential = [&] {
+        for (Replica& r : reps) r.part->train_micro(r.x, r.y, 100);
+      };
+      auto grouped = [&] {
+        std::vector<ServerLanes::Item> items(reps.size());
+        for (size_t d = 0; d < reps.size(); ++d)
+          items[d].part = reps[d].part.get(), items[d].activation = reps[d].x, items[d].labels = reps[d].y, items[d].batch_size = 100;
+        pool.train(items);
+        for (const auto& it : items)
+          if (it.error) std::rethrow_exception(it.error);
+      };
+      auto rate = [&](auto&& pass) {
+        int passes = 0;
+        const auto t0 = std::chrono::steady_clock::now();
+        do {
+          pass();
+          ++passes;
+        } while (seconds_since(t0) < min_seconds);
+        return passes * k / seconds_since(t0);
+      };
+      sequential(), grouped();  // warm-up: first-touch of every replica's buffers, thread teams
+      std::vector<double> seq, grp, ratio;
+      for (int i = 0; i < repeats; ++i) {
+        const double a = rate(sequential), b = rate(grouped);
+        seq.push_back(a), grp.push_back(b), ratio.push_back(b / a);
+        for (Replica& r : reps) r.model->zero_grad();
+      }
+      const Stats s = summarize(seq), g = summarize(grp), q = summarize(ratio);
+      char lane_text[32];
+      std::snprintf(lane_text, sizeof lane_text, "%dx%d", lanes, per_lane);
+      std::printf("%-10s %5d %7s %9.1f (%.1f..%.1f) %9.1f (%.1f..%.1f) %6.2fx\n", name.c_str(), k, lane_text, s.median, s.min,
+                  s.max, g.median, g.min, g.max, q.median);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
