@@ -198,6 +198,7 @@ struct PlanArgs {
   std::string device_speeds;  // per device: its compute time over the profile's (2: twice as slow)
   double server_memory_gb = 0, device_memory_gb = 0;  // 0: no limit
   std::string server_model = "per-device";
+  int server_lanes = 1;
   size_t top = 8;
 };
 
@@ -218,13 +219,18 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
     std::fprintf(stderr, "measured the device profile here (%d thread(s), %.1f s)\n", a.device_threads, dev.seconds);
   }
   if (!a.save_profile.empty()) dev.save(a.save_profile);
+  if (a.server_lanes < 1) throw Error("--server-lanes must be at least 1");
+  if (a.server_model == "shared" && a.server_lanes > 1)
+    throw Error("--server-lanes: one shared server-side model trains one micro-batch at a time");
   planner::Profile srv;
   if (!a.server_profile.empty()) {
     srv = planner::Profile::load(a.server_profile);
   } else {
-    po.threads = 0;
+    // With lanes, a micro-batch runs on one lane's share of the threads (as the server profiles itself).
+    po.threads = a.server_lanes > 1 ? std::max(1, kernels::num_threads() / a.server_lanes) : 0;
     srv = planner::profile_model(*model, po);
-    std::fprintf(stderr, "measured the server profile here (%d thread(s), %.1f s)\n", kernels::num_threads(), srv.seconds);
+    std::fprintf(stderr, "measured the server profile here (%d thread(s)%s, %.1f s)\n", po.threads > 0 ? po.threads : kernels::num_threads(),
+                 a.server_lanes > 1 ? " per lane" : "", srv.seconds);
   }
   planner::Cluster c = planner::make_cluster(dev, static_cast<size_t>(cfg.devices),
                                              {net.uplink_mbps, net.downlink_mbps, net.latency_ms / 1e3, 0}, cfg.batch_size,
@@ -249,6 +255,7 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   if (a.server_model != "per-device" && a.server_model != "shared")
     throw Error("--server-model must be per-device or shared, got '" + a.server_model + "'");
   c.shared_server_model = a.server_model == "shared";
+  c.server_lanes = c.private_labels ? 1 : a.server_lanes;
   planner::SearchOptions so;
   if (a.server_memory_gb > 0) so.server_memory_limit = a.server_memory_gb * (1 << 30);
   if (a.device_memory_gb > 0) so.device_memory_limit = a.device_memory_gb * (1 << 30);
@@ -258,9 +265,10 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   const planner::CostModel cm(c);
   const planner::SearchResult r = planner::search(cm, so);
   std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms, "
-              "labels %s\n",
+              "labels %s%s\n",
               model->name().c_str(), cfg.devices, cfg.batch_size, static_cast<long long>(a.samples), net.uplink_mbps,
-              net.downlink_mbps, net.latency_ms, cfg.labels.c_str());
+              net.downlink_mbps, net.latency_ms, cfg.labels.c_str(),
+              c.server_lanes > 1 ? detail::concat(", ", c.server_lanes, " server lanes").c_str() : "");
   std::printf("searched %d plans in %.3f s\n", r.evaluated, r.seconds);
   for (size_t i = 0; i < r.ranked.size(); ++i) std::printf("%2zu. %s\n", i + 1, r.ranked[i].describe().c_str());
   std::printf("best plan of each mode:\n");
@@ -339,6 +347,10 @@ int main(int argc, char** argv) {
                   "sfl, pipar: per-device (a server-side replica per device, averaged each round) or shared (one "
                   "server-side model trained by every device's micro-batches in turn, SplitFed v2)")
         ->capture_default_str();
+    a->add_option("--server-lanes", cfg.server_lanes,
+                  "sfl, pipar: server-side replicas trained side by side, each on a share of the server's threads "
+                  "(cross-device batching; 0: min(devices, threads); 1: one micro-batch at a time)")
+        ->capture_default_str();
     a->add_option("--server-memory-gb", cfg.server_memory_gb,
                   "Server memory the plan must fit, GiB (0: this machine's available memory)")
         ->capture_default_str();
@@ -364,6 +376,9 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     a->add_option("--uplink-schedule", uplink_schedule, "Change every uplink's rate at run time: ROUND:MBPS,... (0-based rounds)");
     a->add_flag("!--no-replan", net.replan, "Keep the first automatic plan even when links or speeds drift");
+    a->add_option("--group-wait-ms", net.group_wait_ms,
+                  "Cross-device batching: how long a micro-batch waits for other devices' to join its group (0: none)")
+        ->capture_default_str();
   };
   add_net(train);
   train->add_option("--device-threads", device_threads, "CPU threads of each device process (distributed modes)")
@@ -437,6 +452,9 @@ int main(int argc, char** argv) {
   plan->add_option("--server-memory-gb", plan_args.server_memory_gb, "Server memory a plan must fit, GiB (0: no limit)");
   plan->add_option("--device-memory-gb", plan_args.device_memory_gb, "Device memory a plan must fit, GiB (0: no limit)");
   plan->add_option("--server-model", plan_args.server_model, "per-device or shared (one server-side model for all devices)")
+      ->capture_default_str();
+  plan->add_option("--server-lanes", plan_args.server_lanes,
+                   "Server-side replicas trained side by side (cross-device batching; the server profile is then one lane's)")
       ->capture_default_str();
   plan->add_option("--device-slowdown", plan_args.device_speeds,
                    "Per device, its compute time over the measured profile's: S0,S1,... (2: twice as slow; heterogeneous devices)");

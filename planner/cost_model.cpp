@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <queue>
 
 #include "runtime/split.h"
@@ -54,6 +55,7 @@ CostModel::CostModel(Cluster cluster) : c_(std::move(cluster)) {
   if (c_.device_profiles.empty()) throw Error("cost model: no device profile");
   if (c_.devices.empty()) throw Error("cost model: no devices");
   if (c_.batch_size < 1) throw Error("cost model: batch size must be at least 1");
+  if (c_.server_lanes < 1) throw Error("cost model: server_lanes must be at least 1");
   if (!(c_.server_time_scale > 0) || !(c_.aggregation_s >= 0) || !(c_.server_per_micro_batch_s >= 0))
     throw Error("cost model: server_time_scale must be > 0, aggregation and per-micro-batch times >= 0");
   for (const Profile& p : c_.device_profiles) p.validate();
@@ -268,7 +270,74 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     start_batch(d, t0);
   }
 
+  // A micro-batch's gradient leaves the server at `end`: down to its device, its backward, and after
+  // its batch's last the device steps and starts its next batch.
+  auto serve_end = [&](const Arrival& a, double end) {
+    Dev& v = dev[a.d];
+    const Stage& s = v.st[a.i];
+    const double down = std::max(end, v.down_free) + s.down;
+    down_busy(a.d) += s.down;
+    v.down_free = down;
+    v.b_end = std::max(down + v.latency, v.b_end) + s.b;  // gradients of one device arrive in order
+    compute_busy(a.d) += s.b;
+    if (a.i + 1 != v.sizes.size()) return;
+    const double batch_end = v.b_end + v.step_dev;
+    compute_busy(a.d) += v.step_dev;
+    if (++v.batch < v.lens.size()) start_batch(a.d, batch_end);
+    else end_device(a.d, batch_end);
+  };
+
   double server_free = 0;
+  if (c_.server_lanes > 1 && !c_.private_labels) {
+    const size_t lanes = static_cast<size_t>(c_.server_lanes);
+    std::vector<Arrival> group;
+    std::vector<double> load(lanes), kernel;
+    std::vector<char> in_group(k, 0);
+    // Arrivals taken off the heap while their device already had one in the group: the next groups'
+    // first, in order (each arrival leaves the heap once: O(K N log K) per batch as without lanes).
+    std::vector<std::deque<Arrival>> waiting(k);
+    size_t n_waiting = 0;
+    while (!heap.empty() || n_waiting > 0) {
+      const double start = n_waiting > 0 ? server_free : std::max(heap.top().t, server_free);
+      group.clear();
+      if (n_waiting > 0)
+        for (size_t d = 0; d < k; ++d)
+          if (!waiting[d].empty()) {
+            group.push_back(waiting[d].front());
+            waiting[d].pop_front();
+            --n_waiting;
+            in_group[d] = 1;
+          }
+      while (!heap.empty() && heap.top().t <= start) {
+        const Arrival a = heap.top();
+        heap.pop();
+        if (in_group[a.d]) {
+          waiting[a.d].push_back(a);
+          ++n_waiting;
+        } else {
+          group.push_back(a);
+          in_group[a.d] = 1;
+        }
+      }
+      // Kernels over the lanes (longest first, each onto the least loaded); per-message work and steps
+      // on the server's loop, one after another.
+      kernel.clear();
+      double serial = 0;
+      for (const Arrival& a : group) {
+        const Dev& v = dev[a.d];
+        in_group[a.d] = 0;
+        kernel.push_back(v.st[a.i].s - c_.server_per_micro_batch_s);
+        serial += c_.server_per_micro_batch_s + (a.i + 1 == v.sizes.size() ? v.step_srv : 0.0);
+      }
+      std::sort(kernel.begin(), kernel.end(), std::greater<double>());
+      std::fill(load.begin(), load.end(), 0.0);
+      for (double t : kernel) *std::min_element(load.begin(), load.end()) += t;
+      const double end = start + *std::max_element(load.begin(), load.end()) + serial;
+      server_busy += end - start;
+      server_free = end;
+      for (const Arrival& a : group) serve_end(a, end);
+    }
+  }
   while (!heap.empty()) {
     const Arrival a = heap.top();
     heap.pop();
@@ -297,16 +366,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     const double end = start + server_s + (last ? v.step_srv : 0.0);  // the server steps before the last gradient goes
     server_busy += end - start;
     server_free = end;
-    const double down = std::max(end, v.down_free) + s.down;
-    down_busy(a.d) += s.down;
-    v.down_free = down;
-    v.b_end = std::max(down + v.latency, v.b_end) + s.b;  // gradients of one device arrive in order
-    compute_busy(a.d) += s.b;
-    if (!last) continue;
-    const double batch_end = v.b_end + v.step_dev;
-    compute_busy(a.d) += v.step_dev;
-    if (++v.batch < v.lens.size()) start_batch(a.d, batch_end);
-    else end_device(a.d, batch_end);
+    serve_end(a, end);
   }
   // On a shared host the cores bound what overlapping can gain: with N = 1 the compute runs in turns
   // (the bound is at most the span), with many micro-batches the server's and the devices' compute
@@ -461,7 +521,9 @@ int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split,
     // downlink), and its device part's weights message, kept until the round's FedAvg.
     if (mode != Mode::kSl || d == 0) total += 2 * bs * sp.activation_bytes(s) + sp.state_bytes(0, s);
   }
-  return total + tape;
+  // Cross-device batching: one tape per lane at once.
+  const int64_t lanes = c_.private_labels ? 1 : std::min<int64_t>(c_.server_lanes, static_cast<int64_t>(split.size()));
+  return total + tape * std::max<int64_t>(1, lanes);
 }
 
 }  // namespace pipar::planner

@@ -11,7 +11,10 @@
 //   B[i] = max(G[i], B[i-1], F[N-1]) + b_d(m_i)               all forwards first, then backwards
 //   batch end = B[N-1] + device step; the next batch of that device starts there.
 // The server takes arrivals of all devices in time order (a heap: O(K N log K) per batch). With
-// K = 1 and N = 1 a batch is exactly the sum of its stages.
+// K = 1 and N = 1 a batch is exactly the sum of its stages. With server lanes L > 1 (cross-device
+// batching), when the server comes free it takes every arrival so far, one per device, as a group:
+// the group's kernels spread over the L lanes (longest first onto the least loaded), its per-message
+// overheads and steps run in turn, and all its gradients leave at the group's end.
 //
 // Private labels (Cluster::private_labels, a U-shaped split): the device keeps the last block and the
 // loss, the server runs blocks [P, B-1). Each micro-batch makes an extra round trip: at its arrival the
@@ -72,6 +75,11 @@ struct Cluster {
   // sfl and pipar with one server-side model for all devices (--server-model shared): its weights,
   // gradients and momentum count once in the server's memory, not once per device.
   bool shared_server_model = false;
+  // Cross-device batching (runtime/lanes.h; shared labels, a replica per device): the server trains the
+  // micro-batches that have arrived, at most one per device, as one group on up to this many lanes
+  // side by side, and sends the group's gradients when all of it is done. The server profile is then
+  // one lane's (measured on its share of the threads). 1: one micro-batch at a time.
+  int server_lanes = 1;
 };
 
 // Measured on the development machine (bench/planner_grid.py, VGG5, 4 device processes and the server
@@ -131,7 +139,7 @@ class CostModel {
   // Estimated peak memory. Device: weights, gradients and momentum of its part, batch-norm state,
   // and the tapes and queued activations of all N micro-batches of a batch (every forward precedes
   // every backward). Server: one replica of the whole model per device (sl, shared server model: one)
-  // with gradients and momentum, the tape of one micro-batch, every device's activations of a batch
+  // with gradients and momentum, the tape of one micro-batch (per server lane), every device's activations of a batch
   // queued in and their gradients out, its device part's weights message, and FedAvg's accumulators.
   int64_t device_memory_bytes(size_t d, int split, int micro_batches) const;
   int64_t server_memory_bytes(Mode mode, const std::vector<int>& split, int micro_batches) const;

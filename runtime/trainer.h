@@ -28,6 +28,10 @@ struct TrainConfig {
   float momentum = 0.9f;
   float weight_decay = 0.0f;
   int threads = 0;  // 0 = all cores
+  // sfl, pipar (per-device server-side replicas, shared labels): replicas the server trains side by
+  // side, each on threads / lanes cores (cross-device batching, runtime/lanes.h); 0 = min(devices,
+  // threads); 1 = one micro-batch at a time on all threads.
+  int server_lanes = 0;
   std::string backend = "cpu";  // cpu | cuda | auto
   uint64_t seed = 1;
   int64_t limit_train = 0, limit_test = 0;  // > 0: use only the first samples

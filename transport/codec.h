@@ -128,7 +128,8 @@ struct ErrorReply {
 
 struct Heartbeat {
   uint32_t device = 0;
-  int64_t time_ns = 0;            // sender's steady clock
+  int64_t time_ns = 0;            // sender's steady clock; kGoodbye: a device's last message (it exits)
+  static constexpr int64_t kGoodbye = -1;
 };
 
 using Message = std::variant<Hello, Plan, Activation, Gradient, Weights, RoundEnd, ErrorReply, Heartbeat>;

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -27,6 +28,7 @@
 #include "planner/replan.h"
 #include "runtime/aggregation.h"
 #include "runtime/checkpoint.h"
+#include "runtime/lanes.h"
 #include "runtime/privacy.h"
 #include "runtime/split.h"
 #include "runtime/trace.h"
@@ -70,6 +72,7 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"dp_delta", c.dp_delta},
           {"labels", c.labels},
           {"server_model", c.server_model},
+          {"server_lanes", c.server_lanes},
           {"latency_ms", n.latency_ms},
           // Devices measure their block times for the planner: it chooses the plan (--split or
           // --micro-batches auto) or scores the fixed one (predicted_round_seconds).
@@ -103,6 +106,7 @@ TrainConfig config_from_json(const json& j) {
   c.dp_delta = j.value("dp_delta", 1e-5);
   c.labels = j.value("labels", "shared");  // absent: a server from before private labels
   c.server_model = j.value("server_model", "per-device");
+  c.server_lanes = j.value("server_lanes", 0);
   return c;
 }
 
@@ -214,6 +218,15 @@ std::vector<Tensor> unpack_state(Model& m, const BlockRanges& ranges, const tp::
 // devices compose their releases, the server counts the rounds each began. Device and server decide it
 // by this one rule, so that the counts the server hands out are the ones the devices expect.
 bool dp_accounted(const TrainConfig& c) { return is_split_mode(c.mode) && c.dp_clip > 0 && c.dp_sigma > 0; }
+
+// This process's peak resident memory since it started (VmHWM: unlike getrusage's ru_maxrss it does
+// not carry the footprint of the process it was forked from); 0 where /proc does not say.
+int64_t peak_rss_bytes() {
+  std::ifstream f("/proc/self/status");
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtoll(line.c_str() + 6, nullptr, 10) * 1024;  // "VmHWM:  1234 kB"
+  return 0;
+}
 
 double seconds_of(tp::Clock::time_point t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
 
@@ -329,6 +342,12 @@ class DeviceRunner {
       heard();
       if (auto* plan = std::get_if<tp::Plan>(&m)) {
         if (plan->finished) {
+          // Goodbye: the server waits (a little) for every device's before its process exits, so that
+          // no device's last message is lost in a socket that dies with it.
+          tp::Heartbeat bye;
+          bye.device = o_.id;
+          bye.time_ns = tp::Heartbeat::kGoodbye;
+          link_->send(bye);
           link_->flush(ms(5000));
           return 0;
         }
@@ -806,10 +825,18 @@ struct DeviceSlot {
   uint64_t bytes_up0 = 0;     // bytes received from it before the round
 };
 
-// A micro-batch's progress through the server. Shared labels: kNone → kServed (forward, loss and
+// A micro-batch's progress through the server. Shared labels: kNone → (kQueued →) kServed (forward, loss and
 // backward at once). Private labels: kNone → kForwarded (middle output sent) → kServed (its gradient
-// back-propagated).
-enum MicroState : char { kNone = 0, kForwarded = 1, kServed = 2 };
+// back-propagated). kQueued: admitted, waiting for its group (cross-device batching).
+enum MicroState : char { kNone = 0, kForwarded = 1, kServed = 2, kQueued = 3 };
+
+// A micro-batch admitted for its server step, waiting for the group it will be trained in.
+struct Pending {
+  DeviceSlot* slot = nullptr;
+  int32_t batch = 0, micro = 0;
+  int64_t batch_len = 0;
+  Tensor activation, labels;
+};
 
 // Key of a middle part's forward: batch and micro-batch.
 int64_t middle_key(int32_t batch, int32_t micro) { return (static_cast<int64_t>(batch) << 32) | static_cast<uint32_t>(micro); }
@@ -1061,6 +1088,8 @@ class ServerRunner {
     if (cfg_.server_model != "per-device" && cfg_.server_model != "shared")
       throw Error("--server-model must be per-device or shared, got '" + cfg_.server_model + "'");
     if (!(cfg_.server_memory_gb >= 0)) throw Error("--server-memory-gb must be 0 (this machine's available memory) or more");
+    if (cfg_.server_lanes < 0) throw Error("--server-lanes must be 0 (min(devices, threads)) or more");
+    if (!(net_.group_wait_ms >= 0) || net_.group_wait_ms > 10000) throw Error("--group-wait-ms must be 0..10000");
     if (cfg_.server_model == "shared") {
       if (cfg_.mode == "fl")
         throw Error("--server-model shared applies to sfl and pipar: in fl the devices train whole models (and sl always "
@@ -1176,6 +1205,7 @@ class ServerRunner {
     meta.epoch = r + 1;
     json extra = {{"mode", cfg_.mode}, {"split", split_json()}, {"micro_batches", cfg_.micro_batches}};
     if (dp_accounting()) extra["privacy_rounds"] = privacy_rounds_;
+    if (split_mode()) extra["server_lanes"] = lanes_choice_;  // a resumed run trains on the same lanes
     if (auto_plan_ && predicted_) {
       json ps = cluster_basis(cluster_);
       ps["plan"] = json::parse(plan_.to_json());
@@ -1230,6 +1260,73 @@ class ServerRunner {
     malloc_trim(0);  // the copies it made while loading K replicas: back to the system, not kept as free heap
   }
 
+  // Cross-device batching (shared labels, a replica per device): up to L replicas train side by side,
+  // each on threads / L of the server's threads. The lanes are fixed for the run (the checkpoint keeps
+  // them), never chosen by timing, so a run's arithmetic does not depend on which micro-batches happen
+  // to share a group. The options, as (lanes, threads per lane): --server-lanes L: that; 0 (auto): one
+  // at a time on all threads, or min(devices, threads) lanes, whichever the cost model predicts faster
+  // (plan_first; side by side wins with many devices and small micro-batches, loses with few devices
+  // and large ones, bench/RESULTS.md). One server-side model (sl, --server-model shared) and private
+  // labels: one lane on all threads.
+  std::vector<std::pair<int, int>> lane_options() const {
+    const int threads = cfg_.threads > 0 ? cfg_.threads : kernels::num_threads();
+    if (shared_server() || private_labels()) return {{1, threads}};
+    if (resumed_ && resume_.contains("server_lanes")) {
+      try {
+        const auto lanes = resume_.at("server_lanes").get<std::pair<int, int>>();
+        if (lanes.first >= 1 && lanes.second >= 1) return {lanes};
+      } catch (const json::exception&) {
+      }
+      throw IoError("checkpoint " + cfg_.load_path + ": bad server_lanes");
+    }
+    if (cfg_.server_lanes > 0) return {ServerLanes::split_cores(cfg_.server_lanes, threads)};
+    const auto many = ServerLanes::split_cores(cfg_.devices, threads);
+    if (many.first == 1) return {many};
+    return {{1, threads}, many};
+  }
+
+  void start_lanes(std::pair<int, int> lanes) {
+    lanes_ = std::make_unique<ServerLanes>(lanes.first, lanes.second);
+    if (lanes.first > 1)
+      say(detail::concat("cross-device batching: up to ", lanes.first, " server-side replicas train side by side, ",
+                         lanes.second, " thread", lanes.second > 1 ? "s" : "", " each"));
+  }
+
+  // The cluster the cost model sees, with this server's profile measured on `lanes`' threads per lane.
+  planner::Cluster make_cluster(const std::vector<planner::Profile>& profiles, const planner::Profile& server_profile,
+                                std::pair<int, int> lanes) const {
+    planner::Cluster c = planner::make_cluster(profiles[0], slots_.size(),
+                                               {net_.uplink_mbps, net_.downlink_mbps, net_.latency_ms / 1e3, 0}, cfg_.batch_size);
+    c.device_profiles = profiles;
+    size_t k = 0;
+    for (size_t d = 0; d < slots_.size(); ++d) {
+      c.devices[d].samples = slots_[d].samples;
+      c.devices[d].profile = slots_[d].connected && !slots_[d].profile.empty() ? k++ : 0;
+    }
+    c.server_profile = server_profile;
+    c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
+    c.server_lanes = lanes.first;
+    if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
+      c.host_cores = net_.shared_cores > 0 ? net_.shared_cores : kernels::hardware_threads();
+      c.host_device_threads = net_.launched_device_threads;
+      c.host_server_threads = lanes.first * lanes.second;
+    }
+    c.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
+    c.shared_server_model = shared_server();
+    return c;
+  }
+
+  // The predicted round time of the plan this run would use on cluster c: the search's best, or the
+  // fixed plan's score (infinity where the cost model cannot score it).
+  double predicted_round_s(const planner::Cluster& c) {
+    try {
+      if (auto_plan_) return planner::search(planner::CostModel(c), search_options_).best.round_s;
+      return planner::evaluate_plan(planner::CostModel(c), search_options_.mode, slot_splits(), cfg_.micro_batches).round_s;
+    } catch (const Error&) {
+      return std::numeric_limits<double>::infinity();
+    }
+  }
+
   // The first round's plan and its predicted round time, from the devices' measured profiles, this
   // server's own and the configured links. --split auto / --micro-batches auto: the planner's best
   // plan (in sfl and pipar a split point per device, unless --one-split). A fixed plan is kept and only scored by the same
@@ -1243,41 +1340,49 @@ class ServerRunner {
         profiles.push_back(planner::Profile::from_json(s.profile));
         device_profile_s = std::max(device_profile_s, profiles.back().seconds);
       }
+    const std::vector<std::pair<int, int>> lane_choices = lane_options();
     if (profiles.empty()) {
       if (auto_plan_) throw Error("--split auto: no device sent a profile");
       say("no device sent a profile: the fixed plan's round time is not predicted");
+      lanes_choice_ = lane_choices.front();  // nothing to choose by: one at a time unless --server-lanes says otherwise
+      start_lanes(lanes_choice_);
       return;
     }
-    planner::ProfileOptions po;
-    po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
-    // A model of its own: profiling takes SGD steps, which must not move the weights training starts from.
-    const planner::Profile server_profile = planner::profile_model(cfg_.model, model_->options(), po);
-    cluster_ = planner::make_cluster(profiles[0], slots_.size(),
-                                     {net_.uplink_mbps, net_.downlink_mbps, net_.latency_ms / 1e3, 0}, cfg_.batch_size);
-    cluster_.device_profiles = profiles;
-    size_t k = 0;
-    for (size_t d = 0; d < slots_.size(); ++d) {
-      cluster_.devices[d].samples = slots_[d].samples;
-      cluster_.devices[d].profile = slots_[d].connected && !slots_[d].profile.empty() ? k++ : 0;
-    }
-    cluster_.server_profile = server_profile;
-    cluster_.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
-    if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
-      cluster_.host_cores = net_.shared_cores > 0 ? net_.shared_cores : kernels::hardware_threads();
-      cluster_.host_device_threads = net_.launched_device_threads;
-      cluster_.host_server_threads = kernels::num_threads();
-    }
-    cluster_.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
     search_options_.mode = planner::parse_mode(cfg_.mode);
     // One server part (sl's, or --server-model shared) splits at one block for every device.
     search_options_.per_device_split = !shared_server() && !cfg_.one_split;
-    cluster_.shared_server_model = shared_server();
     search_options_.server_memory_limit = server_memory_limit();
-    const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
-                                                 server_profile.seconds, " s");
     if (auto_plan_) {
       if (cfg_.split > 0) search_options_.splits = {cfg_.split};
       if (cfg_.micro_batches > 0) search_options_.micro_batches = {cfg_.micro_batches};
+    }
+    // This server's profile for each lane option (a micro-batch runs on one lane's share of the
+    // threads), and the option whose plan the cost model predicts faster.
+    planner::ProfileOptions po;
+    po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
+    double server_profile_s = 0, best_s = std::numeric_limits<double>::infinity();
+    std::string lane_note;
+    for (const auto& lanes : lane_choices) {
+      po.threads = lanes.second;
+      // A model of its own: profiling takes SGD steps, which must not move the weights training starts from.
+      const planner::Profile server_profile = planner::profile_model(cfg_.model, model_->options(), po);
+      server_profile_s += server_profile.seconds;
+      planner::Cluster c = make_cluster(profiles, server_profile, lanes);
+      const double predicted = lane_choices.size() > 1 ? predicted_round_s(c) : 0.0;
+      if (lane_choices.size() > 1)
+        lane_note += detail::concat(lane_note.empty() ? "" : ", ", lanes.first, " lane", lanes.first > 1 ? "s" : "", " of ",
+                                    lanes.second, " thread", lanes.second > 1 ? "s" : "", ": round ", predicted, " s");
+      if (&lanes == &lane_choices.front() || predicted < best_s) {
+        best_s = predicted;
+        cluster_ = std::move(c);
+        lanes_choice_ = lanes;
+      }
+    }
+    if (!lane_note.empty()) say("cross-device batching, predicted: " + lane_note);
+    start_lanes(lanes_choice_);
+    const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
+                                                 server_profile_s, " s");
+    if (auto_plan_) {
       if (restore_plan()) return;
       // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.
       const planner::SearchResult r = planner::search(planner::CostModel(cluster_), search_options_);
@@ -1550,6 +1655,68 @@ class ServerRunner {
         continue;
       }
       dispatch(*rec, r, now);
+      if (pending_.empty()) continue;
+      // Cross-device batching: whatever else has already arrived joins the group (no waiting beyond
+      // --group-wait-ms, so a slow device never holds the others back), then the group trains at once.
+      const double wait_until = now_seconds() + net_.group_wait_ms / 1e3;
+      for (int taken = 0; taken < 4 * lanes_->lanes() && pending_owners() < static_cast<size_t>(lanes_->lanes()); ++taken) {
+        const double left = wait_until - now_seconds();
+        auto more = server_.recv(ms(left > 0 ? static_cast<int64_t>(std::ceil(left * 1e3)) : 0));
+        if (!more) break;
+        dispatch(*more, r, now_seconds());
+      }
+      serve_pending(r);
+    }
+  }
+
+  // Distinct server parts among the queued micro-batches: the largest group they can form now.
+  size_t pending_owners() {
+    std::set<const DeviceSlot*> owners;
+    for (Pending& p : pending_) owners.insert(&owner_of(*p.slot));
+    return owners.size();
+  }
+
+  // Trains the queued micro-batches, in groups of distinct server parts (a part's micro-batches in
+  // their arrival order: a later one of the same part waits for the next group), sends each its
+  // gradient and steps each part whose batch is complete.
+  void serve_pending(int r) {
+    while (!pending_.empty()) {
+      std::vector<Pending> group;
+      std::deque<Pending> later;
+      std::set<const DeviceSlot*> owners;
+      for (Pending& p : pending_) {
+        if (!p.slot->in_round || p.slot->done) continue;  // dropped while it waited
+        (owners.insert(&owner_of(*p.slot)).second ? group.push_back(std::move(p)) : later.push_back(std::move(p)));
+      }
+      pending_ = std::move(later);
+      if (group.empty()) continue;
+      std::vector<ServerLanes::Item> items(group.size());
+      for (size_t i = 0; i < group.size(); ++i) {
+        items[i].part = owner_of(*group[i].slot).server_part.get();
+        items[i].activation = std::move(group[i].activation);
+        items[i].labels = std::move(group[i].labels);
+        items[i].batch_size = group[i].batch_len;
+      }
+      const double t0 = now_seconds();
+      lanes_->train(items);
+      const double t1 = now_seconds();
+      ++groups_;
+      grouped_micros_ += group.size();
+      for (const ServerLanes::Item& it : items)
+        if (it.error) std::rethrow_exception(it.error);  // as a step on the server's own thread would throw
+      for (size_t i = 0; i < group.size(); ++i) {
+        DeviceSlot& s = *group[i].slot;
+        s.stats += items[i].result.stats;
+        tp::Gradient g;
+        g.round = r, g.batch = group[i].batch, g.micro_batch = group[i].micro, g.device = s.id;
+        g.samples = static_cast<int32_t>(items[i].result.grad.shape().n);
+        g.data = std::move(items[i].result.grad);
+        serve_done(s, owner_of(s), r, g.batch, g.micro_batch, s.micro_done[g.batch]);
+        trace_.add("server", detail::concat("d", s.id, " b", g.batch, " m", g.micro_batch,
+                                            group.size() > 1 ? detail::concat(" (group of ", group.size(), ")") : std::string()),
+                   t0, t1);
+        server_.send(s.id, g);
+      }
     }
   }
 
@@ -1629,27 +1796,20 @@ class ServerRunner {
     state.resize(static_cast<size_t>(micros), kNone);
     if (state[static_cast<size_t>(a.micro_batch)] != kNone)
       return reject(s, peer, detail::concat("micro-batch ", a.micro_batch, " of batch ", a.batch, " sent twice"));
-    DeviceSlot& owner = owner_of(s);
-    const double t0 = now_seconds();
-    if (private_labels()) {
-      // The middle blocks' output goes down to the device, whose tail computes the loss; the tape stays
-      // here until the output's gradient comes back (handle(Gradient)).
-      tp::Activation out;
-      out.round = r, out.batch = a.batch, out.micro_batch = a.micro_batch, out.device = s.id, out.samples = a.samples;
-      out.data = owner.middle_part->forward(middle_key(a.batch, a.micro_batch), a.data);
-      state[static_cast<size_t>(a.micro_batch)] = kForwarded;
-      trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch, " forward"), t0, now_seconds());
-      server_.send(s.id, out);
-      return;
+    if (!private_labels()) {
+      state[static_cast<size_t>(a.micro_batch)] = kQueued;
+      pending_.push_back({&s, a.batch, a.micro_batch, len, std::move(a.data), a.labels.reshape({xs.n, 1, 1, 1})});
+      return;  // trained by serve_pending, alone or with other devices' micro-batches
     }
-    ServerPart::Result res = owner.server_part->train_micro(a.data, a.labels.reshape({xs.n, 1, 1, 1}), len);
-    s.stats += res.stats;
-    tp::Gradient g;
-    g.round = r, g.batch = a.batch, g.micro_batch = a.micro_batch, g.device = s.id, g.samples = a.samples;
-    g.data = res.grad;
-    serve_done(s, owner, r, a.batch, a.micro_batch, state);
-    trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch), t0, now_seconds());
-    server_.send(s.id, g);
+    // Private labels: the middle blocks' output goes down to the device, whose tail computes the loss;
+    // the tape stays here until the output's gradient comes back (handle(Gradient)).
+    const double t0 = now_seconds();
+    tp::Activation out;
+    out.round = r, out.batch = a.batch, out.micro_batch = a.micro_batch, out.device = s.id, out.samples = a.samples;
+    out.data = owner_of(s).middle_part->forward(middle_key(a.batch, a.micro_batch), a.data);
+    state[static_cast<size_t>(a.micro_batch)] = kForwarded;
+    trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch, " forward"), t0, now_seconds());
+    server_.send(s.id, out);
   }
 
   // A micro-batch finished on the server; the server part steps once all of its batch's have.
@@ -1735,6 +1895,7 @@ class ServerRunner {
     if (active.empty()) throw Error("no device is connected");
     if (dp_accounting()) write_privacy_journal(r, active);
     round_devices_ = active.size();
+    groups_ = grouped_micros_ = 0;
     if (cfg_.mode == "sl") {
       // Devices take turns; each starts from the device part its predecessor trained. (Private labels:
       // the tail's weights pass on too, but its momentum stays with each device, as the front's does,
@@ -1878,6 +2039,11 @@ class ServerRunner {
       line["split"] = used.split;
       line["micro_batches"] = used.micro_batches;
       line["uplink_mbps"] = uplink_for_round(r);
+      if (lanes_ && !private_labels()) {  // cross-device batching: groups trained and their mean size
+        line["server_lanes"] = lanes_->lanes();
+        line["server_groups"] = groups_;
+        line["mean_group_size"] = groups_ ? static_cast<double>(grouped_micros_) / static_cast<double>(groups_) : 0.0;
+      }
     }
     if (predicted_) line["predicted_round_seconds"] = used.predicted_s;  // the cost model's, for this round's plan
     if (epsilon >= 0) line["epsilon"] = epsilon;
@@ -1893,12 +2059,28 @@ class ServerRunner {
                        line["bytes_up"].get<uint64_t>() / 1e6, " MB, down ", line["bytes_down"].get<uint64_t>() / 1e6, " MB"));
   }
 
+  // Tells every device that training is over and waits, at most kGoodbyeS, for each connected one's
+  // goodbye (a heartbeat marked kGoodbye; its link's periodic heartbeats may come before): ZeroMQ sends from threads that die with this process, so a server that
+  // exited at once could take the last messages to its devices with it, and they would wait out their
+  // time-outs and report an error.
+  static constexpr double kGoodbyeS = 5.0;
   void finish() {
     tp::Plan done;
     done.finished = true;
     done.config = config_to_json(cfg_, net_).dump();
-    for (DeviceSlot& s : slots_) server_.send(s.id, done);
+    std::set<uint32_t> waiting;
+    for (DeviceSlot& s : slots_) {
+      server_.send(s.id, done);
+      if (s.connected) waiting.insert(s.id);
+    }
     server_.flush(ms(5000));
+    const double deadline = now_seconds() + kGoodbyeS;
+    while (!waiting.empty() && now_seconds() < deadline) {
+      auto rec = server_.recv(ms(50));
+      if (!rec || !rec->message.ok() || !rec->device) continue;
+      if (const auto* hb = std::get_if<tp::Heartbeat>(&rec->message.value()); hb && hb->time_ns == tp::Heartbeat::kGoodbye)
+        waiting.erase(*rec->device);
+    }
     trace_.write_chrome_json(result_.out_dir + "/trace.json", origin_);
   }
 
@@ -1939,6 +2121,7 @@ class ServerRunner {
     s["epochs_completed"] = result_.epochs.size();
     s["threads"] = kernels::num_threads();
     s["params"] = model_->param_count();
+    if (const int64_t peak = peak_rss_bytes(); peak > 0) s["server_peak_rss_bytes"] = peak;  // this process's, so far
     if (predicted_) {  // the first round's plan as the cost model scored it (chosen or fixed)
       s["predicted_round_seconds"] = first_plan_.round_s;
       s["predicted_plan"] = json::parse(first_plan_.to_json());
@@ -1984,6 +2167,12 @@ class ServerRunner {
   std::vector<CheckpointState> resume_state_;
   bool resumed_ = false;
   std::vector<int64_t> privacy_rounds_;  // differential privacy: per device, rounds begun (dp_accounting)
+  // Cross-device batching: the lanes that train queued micro-batches side by side, the queue, and the
+  // groups trained (and their micro-batches) in the current round.
+  std::unique_ptr<ServerLanes> lanes_;
+  std::pair<int, int> lanes_choice_{1, 1};  // (lanes, threads per lane), checkpointed
+  std::deque<Pending> pending_;
+  uint64_t groups_ = 0, grouped_micros_ = 0;
 };
 
 }  // namespace

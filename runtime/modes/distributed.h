@@ -24,6 +24,9 @@ struct NetConfig {
   double device_timeout_s = 60;    // a device silent this long is dropped from its round
   // (round, Mbit/s): from that round on every uplink runs at that rate (a changing network).
   std::vector<std::pair<int, double>> uplink_schedule;
+  // Cross-device batching: after a micro-batch arrives, how long the server waits for other devices'
+  // to train with it in one group (0: only those already arrived; a slow device never holds the rest).
+  double group_wait_ms = 0;
   bool replan = true;  // with an automatic plan: re-plan at round boundaries when rates or speeds drift
   std::optional<transport::Security> security;  // CURVE keys and allow-list; unset: plain links
   // (optional) set by a launcher of device processes: "" while they run, else what went wrong, so

@@ -128,6 +128,49 @@ TEST(CostModel, HandComputedWithLatencyAndSteps) {
   EXPECT_NEAR(model.batch(Mode::kPipar, {1, 1}, 2).span_s, 11.25, 1e-9);
 }
 
+// Cross-device batching (server lanes): the server takes what has arrived, one micro-batch per device,
+// as a group over its lanes, and the group's gradients leave together.
+TEST(CostModel, HandComputedServerLanes) {
+  // The two devices above, N = 2, 2 lanes: groups {d0m0, d1m0} 2-3 and {d0m1, d1m1} 3-4. Downlinks
+  // 3-4, 4-5 each; backwards (from F = 2) 4-6, 6-8. Batch: 8 s (9 with one lane), server busy 2 s.
+  Cluster c = two_block_cluster(2, 0, 0, 0);
+  c.server_lanes = 2;
+  const Timing t = CostModel(c).batch(Mode::kPipar, {1, 1}, 2);
+  EXPECT_NEAR(t.span_s, 8.0, 1e-9);
+  EXPECT_NEAR(t.busy[0].busy_s, 2.0, 1e-9);
+  // Three devices on 2 lanes: a group of 3 takes 2 s (two items on one lane): groups 2-4 and 4-6;
+  // gradients down 4-5 and 6-7, backwards 5-7 and 7-9: 9 s. One lane: server 2-8 in turn, the
+  // third device's last gradient down 8-9, backward 9-11: 11 s.
+  Cluster three = two_block_cluster(3, 0, 0, 0);
+  EXPECT_NEAR(CostModel(three).batch(Mode::kPipar, {1, 1, 1}, 2).span_s, 11.0, 1e-9);
+  three.server_lanes = 2;
+  EXPECT_NEAR(CostModel(three).batch(Mode::kPipar, {1, 1, 1}, 2).span_s, 9.0, 1e-9);
+  // Per-message work and steps run in turn on the server's loop: sfl, batch 2, per-message 0.25 s,
+  // server step 0.5 s. Both arrive at 4 (f 2, up 2); kernels 2 s side by side, then 2 x (0.25 + 0.5):
+  // gradients leave at 7.5, down 2 s, backward 4 s: 13.5 s.
+  Cluster steps = two_block_cluster(2, 0, 0, 0.5);
+  steps.server_per_micro_batch_s = 0.25;
+  steps.server_lanes = 2;
+  EXPECT_NEAR(CostModel(steps).batch(Mode::kSfl, {1, 1}, 1).span_s, 13.5, 1e-9);
+  c.server_lanes = 0;
+  EXPECT_THROW(CostModel{c}, Error);
+}
+
+// With one device there is never more than one micro-batch to group: lanes change nothing.
+TEST(CostModel, ServerLanesChangeNothingForOneDevice) {
+  SCOPED_TRACE(pipar::test::seed_trace());
+  pipar::test::Rng rng(21);
+  for (int trial = 0; trial < 20; ++trial) {
+    Cluster c = random_one_device_cluster(rng, 2, trial);
+    c.devices[0].samples = rng.integer(1, 3) * c.batch_size;
+    const int p = rng.integer(1, static_cast<int>(c.device_profiles[0].num_blocks()) - 1);
+    const int n = rng.integer(1, 8);
+    const double one = CostModel(c).round(Mode::kPipar, {p}, n).span_s;
+    c.server_lanes = rng.integer(2, 16);
+    EXPECT_NEAR(CostModel(c).round(Mode::kPipar, {p}, n).span_s, one, 1e-9 * one) << "trial " << trial;
+  }
+}
+
 TEST(CostModel, UnevenMicroBatchesFollowMicroBatchSizes) {
   // batch 3 in 2 micro-batches: sizes 2 and 1 (runtime/split.h). K = 1, no latency:
   // F 2, 3; up 2-4, 4-5; server 4-6, 6-7; down 6-8, 8-9; backward (from 3) 8-12, 12-14.
