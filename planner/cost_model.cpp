@@ -300,18 +300,21 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     while (!heap.empty() || n_waiting > 0) {
       const double start = n_waiting > 0 ? server_free : std::max(heap.top().t, server_free);
       group.clear();
-      if (n_waiting > 0)
+      if (n_waiting > 0) {  // the waiting devices' first micro-batches, earliest first, one per lane
         for (size_t d = 0; d < k; ++d)
-          if (!waiting[d].empty()) {
-            group.push_back(waiting[d].front());
-            waiting[d].pop_front();
-            --n_waiting;
-            in_group[d] = 1;
-          }
+          if (!waiting[d].empty()) group.push_back(waiting[d].front());
+        std::sort(group.begin(), group.end(), [](const Arrival& a, const Arrival& b) { return b > a; });
+        if (group.size() > lanes) group.resize(lanes);
+        for (const Arrival& a : group) {
+          waiting[a.d].pop_front();
+          --n_waiting;
+          in_group[a.d] = 1;
+        }
+      }
       while (!heap.empty() && heap.top().t <= start) {
         const Arrival a = heap.top();
         heap.pop();
-        if (in_group[a.d]) {
+        if (in_group[a.d] || group.size() >= lanes) {
           waiting[a.d].push_back(a);
           ++n_waiting;
         } else {
@@ -319,8 +322,8 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
           in_group[a.d] = 1;
         }
       }
-      // Kernels over the lanes (longest first, each onto the least loaded); per-message work and steps
-      // on the server's loop, one after another.
+      // Kernels over the lanes (one each; the longest sets the group's time); per-message work and
+      // steps on the server's loop, one after another.
       kernel.clear();
       double serial = 0;
       for (const Arrival& a : group) {

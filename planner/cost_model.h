@@ -12,9 +12,9 @@
 //   batch end = B[N-1] + device step; the next batch of that device starts there.
 // The server takes arrivals of all devices in time order (a heap: O(K N log K) per batch). With
 // K = 1 and N = 1 a batch is exactly the sum of its stages. With server lanes L > 1 (cross-device
-// batching), when the server comes free it takes every arrival so far, one per device, as a group:
-// the group's kernels spread over the L lanes (longest first onto the least loaded), its per-message
-// overheads and steps run in turn, and all its gradients leave at the group's end.
+// batching), when the server comes free it takes the arrivals so far, at most one per device and L in
+// all (earliest first), as a group: its kernels run side by side on the lanes, its per-message
+// overheads and steps in turn, and all its gradients leave at the group's end.
 //
 // Private labels (Cluster::private_labels, a U-shaped split): the device keeps the last block and the
 // loss, the server runs blocks [P, B-1). Each micro-batch makes an extra round trip: at its arrival the
@@ -75,9 +75,9 @@ struct Cluster {
   // sfl and pipar with one server-side model for all devices (--server-model shared): its weights,
   // gradients and momentum count once in the server's memory, not once per device.
   bool shared_server_model = false;
-  // Cross-device batching (runtime/lanes.h; shared labels, a replica per device): the server trains the
-  // micro-batches that have arrived, at most one per device, as one group on up to this many lanes
-  // side by side, and sends the group's gradients when all of it is done. The server profile is then
+  // Cross-device batching (runtime/lanes.h; shared labels, a replica per device): the server trains up
+  // to this many micro-batches that have arrived, at most one per device, as one group side by side,
+  // and sends the group's gradients when all of it is done. The server profile is then
   // one lane's (measured on its share of the threads). 1: one micro-batch at a time.
   int server_lanes = 1;
 };

@@ -1655,17 +1655,27 @@ class ServerRunner {
         continue;
       }
       dispatch(*rec, r, now);
-      if (pending_.empty()) continue;
-      // Cross-device batching: whatever else has already arrived joins the group (no waiting beyond
-      // --group-wait-ms, so a slow device never holds the others back), then the group trains at once.
-      const double wait_until = now_seconds() + net_.group_wait_ms / 1e3;
-      for (int taken = 0; taken < 4 * lanes_->lanes() && pending_owners() < static_cast<size_t>(lanes_->lanes()); ++taken) {
-        const double left = wait_until - now_seconds();
-        auto more = server_.recv(ms(left > 0 ? static_cast<int64_t>(std::ceil(left * 1e3)) : 0));
-        if (!more) break;
-        dispatch(*more, r, now_seconds());
+      while (!pending_.empty()) {
+        fill_group(r);
+        serve_group(r);
       }
-      serve_pending(r);
+    }
+  }
+
+  // Cross-device batching: whatever else has already arrived joins the next group (no waiting beyond
+  // --group-wait-ms, so a slow device never holds the others back). A device's micro-batches arrive
+  // back to back: the queue is read until the lanes have a device each, however many of one device's
+  // come first (at most kMaxDrain messages; then it trains what it has).
+  static constexpr size_t kMaxDrain = 4096;
+  void fill_group(int r) {
+    const size_t lanes = static_cast<size_t>(lanes_->lanes());
+    if (lanes < 2) return;
+    const double wait_until = now_seconds() + net_.group_wait_ms / 1e3;
+    for (size_t taken = 0; taken < kMaxDrain && pending_owners() < lanes; ++taken) {
+      const double left = wait_until - now_seconds();
+      auto more = server_.recv(ms(left > 0 ? static_cast<int64_t>(std::ceil(left * 1e3)) : 0));
+      if (!more) break;
+      dispatch(*more, r, now_seconds());
     }
   }
 
@@ -1676,47 +1686,47 @@ class ServerRunner {
     return owners.size();
   }
 
-  // Trains the queued micro-batches, in groups of distinct server parts (a part's micro-batches in
-  // their arrival order: a later one of the same part waits for the next group), sends each its
-  // gradient and steps each part whose batch is complete.
-  void serve_pending(int r) {
-    while (!pending_.empty()) {
-      std::vector<Pending> group;
-      std::deque<Pending> later;
-      std::set<const DeviceSlot*> owners;
-      for (Pending& p : pending_) {
-        if (!p.slot->in_round || p.slot->done) continue;  // dropped while it waited
-        (owners.insert(&owner_of(*p.slot)).second ? group.push_back(std::move(p)) : later.push_back(std::move(p)));
-      }
-      pending_ = std::move(later);
-      if (group.empty()) continue;
-      std::vector<ServerLanes::Item> items(group.size());
-      for (size_t i = 0; i < group.size(); ++i) {
-        items[i].part = owner_of(*group[i].slot).server_part.get();
-        items[i].activation = std::move(group[i].activation);
-        items[i].labels = std::move(group[i].labels);
-        items[i].batch_size = group[i].batch_len;
-      }
-      const double t0 = now_seconds();
-      lanes_->train(items);
-      const double t1 = now_seconds();
-      ++groups_;
-      grouped_micros_ += group.size();
-      for (const ServerLanes::Item& it : items)
-        if (it.error) std::rethrow_exception(it.error);  // as a step on the server's own thread would throw
-      for (size_t i = 0; i < group.size(); ++i) {
-        DeviceSlot& s = *group[i].slot;
-        s.stats += items[i].result.stats;
-        tp::Gradient g;
-        g.round = r, g.batch = group[i].batch, g.micro_batch = group[i].micro, g.device = s.id;
-        g.samples = static_cast<int32_t>(items[i].result.grad.shape().n);
-        g.data = std::move(items[i].result.grad);
-        serve_done(s, owner_of(s), r, g.batch, g.micro_batch, s.micro_done[g.batch]);
-        trace_.add("server", detail::concat("d", s.id, " b", g.batch, " m", g.micro_batch,
-                                            group.size() > 1 ? detail::concat(" (group of ", group.size(), ")") : std::string()),
-                   t0, t1);
-        server_.send(s.id, g);
-      }
+  // Trains one group of queued micro-batches: the first of each server part, in arrival order, up to
+  // one per lane (a part's later micro-batches, and parts beyond the lanes, wait for the next group);
+  // sends each its gradient and steps each part whose batch is complete.
+  void serve_group(int r) {
+    std::vector<Pending> group;
+    std::deque<Pending> later;
+    std::set<const DeviceSlot*> owners;
+    const size_t lanes = static_cast<size_t>(lanes_->lanes());
+    for (Pending& p : pending_) {
+      if (!p.slot->in_round || p.slot->done) continue;  // dropped while it waited
+      const bool joins = owners.size() < lanes && owners.insert(&owner_of(*p.slot)).second;
+      (joins ? group.push_back(std::move(p)) : later.push_back(std::move(p)));
+    }
+    pending_ = std::move(later);
+    if (group.empty()) return;
+    std::vector<ServerLanes::Item> items(group.size());
+    for (size_t i = 0; i < group.size(); ++i) {
+      items[i].part = owner_of(*group[i].slot).server_part.get();
+      items[i].activation = std::move(group[i].activation);
+      items[i].labels = std::move(group[i].labels);
+      items[i].batch_size = group[i].batch_len;
+    }
+    const double t0 = now_seconds();
+    lanes_->train(items);
+    const double t1 = now_seconds();
+    ++groups_;
+    grouped_micros_ += group.size();
+    for (const ServerLanes::Item& it : items)
+      if (it.error) std::rethrow_exception(it.error);  // as a step on the server's own thread would throw
+    for (size_t i = 0; i < group.size(); ++i) {
+      DeviceSlot& s = *group[i].slot;
+      s.stats += items[i].result.stats;
+      tp::Gradient g;
+      g.round = r, g.batch = group[i].batch, g.micro_batch = group[i].micro, g.device = s.id;
+      g.samples = static_cast<int32_t>(items[i].result.grad.shape().n);
+      g.data = std::move(items[i].result.grad);
+      serve_done(s, owner_of(s), r, g.batch, g.micro_batch, s.micro_done[g.batch]);
+      trace_.add("server", detail::concat("d", s.id, " b", g.batch, " m", g.micro_batch,
+                                          group.size() > 1 ? detail::concat(" (group of ", group.size(), ")") : std::string()),
+                 t0, t1);
+      server_.send(s.id, g);
     }
   }
 
@@ -1799,7 +1809,7 @@ class ServerRunner {
     if (!private_labels()) {
       state[static_cast<size_t>(a.micro_batch)] = kQueued;
       pending_.push_back({&s, a.batch, a.micro_batch, len, std::move(a.data), a.labels.reshape({xs.n, 1, 1, 1})});
-      return;  // trained by serve_pending, alone or with other devices' micro-batches
+      return;  // trained by serve_group, alone or with other devices' micro-batches
     }
     // Private labels: the middle blocks' output goes down to the device, whose tail computes the loss;
     // the tape stays here until the output's gradient comes back (handle(Gradient)).

@@ -138,9 +138,9 @@ TEST(CostModel, HandComputedServerLanes) {
   const Timing t = CostModel(c).batch(Mode::kPipar, {1, 1}, 2);
   EXPECT_NEAR(t.span_s, 8.0, 1e-9);
   EXPECT_NEAR(t.busy[0].busy_s, 2.0, 1e-9);
-  // Three devices on 2 lanes: a group of 3 takes 2 s (two items on one lane): groups 2-4 and 4-6;
-  // gradients down 4-5 and 6-7, backwards 5-7 and 7-9: 9 s. One lane: server 2-8 in turn, the
-  // third device's last gradient down 8-9, backward 9-11: 11 s.
+  // Three devices on 2 lanes (groups of at most 2, earliest first): {d0m0, d1m0} 2-3, {d2m0, d0m1}
+  // 3-4, {d1m1, d2m1} 4-5. Device 2: gradients down 4-5 and 5-6, backwards 5-7 and 7-9: 9 s. One
+  // lane: server 2-8 in turn, the third device's last gradient down 8-9, backward 9-11: 11 s.
   Cluster three = two_block_cluster(3, 0, 0, 0);
   EXPECT_NEAR(CostModel(three).batch(Mode::kPipar, {1, 1, 1}, 2).span_s, 11.0, 1e-9);
   three.server_lanes = 2;
