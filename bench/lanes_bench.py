@@ -30,7 +30,8 @@ def server_run(args, out_dir, devices, lanes, replay=None, record=None, samples=
     cmd = [args.pipar, "server", "--insecure", "--listen", "tcp://127.0.0.1:*", "--mode", "pipar", "--model", args.model,
            "--dataset", "synthetic", "--devices", str(devices), "--epochs", str(args.epochs if replay else 1),
            "--batch-size", str(bs), "--split", str(args.split), "--micro-batches", str(args.micro_batches),
-           "--uplink-mbps", "0", "--downlink-mbps", "0", "--threads", str(args.server_threads),
+           "--uplink-mbps", str(getattr(args, "uplink_mbps", 0)), "--downlink-mbps", str(getattr(args, "downlink_mbps", 0)),
+           "--threads", str(args.server_threads),
            "--limit-train", str(samples or bs), "--limit-test", "100", "--out", out_dir, "--server-lanes", str(lanes)]
     os.makedirs(out_dir, exist_ok=True)
     log_path = out_dir + ".log"

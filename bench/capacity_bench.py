@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""How many devices one server sustains (issue #8): a `pipar server` and K light devices
+(`pipar device --replay`: a real device's recorded activations and labels, sent at the link rate, no
+compute) on links of --uplink-mbps / --downlink-mbps. While the links are the bottleneck the round
+time stays flat as K grows; once the server is, it grows with K. Per K: the measured round time and
+throughput, the busiest resource measured, and the cost model's predicted round time and bottleneck
+(metrics.jsonl's predicted_round_seconds; the server profiles itself, the devices' profiles come
+with the recording). The server keeps its own choice of lanes (--lanes to force).
+
+  bench/capacity_bench.py --pipar build/apps/pipar --devices 4,8,16,32,64 --uplink-mbps 10
+
+Light devices share this machine's cores with the server: on a small machine they slow it a little.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+from benchrun import machine_line
+from lanes_bench import server_run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipar", default="build/apps/pipar")
+    p.add_argument("--model", default="vgg5")
+    p.add_argument("--split", type=int, default=2)
+    p.add_argument("--micro", type=int, default=10, help="samples per micro-batch")
+    p.add_argument("--micro-batches", type=int, default=10, help="micro-batches per batch")
+    p.add_argument("--batches", type=int, default=3, help="batches per device per round")
+    p.add_argument("--devices", default="4,8,16,32,64")
+    p.add_argument("--epochs", type=int, default=2, help="rounds; the first is left out (warm-up)")
+    p.add_argument("--uplink-mbps", type=float, default=10)
+    p.add_argument("--downlink-mbps", type=float, default=25)
+    p.add_argument("--server-threads", type=int, default=0, help="0: all cores")
+    p.add_argument("--lanes", type=int, default=0, help="--server-lanes (0: the server's choice)")
+    args = p.parse_args()
+    print(machine_line("capacity_bench") + f"; {args.model} split {args.split}, micro-batches of {args.micro}, "
+          f"{args.micro_batches} per batch, {args.batches} batches per device per round, uplink {args.uplink_mbps:g} "
+          f"Mbit/s, downlink {args.downlink_mbps:g} Mbit/s, light devices", flush=True)
+    root = tempfile.mkdtemp(prefix="pipar_capacity_")
+    rec = os.path.join(root, "first.rec")
+    plain = argparse.Namespace(**{**vars(args), "uplink_mbps": 0, "downlink_mbps": 0})
+    server_run(plain, os.path.join(root, "record"), 1, 1, record=rec)
+    print("| K | round (s) | samples/s | bottleneck | server busy | predicted round (s) | predicted bottleneck | lanes (mean group) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in [int(x) for x in args.devices.split(",")]:
+        samples = k * args.batches * args.micro * args.micro_batches
+        out = os.path.join(root, f"k{k}")
+        lines, _ = server_run(args, out, k, args.lanes, replay=rec, samples=samples)
+        with open(os.path.join(out, "summary.json")) as f:
+            predicted = json.load(f).get("predicted_plan", {})
+        last = lines[-1]
+        t = last["round_seconds"]
+        print(f"| {k} | {t:.2f} | {samples / t:.0f} | {last['bottleneck']} | {100 * last['server_busy_seconds'] / t:.0f}% | "
+              f"{last.get('predicted_round_seconds', float('nan')):.2f} | {predicted.get('bottleneck', '?')} | "
+              f"{last.get('server_lanes', 1)} ({last.get('mean_group_size', 1):.2f}) |", flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
