@@ -4,6 +4,7 @@ the options of the run they launch, the line that names the machine before any n
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -54,3 +55,39 @@ def machine_line(name):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True).stdout.strip()
     return (f"# {name}: commit {commit}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"load {os.getloadavg()[0]:.2f}")
+
+
+def run_server_and_devices(server_cmd, devices, log_path):
+    """Runs `pipar server` (server_cmd, which listens on an OS-chosen port) and, once it says where it
+    listens, the devices: devices(endpoint) gives each device's (argv, preexec_fn or None). Everything
+    they print goes to log_path. Waits for the server, then up to 30 s for each device (then kills it);
+    on failure prints the log's end and exits. Returns the server's metrics.jsonl lines (its --out)."""
+    out_dir = server_cmd[server_cmd.index("--out") + 1]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(server_cmd, stdout=log, stderr=subprocess.PIPE, text=True)
+        endpoint = None
+        for line in server.stderr:
+            log.write(line)
+            m = re.search(r"listening on (\S+)", line)
+            if m:
+                endpoint = m.group(1)
+                break
+        if not endpoint:
+            server.wait()
+            raise SystemExit(f"the server did not start: see {log_path}")
+        procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=pre)
+                 for argv, pre in devices(endpoint)]
+        for line in server.stderr:
+            log.write(line)
+        code = server.wait()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    if code != 0:
+        sys.stderr.write(open(log_path).read()[-3000:])
+        raise SystemExit(f"the server failed ({code}): {' '.join(server_cmd)}")
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(x) for x in f if x.strip()]

@@ -18,22 +18,15 @@ import shutil
 import tempfile
 
 from benchrun import machine_line
-from lanes_bench import server_run
+from lanes_bench import add_light_options, server_run
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pipar", default="build/apps/pipar")
-    p.add_argument("--model", default="vgg5")
-    p.add_argument("--split", type=int, default=2)
-    p.add_argument("--micro", type=int, default=10, help="samples per micro-batch")
-    p.add_argument("--micro-batches", type=int, default=10, help="micro-batches per batch")
-    p.add_argument("--batches", type=int, default=3, help="batches per device per round")
-    p.add_argument("--devices", default="4,8,16,32,64")
+    add_light_options(p, "4,8,16,32,64")
     p.add_argument("--epochs", type=int, default=2, help="rounds; the first is left out (warm-up)")
     p.add_argument("--uplink-mbps", type=float, default=10)
     p.add_argument("--downlink-mbps", type=float, default=25)
-    p.add_argument("--server-threads", type=int, default=0, help="0: all cores")
     p.add_argument("--lanes", type=int, default=0, help="--server-lanes (0: the server's choice)")
     args = p.parse_args()
     print(machine_line("capacity_bench") + f"; {args.model} split {args.split}, micro-batches of {args.micro}, "

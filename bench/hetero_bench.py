@@ -23,15 +23,12 @@ Needs root and a writable cgroup cpu controller (v1 /sys/fs/cgroup/cpu, or v2 wi
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
-from benchrun import machine_line
+from benchrun import machine_line, run_server_and_devices
 
 
 class CpuGroups:
@@ -105,37 +102,10 @@ def run(args, groups, out_dir, split, micro, one_split=False):
     if one_split:
         cmd.append("--one-split")
     cmd += args.extra.split()
-    log_path = out_dir + ".log"
-    os.makedirs(out_dir, exist_ok=True)
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
-        endpoint = None
-        for line in server.stderr:
-            log.write(line)
-            m = re.search(r"listening on (\S+)", line)
-            if m:
-                endpoint = m.group(1)
-                break
-        if not endpoint:
-            server.wait()
-            raise SystemExit(f"the server did not start: see {log_path}")
-        devices = [subprocess.Popen([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads", "1",
-                                     "--insecure", "--reconnect", "0"],
-                                    stdout=subprocess.DEVNULL, stderr=log, preexec_fn=groups.enter(k))
-                   for k in range(n)]
-        for line in server.stderr:
-            log.write(line)
-        code = server.wait()
-        for d in devices:
-            try:
-                d.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                d.kill()
-    if code != 0:
-        sys.stderr.write(open(log_path).read()[-3000:])
-        raise SystemExit(f"the server failed ({code}): {' '.join(cmd)}")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(x) for x in f if x.strip()]
+    lines = run_server_and_devices(
+        cmd, lambda endpoint: [([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads", "1", "--insecure",
+                                 "--reconnect", "0"], groups.enter(k)) for k in range(n)],
+        out_dir + ".log")
     with open(os.path.join(out_dir, "summary.json")) as f:
         summary = json.load(f)
     return {"split_arg": split, "micro_arg": micro, "one_split": one_split,

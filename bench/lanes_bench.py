@@ -12,16 +12,12 @@ ratio lanes / one-at-a-time.
 The recording comes from one real device (VGG5 at --split, batch --micro * --micro-batches).
 """
 import argparse
-import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 
-from benchrun import machine_line
+from benchrun import machine_line, run_server_and_devices
 
 
 def server_run(args, out_dir, devices, lanes, replay=None, record=None, samples=None):
@@ -33,50 +29,30 @@ def server_run(args, out_dir, devices, lanes, replay=None, record=None, samples=
            "--uplink-mbps", str(getattr(args, "uplink_mbps", 0)), "--downlink-mbps", str(getattr(args, "downlink_mbps", 0)),
            "--threads", str(args.server_threads),
            "--limit-train", str(samples or bs), "--limit-test", "100", "--out", out_dir, "--server-lanes", str(lanes)]
-    os.makedirs(out_dir, exist_ok=True)
-    log_path = out_dir + ".log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.PIPE, text=True)
-        endpoint = None
-        for line in server.stderr:
-            log.write(line)
-            m = re.search(r"listening on (\S+)", line)
-            if m:
-                endpoint = m.group(1)
-                break
-        if not endpoint:
-            server.wait()
-            raise SystemExit(f"the server did not start: see {log_path}")
-        extra = ["--replay", replay] if replay else ["--record", record]
-        procs = [subprocess.Popen([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads", "1",
-                                   "--insecure", "--reconnect", "0"] + extra, stdout=subprocess.DEVNULL, stderr=log)
-                 for k in range(devices)]
-        for line in server.stderr:
-            log.write(line)
-        code = server.wait()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    if code != 0:
-        sys.stderr.write(open(log_path).read()[-3000:])
-        raise SystemExit(f"the server failed ({code}): {' '.join(cmd)}")
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(x) for x in f if x.strip()], " ".join(cmd)
+    extra = ["--replay", replay] if replay else ["--record", record]
+    lines = run_server_and_devices(
+        cmd, lambda endpoint: [([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads", "1", "--insecure",
+                                 "--reconnect", "0"] + extra, None) for k in range(devices)],
+        out_dir + ".log")
+    return lines, " ".join(cmd)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_light_options(p, devices):
+    """The options of a run of light devices against one server (this script's and capacity_bench's)."""
     p.add_argument("--pipar", default="build/apps/pipar")
     p.add_argument("--model", default="vgg5")
     p.add_argument("--split", type=int, default=2)
     p.add_argument("--micro", type=int, default=10, help="samples per micro-batch")
     p.add_argument("--micro-batches", type=int, default=10, help="micro-batches per batch")
     p.add_argument("--batches", type=int, default=3, help="batches per device per round")
-    p.add_argument("--devices", default="4,16,64")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--devices", default=devices)
     p.add_argument("--server-threads", type=int, default=0, help="0: all cores")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_light_options(p, "4,16,64")
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lanes", type=int, default=0, help="lanes of the grouped runs (0: min(devices, threads))")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()

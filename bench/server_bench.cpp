@@ -21,14 +21,6 @@ using namespace pipar::bench;
 
 namespace {
 
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 struct Replica {
   std::unique_ptr<Model> model;
   std::unique_ptr<ServerPart> part;
