@@ -40,7 +40,8 @@ void ServerLanes::run_items() {
       it = &(*items_)[next_++];
     }
     try {
-      it->result = it->part->train_micro(it->activation, it->labels, it->batch_size);
+      if (it->work) it->work();
+      else it->result = it->part->train_micro(it->activation, it->labels, it->batch_size);
     } catch (...) {
       it->error = std::current_exception();
     }
@@ -70,10 +71,10 @@ void ServerLanes::work_loop() {
 }
 
 void ServerLanes::train(std::vector<Item>& items) {
-  std::set<ServerPart*> parts;
+  std::set<const void*> replicas;
   for (const Item& it : items)
-    if (!it.part || !parts.insert(it.part).second)
-      throw Error("server lanes: a group must name distinct server parts (one micro-batch per replica)");
+    if ((!it.part && !(it.work && it.owner)) || !replicas.insert(it.replica()).second)
+      throw Error("server lanes: a group must name distinct replicas (one micro-batch per replica)");
   if (items.empty()) return;
   kernels::ScopedThreads share(threads_per_lane_);
   {

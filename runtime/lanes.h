@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -28,6 +29,11 @@ class ServerLanes {
     int64_t batch_size = 0;     // its whole batch's sample count
     ServerPart::Result result;  // out: set by train
     std::exception_ptr error;   // out: what its step threw, if it did (the others still run)
+    // Instead of a ServerPart's micro-batch: any step of one replica (a MiddlePart's forward or
+    // backward, with private labels), run in place of train_micro; `owner` names its replica.
+    std::function<void()> work;
+    const void* owner = nullptr;
+    const void* replica() const { return part ? static_cast<const void*>(part) : owner; }
   };
 
   // lanes >= 1; threads_per_lane >= 1. lanes - 1 threads are started here; the caller is lane 0.
@@ -36,8 +42,8 @@ class ServerLanes {
   ServerLanes(const ServerLanes&) = delete;
   ServerLanes& operator=(const ServerLanes&) = delete;
 
-  // Trains every item, in one group; returns when all are done. Items must name distinct parts
-  // (a part's micro-batches are ordered; throws pipar::Error before training anything otherwise).
+  // Trains every item, in one group; returns when all are done. Items must name distinct replicas
+  // (a replica's micro-batches are ordered; throws pipar::Error before training anything otherwise).
   void train(std::vector<Item>& items);
 
   int lanes() const { return lanes_; }

@@ -825,17 +825,21 @@ struct DeviceSlot {
   uint64_t bytes_up0 = 0;     // bytes received from it before the round
 };
 
-// A micro-batch's progress through the server. Shared labels: kNone → (kQueued →) kServed (forward, loss and
-// backward at once). Private labels: kNone → kForwarded (middle output sent) → kServed (its gradient
-// back-propagated). kQueued: admitted, waiting for its group (cross-device batching).
+// A micro-batch's progress through the server. Shared labels: kNone → kQueued → kServed (forward, loss
+// and backward at once). Private labels: kNone → kQueued → kForwarded (middle output sent) → kQueued →
+// kServed (its gradient back-propagated). kQueued: admitted, waiting for its group (cross-device
+// batching).
 enum MicroState : char { kNone = 0, kForwarded = 1, kServed = 2, kQueued = 3 };
 
-// A micro-batch admitted for its server step, waiting for the group it will be trained in.
+// A server step admitted, waiting for the group it will run in: a micro-batch's forward, loss and
+// backward (shared labels), or with private labels its middle forward or middle backward.
 struct Pending {
+  enum Kind : char { kTrain, kMiddleForward, kMiddleBackward };
   DeviceSlot* slot = nullptr;
   int32_t batch = 0, micro = 0;
   int64_t batch_len = 0;
-  Tensor activation, labels;
+  Tensor activation, labels;  // kMiddleBackward: activation holds the middle output's gradient
+  Kind kind = kTrain;
 };
 
 // Key of a middle part's forward: batch and micro-batch.
@@ -1260,17 +1264,18 @@ class ServerRunner {
     malloc_trim(0);  // the copies it made while loading K replicas: back to the system, not kept as free heap
   }
 
-  // Cross-device batching (shared labels, a replica per device): up to L replicas train side by side,
+  // Cross-device batching (a replica per device): up to L replicas train side by side,
   // each on threads / L of the server's threads. The lanes are fixed for the run (the checkpoint keeps
   // them), never chosen by timing, so a run's arithmetic does not depend on which micro-batches happen
   // to share a group. The options, as (lanes, threads per lane): --server-lanes L: that; 0 (auto): one
   // at a time on all threads, or min(devices, threads) lanes, whichever the cost model predicts faster
   // (plan_first; side by side wins with many devices and small micro-batches, loses with few devices
-  // and large ones, bench/RESULTS.md). One server-side model (sl, --server-model shared) and private
-  // labels: one lane on all threads.
+  // and large ones, bench/RESULTS.md). One server-side model (sl, --server-model shared): one lane on
+  // all threads. Private labels group middle forwards and backwards alike; the cost model does not
+  // model their groups, so there only --server-lanes L forces lanes.
   std::vector<std::pair<int, int>> lane_options() const {
     const int threads = cfg_.threads > 0 ? cfg_.threads : kernels::num_threads();
-    if (shared_server() || private_labels()) return {{1, threads}};
+    if (shared_server()) return {{1, threads}};
     if (resumed_ && resume_.contains("server_lanes")) {
       try {
         const auto lanes = resume_.at("server_lanes").get<std::pair<int, int>>();
@@ -1280,6 +1285,7 @@ class ServerRunner {
       throw IoError("checkpoint " + cfg_.load_path + ": bad server_lanes");
     }
     if (cfg_.server_lanes > 0) return {ServerLanes::split_cores(cfg_.server_lanes, threads)};
+    if (private_labels()) return {{1, threads}};
     const auto many = ServerLanes::split_cores(cfg_.devices, threads);
     if (many.first == 1) return {many};
     return {{1, threads}, many};
@@ -1702,11 +1708,24 @@ class ServerRunner {
     pending_ = std::move(later);
     if (group.empty()) return;
     std::vector<ServerLanes::Item> items(group.size());
+    std::vector<Tensor> middle_out(group.size());  // private labels: each middle step's output
     for (size_t i = 0; i < group.size(); ++i) {
-      items[i].part = owner_of(*group[i].slot).server_part.get();
-      items[i].activation = std::move(group[i].activation);
-      items[i].labels = std::move(group[i].labels);
-      items[i].batch_size = group[i].batch_len;
+      Pending& p = group[i];
+      DeviceSlot& owner = owner_of(*p.slot);
+      if (p.kind == Pending::kTrain) {
+        items[i].part = owner.server_part.get();
+        items[i].activation = std::move(p.activation);
+        items[i].labels = std::move(p.labels);
+        items[i].batch_size = p.batch_len;
+        continue;
+      }
+      MiddlePart* mid = owner.middle_part.get();
+      const int64_t key = middle_key(p.batch, p.micro);
+      Tensor* out = &middle_out[i];
+      const Tensor* in = &p.activation;
+      items[i].owner = mid;
+      if (p.kind == Pending::kMiddleForward) items[i].work = [mid, key, in, out] { *out = mid->forward(key, *in); };
+      else items[i].work = [mid, key, in, out] { *out = mid->backward(key, *in); };
     }
     const double t0 = now_seconds();
     lanes_->train(items);
@@ -1715,17 +1734,32 @@ class ServerRunner {
     grouped_micros_ += group.size();
     for (const ServerLanes::Item& it : items)
       if (it.error) std::rethrow_exception(it.error);  // as a step on the server's own thread would throw
+    const std::string of_group = group.size() > 1 ? detail::concat(" (group of ", group.size(), ")") : std::string();
     for (size_t i = 0; i < group.size(); ++i) {
-      DeviceSlot& s = *group[i].slot;
-      s.stats += items[i].result.stats;
+      const Pending& p = group[i];
+      DeviceSlot& s = *p.slot;
+      if (p.kind == Pending::kMiddleForward) {  // the middle output goes down to the device's tail
+        tp::Activation out;
+        out.round = r, out.batch = p.batch, out.micro_batch = p.micro, out.device = s.id;
+        out.samples = static_cast<int32_t>(middle_out[i].shape().n);
+        out.data = std::move(middle_out[i]);
+        s.micro_done[p.batch][static_cast<size_t>(p.micro)] = kForwarded;
+        trace_.add("server", detail::concat("d", s.id, " b", p.batch, " m", p.micro, " forward", of_group), t0, t1);
+        server_.send(s.id, out);
+        continue;
+      }
       tp::Gradient g;
-      g.round = r, g.batch = group[i].batch, g.micro_batch = group[i].micro, g.device = s.id;
-      g.samples = static_cast<int32_t>(items[i].result.grad.shape().n);
-      g.data = std::move(items[i].result.grad);
+      g.round = r, g.batch = p.batch, g.micro_batch = p.micro, g.device = s.id;
+      if (p.kind == Pending::kTrain) {
+        s.stats += items[i].result.stats;
+        g.data = std::move(items[i].result.grad);
+      } else {
+        g.data = std::move(middle_out[i]);  // the cut activation's gradient, from the middle backward
+      }
+      g.samples = static_cast<int32_t>(g.data.shape().n);
       serve_done(s, owner_of(s), r, g.batch, g.micro_batch, s.micro_done[g.batch]);
       trace_.add("server", detail::concat("d", s.id, " b", g.batch, " m", g.micro_batch,
-                                          group.size() > 1 ? detail::concat(" (group of ", group.size(), ")") : std::string()),
-                 t0, t1);
+                                          p.kind == Pending::kTrain ? "" : " backward", of_group), t0, t1);
       server_.send(s.id, g);
     }
   }
@@ -1806,20 +1840,14 @@ class ServerRunner {
     state.resize(static_cast<size_t>(micros), kNone);
     if (state[static_cast<size_t>(a.micro_batch)] != kNone)
       return reject(s, peer, detail::concat("micro-batch ", a.micro_batch, " of batch ", a.batch, " sent twice"));
-    if (!private_labels()) {
-      state[static_cast<size_t>(a.micro_batch)] = kQueued;
-      pending_.push_back({&s, a.batch, a.micro_batch, len, std::move(a.data), a.labels.reshape({xs.n, 1, 1, 1})});
-      return;  // trained by serve_group, alone or with other devices' micro-batches
-    }
-    // Private labels: the middle blocks' output goes down to the device, whose tail computes the loss;
-    // the tape stays here until the output's gradient comes back (handle(Gradient)).
-    const double t0 = now_seconds();
-    tp::Activation out;
-    out.round = r, out.batch = a.batch, out.micro_batch = a.micro_batch, out.device = s.id, out.samples = a.samples;
-    out.data = owner_of(s).middle_part->forward(middle_key(a.batch, a.micro_batch), a.data);
-    state[static_cast<size_t>(a.micro_batch)] = kForwarded;
-    trace_.add("server", detail::concat("d", s.id, " b", a.batch, " m", a.micro_batch, " forward"), t0, now_seconds());
-    server_.send(s.id, out);
+    // Trained by serve_group, alone or with other devices' micro-batches. Private labels: the middle
+    // blocks' output goes down to the device, whose tail computes the loss; the tape stays here until
+    // the output's gradient comes back (handle(Gradient)).
+    state[static_cast<size_t>(a.micro_batch)] = kQueued;
+    if (private_labels())
+      pending_.push_back({&s, a.batch, a.micro_batch, len, std::move(a.data), Tensor(), Pending::kMiddleForward});
+    else
+      pending_.push_back({&s, a.batch, a.micro_batch, len, std::move(a.data), a.labels.reshape({xs.n, 1, 1, 1}), Pending::kTrain});
   }
 
   // A micro-batch finished on the server; the server part steps once all of its batch's have.
@@ -1853,13 +1881,8 @@ class ServerRunner {
     if (!(g.data.shape() == *want) || g.data.dtype() != DType::kF32 || g.samples != want->n)
       return reject(s, peer, detail::concat("gradient ", g.data.shape().str(), " of batch ", g.batch, " micro-batch ",
                                             g.micro_batch, " does not fit the middle output ", want->str()));
-    const double t0 = now_seconds();
-    tp::Gradient down;
-    down.round = r, down.batch = g.batch, down.micro_batch = g.micro_batch, down.device = s.id, down.samples = g.samples;
-    down.data = owner.middle_part->backward(key, g.data);
-    serve_done(s, owner, r, g.batch, g.micro_batch, it->second);
-    trace_.add("server", detail::concat("d", s.id, " b", g.batch, " m", g.micro_batch, " backward"), t0, now_seconds());
-    server_.send(s.id, down);
+    it->second[static_cast<size_t>(g.micro_batch)] = kQueued;  // its backward runs in serve_group
+    pending_.push_back({&s, g.batch, g.micro_batch, 0, std::move(g.data), Tensor(), Pending::kMiddleBackward});
   }
 
   void handle(DeviceSlot& s, int r, tp::Weights& w, const tp::PeerId& peer) {
@@ -2049,7 +2072,7 @@ class ServerRunner {
       line["split"] = used.split;
       line["micro_batches"] = used.micro_batches;
       line["uplink_mbps"] = uplink_for_round(r);
-      if (lanes_ && !private_labels()) {  // cross-device batching: groups trained and their mean size
+      if (lanes_) {  // cross-device batching: groups trained and their mean size
         line["server_lanes"] = lanes_->lanes();
         line["server_groups"] = groups_;
         line["mean_group_size"] = groups_ ? static_cast<double>(grouped_micros_) / static_cast<double>(groups_) : 0.0;

@@ -989,18 +989,16 @@ TEST(Distributed, SharedServerModelRefusesWhatItCannotDo) {
 // A real device records its first batch; 64 light devices replaying it against one server (one shared
 // server-side model) finish a round: every device's weights and round end arrive, every sample of the
 // 64 partitions is served, no message is rejected. A file that is no recording fails at once.
-// Cross-device batching: the server trains the waiting micro-batches of several devices' replicas side
-// by side, one thread per lane here. Which micro-batches share a group depends on timing; the
-// arithmetic must not. Runs that group differently (no waiting; waiting up to 40 ms for more devices)
-// end bitwise as the run that trains one micro-batch at a time (--server-lanes 1) on one thread: every
-// round's losses and accuracies, and every tensor of the final checkpoint.
-TEST(Distributed, CrossDeviceBatchingDoesNotChangeTheArithmetic) {
-  auto config = [](const std::string& out, int threads, int lanes) {  // lanes: --server-lanes
-    TrainConfig c = small_config("pipar", out);
+// Three runs of 4 devices with --labels `labels`: one micro-batch at a time on one thread; 4 lanes of one
+// thread, grouping what has arrived; the same waiting up to 40 ms for more (the test below).
+void check_cross_device_batching(const std::string& labels) {
+  auto config = [&](const std::string& out, int threads, int lanes) {  // lanes: --server-lanes
+    TrainConfig c = small_config("pipar", out + "_" + labels);
     c.devices = 4;
     c.epochs = 2;
     c.threads = threads;
     c.server_lanes = lanes;
+    c.labels = labels;
     c.save_path = c.out_dir + "/server.ckpt";
     return c;
   };
@@ -1020,6 +1018,9 @@ TEST(Distributed, CrossDeviceBatchingDoesNotChangeTheArithmetic) {
     for (size_t r = 0; r < 2; ++r) {
       EXPECT_EQ(m1[r]["server_lanes"], 1);
       EXPECT_EQ(m[r]["server_lanes"], 4);
+      if (labels == "private") {
+        EXPECT_EQ(m[r]["labelled_activations"], 0);
+      }
       for (const char* key : {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "samples"})
         EXPECT_EQ(m1[r][key], m[r][key]) << key << " round " << r;
     }
@@ -1032,11 +1033,26 @@ TEST(Distributed, CrossDeviceBatchingDoesNotChangeTheArithmetic) {
   }
   // Waiting for the other devices formed groups (4 devices start together and run alike).
   for (const auto& line : metrics(waited.out_dir)) {
-    std::printf("mean group size %.2f over %d groups\n", line["mean_group_size"].get<double>(), line["server_groups"].get<int>());
+    std::printf("%s labels: mean group size %.2f over %d groups\n", labels.c_str(), line["mean_group_size"].get<double>(),
+                line["server_groups"].get<int>());
     EXPECT_GT(line["mean_group_size"].get<double>(), 1.5);
   }
   for (const auto& line : metrics(grouped.out_dir))
-    std::printf("no wait: mean group size %.2f over %d groups\n", line["mean_group_size"].get<double>(), line["server_groups"].get<int>());
+    std::printf("%s labels, no wait: mean group size %.2f over %d groups\n", labels.c_str(),
+                line["mean_group_size"].get<double>(), line["server_groups"].get<int>());
+}
+
+// Cross-device batching: the server trains the waiting micro-batches of several devices' replicas side
+// by side, one thread per lane here. Which micro-batches share a group depends on timing; the
+// arithmetic must not. Runs that group differently (no waiting; waiting up to 40 ms for more devices)
+// end bitwise as the run that trains one micro-batch at a time (--server-lanes 1) on one thread: every
+// round's losses and accuracies, and every tensor of the final checkpoint. Shared labels (groups of
+// whole server steps) and private labels (groups of middle forwards and middle backwards).
+TEST(Distributed, CrossDeviceBatchingDoesNotChangeTheArithmetic) {
+  for (const std::string labels : {"shared", "private"}) {
+    SCOPED_TRACE(labels);
+    check_cross_device_batching(labels);
+  }
 }
 
 // A real device's first batch (VGG5 split 2, batch 25, 3 micro-batches), recorded for light devices.
