@@ -11,11 +11,13 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "kernels/device.h"
 #include "kernels/parallel.h"
 #include "planner/search.h"
+#include "runtime/lanes.h"
 #include "runtime/modes/distributed.h"
 #include "runtime/trainer.h"
 
@@ -198,7 +200,7 @@ struct PlanArgs {
   std::string device_speeds;  // per device: its compute time over the profile's (2: twice as slow)
   double server_memory_gb = 0, device_memory_gb = 0;  // 0: no limit
   std::string server_model = "per-device";
-  int server_lanes = 1;
+  int server_lanes = 0;  // 0: as the server chooses (one at a time, or min(devices, threads) lanes)
   size_t top = 8;
 };
 
@@ -219,23 +221,20 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
     std::fprintf(stderr, "measured the device profile here (%d thread(s), %.1f s)\n", a.device_threads, dev.seconds);
   }
   if (!a.save_profile.empty()) dev.save(a.save_profile);
-  if (a.server_lanes < 1) throw Error("--server-lanes must be at least 1");
+  if (a.server_lanes < 0) throw Error("--server-lanes must be 0 (as the server chooses) or more");
   if (a.server_model == "shared" && a.server_lanes > 1)
     throw Error("--server-lanes: one shared server-side model trains one micro-batch at a time");
-  planner::Profile srv;
-  if (!a.server_profile.empty()) {
-    srv = planner::Profile::load(a.server_profile);
-  } else {
-    // With lanes, a micro-batch runs on one lane's share of the threads (as the server profiles itself).
-    po.threads = a.server_lanes > 1 ? std::max(1, kernels::num_threads() / a.server_lanes) : 0;
-    srv = planner::profile_model(*model, po);
-    std::fprintf(stderr, "measured the server profile here (%d thread(s)%s, %.1f s)\n", po.threads > 0 ? po.threads : kernels::num_threads(),
-                 a.server_lanes > 1 ? " per lane" : "", srv.seconds);
-  }
+  // Server lanes to consider, as (lanes, threads per lane), as the server does (distributed.cpp
+  // lane_options): --server-lanes L; else one at a time and min(devices, threads) lanes, the faster.
+  const int threads = kernels::num_threads();
+  std::vector<std::pair<int, int>> lane_choices = {{1, threads}};
+  const bool groups = a.server_model != "shared" && cfg.labels != "private";
+  if (a.server_lanes > 0 && groups) lane_choices = {ServerLanes::split_cores(a.server_lanes, threads)};
+  else if (a.server_lanes == 0 && groups && a.server_profile.empty() && ServerLanes::split_cores(cfg.devices, threads).first > 1)
+    lane_choices.push_back(ServerLanes::split_cores(cfg.devices, threads));
   planner::Cluster c = planner::make_cluster(dev, static_cast<size_t>(cfg.devices),
                                              {net.uplink_mbps, net.downlink_mbps, net.latency_ms / 1e3, 0}, cfg.batch_size,
                                              a.samples);
-  c.server_profile = srv;
   if (!a.device_speeds.empty()) {
     std::vector<double> scales;
     std::stringstream ss(a.device_speeds);
@@ -255,24 +254,43 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   if (a.server_model != "per-device" && a.server_model != "shared")
     throw Error("--server-model must be per-device or shared, got '" + a.server_model + "'");
   c.shared_server_model = a.server_model == "shared";
-  c.server_lanes = c.private_labels ? 1 : a.server_lanes;
   planner::SearchOptions so;
   if (a.server_memory_gb > 0) so.server_memory_limit = a.server_memory_gb * (1 << 30);
   if (a.device_memory_gb > 0) so.device_memory_limit = a.device_memory_gb * (1 << 30);
   so.mode = planner::parse_mode(a.mode);
   so.per_device_split = a.per_device && !c.shared_server_model;  // one server-side model splits at one block
   so.runners_up = a.top;
-  const planner::CostModel cm(c);
-  const planner::SearchResult r = planner::search(cm, so);
+  // The server's profile for each lane option (measured here on one lane's threads, unless given),
+  // and the option whose best plan is predicted faster.
+  std::optional<planner::CostModel> cm;
+  std::optional<planner::SearchResult> r;
+  for (const auto& [lanes, per_lane] : lane_choices) {
+    planner::Cluster cl = c;
+    if (!a.server_profile.empty()) {
+      cl.server_profile = planner::Profile::load(a.server_profile);
+    } else {
+      po.threads = per_lane;
+      cl.server_profile = planner::profile_model(*model, po);
+      std::fprintf(stderr, "measured the server profile here (%d thread(s)%s, %.1f s)\n", per_lane, lanes > 1 ? " per lane" : "",
+                   cl.server_profile->seconds);
+    }
+    cl.server_lanes = lanes;
+    planner::CostModel m(cl);
+    planner::SearchResult res = planner::search(m, so);
+    if (lane_choices.size() > 1)
+      std::fprintf(stderr, "%d server lane(s) of %d thread(s): best round %.4f s\n", lanes, per_lane, res.best.round_s);
+    if (!r || res.best.round_s < r->best.round_s) cm.emplace(std::move(m)), r = std::move(res);
+  }
+  c = cm->cluster();
   std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms, "
               "labels %s%s\n",
               model->name().c_str(), cfg.devices, cfg.batch_size, static_cast<long long>(a.samples), net.uplink_mbps,
               net.downlink_mbps, net.latency_ms, cfg.labels.c_str(),
               c.server_lanes > 1 ? detail::concat(", ", c.server_lanes, " server lanes").c_str() : "");
-  std::printf("searched %d plans in %.3f s\n", r.evaluated, r.seconds);
-  for (size_t i = 0; i < r.ranked.size(); ++i) std::printf("%2zu. %s\n", i + 1, r.ranked[i].describe().c_str());
+  std::printf("searched %d plans in %.3f s\n", r->evaluated, r->seconds);
+  for (size_t i = 0; i < r->ranked.size(); ++i) std::printf("%2zu. %s\n", i + 1, r->ranked[i].describe().c_str());
   std::printf("best plan of each mode:\n");
-  for (const planner::Plan& p : planner::compare_modes(cm, so)) std::printf("    %s\n", p.describe().c_str());
+  for (const planner::Plan& p : planner::compare_modes(*cm, so)) std::printf("    %s\n", p.describe().c_str());
   return 0;
 }
 
@@ -462,6 +480,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"shared", "private"}));
   plan->add_option("--top", plan_args.top, "Candidates to print")->capture_default_str();
+  plan->add_option("--threads", cfg.threads, "The server's CPU threads, for its profile and lanes (0: all cores)")
+      ->capture_default_str();
   add_net(plan);
 
   CLI11_PARSE(app, argc, argv);
@@ -479,7 +499,10 @@ int main(int argc, char** argv) {
     }
     cfg.micro_batches = micro_arg == "auto" ? -1 : parse_count("--micro-batches", micro_arg);
     net.uplink_schedule = parse_schedule(uplink_schedule);
-    if (*plan) return cmd_plan(cfg, net, plan_args);
+    if (*plan) {
+      kernels::set_num_threads(cfg.threads);
+      return cmd_plan(cfg, net, plan_args);
+    }
     if (*models) return cmd_models(models_only, models_dataset, models_norm, models_batch);
     if (*devices) return cmd_devices();
     if (*keygen) {
@@ -513,6 +536,7 @@ int main(int argc, char** argv) {
       ProgressBar bar;
       TrainResult r;
       if (*server) {
+        kernels::set_num_threads(cfg.threads);  // evaluation and averaging too, not only the lanes' steps
         r = run_server(cfg, net, &bar, [](const std::string& ep) { std::fprintf(stderr, "listening on %s\n", ep.c_str()); });
       } else if (cfg.mode == "local") {
         r = train_local(cfg, &bar);

@@ -93,4 +93,20 @@ TEST(Cli, MemoryThatDoesNotFitIsRefusedWithOptions) {
   EXPECT_NE(r.output.find("--micro-batches: expected a whole number"), std::string::npos) << r.output;
 }
 
+// pipar plan models the server's lanes as the server chooses them: given (--server-lanes L, on the
+// server's threads / L each), or both ways and the faster kept; a shared server-side model has one.
+TEST(Cli, PlanModelsTheServerLanes) {
+  Outcome r = run("plan --model vgg5 --devices 4 --top 1 --threads 2 --server-lanes 2");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("(1 thread(s) per lane"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(", 2 server lanes"), std::string::npos) << r.output;
+  r = run("plan --model vgg5 --devices 4 --top 1 --threads 2");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("1 server lane(s) of 2 thread(s): best round"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("2 server lane(s) of 1 thread(s): best round"), std::string::npos) << r.output;
+  r = run("plan --model vgg5 --devices 4 --top 1 --server-lanes 2 --server-model shared");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("one shared server-side model trains one micro-batch at a time"), std::string::npos) << r.output;
+}
+
 }  // namespace
