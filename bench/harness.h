@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -39,6 +40,16 @@ inline std::string shell_line(const std::string& cmd) {
   }
   while (!out.empty() && (out.back() == '\n' || out.back() == '\r' || out.back() == ' ')) out.pop_back();
   return out.empty() ? "unknown" : out;
+}
+
+// The value of command-line option argv[i] (argv[i + 1], and i moves past it); a missing value ends the
+// program with a message (exit code 2).
+inline std::string option_value(int argc, char** argv, int& i) {
+  if (i + 1 >= argc) {
+    std::fprintf(stderr, "%s needs a value\n", argv[i]);
+    std::exit(2);
+  }
+  return argv[++i];
 }
 
 // "a,b,,c" → {"a", "b", "c"}: a comma-separated command-line list.

@@ -78,6 +78,7 @@ Timing time_it(F&& f, int warmup, int repeats) {
 
 using pipar::bench::cpu_model;
 using pipar::bench::git_commit;
+using pipar::bench::option_value;
 
 // FMA throughput per thread: 12 independent accumulator chains (latency 4 × 2-3 pipes), many
 // iterations; returns flops (2 per lane per FMA) per second for one thread.
@@ -258,13 +259,7 @@ int main(int argc, char** argv) {
   std::string json_path, only;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return option_value(argc, argv, i); };
     if (a == "--threads") threads = std::atoi(next().c_str());
     else if (a == "--repeats") repeats = std::max(1, std::atoi(next().c_str()));
     else if (a == "--warmup") warmup = std::max(0, std::atoi(next().c_str()));

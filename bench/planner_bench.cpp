@@ -48,13 +48,7 @@ int main(int argc, char** argv) {
   std::string json_path;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return option_value(argc, argv, i); };
     if (a == "--models") models = split_list(next());
     else if (a == "--threads") po.threads = std::atoi(next().c_str());
     else if (a == "--repeats") repeats = std::max(1, std::atoi(next().c_str()));

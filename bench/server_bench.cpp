@@ -36,13 +36,7 @@ int main(int argc, char** argv) {
   double min_seconds = 0.3;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto next = [&] { return option_value(argc, argv, i); };
     if (a == "--models") models = split_list(next());
     else if (a == "--devices") {
       devices.clear();
