@@ -291,7 +291,6 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
   if (c_.server_lanes > 1 && !c_.private_labels) {
     const size_t lanes = static_cast<size_t>(c_.server_lanes);
     std::vector<Arrival> group;
-    std::vector<double> load(lanes), kernel;
     std::vector<char> in_group(k, 0);
     // Arrivals taken off the heap while their device already had one in the group: the next groups'
     // first, in order (each arrival leaves the heap once: O(K N log K) per batch as without lanes).
@@ -322,20 +321,16 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
           in_group[a.d] = 1;
         }
       }
-      // Kernels over the lanes (one each; the longest sets the group's time); per-message work and
-      // steps on the server's loop, one after another.
-      kernel.clear();
-      double serial = 0;
+      // Kernels on the lanes, one each (the longest sets the group's time); per-message work and steps
+      // on the server's loop, one after another.
+      double longest = 0, serial = 0;
       for (const Arrival& a : group) {
         const Dev& v = dev[a.d];
         in_group[a.d] = 0;
-        kernel.push_back(v.st[a.i].s - c_.server_per_micro_batch_s);
+        longest = std::max(longest, v.st[a.i].s - c_.server_per_micro_batch_s);
         serial += c_.server_per_micro_batch_s + (a.i + 1 == v.sizes.size() ? v.step_srv : 0.0);
       }
-      std::sort(kernel.begin(), kernel.end(), std::greater<double>());
-      std::fill(load.begin(), load.end(), 0.0);
-      for (double t : kernel) *std::min_element(load.begin(), load.end()) += t;
-      const double end = start + *std::max_element(load.begin(), load.end()) + serial;
+      const double end = start + longest + serial;
       server_busy += end - start;
       server_free = end;
       for (const Arrival& a : group) serve_end(a, end);

@@ -77,8 +77,8 @@ struct Cluster {
   bool shared_server_model = false;
   // Cross-device batching (runtime/lanes.h; shared labels, a replica per device): the server trains up
   // to this many micro-batches that have arrived, at most one per device, as one group side by side,
-  // and sends the group's gradients when all of it is done. The server profile is then
-  // one lane's (measured on its share of the threads). 1: one micro-batch at a time.
+  // and sends the group's gradients when all of it is done. The server profile is then one lane's
+  // (measured on its share of the threads). 1: one micro-batch at a time.
   int server_lanes = 1;
 };
 
@@ -139,8 +139,9 @@ class CostModel {
   // Estimated peak memory. Device: weights, gradients and momentum of its part, batch-norm state,
   // and the tapes and queued activations of all N micro-batches of a batch (every forward precedes
   // every backward). Server: one replica of the whole model per device (sl, shared server model: one)
-  // with gradients and momentum, the tape of one micro-batch (per server lane), every device's activations of a batch
-  // queued in and their gradients out, its device part's weights message, and FedAvg's accumulators.
+  // with gradients and momentum, the tape of one micro-batch (per server lane), every device's
+  // activations of a batch queued in and their gradients out, its device part's weights message, and
+  // FedAvg's accumulators.
   int64_t device_memory_bytes(size_t d, int split, int micro_batches) const;
   int64_t server_memory_bytes(Mode mode, const std::vector<int>& split, int micro_batches) const;
 
