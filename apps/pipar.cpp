@@ -224,14 +224,13 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   if (a.server_lanes < 0) throw Error("--server-lanes must be 0 (as the server chooses) or more");
   if (a.server_model == "shared" && a.server_lanes > 1)
     throw Error("--server-lanes: one shared server-side model trains one micro-batch at a time");
-  // Server lanes to consider, as (lanes, threads per lane), as the server does (distributed.cpp
-  // lane_options): --server-lanes L; else one at a time and min(devices, threads) lanes, the faster.
+  // Server lanes to consider, as (lanes, threads per lane), as the server weighs them: one shared
+  // server-side model, and private labels (whose groups the cost model does not model), one at a time;
+  // a given --server-profile is of one lane configuration, so it cannot be weighed against another.
   const int threads = kernels::num_threads();
-  std::vector<std::pair<int, int>> lane_choices = {{1, threads}};
-  const bool groups = a.server_model != "shared" && cfg.labels != "private";
-  if (a.server_lanes > 0 && groups) lane_choices = {ServerLanes::split_cores(a.server_lanes, threads)};
-  else if (a.server_lanes == 0 && groups && a.server_profile.empty() && ServerLanes::split_cores(cfg.devices, threads).first > 1)
-    lane_choices.push_back(ServerLanes::split_cores(cfg.devices, threads));
+  const bool weigh = a.server_model != "shared" && cfg.labels != "private" && (a.server_lanes > 0 || a.server_profile.empty());
+  const std::vector<std::pair<int, int>> lane_choices =
+      weigh ? ServerLanes::options(cfg.devices, threads, a.server_lanes) : std::vector<std::pair<int, int>>{{1, threads}};
   planner::Cluster c = planner::make_cluster(dev, static_cast<size_t>(cfg.devices),
                                              {net.uplink_mbps, net.downlink_mbps, net.latency_ms / 1e3, 0}, cfg.batch_size,
                                              a.samples);
@@ -367,7 +366,8 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     a->add_option("--server-lanes", cfg.server_lanes,
                   "sfl, pipar: server-side replicas trained side by side, each on a share of the server's threads "
-                  "(cross-device batching; 0: min(devices, threads); 1: one micro-batch at a time)")
+                  "(cross-device batching; 0: one at a time or min(devices, threads) lanes, as the cost model predicts faster; "
+                  "1: one micro-batch at a time)")
         ->capture_default_str();
     a->add_option("--server-memory-gb", cfg.server_memory_gb,
                   "Server memory the plan must fit, GiB (0: this machine's available memory)")

@@ -15,6 +15,13 @@ std::pair<int, int> ServerLanes::split_cores(int replicas, int threads) {
   return {lanes, std::max(1, threads / lanes)};
 }
 
+std::vector<std::pair<int, int>> ServerLanes::options(int replicas, int threads, int forced) {
+  if (forced > 0) return {split_cores(forced, threads)};
+  std::vector<std::pair<int, int>> out = {{1, std::max(1, threads)}};
+  if (const auto many = split_cores(replicas, threads); many.first > 1) out.push_back(many);
+  return out;
+}
+
 ServerLanes::ServerLanes(int lanes, int threads_per_lane) : lanes_(lanes), threads_per_lane_(threads_per_lane) {
   if (lanes < 1 || threads_per_lane < 1)
     throw Error(detail::concat("server lanes: ", lanes, " lanes of ", threads_per_lane, " threads"));

@@ -52,6 +52,11 @@ class ServerLanes {
   // The lanes for `replicas` replicas trained side by side on `threads` cores: min(replicas,
   // threads), each with threads / lanes threads.
   static std::pair<int, int> split_cores(int replicas, int threads);
+  // The lane configurations, as (lanes, threads per lane), a server of `threads` threads with
+  // `replicas` replicas weighs: `forced` > 0 (--server-lanes): split_cores(forced, threads) alone;
+  // else one at a time on all threads and, where it has more than one lane, split_cores(replicas,
+  // threads), for the cost model to choose between.
+  static std::vector<std::pair<int, int>> options(int replicas, int threads, int forced);
 
  private:
   void work_loop();

@@ -1092,7 +1092,7 @@ class ServerRunner {
     if (cfg_.server_model != "per-device" && cfg_.server_model != "shared")
       throw Error("--server-model must be per-device or shared, got '" + cfg_.server_model + "'");
     if (!(cfg_.server_memory_gb >= 0)) throw Error("--server-memory-gb must be 0 (this machine's available memory) or more");
-    if (cfg_.server_lanes < 0) throw Error("--server-lanes must be 0 (min(devices, threads)) or more");
+    if (cfg_.server_lanes < 0) throw Error("--server-lanes must be 0 (as the cost model predicts faster) or more");
     if (!(net_.group_wait_ms >= 0) || net_.group_wait_ms > 10000) throw Error("--group-wait-ms must be 0..10000");
     if (cfg_.server_model == "shared") {
       if (cfg_.mode == "fl")
@@ -1209,7 +1209,7 @@ class ServerRunner {
     meta.epoch = r + 1;
     json extra = {{"mode", cfg_.mode}, {"split", split_json()}, {"micro_batches", cfg_.micro_batches}};
     if (dp_accounting()) extra["privacy_rounds"] = privacy_rounds_;
-    if (split_mode()) extra["server_lanes"] = lanes_choice_;  // a resumed run trains on the same lanes
+    if (lanes_) extra["server_lanes"] = std::pair{lanes_->lanes(), lanes_->threads_per_lane()};  // a resumed run keeps them
     if (auto_plan_ && predicted_) {
       json ps = cluster_basis(cluster_);
       ps["plan"] = json::parse(plan_.to_json());
@@ -1284,11 +1284,8 @@ class ServerRunner {
       }
       throw IoError("checkpoint " + cfg_.load_path + ": bad server_lanes");
     }
-    if (cfg_.server_lanes > 0) return {ServerLanes::split_cores(cfg_.server_lanes, threads)};
-    if (private_labels()) return {{1, threads}};
-    const auto many = ServerLanes::split_cores(cfg_.devices, threads);
-    if (many.first == 1) return {many};
-    return {{1, threads}, many};
+    if (private_labels() && cfg_.server_lanes == 0) return {{1, threads}};
+    return ServerLanes::options(cfg_.devices, threads, cfg_.server_lanes);
   }
 
   void start_lanes(std::pair<int, int> lanes) {
@@ -1350,8 +1347,7 @@ class ServerRunner {
     if (profiles.empty()) {
       if (auto_plan_) throw Error("--split auto: no device sent a profile");
       say("no device sent a profile: the fixed plan's round time is not predicted");
-      lanes_choice_ = lane_choices.front();  // nothing to choose by: one at a time unless --server-lanes says otherwise
-      start_lanes(lanes_choice_);
+      start_lanes(lane_choices.front());  // nothing to choose by: one at a time unless --server-lanes says otherwise
       return;
     }
     search_options_.mode = planner::parse_mode(cfg_.mode);
@@ -1367,6 +1363,7 @@ class ServerRunner {
     planner::ProfileOptions po;
     po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
     double server_profile_s = 0, best_s = std::numeric_limits<double>::infinity();
+    std::pair<int, int> chosen;
     std::string lane_note;
     for (const auto& lanes : lane_choices) {
       po.threads = lanes.second;
@@ -1381,11 +1378,11 @@ class ServerRunner {
       if (&lanes == &lane_choices.front() || predicted < best_s) {
         best_s = predicted;
         cluster_ = std::move(c);
-        lanes_choice_ = lanes;
+        chosen = lanes;
       }
     }
     if (!lane_note.empty()) say("cross-device batching, predicted: " + lane_note);
-    start_lanes(lanes_choice_);
+    start_lanes(chosen);
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
                                                  server_profile_s, " s");
     if (auto_plan_) {
@@ -1676,20 +1673,19 @@ class ServerRunner {
   void fill_group(int r) {
     const size_t lanes = static_cast<size_t>(lanes_->lanes());
     if (lanes < 2) return;
+    // Distinct server parts among the queued steps (the largest group they can form now), kept up to
+    // date as each message read adds at most one step at the queue's end.
+    std::set<const DeviceSlot*> owners;
+    for (Pending& p : pending_) owners.insert(&owner_of(*p.slot));
     const double wait_until = now_seconds() + net_.group_wait_ms / 1e3;
-    for (size_t taken = 0; taken < kMaxDrain && pending_owners() < lanes; ++taken) {
+    for (size_t taken = 0; taken < kMaxDrain && owners.size() < lanes; ++taken) {
       const double left = wait_until - now_seconds();
       auto more = server_.recv(ms(left > 0 ? static_cast<int64_t>(std::ceil(left * 1e3)) : 0));
       if (!more) break;
+      const size_t queued = pending_.size();
       dispatch(*more, r, now_seconds());
+      if (pending_.size() > queued) owners.insert(&owner_of(*pending_.back().slot));
     }
-  }
-
-  // Distinct server parts among the queued micro-batches: the largest group they can form now.
-  size_t pending_owners() {
-    std::set<const DeviceSlot*> owners;
-    for (Pending& p : pending_) owners.insert(&owner_of(*p.slot));
-    return owners.size();
   }
 
   // Trains one group of queued micro-batches: the first of each server part, in arrival order, up to
@@ -2093,9 +2089,9 @@ class ServerRunner {
   }
 
   // Tells every device that training is over and waits, at most kGoodbyeS, for each connected one's
-  // goodbye (a heartbeat marked kGoodbye; its link's periodic heartbeats may come before): ZeroMQ sends from threads that die with this process, so a server that
-  // exited at once could take the last messages to its devices with it, and they would wait out their
-  // time-outs and report an error.
+  // goodbye (a heartbeat marked kGoodbye; its link's periodic heartbeats may come before). ZeroMQ
+  // sends from threads that die with this process: a server that exited at once could take the last
+  // messages to its devices with it, and they would wait out their time-outs and report an error.
   static constexpr double kGoodbyeS = 5.0;
   void finish() {
     tp::Plan done;
@@ -2200,10 +2196,9 @@ class ServerRunner {
   std::vector<CheckpointState> resume_state_;
   bool resumed_ = false;
   std::vector<int64_t> privacy_rounds_;  // differential privacy: per device, rounds begun (dp_accounting)
-  // Cross-device batching: the lanes that train queued micro-batches side by side, the queue, and the
-  // groups trained (and their micro-batches) in the current round.
+  // Cross-device batching: the lanes that train queued micro-batches side by side (checkpointed), the
+  // queue, and the groups trained (and their micro-batches) in the current round.
   std::unique_ptr<ServerLanes> lanes_;
-  std::pair<int, int> lanes_choice_{1, 1};  // (lanes, threads per lane), checkpointed
   std::deque<Pending> pending_;
   uint64_t groups_ = 0, grouped_micros_ = 0;
 };
