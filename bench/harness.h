@@ -52,11 +52,11 @@ inline std::string option_value(int argc, char** argv, int& i) {
   return argv[++i];
 }
 
-// "a,b,,c" → {"a", "b", "c"}: a comma-separated command-line list.
-inline std::vector<std::string> split_list(const std::string& s) {
+// "a,b,,c" → {"a", "b", "c"}: a comma-separated command-line list (or separated by `sep`).
+inline std::vector<std::string> split_list(const std::string& s, char sep = ',') {
   std::vector<std::string> out;
   std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');)
+  for (std::string item; std::getline(ss, item, sep);)
     if (!item.empty()) out.push_back(item);
   return out;
 }

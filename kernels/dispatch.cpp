@@ -71,7 +71,22 @@ void require_present(const char* op, std::initializer_list<Arg> args) {
 #endif
 }
 
+thread_local ShapeRecorder t_recorder = nullptr;
+thread_local void* t_recorder_user = nullptr;
+
+void record(bool conv, const Conv2dParams& p, ConstView x, ConstView w, ConstView b) {
+  if (t_recorder == nullptr) return;
+  LayerShape l;
+  l.conv = conv, l.p = p, l.x = x.shape, l.w = w.shape, l.bias = !b.empty();
+  t_recorder(l, t_recorder_user);
+}
+
 }  // namespace
+
+void set_shape_recorder(ShapeRecorder r, void* user) {
+  t_recorder = r;
+  t_recorder_user = user;
+}
 
 #ifndef PIPAR_CUDA_OPS
 #define PIPAR_CUDA_OPS 0  // set to 1 once kernels/cuda implements every op of ops.h
@@ -100,6 +115,7 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
   const Shape4 ys = conv2d_out_shape(x.shape, w.shape, p);
   require("conv2d_forward", y.shape == ys, "y must be [n, k, oh, ow]", args);
   require("conv2d_forward", b.empty() || b.numel() == w.shape.n, "bias must have k elements", args);
+  record(true, p, x, w, b);
   PIPAR_DISPATCH(conv2d_forward, args, p, x, w, b, y);
 }
 
@@ -134,6 +150,7 @@ void linear_forward(ConstView x, ConstView w, ConstView b, View y, StreamRef s) 
   const Shape4 ys = linear_out_shape(x.shape, w.shape);
   require("linear_forward", y.shape.n == ys.n && y.numel() == ys.numel(), "y must be [n, out]", args);
   require("linear_forward", b.empty() || b.numel() == w.shape.n, "bias must have out elements", args);
+  record(false, Conv2dParams{}, x, w, b);
   PIPAR_DISPATCH(linear_forward, args, x, w, b, y);
 }
 

@@ -128,6 +128,18 @@ void softmax_cross_entropy_backward(ConstView probs, ConstIndexView labels, floa
 // --- optimizer ------------------------------------------------------------------------------------
 void sgd_step(const SgdParams& p, View param, ConstView grad, View momentum_buf, StreamRef s = {});
 
+// --- layer shapes, for benchmarks --------------------------------------------------------------
+// While a recorder is set on a thread, every conv2d_forward and linear_forward that thread calls (on
+// any backend) reports its shapes first: bench/ replays the layers of a real model's part this way.
+struct LayerShape {
+  bool conv = false;
+  Conv2dParams p;  // conv only
+  Shape4 x, w;
+  bool bias = false;
+};
+using ShapeRecorder = void (*)(const LayerShape&, void* user);
+void set_shape_recorder(ShapeRecorder r, void* user);  // thread-local; null stops recording
+
 // --- backends -------------------------------------------------------------------------------------
 // Per-backend implementations: same names and argument order, without the stream on CPU.
 namespace cpu {

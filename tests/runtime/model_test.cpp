@@ -217,6 +217,33 @@ void gradient_check(const std::string& name, const ModelOptions& o, int64_t n) {
   for (const std::string& f : failures) ADD_FAILURE() << f;
 }
 
+// bench/cuda_bench.cpp replays a part's layers from what the op interface records: every conv and
+// linear forward of the part, with the shapes it ran at, and nothing recorded once the recorder is off.
+TEST(Model, ShapeRecorderSeesEveryConvAndLinearOfAPart) {
+  ModelOptions o;
+  auto m = build_model("vgg5", o);  // 3 conv blocks, 2 dense: conv 64->64 at 7x7 and both linears after block 2
+  std::vector<kernels::LayerShape> seen;
+  kernels::set_shape_recorder(
+      [](const kernels::LayerShape& l, void* u) { static_cast<std::vector<kernels::LayerShape>*>(u)->push_back(l); },
+      &seen);
+  Shape4 cut = m->block_out_shape(1);
+  cut.n = 3;
+  Context ctx;
+  ctx.training = false;
+  m->forward(Tensor::zeros(cut), nullptr, ctx, 2);
+  kernels::set_shape_recorder(nullptr, nullptr);
+  ASSERT_EQ(seen.size(), 3u);
+  EXPECT_TRUE(seen[0].conv);
+  EXPECT_EQ(seen[0].x, cut);
+  EXPECT_EQ(seen[0].p.kh, 3);
+  EXPECT_FALSE(seen[1].conv);
+  EXPECT_FALSE(seen[2].conv);
+  EXPECT_EQ(seen[2].w.n, 10);
+  EXPECT_EQ(seen[2].x.n, 3);
+  m->forward(Tensor::zeros(cut), nullptr, ctx, 2);
+  EXPECT_EQ(seen.size(), 3u) << "recorded after the recorder was cleared";
+}
+
 TEST(ModelGradient, SmallVgg) {
   ModelOptions o;
   o.input = {1, 1, 12, 12};

@@ -1,0 +1,295 @@
+// The conv and linear layers of real models' server parts through the CUDA kernels: our hand-written
+// GEMM path against cuBLAS (kernels::cuda::set_gemm_backend), forward, backward-input and
+// backward-weight(+bias) timed separately on one stream with CUDA events, medians over repeats.
+// The layers are not typed in here: a CPU forward of the model's server part at each micro-batch
+// size records the shapes of every conv2d_forward and linear_forward it calls (set_shape_recorder).
+// Identical shapes are timed once and counted as often as the part has them.
+// bench/cuda_vs_torch.py runs this with --json and times PyTorch (cuDNN and cuBLAS, TF32 off) on the
+// same shapes on the same GPU, for the ratios of the CUDA backend issue.
+// Run: build/bench/pipar_bench_cuda [--models vgg5:2:fmnist,resnet18:3:cifar10] [--micro 10,25,100]
+//      [--repeats 15] [--min-ms 0.5] [--json PATH] [--list]
+// --list prints the recorded layers and exits (needs no GPU). Exits 77 (skipped) with the reason where no CUDA device is usable.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "bench/harness.h"
+#include "kernels/cuda/ops_cuda.h"
+#include "kernels/cuda/stream.h"
+#include "kernels/device.h"
+#include "kernels/ops.h"
+#include "runtime/model.h"
+
+using namespace pipar;
+using namespace pipar::bench;
+namespace k = pipar::kernels;
+namespace kc = pipar::kernels::cuda;
+
+namespace {
+
+struct Spec {
+  std::string model, dataset;
+  size_t split;
+};
+
+Spec parse_spec(const std::string& s) {
+  const auto parts = split_list(s, ':');
+  if (parts.size() != 3) throw Error("--models: MODEL:SPLIT:DATASET, e.g. vgg5:2:fmnist (got '" + s + "')");
+  return {parts[0], parts[2], std::strtoul(parts[1].c_str(), nullptr, 10)};
+}
+
+Shape4 input_of(const std::string& dataset) {
+  if (dataset == "fmnist" || dataset == "mnist") return {1, 1, 28, 28};
+  if (dataset == "cifar10") return {1, 3, 32, 32};
+  throw Error("unknown dataset '" + dataset + "' (fmnist, mnist, cifar10)");
+}
+
+// A layer's shape as a map key: conv?, kernel, stride, pad, groups, x, w, bias.
+using Key = std::tuple<bool, int, int, int, int, int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, bool>;
+Key key_of(const k::LayerShape& l) {
+  return {l.conv, l.p.kh, l.p.kw, l.p.sh, l.p.sw, l.p.ph, l.p.pw, l.p.groups, l.x.n, l.x.c, l.x.h, l.x.w,
+          l.w.n, l.w.c, l.w.h, l.w.w, l.bias};
+}
+
+struct Recorded {
+  k::LayerShape shape;
+  int count = 0;
+};
+
+// The server part's layers at micro-batch m, in order of first call, identical shapes merged.
+std::vector<Recorded> record_layers(const Spec& spec, int micro) {
+  ModelOptions o;
+  o.input = input_of(spec.dataset);
+  auto model = build_model(spec.model, o);
+  check_split(*model, spec.split);
+  Shape4 cut = model->block_out_shape(spec.split - 1);
+  cut.n = micro;
+  Tensor x = Tensor::zeros(cut);
+  std::vector<k::LayerShape> seen;
+  k::set_shape_recorder([](const k::LayerShape& l, void* u) { static_cast<std::vector<k::LayerShape>*>(u)->push_back(l); },
+                        &seen);
+  Context ctx;
+  ctx.training = false;
+  try {
+    model->forward(x, nullptr, ctx, spec.split);
+  } catch (...) {
+    k::set_shape_recorder(nullptr, nullptr);
+    throw;
+  }
+  k::set_shape_recorder(nullptr, nullptr);
+  std::vector<Recorded> out;
+  std::map<Key, size_t> index;
+  for (const auto& l : seen) {
+    auto [it, fresh] = index.try_emplace(key_of(l), out.size());
+    if (fresh) out.push_back({l, 0});
+    ++out[it->second].count;
+  }
+  return out;
+}
+
+// --- device buffers ---------------------------------------------------------------------------------
+
+struct DeviceBuffer {
+  float* p = nullptr;
+  Shape4 shape;
+  DeviceBuffer(Shape4 s, std::mt19937& rng, StreamRef st) : shape(s) {
+    p = static_cast<float*>(k::device_alloc(Device::kCuda, sizeof(float) * static_cast<size_t>(s.numel())));
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    std::vector<float> h(static_cast<size_t>(s.numel()));
+    for (auto& v : h) v = u(rng);
+    k::device_copy(Device::kCuda, p, Device::kCpu, h.data(), sizeof(float) * h.size(), st);
+  }
+  ~DeviceBuffer() { k::device_free(Device::kCuda, p); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  View view() { return {p, shape, Device::kCuda}; }
+  ConstView cview() const { return {p, shape, Device::kCuda}; }
+  std::vector<float> host(const kc::Stream& st) const {
+    std::vector<float> h(static_cast<size_t>(shape.numel()));
+    k::device_copy(Device::kCpu, h.data(), Device::kCuda, p, sizeof(float) * h.size(), st.ref());
+    st.synchronize();
+    return h;
+  }
+};
+
+// Median milliseconds of one call of f: each sample times `inner` back-to-back calls between two
+// events, inner chosen so that a sample lasts at least min_ms (short kernels are launch-bound).
+template <class F>
+Stats time_ms(F&& f, const kc::Stream& st, int repeats, double min_ms) {
+  kc::Event e0(kc::Event::Kind::kTiming), e1(kc::Event::Kind::kTiming);
+  for (int i = 0; i < 3; ++i) f();  // warm-up: workspace growth, cuBLAS handle, caches
+  e0.record(st), f(), e1.record(st), e1.synchronize();
+  const double one = std::max(1e-3, static_cast<double>(kc::Event::elapsed_ms(e0, e1)));
+  const int inner = std::max(1, static_cast<int>(std::ceil(min_ms / one)));
+  std::vector<double> ms;
+  for (int r = 0; r < repeats; ++r) {
+    e0.record(st);
+    for (int i = 0; i < inner; ++i) f();
+    e1.record(st);
+    e1.synchronize();
+    ms.push_back(static_cast<double>(kc::Event::elapsed_ms(e0, e1)) / inner);
+  }
+  return summarize(ms);
+}
+
+const char* kPasses[] = {"forward", "backward_input", "backward_weight"};
+
+std::string describe(const k::LayerShape& l) {
+  char buf[160];
+  if (l.conv)
+    std::snprintf(buf, sizeof buf, "conv %dx%d s%d p%d g%d %lld->%lld @%lldx%lld", l.p.kh, l.p.kw, l.p.sh, l.p.ph,
+                  l.p.groups, static_cast<long long>(l.x.c), static_cast<long long>(l.w.n),
+                  static_cast<long long>(l.x.h), static_cast<long long>(l.x.w));
+  else
+    std::snprintf(buf, sizeof buf, "linear %lld->%lld", static_cast<long long>(l.w.c * l.w.h * l.w.w),
+                  static_cast<long long>(l.w.n));
+  return buf;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> models = {"vgg5:2:fmnist", "vgg16:4:cifar10", "resnet18:3:cifar10",
+                                     "mobilenetv3-small:4:cifar10"};
+  std::vector<int> micros = {10, 25, 100};
+  int repeats = 15;
+  double min_ms = 0.5;
+  std::string json_path;
+  bool list = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&] { return option_value(argc, argv, i); };
+    if (a == "--models") models = split_list(next());
+    else if (a == "--micro") {
+      micros.clear();
+      for (const auto& m : split_list(next())) micros.push_back(std::atoi(m.c_str()));
+    } else if (a == "--repeats") repeats = std::max(1, std::atoi(next().c_str()));
+    else if (a == "--min-ms") min_ms = std::atof(next().c_str());
+    else if (a == "--json") json_path = next();
+    else if (a == "--list") list = true;
+    else {
+      std::fprintf(stderr, "unknown option %s\n", a.c_str());
+      return 2;
+    }
+  }
+  if (list) {
+    try {
+      for (const std::string& s : models)
+        for (int micro : micros)
+          for (const Recorded& r : record_layers(parse_spec(s), micro))
+            std::printf("%-28s %5d %-44s x%d  in [%lld, %lld, %lld, %lld]\n", s.c_str(), micro, describe(r.shape).c_str(),
+                        r.count, static_cast<long long>(r.shape.x.n), static_cast<long long>(r.shape.x.c),
+                        static_cast<long long>(r.shape.x.h), static_cast<long long>(r.shape.x.w));
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "pipar_bench_cuda: %s\n", e.what());
+      return 1;
+    }
+    return 0;
+  }
+  if (const std::string why = k::cuda_unavailable_reason(); !why.empty()) {
+    std::printf("# pipar_bench_cuda: skipped: %s\n", why.c_str());
+    return 77;
+  }
+  try {
+    kc::Stream st;
+    std::printf("# CUDA layers: commit %s; hand-written GEMM path vs cuBLAS (FP32, TF32 off), one stream, CUDA events, "
+                "median of %d samples of >= %.2f ms\n",
+                git_commit().c_str(), repeats, min_ms);
+    std::printf("%-22s %5s %-40s %4s %-16s %10s %10s %8s %9s\n", "model:split", "micro", "layer", "x", "pass", "hand ms",
+                "cublas ms", "hand/cb", "max|diff|");
+    std::string json = "{\"commit\": \"" + git_commit() + "\", \"layers\": [";
+    bool first = true;
+    std::mt19937 rng(20261130);
+    for (const std::string& s : models) {
+      const Spec spec = parse_spec(s);
+      for (int micro : micros) {
+        double total[2] = {0, 0};
+        for (const Recorded& r : record_layers(spec, micro)) {
+          const k::LayerShape& l = r.shape;
+          const Shape4 ys = l.conv ? k::conv2d_out_shape(l.x, l.w, l.p) : k::linear_out_shape(l.x, l.w);
+          DeviceBuffer x(l.x, rng, st), w(l.w, rng, st), y(ys, rng, st), dy(ys, rng, st), dx(l.x, rng, st), dw(l.w, rng, st),
+              b({l.w.n, 1, 1, 1}, rng, st), db({l.w.n, 1, 1, 1}, rng, st);
+          const ConstView bias = l.bias ? b.cview() : ConstView{};
+          auto pass = [&](int which) {
+            if (l.conv) {
+              if (which == 0) kc::conv2d_forward(l.p, x.cview(), w.cview(), bias, y.view(), st);
+              else if (which == 1) kc::conv2d_backward_input(l.p, dy.cview(), w.cview(), dx.view(), st);
+              else {
+                kc::conv2d_backward_weight(l.p, x.cview(), dy.cview(), dw.view(), st);
+                if (l.bias) kc::conv2d_backward_bias(dy.cview(), db.view(), st);
+              }
+            } else {
+              if (which == 0) kc::linear_forward(x.cview(), w.cview(), bias, y.view(), st);
+              else if (which == 1) kc::linear_backward_input(dy.cview(), w.cview(), dx.view(), st);
+              else {
+                kc::linear_backward_weight(x.cview(), dy.cview(), dw.view(), st);
+                if (l.bias) kc::linear_backward_bias(dy.cview(), db.view(), st);
+              }
+            }
+          };
+          // Agreement of the two backends on this shape (forward output), as a sanity check.
+          kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
+          pass(0);
+          const auto hand_y = y.host(st);
+          kc::set_gemm_backend(kc::GemmBackend::kCublas);
+          pass(0);
+          const auto cb_y = y.host(st);
+          double diff = 0, scale = 0;
+          for (size_t i = 0; i < hand_y.size(); ++i) {
+            diff = std::max(diff, static_cast<double>(std::fabs(hand_y[i] - cb_y[i])));
+            scale = std::max(scale, static_cast<double>(std::fabs(cb_y[i])));
+          }
+          const double rel = scale > 0 ? diff / scale : diff;
+          std::string times = "{";
+          for (int ps = 0; ps < 3; ++ps) {
+            kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
+            const Stats h = time_ms([&] { pass(ps); }, st, repeats, min_ms);
+            kc::set_gemm_backend(kc::GemmBackend::kCublas);
+            const Stats c = time_ms([&] { pass(ps); }, st, repeats, min_ms);
+            total[0] += h.median * r.count, total[1] += c.median * r.count;
+            std::printf("%-22s %5d %-40s %4d %-16s %10.4f %10.4f %8.2f %9.1e\n", s.c_str(), micro, describe(l).c_str(),
+                        r.count, kPasses[ps], h.median, c.median, h.median / c.median, rel);
+            char buf[200];
+            std::snprintf(buf, sizeof buf, "%s\"%s\": {\"handwritten_ms\": %.6f, \"cublas_ms\": %.6f}", ps ? ", " : "",
+                          kPasses[ps], h.median, c.median);
+            times += buf;
+          }
+          times += "}";
+          char buf[600];
+          std::snprintf(buf, sizeof buf,
+                        "%s{\"model\": \"%s\", \"split\": %zu, \"dataset\": \"%s\", \"micro\": %d, \"count\": %d, "
+                        "\"conv\": %s, \"x\": [%lld, %lld, %lld, %lld], \"w\": [%lld, %lld, %lld, %lld], "
+                        "\"kernel\": [%d, %d], \"stride\": [%d, %d], \"pad\": [%d, %d], \"groups\": %d, \"bias\": %s, "
+                        "\"forward_max_rel_diff\": %.3e, \"times\": ",
+                        first ? "" : ", ", spec.model.c_str(), spec.split, spec.dataset.c_str(), micro, r.count,
+                        l.conv ? "true" : "false", static_cast<long long>(l.x.n), static_cast<long long>(l.x.c),
+                        static_cast<long long>(l.x.h), static_cast<long long>(l.x.w), static_cast<long long>(l.w.n),
+                        static_cast<long long>(l.w.c), static_cast<long long>(l.w.h), static_cast<long long>(l.w.w),
+                        l.p.kh, l.p.kw, l.p.sh, l.p.sw, l.p.ph, l.p.pw, l.p.groups, l.bias ? "true" : "false", rel);
+          json += buf + times + "}";
+          first = false;
+          std::fflush(stdout);
+        }
+        std::printf("%-22s %5d %-40s %4s %-16s %10.4f %10.4f %8.2f\n", s.c_str(), micro, "all conv+linear passes", "",
+                    "total", total[0], total[1], total[0] / total[1]);
+      }
+    }
+    json += "]}\n";
+    if (!json_path.empty()) {
+      std::ofstream f(json_path);
+      if (!(f << json)) throw Error("cannot write " + json_path);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "pipar_bench_cuda: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
