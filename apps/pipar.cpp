@@ -530,6 +530,9 @@ int main(int argc, char** argv) {
                   " there is no split: labels never leave the process that holds the data)");
     if (cfg.dp_sgd && (cfg.dp_clip <= 0 || cfg.norm != "none" || cfg.model.rfind("vgg", 0) != 0))
       throw Error("--dp-sgd needs --dp-clip > 0 and a VGG with --norm none (per-sample gradients)");
+    if (cfg.backend == "cuda" && (*server || cfg.mode != "local"))
+      throw Error("--backend cuda applies to --mode local for now: the distributed server trains on the CPU backend "
+                  "until its per-replica CUDA streams land");
     if (*train || *server) {
       std::signal(SIGINT, on_signal);
       std::signal(SIGTERM, on_signal);

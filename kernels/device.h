@@ -15,10 +15,47 @@ std::string cuda_unavailable_reason(); // "" when a CUDA device is usable, else 
 inline bool cuda_available() { return cuda_unavailable_reason().empty(); }
 int cuda_device_count();               // 0 where none is usable
 
-// 64-byte aligned host memory, or device memory on CUDA. Throws pipar::Error on failure.
+// --- the thread's current stream --------------------------------------------------------------------
+// The CUDA stream that this thread's runtime work is ordered on (the trainer's; later a server lane's).
+// While one is set: CUDA memory comes from the device's stream-ordered pool (cudaMallocAsync and
+// cudaFreeAsync on it; freed blocks stay cached for reuse, so a training loop never calls cudaMalloc),
+// and a device_copy given no stream runs on it and returns once complete, so that a host read sees
+// every kernel queued before it. Unset (the default): cudaMalloc, cudaFree and synchronous copies.
+StreamRef current_stream();
+class ScopedStream {
+ public:
+  explicit ScopedStream(StreamRef s);
+  ~ScopedStream();
+  ScopedStream(const ScopedStream&) = delete;
+  ScopedStream& operator=(const ScopedStream&) = delete;
+
+ private:
+  StreamRef prev_;
+};
+
+// A stream of the device's own, for code that includes no CUDA header (runtime/): a non-blocking
+// CUDA stream on kCuda (throws pipar::Error where none is usable); nothing to create on kCpu (null).
+class DeviceStream {
+ public:
+  explicit DeviceStream(Device d);
+  ~DeviceStream();
+  DeviceStream(const DeviceStream&) = delete;
+  DeviceStream& operator=(const DeviceStream&) = delete;
+  StreamRef ref() const { return s_; }
+  void synchronize() const;  // host waits for all work queued on it (no-op on the CPU)
+
+ private:
+  StreamRef s_{};
+};
+
+// 64-byte aligned host memory, or device memory on CUDA (stream-ordered on the current stream, if
+// any). Throws pipar::Error on failure.
 void* device_alloc(Device d, size_t bytes);
-void device_free(Device d, void* p) noexcept;
-// Copy between any two devices. With a null stream the copy is complete on return.
+// `alloc_stream`: the current stream when p was allocated. CUDA memory is freed stream-ordered when
+// that stream is still this thread's current one, else with cudaFree (which waits for the device).
+void device_free(Device d, void* p, StreamRef alloc_stream = {}) noexcept;
+// Copy between any two devices. With a null stream the copy is complete on return (ordered after the
+// current stream's work, if one is set).
 void device_copy(Device dst_dev, void* dst, Device src_dev, const void* src, size_t bytes, StreamRef s = {});
 
 }  // namespace pipar::kernels

@@ -15,6 +15,7 @@
 #if PIPAR_HAS_CUDA
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/runtime_cuda.h"
+#include "kernels/cuda/stream.h"
 #endif
 
 namespace pipar::kernels {
@@ -419,6 +420,35 @@ void tune_host_allocator() {
 }
 }  // namespace
 
+namespace {
+thread_local StreamRef t_current_stream{};
+}  // namespace
+
+StreamRef current_stream() { return t_current_stream; }
+ScopedStream::ScopedStream(StreamRef s) : prev_(t_current_stream) { t_current_stream = s; }
+ScopedStream::~ScopedStream() { t_current_stream = prev_; }
+
+DeviceStream::DeviceStream(Device d) {
+  if (d == Device::kCpu) return;
+#if PIPAR_HAS_CUDA
+  s_ = StreamRef{cuda::Stream().release()};
+#else
+  no_cuda("DeviceStream");
+#endif
+}
+
+DeviceStream::~DeviceStream() {
+#if PIPAR_HAS_CUDA
+  if (!s_.is_null()) cuda::Stream::from_native(s_.native);  // destroyed here, with its workspace
+#endif
+}
+
+void DeviceStream::synchronize() const {
+#if PIPAR_HAS_CUDA
+  if (!s_.is_null()) cuda::synchronize(s_);
+#endif
+}
+
 void* device_alloc(Device d, size_t bytes) {
   if (d == Device::kCpu) {
     tune_host_allocator();
@@ -428,20 +458,25 @@ void* device_alloc(Device d, size_t bytes) {
     return p;
   }
 #if PIPAR_HAS_CUDA
-  return cuda::malloc_device(bytes);
+  return cuda::malloc_device(bytes, t_current_stream);
 #else
   no_cuda("device_alloc");
 #endif
 }
 
-void device_free(Device d, void* p) noexcept {
+void device_free(Device d, void* p, StreamRef alloc_stream) noexcept {
   if (!p) return;
   if (d == Device::kCpu) {
     std::free(p);
     return;
   }
 #if PIPAR_HAS_CUDA
-  cuda::free_device(p);
+  // Stream-ordered only on the stream it came from, and only while that stream is known to be alive
+  // (it is this thread's current one); else cudaFree, which also frees pool memory.
+  const bool ordered = !alloc_stream.is_null() && alloc_stream.native == t_current_stream.native;
+  cuda::free_device(p, ordered ? alloc_stream : StreamRef{});
+#else
+  (void)alloc_stream;
 #endif
 }
 
@@ -453,6 +488,12 @@ void device_copy(Device dst_dev, void* dst, Device src_dev, const void* src, siz
   }
 #if PIPAR_HAS_CUDA
   const int kind = src_dev == Device::kCpu ? 0 : dst_dev == Device::kCpu ? 1 : 2;
+  if (s.is_null() && !t_current_stream.is_null()) {
+    // Complete on return, and after everything already queued on the current stream.
+    cuda::memcpy_async(dst, src, bytes, kind, t_current_stream);
+    cuda::synchronize(t_current_stream);
+    return;
+  }
   cuda::memcpy_async(dst, src, bytes, kind, s);
 #else
   (void)s;

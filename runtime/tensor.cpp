@@ -5,10 +5,11 @@
 
 #include "kernels/device.h"
 #include "kernels/error.h"
+#include "kernels/ops.h"
 
 namespace pipar {
 
-Tensor::Storage::~Storage() { kernels::device_free(device, ptr); }
+Tensor::Storage::~Storage() { kernels::device_free(device, ptr, stream); }
 
 Tensor Tensor::empty(Shape4 shape, Device device, DType dtype) {
   if (shape.n < 0 || shape.c < 0 || shape.h < 0 || shape.w < 0)
@@ -17,6 +18,7 @@ Tensor Tensor::empty(Shape4 shape, Device device, DType dtype) {
   t.storage_ = std::make_shared<Storage>();
   t.storage_->bytes = static_cast<size_t>(shape.numel()) * 4;
   t.storage_->device = device;
+  if (device != Device::kCpu) t.storage_->stream = kernels::current_stream();
   t.storage_->ptr = kernels::device_alloc(device, t.storage_->bytes);
   t.shape_ = shape;
   t.device_ = device;
@@ -90,6 +92,9 @@ void Tensor::zero() {
   if (!defined() || bytes() == 0) return;
   if (device_ == Device::kCpu) {
     std::memset(raw(), 0, bytes());
+  } else if (const StreamRef s = kernels::current_stream(); !s.is_null()) {
+    // Ordered on the thread's stream like the kernels around it (float zero bits are int zero bits too).
+    kernels::fill(0.0f, View{static_cast<float*>(raw()), shape_, device_}, s);
   } else {
     std::vector<char> zeros(bytes(), 0);
     kernels::device_copy(device_, raw(), Device::kCpu, zeros.data(), bytes());

@@ -4,6 +4,7 @@
 #include <memory>
 #include <vector>
 
+#include "kernels/stream_ref.h"
 #include "kernels/tensor_view.h"
 
 namespace pipar {
@@ -49,6 +50,7 @@ class Tensor {
     void* ptr = nullptr;
     size_t bytes = 0;
     Device device = Device::kCpu;
+    StreamRef stream{};  // CUDA: the thread's current stream at allocation (kernels/device.h)
     ~Storage();
   };
   std::shared_ptr<Storage> storage_;

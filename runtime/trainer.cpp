@@ -27,15 +27,16 @@ std::atomic<bool>& stop_requested() {
 
 Device resolve_backend(const std::string& backend) {
   if (backend == "cpu") return Device::kCpu;
-  // The CUDA kernels exist but the trainer has not run them on a GPU yet (it needs its own stream
-  // and stream-ordered host reads): until a GPU session verifies that path, auto means the CPU and
-  // cuda is refused with the reason.
+  // The trainer runs on one CUDA stream with stream-ordered allocations and host reads (kernels/
+  // device.h), but no GPU has run it yet (the GPU tests TrainingCuda.* check it against the CPU):
+  // until they have passed on a GPU, auto means the CPU, and cuda must be asked for.
   if (backend == "auto") return Device::kCpu;
   if (backend == "cuda") {
+    if (!kernels::cuda_ops_built())
+      throw Unsupported("--backend cuda: this build has no CUDA backend (configure with -DPIPAR_CUDA=ON where nvcc is)");
     const std::string why = kernels::cuda_unavailable_reason();
     if (!why.empty()) throw Unsupported("--backend cuda: " + why);
-    throw Unsupported("--backend cuda: the CUDA kernels are built, but training on them is not enabled until it has "
-                      "been verified on a GPU (the CUDA backend issue); use --backend cpu");
+    return Device::kCuda;
   }
   throw Error("unknown backend '" + backend + "'; use cpu, cuda or auto");
 }
@@ -152,6 +153,10 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   scheduled_lr(cfg, 0, 1);  // an unknown schedule fails here, before any work
   kernels::set_num_threads(cfg.threads);
   const Device device = resolve_backend(cfg.backend);
+  // On CUDA one stream carries the whole run: every op, allocation and host read of this thread is
+  // ordered on it (declared before the model, so the model's memory goes back to it first).
+  kernels::DeviceStream stream(device);
+  kernels::ScopedStream on_stream(stream.ref());
   {
     bool known = false;
     for (const auto& n : model_names()) known |= n == cfg.model;
@@ -204,6 +209,7 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   const std::vector<Param*> params = model->params();
   Context ctx;
   ctx.device = device;
+  ctx.stream = stream.ref();
   ctx.training = true;
 
   const Shape4 ss = train.sample_shape();

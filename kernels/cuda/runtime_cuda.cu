@@ -24,13 +24,39 @@ int device_count() {
   return n;
 }
 
-void* malloc_device(size_t bytes) {
+namespace {
+// The default pool returns freed memory to the OS at every synchronization unless told to keep it.
+void keep_pool_memory() {
+  static const bool done = [] {
+    int dev = 0;
+    PIPAR_CUDA_CHECK(cudaGetDevice(&dev));
+    cudaMemPool_t pool;
+    PIPAR_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+    uint64_t keep = UINT64_MAX;
+    PIPAR_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    return true;
+  }();
+  (void)done;
+}
+}  // namespace
+
+void* malloc_device(size_t bytes, StreamRef s) {
   void* p = nullptr;
-  PIPAR_CUDA_CHECK(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
+  if (s.is_null()) {
+    PIPAR_CUDA_CHECK(cudaMalloc(&p, bytes == 0 ? 1 : bytes));
+  } else {
+    keep_pool_memory();
+    PIPAR_CUDA_CHECK(cudaMallocAsync(&p, bytes == 0 ? 1 : bytes, native(s)));
+  }
   return p;
 }
 
-void free_device(void* p) noexcept { cudaFree(p); }
+void free_device(void* p, StreamRef s) noexcept {
+  if (s.is_null()) cudaFree(p);  // frees pool memory too (after waiting for the device)
+  else cudaFreeAsync(p, native(s));
+}
+
+void synchronize(StreamRef s) { PIPAR_CUDA_CHECK(cudaStreamSynchronize(native(s))); }
 
 void memcpy_async(void* dst, const void* src, size_t bytes, int kind, StreamRef s) {
   const cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;

@@ -9,9 +9,12 @@ namespace pipar::kernels::cuda {
 
 std::string unavailable_reason();
 int device_count();
-void* malloc_device(size_t bytes);
-void free_device(void* p) noexcept;
-// kind: 0 host→device, 1 device→host, 2 device→device.
+// With a stream: from the device's default memory pool, stream-ordered (the pool keeps freed memory
+// cached: its release threshold is raised once to "never"). Without: cudaMalloc / cudaFree.
+void* malloc_device(size_t bytes, StreamRef s);
+void free_device(void* p, StreamRef s) noexcept;
+// kind: 0 host→device, 1 device→host, 2 device→device. A null s: synchronous (cudaMemcpy).
 void memcpy_async(void* dst, const void* src, size_t bytes, int kind, StreamRef s);
+void synchronize(StreamRef s);  // cudaStreamSynchronize, checked
 
 }  // namespace pipar::kernels::cuda

@@ -65,6 +65,13 @@ TEST(Cli, BadInputGivesClearErrors) {
   r = run("train --mode sfl --labels public --dataset synthetic --out " + temp_dir("bad4"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("--labels"), std::string::npos) << r.output;
+  // The CUDA backend trains in --mode local only; elsewhere a clear refusal, not a silent CPU run.
+  r = run("train --mode pipar --backend cuda --dataset synthetic --out " + temp_dir("bad5"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("--backend cuda applies to --mode local"), std::string::npos) << r.output;
+  r = run("train --mode local --backend gpu --dataset synthetic --out " + temp_dir("bad6"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.output.find("unknown backend 'gpu'"), std::string::npos) << r.output;
 }
 
 // A plan that does not fit the server's memory is refused before training, naming the need, the

@@ -1,0 +1,174 @@
+// Whole models on the CUDA backend against the CPU backend: one training step (forward, loss,
+// backward, SGD step) of VGG5, ResNet18 and MobileNetV3-Small on the same weights and batch; two
+// replicas trained on two streams from two threads against the same done one after the other; and a
+// local training run on CUDA that must learn. GPU suites (TrainingCuda*) skip with the reason where
+// no CUDA device is usable; the no-GPU suite checks the error a user gets then.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <ctime>
+#include <filesystem>
+#include <thread>
+
+#include "kernels/device.h"
+#include "runtime/loss.h"
+#include "runtime/model.h"
+#include "runtime/trainer.h"
+#include "tests/gpu.h"
+#include "tests/random.h"
+
+namespace pipar {
+namespace {
+
+Tensor random_batch(Shape4 s, test::Rng& rng) { return Tensor::from_vector(rng.uniform_vec(s.numel(), -1, 1), s); }
+
+Tensor random_labels(int64_t n, test::Rng& rng) {
+  std::vector<int32_t> v(static_cast<size_t>(n));
+  for (auto& y : v) y = rng.integer(0, 9);
+  return Tensor::from_vector(v, {n, 1, 1, 1});
+}
+
+// One SGD step on `m` (on ctx.device) over batch (x, y); returns the loss statistics. Gradients are
+// left in the parameters (they are zeroed before the step's backward, not after the step).
+LossStats train_step(Model& m, const Tensor& x, const Tensor& y, const Context& ctx) {
+  std::vector<Param*> params = m.params();
+  Sgd opt(kernels::SgdParams{});
+  Sgd::zero_grad(params);
+  Tape tape;
+  Tensor logits = m.forward(x.to(ctx.device), &tape, ctx);
+  Tensor dlogits;
+  const LossStats st =
+      softmax_cross_entropy(logits, y.to(ctx.device), 1.0f / static_cast<float>(x.shape().n), &dlogits, ctx.stream);
+  Context bctx = ctx;
+  bctx.input_grad = false;
+  m.backward(dlogits, tape, bctx);
+  opt.step(params, ctx.stream);
+  return st;
+}
+
+// ||a - b|| / ||b|| over two equally long vectors (b's norm floored at 1e-12).
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0, n = 0;
+  for (size_t i = 0; i < a.size(); ++i) d += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), n += double(b[i]) * b[i];
+  return std::sqrt(d) / std::max(std::sqrt(n), 1e-12);
+}
+
+struct Case {
+  const char* model;
+  Shape4 input;
+  float width;
+};
+
+// Every parameter's gradient and value after one step, and the loss, agree with the CPU backend's.
+// Tolerance: relative error (2-norm) 2e-3 for gradients, 1e-5 for the updated weights, 1e-4 for the
+// loss: FP32 on both sides, only the order of the sums differs (GEMM tiles, reductions).
+TEST(TrainingCuda, StepMatchesCpuForEveryModelFamily) {
+  PIPAR_REQUIRE_CUDA();
+  const Case cases[] = {{"vgg5", {1, 1, 28, 28}, 1.0f},
+                        {"resnet18", {1, 3, 32, 32}, 0.25f},
+                        {"mobilenetv3-small", {1, 3, 32, 32}, 0.5f}};
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.model);
+    ModelOptions o;
+    o.input = c.input;
+    o.width = c.width;
+    o.seed = 11;
+    auto cpu = build_model(c.model, o);
+    auto gpu = build_model(c.model, o);
+    test::Rng rng(static_cast<uint64_t>(time(nullptr)));
+    Shape4 xs = c.input;
+    xs.n = 7;  // odd, not a multiple of any tile
+    const Tensor x = random_batch(xs, rng), y = random_labels(xs.n, rng);
+
+    Context cctx;
+    const LossStats lc = train_step(*cpu, x, y, cctx);
+
+    kernels::DeviceStream stream(Device::kCuda);
+    kernels::ScopedStream on(stream.ref());
+    gpu->to(Device::kCuda);
+    Context gctx;
+    gctx.device = Device::kCuda;
+    gctx.stream = stream.ref();
+    const LossStats lg = train_step(*gpu, x, y, gctx);
+
+    EXPECT_NEAR(lg.loss_sum, lc.loss_sum, 1e-4 * std::max(1.0, std::fabs(lc.loss_sum)));
+    EXPECT_EQ(lg.count, lc.count);
+    const auto pc = cpu->params(), pg = gpu->params();
+    ASSERT_EQ(pc.size(), pg.size());
+    for (size_t i = 0; i < pc.size(); ++i) {
+      ASSERT_EQ(pg[i]->value.device(), Device::kCuda);
+      EXPECT_LT(relative_error(pg[i]->grad.to_vector(), pc[i]->grad.to_vector()), 2e-3) << "gradient of parameter " << i;
+      EXPECT_LT(relative_error(pg[i]->value.to_vector(), pc[i]->value.to_vector()), 1e-5) << "parameter " << i;
+    }
+  }
+}
+
+// Two replicas on two streams from two threads at once give bit for bit what each gives alone (the
+// CUDA kernels have no atomics; nothing of one replica's may leak into the other's).
+TEST(TrainingCuda, TwoStreamsMatchOneAfterTheOther) {
+  PIPAR_REQUIRE_CUDA();
+  ModelOptions o;
+  o.input = {1, 3, 32, 32};
+  o.width = 0.25f;
+  test::Rng rng(static_cast<uint64_t>(time(nullptr)) + 1);
+  const Tensor x0 = random_batch({5, 3, 32, 32}, rng), y0 = random_labels(5, rng);
+  const Tensor x1 = random_batch({9, 3, 32, 32}, rng), y1 = random_labels(9, rng);
+  auto run = [&](Model& m, const Tensor& x, const Tensor& y) {
+    kernels::DeviceStream stream(Device::kCuda);
+    kernels::ScopedStream on(stream.ref());
+    m.to(Device::kCuda);
+    Context ctx;
+    ctx.device = Device::kCuda;
+    ctx.stream = stream.ref();
+    for (int step = 0; step < 3; ++step) train_step(m, x, y, ctx);
+    std::vector<std::vector<float>> out;
+    for (Param* p : m.params()) out.push_back(p->value.to_vector());
+    return out;
+  };
+  o.seed = 21;
+  auto a_alone = build_model("resnet18", o), a_pair = build_model("resnet18", o);
+  o.seed = 22;
+  auto b_alone = build_model("resnet18", o), b_pair = build_model("resnet18", o);
+  const auto ra = run(*a_alone, x0, y0), rb = run(*b_alone, x1, y1);
+  std::vector<std::vector<float>> pa, pb;
+  std::thread ta([&] { pa = run(*a_pair, x0, y0); });
+  std::thread tb([&] { pb = run(*b_pair, x1, y1); });
+  ta.join(), tb.join();
+  EXPECT_EQ(pa, ra);
+  EXPECT_EQ(pb, rb);
+}
+
+TEST(TrainingCuda, LocalTrainingOnCudaLearns) {
+  PIPAR_REQUIRE_CUDA();
+  const auto dir = std::filesystem::temp_directory_path() / ("pipar_cuda_train_" + std::to_string(getpid()));
+  TrainConfig c;
+  c.model = "vgg5";
+  c.dataset = "synthetic";
+  c.backend = "cuda";
+  c.limit_train = 2000;
+  c.limit_test = 500;
+  c.epochs = 2;
+  c.batch_size = 50;
+  c.seed = 3;
+  c.out_dir = dir.string();
+  const TrainResult r = train_local(c);
+  EXPECT_GE(r.test_accuracy, 0.90);  // the CPU backend's bar for the same run (trainer_test)
+  std::filesystem::remove_all(dir);
+}
+
+TEST(TrainingCudaNoDevice, BackendCudaSaysWhyItCannotRun) {
+  if (kernels::cuda_available() && kernels::cuda_ops_built()) GTEST_SKIP() << "a CUDA device is usable";
+  try {
+    resolve_backend("cuda");
+    FAIL() << "--backend cuda without a usable GPU must be refused";
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("--backend cuda"), std::string::npos) << what;
+    EXPECT_GT(what.size(), std::string("--backend cuda: ").size() + 10) << "the reason is missing: " << what;
+  }
+  EXPECT_EQ(resolve_backend("auto"), Device::kCpu);
+}
+
+}  // namespace
+}  // namespace pipar
