@@ -127,6 +127,12 @@ int cmd_devices() {
   const std::string why = kernels::cuda_unavailable_reason();
   if (!why.empty()) std::printf("CUDA: built, %s\n", why.c_str());
   else std::printf("CUDA: %d device(s)%s\n", kernels::cuda_device_count(), kernels::cuda_ops_built() ? "" : " (CUDA kernels not built yet)");
+  if (!why.empty()) return 0;
+  const std::string path = kernels::cuda_kernel_cache_path();
+  const std::vector<std::string> chosen = kernels::cuda_kernel_choices();
+  std::printf("kernels: %s (--kernels / PIPAR_KERNELS); cache %s: %zu choice(s) for this GPU\n",
+              kernels::cuda_kernels().c_str(), path.empty() ? "in memory only" : path.c_str(), chosen.size());
+  for (const std::string& c : chosen) std::printf("  %s\n", c.c_str());
   return 0;
 }
 
@@ -351,6 +357,10 @@ int main(int argc, char** argv) {
     a->add_option("--weight-decay", cfg.weight_decay, "SGD weight decay")->capture_default_str();
     a->add_option("--threads", cfg.threads, "CPU threads of this process: local trainer or server (0: all cores)")->capture_default_str();
     a->add_option("--backend", cfg.backend, "cpu, cuda or auto")->capture_default_str();
+    a->add_option("--kernels", cfg.kernels,
+                  "CUDA conv/linear implementations: handwritten, vendor (cuDNN, cuBLAS) or auto (fastest per layer, "
+                  "timed once and cached)")
+        ->capture_default_str();
     a->add_option("--seed", cfg.seed, "Seed: initialization, shuffling, augmentation")->capture_default_str();
     a->add_option("--limit-train", cfg.limit_train, "Use only the first N training samples (0: all)");
     a->add_option("--limit-test", cfg.limit_test, "Use only the first N test samples (0: all)");
@@ -530,6 +540,7 @@ int main(int argc, char** argv) {
                   " there is no split: labels never leave the process that holds the data)");
     if (cfg.dp_sgd && (cfg.dp_clip <= 0 || cfg.norm != "none" || cfg.model.rfind("vgg", 0) != 0))
       throw Error("--dp-sgd needs --dp-clip > 0 and a VGG with --norm none (per-sample gradients)");
+    kernels::set_cuda_kernels(cfg.kernels);  // --kernels checked in every mode
     if (cfg.backend == "cuda" && (*server || cfg.mode != "local"))
       throw Error("--backend cuda applies to --mode local for now: the distributed server trains on the CPU backend "
                   "until its per-replica CUDA streams land");

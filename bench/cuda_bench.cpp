@@ -1,6 +1,8 @@
 // The conv and linear layers of real models' server parts through the CUDA kernels: our hand-written
-// GEMM path against cuBLAS (kernels::cuda::set_gemm_backend), forward, backward-input and
-// backward-weight(+bias) timed separately on one stream with CUDA events, medians over repeats.
+// GEMM path against cuBLAS (kernels::cuda::set_gemm_backend under the "handwritten" kernel choice) and
+// against the vendor choice (cuDNN's fastest deterministic algorithm for convolutions, cuBLAS for
+// linear layers), forward, backward-input and backward-weight(+bias) timed separately on one stream
+// with CUDA events, medians over repeats.
 // The layers are not typed in here: a CPU forward of the model's server part at each micro-batch
 // size records the shapes of every conv2d_forward and linear_forward it calls (set_shape_recorder).
 // Identical shapes are timed once and counted as often as the part has them.
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "bench/harness.h"
+#include "kernels/cuda/autotune.h"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/stream.h"
 #include "kernels/device.h"
@@ -200,18 +203,20 @@ int main(int argc, char** argv) {
   }
   try {
     kc::Stream st;
-    std::printf("# CUDA layers: commit %s; hand-written GEMM path vs cuBLAS (FP32, TF32 off), one stream, CUDA events, "
+    kc::reset_tuner("");  // vendor choices timed afresh in this run, not read from an earlier one
+    std::printf("# CUDA layers: commit %s; hand-written GEMM path vs cuBLAS vs vendor (cuDNN conv / cuBLAS linear; FP32, "
+                "no TF32), one stream, CUDA events, "
                 "median of %d samples of >= %.2f ms\n",
                 git_commit().c_str(), repeats, min_ms);
-    std::printf("%-22s %5s %-40s %4s %-16s %10s %10s %8s %9s\n", "model:split", "micro", "layer", "x", "pass", "hand ms",
-                "cublas ms", "hand/cb", "max|diff|");
+    std::printf("%-22s %5s %-40s %4s %-16s %10s %10s %10s %8s %9s\n", "model:split", "micro", "layer", "x", "pass",
+                "hand ms", "cublas ms", "vendor ms", "vend/hand", "max|diff|");
     std::string json = "{\"commit\": \"" + git_commit() + "\", \"layers\": [";
     bool first = true;
     std::mt19937 rng(20261130);
     for (const std::string& s : models) {
       const Spec spec = parse_spec(s);
       for (int micro : micros) {
-        double total[2] = {0, 0};
+        double total[3] = {0, 0, 0};
         for (const Recorded& r : record_layers(spec, micro)) {
           const k::LayerShape& l = r.shape;
           const Shape4 ys = l.conv ? k::conv2d_out_shape(l.x, l.w, l.p) : k::linear_out_shape(l.x, l.w);
@@ -235,7 +240,8 @@ int main(int argc, char** argv) {
               }
             }
           };
-          // Agreement of the two backends on this shape (forward output), as a sanity check.
+          // Agreement of the two GEMM backends on this shape (forward output), as a sanity check.
+          kc::set_kernel_choice(kc::KernelChoice::kHandwritten);
           kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
           pass(0);
           const auto hand_y = y.host(st);
@@ -250,16 +256,22 @@ int main(int argc, char** argv) {
           const double rel = scale > 0 ? diff / scale : diff;
           std::string times = "{";
           for (int ps = 0; ps < 3; ++ps) {
+            kc::set_kernel_choice(kc::KernelChoice::kHandwritten);
             kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
             const Stats h = time_ms([&] { pass(ps); }, st, repeats, min_ms);
             kc::set_gemm_backend(kc::GemmBackend::kCublas);
             const Stats c = time_ms([&] { pass(ps); }, st, repeats, min_ms);
-            total[0] += h.median * r.count, total[1] += c.median * r.count;
-            std::printf("%-22s %5d %-40s %4d %-16s %10.4f %10.4f %8.2f %9.1e\n", s.c_str(), micro, describe(l).c_str(),
-                        r.count, kPasses[ps], h.median, c.median, h.median / c.median, rel);
-            char buf[200];
-            std::snprintf(buf, sizeof buf, "%s\"%s\": {\"handwritten_ms\": %.6f, \"cublas_ms\": %.6f}", ps ? ", " : "",
-                          kPasses[ps], h.median, c.median);
+            kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
+            kc::set_kernel_choice(kc::KernelChoice::kVendor);  // the first call (in time_ms's warm-up) autotunes
+            const Stats v = time_ms([&] { pass(ps); }, st, repeats, min_ms);
+            total[0] += h.median * r.count, total[1] += c.median * r.count, total[2] += v.median * r.count;
+            std::printf("%-22s %5d %-40s %4d %-16s %10.4f %10.4f %10.4f %8.2f %9.1e\n", s.c_str(), micro,
+                        describe(l).c_str(), r.count, kPasses[ps], h.median, c.median, v.median,
+                        std::min(c.median, v.median) / h.median, rel);
+            char buf[240];
+            std::snprintf(buf, sizeof buf,
+                          "%s\"%s\": {\"handwritten_ms\": %.6f, \"cublas_ms\": %.6f, \"vendor_ms\": %.6f}",
+                          ps ? ", " : "", kPasses[ps], h.median, c.median, v.median);
             times += buf;
           }
           times += "}";
@@ -278,8 +290,9 @@ int main(int argc, char** argv) {
           first = false;
           std::fflush(stdout);
         }
-        std::printf("%-22s %5d %-40s %4s %-16s %10.4f %10.4f %8.2f\n", s.c_str(), micro, "all conv+linear passes", "",
-                    "total", total[0], total[1], total[0] / total[1]);
+        std::printf("%-22s %5d %-40s %4s %-16s %10.4f %10.4f %10.4f %8.2f\n", s.c_str(), micro,
+                    "all conv+linear passes", "", "total", total[0], total[1], total[2],
+                    std::min(total[1], total[2]) / total[0]);
       }
     }
     json += "]}\n";

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "kernels/stream_ref.h"
 #include "kernels/tensor_view.h"
@@ -14,6 +15,16 @@ bool cuda_ops_built();                 // ... and every op of ops.h has a CUDA i
 std::string cuda_unavailable_reason(); // "" when a CUDA device is usable, else why not
 inline bool cuda_available() { return cuda_unavailable_reason().empty(); }
 int cuda_device_count();               // 0 where none is usable
+
+// The CUDA backend's choice of implementation for conv and linear layers (kernels/cuda/autotune.h):
+// "handwritten" (ours), "vendor" (cuDNN, cuBLAS) or "auto" (the fastest per layer shape, timed once
+// and cached on disk). Another value throws pipar::Error; a build without CUDA checks and ignores it.
+void set_cuda_kernels(const std::string& choice);
+std::string cuda_kernels();
+// The autotuner's cache file ("" = memory only) and its entries for the GPU in use, "what -> impl ms"
+// (empty without a usable GPU).
+std::string cuda_kernel_cache_path();
+std::vector<std::string> cuda_kernel_choices();
 
 // --- the thread's current stream --------------------------------------------------------------------
 // The CUDA stream that this thread's runtime work is ordered on (the trainer's; later a server lane's).

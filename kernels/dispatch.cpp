@@ -15,8 +15,10 @@
 #if PIPAR_HAS_CUDA
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/runtime_cuda.h"
+#include "kernels/cuda/autotune.h"
 #include "kernels/cuda/stream.h"
 #endif
+#include "kernels/kernel_cache.h"
 
 namespace pipar::kernels {
 namespace {
@@ -419,6 +421,39 @@ void tune_host_allocator() {
 #endif
 }
 }  // namespace
+
+void set_cuda_kernels(const std::string& choice) {
+  if (choice != "handwritten" && choice != "vendor" && choice != "auto")
+    throw Error("--kernels must be handwritten, vendor or auto, got '" + choice + "'");
+#if PIPAR_HAS_CUDA
+  cuda::KernelChoice c = cuda::KernelChoice::kAuto;
+  cuda::parse_kernel_choice(choice, &c);
+  cuda::set_kernel_choice(c);
+#endif
+}
+
+std::string cuda_kernels() {
+#if PIPAR_HAS_CUDA
+  return cuda::kernel_choice_name(cuda::kernel_choice());
+#else
+  return "auto";
+#endif
+}
+
+std::string cuda_kernel_cache_path() {
+#if PIPAR_HAS_CUDA
+  return cuda::cache_path();
+#else
+  return KernelCache::default_path();
+#endif
+}
+
+std::vector<std::string> cuda_kernel_choices() {
+#if PIPAR_HAS_CUDA
+  if (cuda_available()) return cuda::cached_choices();
+#endif
+  return {};
+}
 
 namespace {
 thread_local StreamRef t_current_stream{};

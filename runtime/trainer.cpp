@@ -153,6 +153,7 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   scheduled_lr(cfg, 0, 1);  // an unknown schedule fails here, before any work
   kernels::set_num_threads(cfg.threads);
   const Device device = resolve_backend(cfg.backend);
+  kernels::set_cuda_kernels(cfg.kernels);  // checked on every backend: a typo is an error anywhere
   // On CUDA one stream carries the whole run: every op, allocation and host read of this thread is
   // ordered on it (declared before the model, so the model's memory goes back to it first).
   kernels::DeviceStream stream(device);
@@ -325,6 +326,7 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   summary["epochs_completed"] = epochs_done;
   summary["interrupted"] = result.interrupted;
   summary["backend"] = device_name(device);
+  if (device == Device::kCuda) summary["kernels"] = cfg.kernels;
   summary["threads"] = kernels::num_threads();
   summary["isa"] = kernels::isa_name(kernels::cpu_isa());
   summary["params"] = model->param_count();

@@ -1,13 +1,20 @@
 // CUDA conv2d: im2col into the stream's workspace + the GEMM of gemm.cu (handwritten tiled kernel or
-// cuBLAS, per set_gemm_backend) for regular and grouped convolutions, samples batched in gridDim.z;
+// cuBLAS) for regular and grouped convolutions, samples batched in gridDim.z, or cuDNN: chosen per
+// shape and pass by the autotuner (autotune.h) under kernel_choice();
 // 1x1 stride-1 unpadded convolutions read x directly; direct kernels for depthwise ones (one input
 // channel per group). col2im is a gather (one thread per dx element): no atomics, deterministic.
 // Checked only in a CPU emulation (blocks run as std::threads with barriers; handwritten kernels
 // against the CPU backend, guard elements intact). NOT verified on a GPU: every kernel's results against the CPU,
 // speed, and the workspace chunking for large inputs.
+#include <string>
+#include <vector>
+
 #include "kernels/conv_geometry.h"
+#include "kernels/cuda/autotune.h"
+#include "kernels/cuda/cudnn_conv.h"
 #include "kernels/cuda/kernel_util.cuh"
 #include "kernels/cuda/ops_cuda.h"
+#include "kernels/cuda/runtime_cuda.h"
 #include "kernels/cuda/stream.h"
 
 namespace pipar::kernels::cuda {
@@ -247,12 +254,12 @@ void channel_sum_accumulate(const float* dy, float* db, int64_t n, int64_t k, in
   PIPAR_CUDA_CHECK(cudaGetLastError());
 }
 
-// --- entry points ---------------------------------------------------------------------------------
+// --- the GEMM paths (hand-written or cuBLAS GEMM on im2col, as gemm_backend() says), depthwise direct
 
-void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
-  const cudaStream_t st = checked_stream(s, "conv2d_forward");
-  const ConvGeom g = conv_geometry(p, x.shape, y.shape);
-  if (y.numel() == 0) return;
+namespace {
+
+void forward_gemm(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
+  const cudaStream_t st = native(s);
   if (g.depthwise()) {
     conv2d_depthwise_forward(g, x.data, w.data, b.data, y.data, st);
     return;
@@ -279,10 +286,8 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
   }
 }
 
-void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, View dx, StreamRef s) {
-  const cudaStream_t st = checked_stream(s, "conv2d_backward_input");
-  const ConvGeom g = conv_geometry(p, dx.shape, dy.shape);
-  if (dx.numel() == 0) return;
+void backward_input_gemm(const ConvGeom& g, ConstView dy, ConstView w, View dx, StreamRef s) {
+  const cudaStream_t st = native(s);
   if (g.depthwise()) {
     conv2d_depthwise_backward_input(g, dy.data, w.data, dx.data, st);
     return;
@@ -309,12 +314,10 @@ void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, Vie
   }
 }
 
-void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, View dw, StreamRef s) {
-  const cudaStream_t st = checked_stream(s, "conv2d_backward_weight");
-  const ConvGeom g = conv_geometry(p, x.shape, dy.shape);
-  if (dw.numel() == 0 || g.n == 0) return;
+void backward_weight_gemm(const ConvGeom& g, ConstView x, ConstView dy, float* dw, StreamRef s) {
+  const cudaStream_t st = native(s);
   if (g.depthwise()) {
-    conv2d_depthwise_backward_weight(g, x.data, dy.data, dw.data, st);
+    conv2d_depthwise_backward_weight(g, x.data, dy.data, dw, st);
     return;
   }
   // dW_g [kg, ckk] += dy_g [kg, L] . col_g [ckk, L]^T, L = cs*ohw: the chunk's samples side by side as
@@ -329,9 +332,99 @@ void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, Vi
     for (int64_t grp = 0; grp < g.groups; ++grp) {
       conv2d_im2col(g, x.data + (s0 * g.c + grp * g.cg) * g.hw, col, cs, ColLayout{g.ohw, len}, st);
       gemm(false, true, g.kg, g.ckk, len, 1.0f, dyc + grp * g.kg * len, len, col, len, 1.0f,
-           dw.data + grp * g.kg * g.ckk, g.ckk, s);
+           dw + grp * g.kg * g.ckk, g.ckk, s);
     }
   }
+}
+
+
+// --- implementation choice ------------------------------------------------------------------------
+
+std::string conv_key(const char* pass, const Conv2dParams& p, Shape4 x, Shape4 w, bool bias) {
+  return detail::concat("conv.", pass, "|x=", x.n, ",", x.c, ",", x.h, ",", x.w, "|w=", w.n, ",", w.c, ",", w.h, ",",
+                        w.w, "|s=", p.sh, ",", p.sw, "|p=", p.ph, ",", p.pw, "|g=", p.groups, "|b=", bias ? 1 : 0);
+}
+
+std::vector<Impl> conv_candidates(ConvPass pass, const ConvGeom& g, const Conv2dParams& p, Shape4 x, Shape4 w) {
+  std::vector<Impl> c{Impl{Impl::kHandwritten, -1}};
+  if (!g.depthwise()) c.push_back(Impl{Impl::kCublas, -1});  // depthwise: direct kernels, no GEMM
+  for (int a : cudnn_conv_algos(pass, p, x, w)) c.push_back(Impl{Impl::kCudnn, a});
+  return c;
+}
+
+// The GEMM paths under one implementation: cuBLAS or our GEMM for this call, whatever the process-wide
+// backend; kernel_choice() == kHandwritten leaves that backend in charge (the behaviour before the
+// autotuner, and how the tests pick one GEMM backend).
+template <class F>
+void with_gemm(const Impl& impl, F&& f) {
+  if (kernel_choice() == KernelChoice::kHandwritten) return f();
+  ScopedGemmBackend guard(impl.kind == Impl::kCublas ? GemmBackend::kCublas : GemmBackend::kHandwritten);
+  f();
+}
+
+void forward_with(const Impl& impl, const ConvGeom& g, const Conv2dParams& p, ConstView x, ConstView w, ConstView b,
+                  View y, StreamRef s) {
+  if (impl.kind != Impl::kCudnn) return with_gemm(impl, [&] { forward_gemm(g, x, w, b, y, s); });
+  if (b.data) conv2d_bias_broadcast(b.data, y.data, y.numel(), g.k, g.ohw, native(s));
+  cudnn_conv_forward(impl.algo, p, x, w, b.data ? 1.0f : 0.0f, y, s);
+}
+
+void backward_input_with(const Impl& impl, const ConvGeom& g, const Conv2dParams& p, ConstView dy, ConstView w, View dx,
+                         StreamRef s) {
+  if (impl.kind != Impl::kCudnn) return with_gemm(impl, [&] { backward_input_gemm(g, dy, w, dx, s); });
+  cudnn_conv_backward_input(impl.algo, p, dy, w, dx, s);
+}
+
+void backward_weight_with(const Impl& impl, const ConvGeom& g, const Conv2dParams& p, ConstView x, ConstView dy,
+                          View dw, StreamRef s) {
+  if (impl.kind != Impl::kCudnn) return with_gemm(impl, [&] { backward_weight_gemm(g, x, dy, dw.data, s); });
+  cudnn_conv_backward_weight(impl.algo, p, x, dy, dw, s);
+}
+
+}  // namespace
+
+// --- entry points ---------------------------------------------------------------------------------
+
+void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
+  checked_stream(s, "conv2d_forward");
+  const ConvGeom g = conv_geometry(p, x.shape, y.shape);
+  if (y.numel() == 0) return;
+  Impl impl;
+  if (kernel_choice() != KernelChoice::kHandwritten)
+    impl = choose(
+        conv_key("fwd", p, x.shape, w.shape, b.data != nullptr),
+        [&] { return conv_candidates(ConvPass::kForward, g, p, x.shape, w.shape); },
+        [&](const Impl& i) { forward_with(i, g, p, x, w, b, y, s); }, s);
+  forward_with(impl, g, p, x, w, b, y, s);
+}
+
+void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, View dx, StreamRef s) {
+  checked_stream(s, "conv2d_backward_input");
+  const ConvGeom g = conv_geometry(p, dx.shape, dy.shape);
+  if (dx.numel() == 0) return;
+  Impl impl;
+  if (kernel_choice() != KernelChoice::kHandwritten)
+    impl = choose(
+        conv_key("bwd_x", p, dx.shape, w.shape, false),
+        [&] { return conv_candidates(ConvPass::kBackwardInput, g, p, dx.shape, w.shape); },
+        [&](const Impl& i) { backward_input_with(i, g, p, dy, w, dx, s); }, s);
+  backward_input_with(impl, g, p, dy, w, dx, s);
+}
+
+void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, View dw, StreamRef s) {
+  checked_stream(s, "conv2d_backward_weight");
+  const ConvGeom g = conv_geometry(p, x.shape, dy.shape);
+  if (dw.numel() == 0 || g.n == 0) return;
+  Impl impl;
+  if (kernel_choice() != KernelChoice::kHandwritten) {
+    TrialScratch scratch(s);
+    impl = choose(
+        conv_key("bwd_w", p, x.shape, dw.shape, false),
+        [&] { return conv_candidates(ConvPass::kBackwardWeight, g, p, x.shape, dw.shape); },
+        [&](const Impl& i) { backward_weight_with(i, g, p, x, dy, View{scratch.get(dw.numel()), dw.shape, dw.device}, s); },
+        s);
+  }
+  backward_weight_with(impl, g, p, x, dy, dw, s);
 }
 
 void conv2d_backward_bias(ConstView dy, View db, StreamRef s) {

@@ -162,8 +162,18 @@ std::atomic<GemmBackend>& backend_state() {
 
 // --- entry points ---------------------------------------------------------------------------------
 
+namespace {
+thread_local int t_backend_override = -1;  // ScopedGemmBackend: a GemmBackend, or -1 for none
+}  // namespace
+
 void set_gemm_backend(GemmBackend b) { backend_state().store(b); }
-GemmBackend gemm_backend() { return backend_state().load(); }
+GemmBackend gemm_backend() {
+  return t_backend_override >= 0 ? static_cast<GemmBackend>(t_backend_override) : backend_state().load();
+}
+ScopedGemmBackend::ScopedGemmBackend(GemmBackend b) : prev_(t_backend_override) {
+  t_backend_override = static_cast<int>(b);
+}
+ScopedGemmBackend::~ScopedGemmBackend() { t_backend_override = prev_; }
 const char* gemm_backend_name(GemmBackend b) { return b == GemmBackend::kCublas ? "cublas" : "handwritten"; }
 
 void gemm_strided_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,

@@ -1,9 +1,15 @@
 // CUDA fully connected layer, y = x W^T + b, through the GEMM of gemm.cu (handwritten tiled kernel or
-// cuBLAS, per set_gemm_backend): the bias is broadcast into y first and the GEMM accumulates onto it.
+// cuBLAS, per shape as the autotuner picks): the bias is broadcast into y first and the GEMM
+// accumulates onto it.
 // Checked only in a CPU emulation (blocks run as std::threads with barriers; handwritten kernels
 // against the CPU backend, guard elements intact). NOT verified on a GPU: results against the CPU and speed.
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/autotune.h"
 #include "kernels/cuda/kernel_util.cuh"
 #include "kernels/cuda/ops_cuda.h"
+#include "kernels/cuda/runtime_cuda.h"
 
 namespace pipar::kernels::cuda {
 namespace {
@@ -28,25 +34,60 @@ void linear_bias_broadcast(const float* b, float* y, int64_t rows, int64_t out, 
 }  // namespace
 
 // --- entry points ---------------------------------------------------------------------------------
-// x [n, in] (in = c*h*w), w [out, in], y and dy [n, out].
+// x [n, in] (in = c*h*w), w [out, in], y and dy [n, out]. Each pass runs through our GEMM or cuBLAS,
+// as the autotuner picks per shape (autotune.h; vendor = cuBLAS); under kernel_choice() ==
+// kHandwritten, through the process-wide GEMM backend.
+
+namespace {
+
+std::string linear_key(const char* pass, int64_t n, int64_t in, int64_t out, bool bias) {
+  return detail::concat("linear.", pass, "|n=", n, "|in=", in, "|out=", out, "|b=", bias ? 1 : 0);
+}
+
+template <class F>
+void with_impl(const Impl& impl, F&& f) {
+  if (kernel_choice() == KernelChoice::kHandwritten) return f();
+  ScopedGemmBackend guard(impl.kind == Impl::kCublas ? GemmBackend::kCublas : GemmBackend::kHandwritten);
+  f();
+}
+
+// Runs `pass(out)` under the implementation chosen for `key`; `trial()` is where the autotuner's runs
+// may write (the real output, or scratch for an accumulating pass).
+template <class Pass, class Trial>
+void run_linear(const std::string& key, StreamRef s, Trial&& trial, Pass&& pass, float* real) {
+  Impl impl;
+  if (kernel_choice() != KernelChoice::kHandwritten)
+    impl = choose(
+        key, [] { return std::vector<Impl>{Impl{Impl::kHandwritten, -1}, Impl{Impl::kCublas, -1}}; },
+        [&](const Impl& i) { with_impl(i, [&] { pass(trial()); }); }, s);
+  with_impl(impl, [&] { pass(real); });
+}
+
+}  // namespace
 
 void linear_forward(ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
   const cudaStream_t st = checked_stream(s, "linear_forward");
   const int64_t n = x.shape.n, in = x.shape.per_sample(), out = w.shape.n;
-  if (b.data) linear_bias_broadcast(b.data, y.data, n, out, st);
-  gemm(false, true, n, out, in, 1.0f, x.data, in, w.data, in, b.data ? 1.0f : 0.0f, y.data, out, s);
+  auto pass = [&](float* dst) {
+    if (b.data) linear_bias_broadcast(b.data, dst, n, out, st);
+    gemm(false, true, n, out, in, 1.0f, x.data, in, w.data, in, b.data ? 1.0f : 0.0f, dst, out, s);
+  };
+  run_linear(linear_key("fwd", n, in, out, b.data != nullptr), s, [&] { return y.data; }, pass, y.data);
 }
 
 void linear_backward_input(ConstView dy, ConstView w, View dx, StreamRef s) {
   checked_stream(s, "linear_backward_input");
   const int64_t n = dx.shape.n, in = dx.shape.per_sample(), out = w.shape.n;
-  gemm(false, false, n, in, out, 1.0f, dy.data, out, w.data, in, 0.0f, dx.data, in, s);  // dx = dy W
+  auto pass = [&](float* dst) { gemm(false, false, n, in, out, 1.0f, dy.data, out, w.data, in, 0.0f, dst, in, s); };  // dx = dy W
+  run_linear(linear_key("bwd_x", n, in, out, false), s, [&] { return dx.data; }, pass, dx.data);
 }
 
 void linear_backward_weight(ConstView x, ConstView dy, View dw, StreamRef s) {
   checked_stream(s, "linear_backward_weight");
   const int64_t n = x.shape.n, in = x.shape.per_sample(), out = dw.shape.n;
-  gemm(true, false, out, in, n, 1.0f, dy.data, out, x.data, in, 1.0f, dw.data, in, s);  // dw += dy^T x
+  auto pass = [&](float* dst) { gemm(true, false, out, in, n, 1.0f, dy.data, out, x.data, in, 1.0f, dst, in, s); };  // dw += dy^T x
+  TrialScratch scratch(s);  // trial runs accumulate here, not into the gradient
+  run_linear(linear_key("bwd_w", n, in, out, false), s, [&] { return scratch.get(dw.numel()); }, pass, dw.data);
 }
 
 void linear_backward_bias(ConstView dy, View db, StreamRef s) {

@@ -2,7 +2,8 @@
 // StreamRef (never null: CUDA ops refuse the default stream). Every op only enqueues work on `s`; none
 // synchronizes or allocates with cudaMalloc (scratch comes from the stream's workspace, stream.h).
 // Host-only header (no CUDA include): dispatch.cpp and the tests include it.
-// Not done yet: a per-layer autotuning cache (pick backend/tile per shape) and cuDNN convolutions.
+// Conv and linear layers pick their implementation per shape and pass (autotune.h: hand-written,
+// cuBLAS or cuDNN, under kernel_choice()).
 #pragma once
 #include <cstdint>
 
@@ -17,8 +18,19 @@ namespace pipar::kernels::cuda {
 // ("handwritten" or "cublas"; anything else or unset: handwritten). Process-wide, thread-safe.
 enum class GemmBackend { kHandwritten, kCublas };
 void set_gemm_backend(GemmBackend b);
-GemmBackend gemm_backend();
+GemmBackend gemm_backend();  // this thread's ScopedGemmBackend if one is alive, else the process-wide one
 const char* gemm_backend_name(GemmBackend b);
+// Overrides the process-wide backend on this thread while alive (the autotuner's per-layer choice).
+class ScopedGemmBackend {
+ public:
+  explicit ScopedGemmBackend(GemmBackend b);
+  ~ScopedGemmBackend();
+  ScopedGemmBackend(const ScopedGemmBackend&) = delete;
+  ScopedGemmBackend& operator=(const ScopedGemmBackend&) = delete;
+
+ private:
+  int prev_;
+};
 
 // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C (device pointers, leading dims in
 // elements). beta == 0 overwrites C without reading it (NaN in C does not propagate).

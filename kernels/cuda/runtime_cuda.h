@@ -1,6 +1,7 @@
 // Host-side CUDA runtime helpers (device discovery, memory), called from dispatch.cpp only.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "kernels/stream_ref.h"
@@ -16,5 +17,25 @@ void free_device(void* p, StreamRef s) noexcept;
 // kind: 0 host→device, 1 device→host, 2 device→device. A null s: synchronous (cudaMemcpy).
 void memcpy_async(void* dst, const void* src, size_t bytes, int kind, StreamRef s);
 void synchronize(StreamRef s);  // cudaStreamSynchronize, checked
+
+// Device scratch for the autotuner's trial runs of an accumulating pass (they must not add into the
+// real gradient): allocated from the pool on the first get(), freed stream-ordered with the object.
+class TrialScratch {
+ public:
+  explicit TrialScratch(StreamRef s) : s_(s) {}
+  ~TrialScratch() {
+    if (p_) free_device(p_, s_);
+  }
+  TrialScratch(const TrialScratch&) = delete;
+  TrialScratch& operator=(const TrialScratch&) = delete;
+  float* get(int64_t floats) {
+    if (!p_) p_ = static_cast<float*>(malloc_device(sizeof(float) * static_cast<size_t>(floats), s_));
+    return p_;
+  }
+
+ private:
+  StreamRef s_;
+  float* p_ = nullptr;
+};
 
 }  // namespace pipar::kernels::cuda

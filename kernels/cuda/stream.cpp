@@ -8,6 +8,7 @@
 
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/cudnn_conv.h"
 
 namespace pipar::kernels::cuda {
 
@@ -142,6 +143,7 @@ void release_stream_resources(StreamRef s) noexcept {
     }
   }
   release_blas_handle(s);
+  release_cudnn_handle(s);
 }
 
 }  // namespace pipar::kernels::cuda

@@ -19,8 +19,14 @@
 #include "tests/kernels/op_test_util.h"
 #include "tests/random.h"
 #if PIPAR_HAS_CUDA
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "kernels/cuda/autotune.h"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/stream.h"
+#include "kernels/kernel_cache.h"
 #endif
 
 namespace pipar::test {
@@ -139,14 +145,35 @@ std::vector<float> nans(int64_t n) { return std::vector<float>(static_cast<size_
   return all_close(got, to_double(ref), 0.0, 0.0);  // bit for bit (NaN matches NaN)
 }
 
-// Restores the process-wide GEMM backend on scope exit.
+// One GEMM backend for conv and linear layers too (kernel choice "handwritten" leaves the layers on the
+// process-wide backend instead of the autotuner's pick); both restored on scope exit.
 class BackendGuard {
  public:
-  explicit BackendGuard(GemmBackend b) : saved_(kernels::cuda::gemm_backend()) { kernels::cuda::set_gemm_backend(b); }
-  ~BackendGuard() { kernels::cuda::set_gemm_backend(saved_); }
+  explicit BackendGuard(GemmBackend b)
+      : saved_(kernels::cuda::gemm_backend()), saved_choice_(kernels::cuda::kernel_choice()) {
+    kernels::cuda::set_gemm_backend(b);
+    kernels::cuda::set_kernel_choice(kernels::cuda::KernelChoice::kHandwritten);
+  }
+  ~BackendGuard() {
+    kernels::cuda::set_gemm_backend(saved_);
+    kernels::cuda::set_kernel_choice(saved_choice_);
+  }
 
  private:
   GemmBackend saved_;
+  kernels::cuda::KernelChoice saved_choice_;
+};
+
+// Conv and linear layers under the autotuner's vendor or auto choice, restored on scope exit.
+class ChoiceGuard {
+ public:
+  explicit ChoiceGuard(kernels::cuda::KernelChoice c) : saved_(kernels::cuda::kernel_choice()) {
+    kernels::cuda::set_kernel_choice(c);
+  }
+  ~ChoiceGuard() { kernels::cuda::set_kernel_choice(saved_); }
+
+ private:
+  kernels::cuda::KernelChoice saved_;
 };
 constexpr GemmBackend kBackends[] = {GemmBackend::kHandwritten, GemmBackend::kCublas};
 
@@ -371,6 +398,42 @@ TEST(OpsCuda, LinearMatchesCpu) {
       check_linear({2, 3, 5, 5}, 10, true, integers, ++salt);  // flattened 4-d input
     }
   }
+}
+
+// cuDNN (vendor) and the autotuner's per-shape pick (auto) against the CPU: the same cases and
+// tolerances as the hand-written kernels above; trial runs of an accumulating pass must not add into
+// the gradient (the accumulated dw and db checks see that). Then the choices are in the cache file.
+TEST(OpsCuda, VendorAndAutoKernelsMatchCpu) {
+  PIPAR_REQUIRE_CUDA();
+  SCOPED_TRACE(seed_trace());
+  const std::string cache = ::testing::TempDir() + "pipar_kernels_" + std::to_string(getpid()) + ".tsv";
+  std::remove(cache.c_str());
+  kernels::cuda::reset_tuner(cache);
+  uint64_t salt = 5000;
+  for (auto c : {kernels::cuda::KernelChoice::kVendor, kernels::cuda::KernelChoice::kAuto}) {
+    ChoiceGuard guard(c);
+    SCOPED_TRACE(kernels::cuda::kernel_choice_name(c));
+    for (const ConvCase& cc : conv_cases()) check_conv(cc, false, ++salt);
+    check_linear({3, 17, 1, 1}, 33, true, false, ++salt);
+    check_linear({33, 65, 1, 1}, 129, true, false, ++salt);
+  }
+  const std::vector<std::string> chosen = kernels::cuda::cached_choices();
+  EXPECT_FALSE(chosen.empty()) << "the autotuner recorded nothing in " << cache;
+  bool conv_fwd = false, linear_bwd_w = false;
+  for (const std::string& line : chosen) {
+    conv_fwd |= line.find("|auto|conv.fwd|") != std::string::npos || line.rfind("auto|conv.fwd|", 0) == 0;
+    linear_bwd_w |= line.find("linear.bwd_w|") != std::string::npos;
+  }
+  EXPECT_TRUE(conv_fwd) << "no conv forward choice cached";
+  EXPECT_TRUE(linear_bwd_w) << "no linear backward-weight choice cached";
+  // A new tuner over the same file reuses the choices (no timing) and still matches the CPU.
+  kernels::cuda::reset_tuner(cache);
+  {
+    ChoiceGuard guard(kernels::cuda::KernelChoice::kAuto);
+    for (const ConvCase& cc : conv_cases()) check_conv(cc, false, ++salt);
+  }
+  kernels::cuda::reset_tuner(kernels::KernelCache::default_path());
+  std::remove(cache.c_str());
 }
 
 // --- activations, dropout, element-wise, optimizer ----------------------------------------------------
