@@ -8,10 +8,17 @@
 // Identical shapes are timed once and counted as often as the part has them.
 // bench/cuda_vs_torch.py runs this with --json and times PyTorch (cuDNN and cuBLAS, TF32 off) on the
 // same shapes on the same GPU, for the ratios of the CUDA backend issue.
+// Then a whole server step of each model's part at each micro-batch size (ms, autotuned kernels), and
+// the overlap figure: two replicas of a server part (each its own weights) training micro-batches
+// one after the other on one stream, against both at once on two threads with a stream each; wall
+// time, median over repeats (the issue: two streams under 0.7x of one after the other, on shapes where
+// neither fills the GPU).
 // Run: build/bench/pipar_bench_cuda [--models vgg5:2:fmnist,resnet18:3:cifar10] [--micro 10,25,100]
-//      [--repeats 15] [--min-ms 0.5] [--json PATH] [--list]
+//      [--repeats 15] [--min-ms 0.5] [--json PATH] [--list] [--no-layers] [--no-steps]
+//      [--overlap resnet18:3:cifar10,...] [--overlap-micro 10] [--overlap-steps 20]
 // --list prints the recorded layers and exits (needs no GPU). Exits 77 (skipped) with the reason where no CUDA device is usable.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +26,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -28,6 +36,7 @@
 #include "kernels/cuda/stream.h"
 #include "kernels/device.h"
 #include "kernels/ops.h"
+#include "runtime/loss.h"
 #include "runtime/model.h"
 
 using namespace pipar;
@@ -157,6 +166,99 @@ std::string describe(const k::LayerShape& l) {
   return buf;
 }
 
+// --- overlap of two replicas on two streams ----------------------------------------------------------
+
+struct Replica {
+  std::unique_ptr<Model> model;
+  Tensor x, y;  // one micro-batch at the cut, on the GPU
+};
+
+Replica make_replica(const Spec& spec, int micro, uint64_t seed) {
+  ModelOptions o;
+  o.input = input_of(spec.dataset);
+  o.seed = seed;
+  Replica r;
+  r.model = build_model(spec.model, o);
+  check_split(*r.model, spec.split);
+  r.model->to(Device::kCuda);
+  Shape4 cut = r.model->block_out_shape(spec.split - 1);
+  cut.n = micro;
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> xs(static_cast<size_t>(cut.numel()));
+  for (auto& v : xs) v = u(rng);
+  std::vector<int32_t> ys(static_cast<size_t>(micro));
+  for (auto& v : ys) v = static_cast<int32_t>(rng() % 10);
+  r.x = Tensor::from_vector(xs, cut).to(Device::kCuda);
+  r.y = Tensor::from_vector(ys, {micro, 1, 1, 1}).to(Device::kCuda);
+  return r;
+}
+
+// `steps` server steps of one replica on stream st (forward, loss, backward to the cut, SGD step),
+// with no host read in between (the loss statistics stay on the GPU); returns once st is idle.
+void server_steps(Replica& r, size_t split, int steps, const kernels::DeviceStream& st) {
+  kernels::ScopedStream on(st.ref());
+  Context ctx;
+  ctx.device = Device::kCuda;
+  ctx.stream = st.ref();
+  const std::vector<Param*> params = r.model->params(split);
+  Sgd opt(kernels::SgdParams{});
+  for (int i = 0; i < steps; ++i) {
+    Tape tape;
+    Tensor logits = r.model->forward(r.x, &tape, ctx, split);
+    const Shape4 ls = logits.shape();
+    Tensor probs = Tensor::empty(ls, Device::kCuda), losses = Tensor::empty({ls.n, 1, 1, 1}, Device::kCuda);
+    Tensor dlogits = Tensor::empty(ls, Device::kCuda);
+    k::softmax_cross_entropy_forward(logits.view(), r.y.iview(), probs.view(), losses.view(), ctx.stream);
+    k::softmax_cross_entropy_backward(probs.view(), r.y.iview(), 1.0f / static_cast<float>(ls.n), dlogits.view(),
+                                      ctx.stream);
+    r.model->backward(dlogits, tape, ctx, split);
+    opt.step(params, ctx.stream);
+    Sgd::zero_grad(params);
+  }
+  st.synchronize();
+}
+
+// Milliseconds per server step of one replica (median over repeats of `steps` steps each, wall clock
+// to an idle stream): what bench/cuda_vs_torch.py puts beside PyTorch eager on the same server part.
+Stats step_ms(const Spec& spec, int micro, int steps, int repeats) {
+  Replica r = make_replica(spec, micro, 41);
+  kernels::DeviceStream st(Device::kCuda);
+  server_steps(r, spec.split, 2, st);  // warm-up: autotuning, pools
+  std::vector<double> ms;
+  for (int i = 0; i < repeats; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    server_steps(r, spec.split, steps, st);
+    ms.push_back(seconds_since(t0) * 1e3 / steps);
+  }
+  return summarize(ms);
+}
+
+void overlap(const Spec& spec, int micro, int steps, int repeats) {
+  Replica a = make_replica(spec, micro, 31), b = make_replica(spec, micro, 32);
+  kernels::DeviceStream sa(Device::kCuda), sb(Device::kCuda);
+  server_steps(a, spec.split, 2, sa), server_steps(b, spec.split, 2, sb);  // warm-up: autotuning, pools
+  std::vector<double> one, two, ratio;
+  for (int r = 0; r < repeats; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    server_steps(a, spec.split, steps, sa);
+    server_steps(b, spec.split, steps, sa);
+    const double seq = seconds_since(t0) * 1e3;
+    t0 = std::chrono::steady_clock::now();
+    std::thread ta([&] { server_steps(a, spec.split, steps, sa); });
+    std::thread tb([&] { server_steps(b, spec.split, steps, sb); });
+    ta.join(), tb.join();
+    const double par = seconds_since(t0) * 1e3;
+    one.push_back(seq), two.push_back(par), ratio.push_back(par / seq);
+  }
+  const Stats o = summarize(one), t = summarize(two), q = summarize(ratio);
+  std::printf("overlap %-28s micro %3d, %d steps each: one after the other %8.2f ms, two streams %8.2f ms, "
+              "ratio %.2f (%.2f..%.2f; goal < 0.7)\n",
+              (spec.model + ":" + std::to_string(spec.split) + ":" + spec.dataset).c_str(), micro, steps, o.median,
+              t.median, q.median, q.min, q.max);
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -166,7 +268,9 @@ int main(int argc, char** argv) {
   int repeats = 15;
   double min_ms = 0.5;
   std::string json_path;
-  bool list = false;
+  bool list = false, layers = true, steps = true;
+  std::vector<std::string> overlap_models = {"resnet18:3:cifar10", "mobilenetv3-small:4:cifar10", "vgg5:2:fmnist"};
+  int overlap_micro = 10, overlap_steps = 20;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return option_value(argc, argv, i); };
@@ -178,6 +282,11 @@ int main(int argc, char** argv) {
     else if (a == "--min-ms") min_ms = std::atof(next().c_str());
     else if (a == "--json") json_path = next();
     else if (a == "--list") list = true;
+    else if (a == "--no-layers") layers = false;
+    else if (a == "--no-steps") steps = false;
+    else if (a == "--overlap") overlap_models = split_list(next());
+    else if (a == "--overlap-micro") overlap_micro = std::max(1, std::atoi(next().c_str()));
+    else if (a == "--overlap-steps") overlap_steps = std::max(1, std::atoi(next().c_str()));
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -213,7 +322,7 @@ int main(int argc, char** argv) {
     std::string json = "{\"commit\": \"" + git_commit() + "\", \"layers\": [";
     bool first = true;
     std::mt19937 rng(20261130);
-    for (const std::string& s : models) {
+    for (const std::string& s : layers ? models : std::vector<std::string>{}) {
       const Spec spec = parse_spec(s);
       for (int micro : micros) {
         double total[3] = {0, 0, 0};
@@ -295,11 +404,32 @@ int main(int argc, char** argv) {
                     std::min(total[1], total[2]) / total[0]);
       }
     }
+    json += "], \"steps\": [";
+    // A whole server step (forward, loss, backward to the cut, SGD) as training runs it: autotuned.
+    kc::set_kernel_choice(kc::KernelChoice::kAuto);
+    kc::reset_tuner("");
+    first = true;
+    for (const std::string& s : steps ? models : std::vector<std::string>{}) {
+      const Spec spec = parse_spec(s);
+      for (int micro : micros) {
+        const Stats t = step_ms(spec, micro, overlap_steps, repeats);
+        std::printf("step %-28s micro %3d: %.3f ms per server step (%.3f..%.3f), autotuned kernels\n", s.c_str(), micro,
+                    t.median, t.min, t.max);
+        std::fflush(stdout);
+        char buf[300];
+        std::snprintf(buf, sizeof buf,
+                      "%s{\"model\": \"%s\", \"split\": %zu, \"dataset\": \"%s\", \"micro\": %d, \"ms\": %.6f}",
+                      first ? "" : ", ", spec.model.c_str(), spec.split, spec.dataset.c_str(), micro, t.median);
+        json += buf;
+        first = false;
+      }
+    }
     json += "]}\n";
     if (!json_path.empty()) {
       std::ofstream f(json_path);
       if (!(f << json)) throw Error("cannot write " + json_path);
     }
+    for (const std::string& s : overlap_models) overlap(parse_spec(s), overlap_micro, overlap_steps, repeats);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "pipar_bench_cuda: %s\n", e.what());
     return 1;

@@ -515,6 +515,30 @@ void device_free(Device d, void* p, StreamRef alloc_stream) noexcept {
 #endif
 }
 
+void* pinned_alloc(size_t bytes, bool* pinned) {
+  *pinned = false;
+#if PIPAR_HAS_CUDA
+  if (cuda_available()) {
+    *pinned = true;
+    return cuda::malloc_host_pinned(bytes);
+  }
+#endif
+  return device_alloc(Device::kCpu, bytes);
+}
+
+void pinned_free(void* p, bool pinned) noexcept {
+  if (!p) return;
+#if PIPAR_HAS_CUDA
+  if (pinned) {
+    cuda::free_host_pinned(p);
+    return;
+  }
+#else
+  (void)pinned;
+#endif
+  device_free(Device::kCpu, p);
+}
+
 void device_copy(Device dst_dev, void* dst, Device src_dev, const void* src, size_t bytes, StreamRef s) {
   if (bytes == 0) return;
   if (dst_dev == Device::kCpu && src_dev == Device::kCpu) {

@@ -9,7 +9,10 @@
 
 namespace pipar {
 
-Tensor::Storage::~Storage() { kernels::device_free(device, ptr, stream); }
+Tensor::Storage::~Storage() {
+  if (pinned) kernels::pinned_free(ptr, true);
+  else kernels::device_free(device, ptr, stream);
+}
 
 Tensor Tensor::empty(Shape4 shape, Device device, DType dtype) {
   if (shape.n < 0 || shape.c < 0 || shape.h < 0 || shape.w < 0)
@@ -22,6 +25,19 @@ Tensor Tensor::empty(Shape4 shape, Device device, DType dtype) {
   t.storage_->ptr = kernels::device_alloc(device, t.storage_->bytes);
   t.shape_ = shape;
   t.device_ = device;
+  t.dtype_ = dtype;
+  return t;
+}
+
+Tensor Tensor::empty_pinned(Shape4 shape, DType dtype) {
+  if (shape.n < 0 || shape.c < 0 || shape.h < 0 || shape.w < 0)
+    throw ShapeError("Tensor::empty_pinned: negative dimension in " + shape.str());
+  Tensor t;
+  t.storage_ = std::make_shared<Storage>();
+  t.storage_->bytes = static_cast<size_t>(shape.numel()) * 4;
+  t.storage_->ptr = kernels::pinned_alloc(t.storage_->bytes, &t.storage_->pinned);
+  t.shape_ = shape;
+  t.device_ = Device::kCpu;
   t.dtype_ = dtype;
   return t;
 }

@@ -16,6 +16,9 @@ class Tensor {
   Tensor() = default;
   static Tensor empty(Shape4 shape, Device device = Device::kCpu, DType dtype = DType::kF32);
   static Tensor zeros(Shape4 shape, Device device = Device::kCpu, DType dtype = DType::kF32);
+  // A host tensor in page-locked memory where a GPU is usable (kernels::pinned_alloc): for buffers
+  // copied to the GPU every batch.
+  static Tensor empty_pinned(Shape4 shape, DType dtype = DType::kF32);
   static Tensor from_vector(const std::vector<float>& values, Shape4 shape);
   static Tensor from_vector(const std::vector<int32_t>& values, Shape4 shape);
 
@@ -51,6 +54,7 @@ class Tensor {
     size_t bytes = 0;
     Device device = Device::kCpu;
     StreamRef stream{};  // CUDA: the thread's current stream at allocation (kernels/device.h)
+    bool pinned = false;  // host memory from kernels::pinned_alloc
     ~Storage();
   };
   std::shared_ptr<Storage> storage_;

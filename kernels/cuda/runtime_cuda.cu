@@ -58,6 +58,14 @@ void free_device(void* p, StreamRef s) noexcept {
 
 void synchronize(StreamRef s) { PIPAR_CUDA_CHECK(cudaStreamSynchronize(native(s))); }
 
+void* malloc_host_pinned(size_t bytes) {
+  void* p = nullptr;
+  PIPAR_CUDA_CHECK(cudaMallocHost(&p, bytes == 0 ? 1 : bytes));
+  return p;
+}
+
+void free_host_pinned(void* p) noexcept { cudaFreeHost(p); }
+
 void memcpy_async(void* dst, const void* src, size_t bytes, int kind, StreamRef s) {
   const cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
   if (s.is_null()) {

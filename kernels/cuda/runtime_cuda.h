@@ -17,6 +17,8 @@ void free_device(void* p, StreamRef s) noexcept;
 // kind: 0 host→device, 1 device→host, 2 device→device. A null s: synchronous (cudaMemcpy).
 void memcpy_async(void* dst, const void* src, size_t bytes, int kind, StreamRef s);
 void synchronize(StreamRef s);  // cudaStreamSynchronize, checked
+void* malloc_host_pinned(size_t bytes);   // cudaMallocHost, checked
+void free_host_pinned(void* p) noexcept;  // cudaFreeHost
 
 // Device scratch for the autotuner's trial runs of an accumulating pass (they must not add into the
 // real gradient): allocated from the pool on the first get(), freed stream-ordered with the object.

@@ -823,6 +823,7 @@ struct DeviceSlot {
   double last_seen = 0;
   std::string profile;        // the device's measured profile (planner), JSON
   uint64_t bytes_up0 = 0;     // bytes received from it before the round
+  double transfer_allowance_s = 0;  // extra silence allowed while its weights cross its links
 };
 
 // A micro-batch's progress through the server. Shared labels: kNone → kQueued → kServed (forward, loss
@@ -1639,8 +1640,18 @@ class ServerRunner {
     w.round = r;
     w.part = split_mode() ? tp::WeightsPart::kDevice : tp::WeightsPart::kWhole;
     w.tensors = named_state(*model_, device_ranges(s));
+    // A device is silent while its part's weights cross a slow link (its heartbeats queue behind
+    // them): down now, up at the round's end. Its silence allowance grows by their time at the
+    // round's rates (1.5x), on top of --device-timeout: 44 MB of ResNet18 take 70 s at 5 Mbit/s.
+    double bytes = 0;
+    for (const tp::NamedTensor& t : w.tensors) bytes += static_cast<double>(t.tensor.bytes());
+    const double up = uplink_for_round(r), down = net_.downlink_mbps;
+    s.transfer_allowance_s = 1.5 * ((up > 0 ? bytes * 8 / (up * 1e6) : 0) + (down > 0 ? bytes * 8 / (down * 1e6) : 0));
     server_.send(s.id, w);
   }
+
+  // Seconds of silence after which a device in its round is dropped.
+  double silence_limit(const DeviceSlot& s) const { return net_.device_timeout_s + s.transfer_allowance_s; }
 
   // Serves messages until every device in the round is done (or dropped).
   void serve_round(int r) {
@@ -1654,7 +1665,7 @@ class ServerRunner {
       const double now = now_seconds();
       if (!rec) {
         for (DeviceSlot& s : slots_)
-          if (s.in_round && !s.done && now - s.last_seen > net_.device_timeout_s) drop(s, "silent for too long");
+          if (s.in_round && !s.done && now - s.last_seen > silence_limit(s)) drop(s, "silent for too long");
         continue;
       }
       dispatch(*rec, r, now);

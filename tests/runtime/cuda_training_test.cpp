@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdint>
 #include <ctime>
 #include <filesystem>
 #include <thread>
@@ -61,8 +62,9 @@ struct Case {
 };
 
 // Every parameter's gradient and value after one step, and the loss, agree with the CPU backend's.
-// Tolerance: relative error (2-norm) 2e-3 for gradients, 1e-5 for the updated weights, 1e-4 for the
-// loss: FP32 on both sides, only the order of the sums differs (GEMM tiles, reductions).
+// Tolerance: relative error (2-norm) 2e-3 for gradients and the updated weights (a batch-norm shift
+// starts at zero, so after one step it is -lr * its gradient, with the gradient's relative error),
+// 1e-4 for the loss: FP32 on both sides, only the order of the sums differs (GEMM tiles, reductions).
 TEST(TrainingCuda, StepMatchesCpuForEveryModelFamily) {
   PIPAR_REQUIRE_CUDA();
   const Case cases[] = {{"vgg5", {1, 1, 28, 28}, 1.0f},
@@ -99,7 +101,7 @@ TEST(TrainingCuda, StepMatchesCpuForEveryModelFamily) {
     for (size_t i = 0; i < pc.size(); ++i) {
       ASSERT_EQ(pg[i]->value.device(), Device::kCuda);
       EXPECT_LT(relative_error(pg[i]->grad.to_vector(), pc[i]->grad.to_vector()), 2e-3) << "gradient of parameter " << i;
-      EXPECT_LT(relative_error(pg[i]->value.to_vector(), pc[i]->value.to_vector()), 1e-5) << "parameter " << i;
+      EXPECT_LT(relative_error(pg[i]->value.to_vector(), pc[i]->value.to_vector()), 2e-3) << "parameter " << i;
     }
   }
 }
@@ -155,6 +157,52 @@ TEST(TrainingCuda, LocalTrainingOnCudaLearns) {
   const TrainResult r = train_local(c);
   EXPECT_GE(r.test_accuracy, 0.90);  // the CPU backend's bar for the same run (trainer_test)
   std::filesystem::remove_all(dir);
+}
+
+// The thread's current stream: nested scopes restore the outer one, other threads never see it, and
+// host tensors ignore it (only CUDA memory and copies are ordered on it). No CUDA call is made here:
+// the stream values are tags, never used as streams.
+TEST(CurrentStream, ScopesNestAndStayOnTheirThread) {
+  int a_tag = 0, b_tag = 0;
+  const StreamRef a{reinterpret_cast<CUstream_st*>(&a_tag)}, b{reinterpret_cast<CUstream_st*>(&b_tag)};
+  EXPECT_TRUE(kernels::current_stream().is_null());
+  {
+    kernels::ScopedStream outer(a);
+    EXPECT_EQ(kernels::current_stream().native, a.native);
+    {
+      kernels::ScopedStream inner(b);
+      EXPECT_EQ(kernels::current_stream().native, b.native);
+      StreamRef seen{};
+      std::thread([&] { seen = kernels::current_stream(); }).join();
+      EXPECT_TRUE(seen.is_null()) << "another thread saw this thread's stream";
+      Tensor t = Tensor::zeros({2, 3, 1, 1});  // host memory: unaffected
+      EXPECT_EQ(t.to_vector(), std::vector<float>(6, 0.0f));
+    }
+    EXPECT_EQ(kernels::current_stream().native, a.native);
+  }
+  EXPECT_TRUE(kernels::current_stream().is_null());
+  kernels::DeviceStream cpu(Device::kCpu);  // nothing to create on the CPU
+  EXPECT_TRUE(cpu.ref().is_null());
+  cpu.synchronize();
+}
+
+// Page-locked staging tensors: ordinary host tensors everywhere (aligned memory without a GPU); with
+// one, a round trip through the GPU gives the values back.
+TEST(PinnedTensor, IsAHostTensorOnEveryMachine) {
+  Tensor f = Tensor::empty_pinned({3, 2, 5, 7});
+  Tensor i = Tensor::empty_pinned({11, 1, 1, 1}, DType::kI32);
+  EXPECT_EQ(f.device(), Device::kCpu);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(f.raw()) % 64, 0u);
+  for (int64_t k = 0; k < f.numel(); ++k) f.data()[k] = static_cast<float>(k) * 0.5f;
+  for (int64_t k = 0; k < i.numel(); ++k) i.idata()[k] = static_cast<int32_t>(k) - 5;
+  EXPECT_EQ(f.clone().to_vector(), f.to_vector());
+  EXPECT_EQ(i.to_ivector()[10], 5);
+  EXPECT_THROW(Tensor::empty_pinned({-1, 1, 1, 1}), ShapeError);
+  if (!kernels::cuda_available() || !kernels::cuda_ops_built()) return;
+  kernels::DeviceStream stream(Device::kCuda);
+  kernels::ScopedStream on(stream.ref());
+  EXPECT_EQ(f.to(Device::kCuda).to(Device::kCpu).to_vector(), f.to_vector());
+  EXPECT_EQ(i.to(Device::kCuda).to(Device::kCpu).to_ivector(), i.to_ivector());
 }
 
 TEST(TrainingCudaNoDevice, BackendCudaSaysWhyItCannotRun) {

@@ -182,6 +182,24 @@ TEST(Distributed, VanishingDeviceAndGarbageDoNotStopTheRun) {
   EXPECT_EQ(m["devices_finished"], 2);
 }
 
+// A device's weights upload on a slow link is not silence: its heartbeats queue behind the weights, so
+// the server allows the transfer's time on top of --device-timeout (found by the ResNet18 grid at 5
+// Mbit/s, whose 44 MB device part took 70 s against a 60 s timeout: every device was dropped).
+TEST(Distributed, SlowWeightsUploadIsNotSilence) {
+  TrainConfig c = small_config("fl", "slow_weights");
+  c.devices = 1;
+  c.limit_train = 50;
+  NetConfig n = fast_net();
+  n.uplink_mbps = 2;         // VGG5's 1.8 MB of weights: 7.3 s up
+  n.device_timeout_s = 2;    // far less than that
+  const TrainResult r = run_cluster(c, n, 1);
+  ASSERT_EQ(r.epochs.size(), 1u);
+  std::ifstream f(c.out_dir + "/metrics.jsonl");
+  std::string line;
+  std::getline(f, line);
+  EXPECT_EQ(nlohmann::json::parse(line)["devices_finished"], 1);
+}
+
 // The cost model's predicted round time is reported next to the measured one whether the planner
 // chose the plan or it was given; a given plan is scored as it is and never re-planned.
 TEST(Distributed, PredictedRoundTimeForFixedAndChosenPlans) {
