@@ -30,6 +30,8 @@
 #include <tuple>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "bench/harness.h"
 #include "kernels/cuda/autotune.h"
 #include "kernels/cuda/ops_cuda.h"
@@ -319,8 +321,7 @@ int main(int argc, char** argv) {
                 git_commit().c_str(), repeats, min_ms);
     std::printf("%-22s %5s %-40s %4s %-16s %10s %10s %10s %8s %9s\n", "model:split", "micro", "layer", "x", "pass",
                 "hand ms", "cublas ms", "vendor ms", "vend/hand", "max|diff|");
-    std::string json = "{\"commit\": \"" + git_commit() + "\", \"layers\": [";
-    bool first = true;
+    nlohmann::json out = {{"commit", git_commit()}, {"layers", nlohmann::json::array()}, {"steps", nlohmann::json::array()}};
     std::mt19937 rng(20261130);
     for (const std::string& s : layers ? models : std::vector<std::string>{}) {
       const Spec spec = parse_spec(s);
@@ -363,7 +364,7 @@ int main(int argc, char** argv) {
             scale = std::max(scale, static_cast<double>(std::fabs(cb_y[i])));
           }
           const double rel = scale > 0 ? diff / scale : diff;
-          std::string times = "{";
+          nlohmann::json times;
           for (int ps = 0; ps < 3; ++ps) {
             kc::set_kernel_choice(kc::KernelChoice::kHandwritten);
             kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
@@ -377,26 +378,14 @@ int main(int argc, char** argv) {
             std::printf("%-22s %5d %-40s %4d %-16s %10.4f %10.4f %10.4f %8.2f %9.1e\n", s.c_str(), micro,
                         describe(l).c_str(), r.count, kPasses[ps], h.median, c.median, v.median,
                         std::min(c.median, v.median) / h.median, rel);
-            char buf[240];
-            std::snprintf(buf, sizeof buf,
-                          "%s\"%s\": {\"handwritten_ms\": %.6f, \"cublas_ms\": %.6f, \"vendor_ms\": %.6f}",
-                          ps ? ", " : "", kPasses[ps], h.median, c.median, v.median);
-            times += buf;
+            times[kPasses[ps]] = {{"handwritten_ms", h.median}, {"cublas_ms", c.median}, {"vendor_ms", v.median}};
           }
-          times += "}";
-          char buf[600];
-          std::snprintf(buf, sizeof buf,
-                        "%s{\"model\": \"%s\", \"split\": %zu, \"dataset\": \"%s\", \"micro\": %d, \"count\": %d, "
-                        "\"conv\": %s, \"x\": [%lld, %lld, %lld, %lld], \"w\": [%lld, %lld, %lld, %lld], "
-                        "\"kernel\": [%d, %d], \"stride\": [%d, %d], \"pad\": [%d, %d], \"groups\": %d, \"bias\": %s, "
-                        "\"forward_max_rel_diff\": %.3e, \"times\": ",
-                        first ? "" : ", ", spec.model.c_str(), spec.split, spec.dataset.c_str(), micro, r.count,
-                        l.conv ? "true" : "false", static_cast<long long>(l.x.n), static_cast<long long>(l.x.c),
-                        static_cast<long long>(l.x.h), static_cast<long long>(l.x.w), static_cast<long long>(l.w.n),
-                        static_cast<long long>(l.w.c), static_cast<long long>(l.w.h), static_cast<long long>(l.w.w),
-                        l.p.kh, l.p.kw, l.p.sh, l.p.sw, l.p.ph, l.p.pw, l.p.groups, l.bias ? "true" : "false", rel);
-          json += buf + times + "}";
-          first = false;
+          out["layers"].push_back({{"model", spec.model}, {"split", spec.split}, {"dataset", spec.dataset},
+                                   {"micro", micro}, {"count", r.count}, {"conv", l.conv},
+                                   {"x", {l.x.n, l.x.c, l.x.h, l.x.w}}, {"w", {l.w.n, l.w.c, l.w.h, l.w.w}},
+                                   {"kernel", {l.p.kh, l.p.kw}}, {"stride", {l.p.sh, l.p.sw}}, {"pad", {l.p.ph, l.p.pw}},
+                                   {"groups", l.p.groups}, {"bias", l.bias}, {"forward_max_rel_diff", rel},
+                                   {"times", times}});
           std::fflush(stdout);
         }
         std::printf("%-22s %5d %-40s %4s %-16s %10.4f %10.4f %10.4f %8.2f\n", s.c_str(), micro,
@@ -404,11 +393,9 @@ int main(int argc, char** argv) {
                     std::min(total[1], total[2]) / total[0]);
       }
     }
-    json += "], \"steps\": [";
     // A whole server step (forward, loss, backward to the cut, SGD) as training runs it: autotuned.
     kc::set_kernel_choice(kc::KernelChoice::kAuto);
     kc::reset_tuner("");
-    first = true;
     for (const std::string& s : steps ? models : std::vector<std::string>{}) {
       const Spec spec = parse_spec(s);
       for (int micro : micros) {
@@ -416,18 +403,13 @@ int main(int argc, char** argv) {
         std::printf("step %-28s micro %3d: %.3f ms per server step (%.3f..%.3f), autotuned kernels\n", s.c_str(), micro,
                     t.median, t.min, t.max);
         std::fflush(stdout);
-        char buf[300];
-        std::snprintf(buf, sizeof buf,
-                      "%s{\"model\": \"%s\", \"split\": %zu, \"dataset\": \"%s\", \"micro\": %d, \"ms\": %.6f}",
-                      first ? "" : ", ", spec.model.c_str(), spec.split, spec.dataset.c_str(), micro, t.median);
-        json += buf;
-        first = false;
+        out["steps"].push_back({{"model", spec.model}, {"split", spec.split}, {"dataset", spec.dataset},
+                                {"micro", micro}, {"ms", t.median}});
       }
     }
-    json += "]}\n";
     if (!json_path.empty()) {
       std::ofstream f(json_path);
-      if (!(f << json)) throw Error("cannot write " + json_path);
+      if (!(f << out.dump() << '\n')) throw Error("cannot write " + json_path);
     }
     for (const std::string& s : overlap_models) overlap(parse_spec(s), overlap_micro, overlap_steps, repeats);
   } catch (const std::exception& e) {

@@ -14,32 +14,31 @@ Tensor::Storage::~Storage() {
   else kernels::device_free(device, ptr, stream);
 }
 
-Tensor Tensor::empty(Shape4 shape, Device device, DType dtype) {
+Tensor Tensor::allocate(Shape4 shape, Device device, DType dtype, bool pinned, const char* who) {
   if (shape.n < 0 || shape.c < 0 || shape.h < 0 || shape.w < 0)
-    throw ShapeError("Tensor::empty: negative dimension in " + shape.str());
+    throw ShapeError(std::string(who) + ": negative dimension in " + shape.str());
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
   t.storage_->bytes = static_cast<size_t>(shape.numel()) * 4;
   t.storage_->device = device;
-  if (device != Device::kCpu) t.storage_->stream = kernels::current_stream();
-  t.storage_->ptr = kernels::device_alloc(device, t.storage_->bytes);
+  if (pinned) {
+    t.storage_->ptr = kernels::pinned_alloc(t.storage_->bytes, &t.storage_->pinned);
+  } else {
+    if (device != Device::kCpu) t.storage_->stream = kernels::current_stream();
+    t.storage_->ptr = kernels::device_alloc(device, t.storage_->bytes);
+  }
   t.shape_ = shape;
   t.device_ = device;
   t.dtype_ = dtype;
   return t;
 }
 
-Tensor Tensor::empty_pinned(Shape4 shape, DType dtype) {
-  if (shape.n < 0 || shape.c < 0 || shape.h < 0 || shape.w < 0)
-    throw ShapeError("Tensor::empty_pinned: negative dimension in " + shape.str());
-  Tensor t;
-  t.storage_ = std::make_shared<Storage>();
-  t.storage_->bytes = static_cast<size_t>(shape.numel()) * 4;
-  t.storage_->ptr = kernels::pinned_alloc(t.storage_->bytes, &t.storage_->pinned);
-  t.shape_ = shape;
-  t.device_ = Device::kCpu;
-  t.dtype_ = dtype;
-  return t;
+Tensor Tensor::empty(Shape4 shape, Device device, DType dtype) {
+  return allocate(shape, device, dtype, false, "Tensor::empty");
+}
+
+Tensor Tensor::empty_host(Shape4 shape, DType dtype, bool pinned) {
+  return allocate(shape, Device::kCpu, dtype, pinned, "Tensor::empty_host");
 }
 
 Tensor Tensor::zeros(Shape4 shape, Device device, DType dtype) {

@@ -16,9 +16,9 @@ class Tensor {
   Tensor() = default;
   static Tensor empty(Shape4 shape, Device device = Device::kCpu, DType dtype = DType::kF32);
   static Tensor zeros(Shape4 shape, Device device = Device::kCpu, DType dtype = DType::kF32);
-  // A host tensor in page-locked memory where a GPU is usable (kernels::pinned_alloc): for buffers
-  // copied to the GPU every batch.
-  static Tensor empty_pinned(Shape4 shape, DType dtype = DType::kF32);
+  // A host tensor; with `pinned`, in page-locked memory where a GPU is usable (kernels::pinned_alloc):
+  // for buffers copied to the GPU every batch.
+  static Tensor empty_host(Shape4 shape, DType dtype, bool pinned);
   static Tensor from_vector(const std::vector<float>& values, Shape4 shape);
   static Tensor from_vector(const std::vector<int32_t>& values, Shape4 shape);
 
@@ -49,6 +49,7 @@ class Tensor {
   std::vector<int32_t> to_ivector() const;
 
  private:
+  static Tensor allocate(Shape4 shape, Device device, DType dtype, bool pinned, const char* who);
   struct Storage {
     void* ptr = nullptr;
     size_t bytes = 0;

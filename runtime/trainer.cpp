@@ -240,10 +240,9 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   int epochs_done = start_epoch;
   try {
     // Host staging of each batch; page-locked on CUDA, where it is copied to the GPU every batch.
-    Tensor images = device == Device::kCuda ? Tensor::empty_pinned({bs, ss.c, ss.h, ss.w})
-                                            : Tensor::empty({bs, ss.c, ss.h, ss.w});
-    Tensor labels = device == Device::kCuda ? Tensor::empty_pinned({bs, 1, 1, 1}, DType::kI32)
-                                            : Tensor::empty({bs, 1, 1, 1}, Device::kCpu, DType::kI32);
+    const bool pinned = device == Device::kCuda;
+    Tensor images = Tensor::empty_host({bs, ss.c, ss.h, ss.w}, DType::kF32, pinned);
+    Tensor labels = Tensor::empty_host({bs, 1, 1, 1}, DType::kI32, pinned);
     Tensor dlogits;
     for (int epoch = start_epoch; epoch < cfg.epochs && !result.interrupted; ++epoch) {
       const std::vector<int64_t> order = data::shuffled_indices(train.size(), hash64(cfg.seed, 1000 + epoch));

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/ops_cuda.h"
 #include "kernels/stream_ref.h"
 
 namespace pipar::kernels::cuda {
@@ -47,6 +48,16 @@ Impl choose(const std::string& what, const std::function<std::vector<Impl>()>& c
 // Forgets this process's choices and reads the cache from `path` ("" = memory only) from now on: for
 // tests and benchmarks that need a known cache (the default is KernelCache::default_path()).
 void reset_tuner(const std::string& path);
+
+// Runs f (a pass through gemm()) under impl's GEMM: cuBLAS or ours for this call, whatever the
+// process-wide backend; kernel_choice() == kHandwritten leaves that backend in charge (the behaviour
+// before the autotuner, and how the tests pick one GEMM backend).
+template <class F>
+void with_gemm(const Impl& impl, F&& f) {
+  if (kernel_choice() == KernelChoice::kHandwritten) return f();
+  ScopedGemmBackend guard(impl.kind == Impl::kCublas ? GemmBackend::kCublas : GemmBackend::kHandwritten);
+  f();
+}
 
 // This GPU's and these libraries' prefix of every key ("NVIDIA H200|sm90|cuda13000|cublas130000|cudnn91900").
 std::string device_key();

@@ -352,16 +352,6 @@ std::vector<Impl> conv_candidates(ConvPass pass, const ConvGeom& g, const Conv2d
   return c;
 }
 
-// The GEMM paths under one implementation: cuBLAS or our GEMM for this call, whatever the process-wide
-// backend; kernel_choice() == kHandwritten leaves that backend in charge (the behaviour before the
-// autotuner, and how the tests pick one GEMM backend).
-template <class F>
-void with_gemm(const Impl& impl, F&& f) {
-  if (kernel_choice() == KernelChoice::kHandwritten) return f();
-  ScopedGemmBackend guard(impl.kind == Impl::kCublas ? GemmBackend::kCublas : GemmBackend::kHandwritten);
-  f();
-}
-
 void forward_with(const Impl& impl, const ConvGeom& g, const Conv2dParams& p, ConstView x, ConstView w, ConstView b,
                   View y, StreamRef s) {
   if (impl.kind != Impl::kCudnn) return with_gemm(impl, [&] { forward_gemm(g, x, w, b, y, s); });

@@ -10,10 +10,10 @@
 #include <cudnn.h>
 
 #include <mutex>
-#include <unordered_map>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/stream.h"
+#include "kernels/cuda/stream_handles.h"
 #endif
 
 namespace pipar::kernels::cuda {
@@ -32,30 +32,23 @@ constexpr size_t kMaxWorkspace = size_t{256} << 20;
     if (pipar_st_ != CUDNN_STATUS_SUCCESS) throw_cudnn(pipar_st_, #expr, what); \
   } while (0)
 
-std::mutex& handle_mutex() {
-  static std::mutex m;
-  return m;
-}
 // Leaked on purpose, as cuBLAS's (no cudnnDestroy during static destruction).
-std::unordered_map<CUstream_st*, cudnnHandle_t>& handles() {
-  static auto* h = new std::unordered_map<CUstream_st*, cudnnHandle_t>();
+StreamHandles<cudnnHandle_t>& handles() {
+  static auto* h = new StreamHandles<cudnnHandle_t>();
   return *h;
 }
 
 cudnnHandle_t handle(StreamRef s) {
-  PIPAR_CHECK(!s.is_null(), "cuDNN calls need an explicit stream");
-  std::lock_guard<std::mutex> lock(handle_mutex());
-  auto it = handles().find(s.native);
-  if (it != handles().end()) return it->second;
-  cudnnHandle_t h = nullptr;
-  PIPAR_CUDNN_CHECK(cudnnCreate(&h), "handle");
-  const cudnnStatus_t st = cudnnSetStream(h, native(s));
-  if (st != CUDNN_STATUS_SUCCESS) {
-    cudnnDestroy(h);
-    throw_cudnn(st, "cudnnSetStream", "handle");
-  }
-  handles().emplace(s.native, h);
-  return h;
+  return handles().get(s, [&] {
+    cudnnHandle_t h = nullptr;
+    PIPAR_CUDNN_CHECK(cudnnCreate(&h), "handle");
+    const cudnnStatus_t st = cudnnSetStream(h, native(s));
+    if (st != CUDNN_STATUS_SUCCESS) {
+      cudnnDestroy(h);
+      throw_cudnn(st, "cudnnSetStream", "handle");
+    }
+    return h;
+  });
 }
 
 // The descriptors of one convolution: x [n, c, h, w], w [k, c/groups, kh, kw], y [n, k, oh, ow].
@@ -203,15 +196,7 @@ void cudnn_conv_backward_weight(int algo, const Conv2dParams& p, ConstView x, Co
 }
 
 void release_cudnn_handle(StreamRef s) noexcept {
-  cudnnHandle_t h = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(handle_mutex());
-    auto it = handles().find(s.native);
-    if (it == handles().end()) return;
-    h = it->second;
-    handles().erase(it);
-  }
-  cudnnDestroy(h);
+  handles().release(s, [](cudnnHandle_t h) { cudnnDestroy(h); });
 }
 
 #else  // no cuDNN in this build: the vendor's convolution is cuBLAS on im2col

@@ -44,13 +44,6 @@ std::string linear_key(const char* pass, int64_t n, int64_t in, int64_t out, boo
   return detail::concat("linear.", pass, "|n=", n, "|in=", in, "|out=", out, "|b=", bias ? 1 : 0);
 }
 
-template <class F>
-void with_impl(const Impl& impl, F&& f) {
-  if (kernel_choice() == KernelChoice::kHandwritten) return f();
-  ScopedGemmBackend guard(impl.kind == Impl::kCublas ? GemmBackend::kCublas : GemmBackend::kHandwritten);
-  f();
-}
-
 // Runs `pass(out)` under the implementation chosen for `key`; `trial()` is where the autotuner's runs
 // may write (the real output, or scratch for an accumulating pass).
 template <class Pass, class Trial>
@@ -59,8 +52,8 @@ void run_linear(const std::string& key, StreamRef s, Trial&& trial, Pass&& pass,
   if (kernel_choice() != KernelChoice::kHandwritten)
     impl = choose(
         key, [] { return std::vector<Impl>{Impl{Impl::kHandwritten, -1}, Impl{Impl::kCublas, -1}}; },
-        [&](const Impl& i) { with_impl(i, [&] { pass(trial()); }); }, s);
-  with_impl(impl, [&] { pass(real); });
+        [&](const Impl& i) { with_gemm(i, [&] { pass(trial()); }); }, s);
+  with_gemm(impl, [&] { pass(real); });
 }
 
 }  // namespace

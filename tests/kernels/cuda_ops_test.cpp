@@ -145,26 +145,8 @@ std::vector<float> nans(int64_t n) { return std::vector<float>(static_cast<size_
   return all_close(got, to_double(ref), 0.0, 0.0);  // bit for bit (NaN matches NaN)
 }
 
-// One GEMM backend for conv and linear layers too (kernel choice "handwritten" leaves the layers on the
-// process-wide backend instead of the autotuner's pick); both restored on scope exit.
-class BackendGuard {
- public:
-  explicit BackendGuard(GemmBackend b)
-      : saved_(kernels::cuda::gemm_backend()), saved_choice_(kernels::cuda::kernel_choice()) {
-    kernels::cuda::set_gemm_backend(b);
-    kernels::cuda::set_kernel_choice(kernels::cuda::KernelChoice::kHandwritten);
-  }
-  ~BackendGuard() {
-    kernels::cuda::set_gemm_backend(saved_);
-    kernels::cuda::set_kernel_choice(saved_choice_);
-  }
-
- private:
-  GemmBackend saved_;
-  kernels::cuda::KernelChoice saved_choice_;
-};
-
-// Conv and linear layers under the autotuner's vendor or auto choice, restored on scope exit.
+// Conv and linear layers under one kernel choice (the autotuner's vendor or auto, or handwritten),
+// restored on scope exit.
 class ChoiceGuard {
  public:
   explicit ChoiceGuard(kernels::cuda::KernelChoice c) : saved_(kernels::cuda::kernel_choice()) {
@@ -174,6 +156,18 @@ class ChoiceGuard {
 
  private:
   kernels::cuda::KernelChoice saved_;
+};
+
+// One GEMM backend for conv and linear layers too (kernel choice "handwritten" leaves the layers on the
+// process-wide backend instead of the autotuner's pick); both restored on scope exit.
+class BackendGuard {
+ public:
+  explicit BackendGuard(GemmBackend b) : saved_(kernels::cuda::gemm_backend()) { kernels::cuda::set_gemm_backend(b); }
+  ~BackendGuard() { kernels::cuda::set_gemm_backend(saved_); }
+
+ private:
+  ChoiceGuard choice_{kernels::cuda::KernelChoice::kHandwritten};
+  GemmBackend saved_;
 };
 constexpr GemmBackend kBackends[] = {GemmBackend::kHandwritten, GemmBackend::kCublas};
 

@@ -189,15 +189,15 @@ TEST(CurrentStream, ScopesNestAndStayOnTheirThread) {
 // Page-locked staging tensors: ordinary host tensors everywhere (aligned memory without a GPU); with
 // one, a round trip through the GPU gives the values back.
 TEST(PinnedTensor, IsAHostTensorOnEveryMachine) {
-  Tensor f = Tensor::empty_pinned({3, 2, 5, 7});
-  Tensor i = Tensor::empty_pinned({11, 1, 1, 1}, DType::kI32);
+  Tensor f = Tensor::empty_host({3, 2, 5, 7}, DType::kF32, true);
+  Tensor i = Tensor::empty_host({11, 1, 1, 1}, DType::kI32, true);
   EXPECT_EQ(f.device(), Device::kCpu);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(f.raw()) % 64, 0u);
   for (int64_t k = 0; k < f.numel(); ++k) f.data()[k] = static_cast<float>(k) * 0.5f;
   for (int64_t k = 0; k < i.numel(); ++k) i.idata()[k] = static_cast<int32_t>(k) - 5;
   EXPECT_EQ(f.clone().to_vector(), f.to_vector());
   EXPECT_EQ(i.to_ivector()[10], 5);
-  EXPECT_THROW(Tensor::empty_pinned({-1, 1, 1, 1}), ShapeError);
+  EXPECT_THROW(Tensor::empty_host({-1, 1, 1, 1}, DType::kF32, true), ShapeError);
   if (!kernels::cuda_available() || !kernels::cuda_ops_built()) return;
   kernels::DeviceStream stream(Device::kCuda);
   kernels::ScopedStream on(stream.ref());
