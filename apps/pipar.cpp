@@ -356,10 +356,16 @@ int main(int argc, char** argv) {
     a->add_option("--momentum", cfg.momentum, "SGD momentum")->capture_default_str();
     a->add_option("--weight-decay", cfg.weight_decay, "SGD weight decay")->capture_default_str();
     a->add_option("--threads", cfg.threads, "CPU threads of this process: local trainer or server (0: all cores)")->capture_default_str();
-    a->add_option("--backend", cfg.backend, "cpu, cuda or auto")->capture_default_str();
+    a->add_option("--backend", cfg.backend,
+                  "cpu, cuda or auto (the CPU until the GPU tests have passed): the local trainer's, or in the distributed "
+                  "modes the server's (devices run on their CPUs)")
+        ->capture_default_str();
     a->add_option("--kernels", cfg.kernels,
                   "CUDA conv/linear implementations: handwritten, vendor (cuDNN, cuBLAS) or auto (fastest per layer, "
                   "timed once and cached)")
+        ->capture_default_str();
+    a->add_option("--cuda-graphs", cfg.cuda_graphs,
+                  "CUDA server: replay the server-side parts' micro-batch steps as CUDA graphs (on or off)")
         ->capture_default_str();
     a->add_option("--seed", cfg.seed, "Seed: initialization, shuffling, augmentation")->capture_default_str();
     a->add_option("--limit-train", cfg.limit_train, "Use only the first N training samples (0: all)");
@@ -541,9 +547,6 @@ int main(int argc, char** argv) {
     if (cfg.dp_sgd && (cfg.dp_clip <= 0 || cfg.norm != "none" || cfg.model.rfind("vgg", 0) != 0))
       throw Error("--dp-sgd needs --dp-clip > 0 and a VGG with --norm none (per-sample gradients)");
     kernels::set_cuda_kernels(cfg.kernels);  // --kernels checked in every mode
-    if (cfg.backend == "cuda" && (*server || cfg.mode != "local"))
-      throw Error("--backend cuda applies to --mode local for now: the distributed server trains on the CPU backend "
-                  "until its per-replica CUDA streams land");
     if (*train || *server) {
       std::signal(SIGINT, on_signal);
       std::signal(SIGTERM, on_signal);

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -196,16 +197,15 @@ Replica make_replica(const Spec& spec, int micro, uint64_t seed) {
   return r;
 }
 
-// `steps` server steps of one replica on stream st (forward, loss, backward to the cut, SGD step),
-// with no host read in between (the loss statistics stay on the GPU); returns once st is idle.
-void server_steps(Replica& r, size_t split, int steps, const kernels::DeviceStream& st) {
-  kernels::ScopedStream on(st.ref());
+// One server step of one replica on the current stream (forward, loss, backward to the cut, SGD
+// step), with no host read (the loss statistics stay on the GPU).
+void server_step(Replica& r, size_t split, StreamRef s) {
   Context ctx;
   ctx.device = Device::kCuda;
-  ctx.stream = st.ref();
+  ctx.stream = s;
   const std::vector<Param*> params = r.model->params(split);
   Sgd opt(kernels::SgdParams{});
-  for (int i = 0; i < steps; ++i) {
+  {
     Tape tape;
     Tensor logits = r.model->forward(r.x, &tape, ctx, split);
     const Shape4 ls = logits.shape();
@@ -218,22 +218,51 @@ void server_steps(Replica& r, size_t split, int steps, const kernels::DeviceStre
     opt.step(params, ctx.stream);
     Sgd::zero_grad(params);
   }
+}
+
+// `steps` server steps of one replica on stream st; returns once st is idle. With a graph (captured
+// by capture_step), each step is one replay of it.
+void server_steps(Replica& r, size_t split, int steps, const kernels::DeviceStream& st,
+                  const kernels::DeviceGraph* graph = nullptr) {
+  kernels::ScopedStream on(st.ref());
+  for (int i = 0; i < steps; ++i) graph ? graph->launch(st.ref()) : server_step(r, split, st.ref());
   st.synchronize();
 }
 
+// One server step captured as a CUDA graph (after warm-up steps: kernel choices timed, workspace
+// grown); what the runtime's CUDA server replays per micro-batch (ServerPart::set_graphs), here with
+// the SGD step in it too.
+kernels::DeviceGraph capture_step(Replica& r, size_t split, const kernels::DeviceStream& st) {
+  kernels::DeviceGraph g;
+  g.capture(st.ref(), [&] { server_step(r, split, st.ref()); });
+  return g;
+}
+
 // Milliseconds per server step of one replica (median over repeats of `steps` steps each, wall clock
-// to an idle stream): what bench/cuda_vs_torch.py puts beside PyTorch eager on the same server part.
-Stats step_ms(const Spec& spec, int micro, int steps, int repeats) {
+// to an idle stream), launched kernel by kernel and replayed as a CUDA graph, alternating: what
+// bench/cuda_vs_torch.py puts beside PyTorch eager on the same server part. The graph's time is
+// negative where the step could not be captured (the reason on stderr).
+std::pair<Stats, Stats> step_ms(const Spec& spec, int micro, int steps, int repeats) {
   Replica r = make_replica(spec, micro, 41);
   kernels::DeviceStream st(Device::kCuda);
   server_steps(r, spec.split, 2, st);  // warm-up: autotuning, pools
-  std::vector<double> ms;
-  for (int i = 0; i < repeats; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    server_steps(r, spec.split, steps, st);
-    ms.push_back(seconds_since(t0) * 1e3 / steps);
+  std::optional<kernels::DeviceGraph> graph;
+  try {
+    graph = capture_step(r, spec.split, st);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "step %s:%zu micro %d: no CUDA graph: %s\n", spec.model.c_str(), spec.split, micro, e.what());
   }
-  return summarize(ms);
+  std::vector<double> eager, graphed;
+  for (int i = 0; i < repeats; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    server_steps(r, spec.split, steps, st);
+    eager.push_back(seconds_since(t0) * 1e3 / steps);
+    if (!graph) continue;
+    t0 = std::chrono::steady_clock::now();
+    server_steps(r, spec.split, steps, st, &*graph);
+    graphed.push_back(seconds_since(t0) * 1e3 / steps);
+  }
+  return {summarize(eager), graph ? summarize(graphed) : Stats{-1, -1, -1}};
 }
 
 void overlap(const Spec& spec, int micro, int steps, int repeats) {
@@ -399,12 +428,13 @@ int main(int argc, char** argv) {
     for (const std::string& s : steps ? models : std::vector<std::string>{}) {
       const Spec spec = parse_spec(s);
       for (int micro : micros) {
-        const Stats t = step_ms(spec, micro, overlap_steps, repeats);
-        std::printf("step %-28s micro %3d: %.3f ms per server step (%.3f..%.3f), autotuned kernels\n", s.c_str(), micro,
-                    t.median, t.min, t.max);
+        const auto [t, g] = step_ms(spec, micro, overlap_steps, repeats);
+        std::printf("step %-28s micro %3d: %.3f ms per server step (%.3f..%.3f), autotuned kernels; as a CUDA graph "
+                    "%.3f ms (%.3f..%.3f)\n",
+                    s.c_str(), micro, t.median, t.min, t.max, g.median, g.min, g.max);
         std::fflush(stdout);
         out["steps"].push_back({{"model", spec.model}, {"split", spec.split}, {"dataset", spec.dataset},
-                                {"micro", micro}, {"ms", t.median}});
+                                {"micro", micro}, {"ms", t.median}, {"graph_ms", g.median}});
       }
     }
     if (!json_path.empty()) {

@@ -209,12 +209,16 @@ def main():
               f"kernels against the PyTorch twin (bench/torch_twins.py) in eager mode, ms per step, wall clock "
               f"to an idle GPU, median of {args.repeats} x {args.steps} steps; goal: torch/ours >= 1.2 at micro-batch "
               f"10 and 25, >= 1.0 at 100")
-        print(f"{'model':<28} {'micro':>5} {'ours':>9} {'torch':>9} {'torch/ours':>10}")
+        print("ours: kernel by kernel; graph: the same step replayed as a CUDA graph (as the CUDA server runs "
+              "its micro-batches; n/a where it could not be captured)")
+        print(f"{'model':<28} {'micro':>5} {'ours':>9} {'graph':>9} {'torch':>9} {'torch/ours':>10} {'torch/graph':>11}")
         for st in steps:
             t = torch_step_ms(torch_twins, st, args.repeats, args.steps)
             st["torch_ms"] = t
+            g = st.get("graph_ms", -1)
+            g_col, g_ratio = (f"{g:9.3f}", f"{t / g:11.2f}") if g > 0 else (f"{'n/a':>9}", f"{'n/a':>11}")
             print(f"{st['model'] + ':' + str(st['split']) + ':' + st['dataset']:<28} {st['micro']:>5} {st['ms']:9.3f} "
-                  f"{t:9.3f} {t / st['ms']:10.2f}", flush=True)
+                  f"{g_col} {t:9.3f} {t / st['ms']:10.2f} {g_ratio}", flush=True)
     speeds.sort()
     print(f"\n# vendor/hand over {len(speeds)} layer passes: median {statistics.median(speeds):.2f}, "
           f"worst {speeds[0]:.2f}; at least 0.8 in {sum(s >= 0.8 for s in speeds)} of {len(speeds)} (goal: 0.8)")

@@ -2,6 +2,8 @@
 // and copies tensors through these, on CPU or CUDA alike.
 #pragma once
 #include <cstddef>
+#include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -15,6 +17,7 @@ bool cuda_ops_built();                 // ... and every op of ops.h has a CUDA i
 std::string cuda_unavailable_reason(); // "" when a CUDA device is usable, else why not
 inline bool cuda_available() { return cuda_unavailable_reason().empty(); }
 int cuda_device_count();               // 0 where none is usable
+int64_t cuda_memory_free();            // free memory of the GPU in use, bytes; -1 where none is usable
 
 // The CUDA backend's choice of implementation for conv and linear layers (kernels/cuda/autotune.h):
 // "handwritten" (ours), "vendor" (cuDNN, cuBLAS) or "auto" (the fastest per layer shape, timed once
@@ -58,6 +61,34 @@ class DeviceStream {
  private:
   StreamRef s_{};
 };
+
+// A CUDA graph: the work one callable queues on a stream, captured once and replayed by launch() at
+// the cost of one launch instead of one per kernel (small micro-batches are launch-bound). The
+// callable runs with `s` as the thread's current stream, so the tensors it allocates and frees become
+// the graph's own memory, allocated and freed again at every replay. It must not read results on the
+// host nor synchronize, and it must have run once uncaptured at the same shapes (kernel choices
+// timed, workspaces grown). The graph holds raw addresses: every tensor it reads or writes that
+// lives outside it must stay where it was (see stream_workspace_id). Without CUDA: capture throws.
+class DeviceGraph {
+ public:
+  DeviceGraph() = default;
+  ~DeviceGraph();
+  DeviceGraph(DeviceGraph&& o) noexcept : exec_(o.exec_) { o.exec_ = nullptr; }
+  DeviceGraph& operator=(DeviceGraph&& o) noexcept;
+  DeviceGraph(const DeviceGraph&) = delete;
+  DeviceGraph& operator=(const DeviceGraph&) = delete;
+
+  // Throws pipar::Error naming why where the work cannot be captured (the stream stays usable).
+  void capture(StreamRef s, const std::function<void()>& fn);
+  void launch(StreamRef s) const;  // queues one replay on s
+  bool ready() const { return exec_ != nullptr; }
+
+ private:
+  void* exec_ = nullptr;
+};
+// The identity of stream s's scratch workspace, which the CUDA ops share and which moves when it
+// grows: a graph captured on s is valid only while this is unchanged (null on the CPU).
+const void* stream_workspace_id(StreamRef s);
 
 // 64-byte aligned host memory, or device memory on CUDA (stream-ordered on the current stream, if
 // any). Throws pipar::Error on failure.

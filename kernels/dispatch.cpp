@@ -406,6 +406,14 @@ int cuda_device_count() {
 #endif
 }
 
+int64_t cuda_memory_free() {
+#if PIPAR_HAS_CUDA
+  return cuda_available() ? cuda::memory_free() : -1;
+#else
+  return -1;
+#endif
+}
+
 namespace {
 // Tensors and message buffers are freed and allocated again every batch. glibc serves blocks above
 // 128 KiB with fresh mmaps by default, each page-faulted anew: the transport benchmark measured
@@ -482,6 +490,52 @@ void DeviceStream::synchronize() const {
 #if PIPAR_HAS_CUDA
   if (!s_.is_null()) cuda::synchronize(s_);
 #endif
+}
+
+DeviceGraph::~DeviceGraph() {
+#if PIPAR_HAS_CUDA
+  cuda::graph_destroy(exec_);
+#endif
+}
+
+DeviceGraph& DeviceGraph::operator=(DeviceGraph&& o) noexcept {
+  if (this != &o) {
+#if PIPAR_HAS_CUDA
+    cuda::graph_destroy(exec_);
+#endif
+    exec_ = o.exec_;
+    o.exec_ = nullptr;
+  }
+  return *this;
+}
+
+void DeviceGraph::capture(StreamRef s, const std::function<void()>& fn) {
+#if PIPAR_HAS_CUDA
+  ScopedStream on(s);
+  void* exec = cuda::graph_capture(s, fn);
+  cuda::graph_destroy(exec_);
+  exec_ = exec;
+#else
+  (void)s, (void)fn;
+  no_cuda("DeviceGraph::capture");
+#endif
+}
+
+void DeviceGraph::launch(StreamRef s) const {
+  PIPAR_CHECK(exec_ != nullptr, "launch of a CUDA graph never captured");
+#if PIPAR_HAS_CUDA
+  cuda::graph_launch(exec_, s);
+#else
+  (void)s;
+#endif
+}
+
+const void* stream_workspace_id(StreamRef s) {
+#if PIPAR_HAS_CUDA
+  if (!s.is_null()) return cuda::workspace_id(s);
+#endif
+  (void)s;
+  return nullptr;
 }
 
 void* device_alloc(Device d, size_t bytes) {

@@ -10,6 +10,7 @@
 #include <random>
 #include <sstream>
 
+#include "kernels/device.h"
 #include "kernels/parallel.h"
 #include "runtime/loss.h"
 
@@ -348,7 +349,8 @@ CpuQuota cpu_quota() {
 }
 
 Profile profile_model(Model& model, const ProfileOptions& options) {
-  PIPAR_CHECK(model.device() == Device::kCpu, "the profiler measures the CPU backend");
+  PIPAR_CHECK(model.device() == options.device, "the profiler measures ", device_name(options.device), " but the model is on ",
+              device_name(model.device()));
   PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
   std::vector<int64_t> sizes = options.sizes;
   std::sort(sizes.begin(), sizes.end());
@@ -374,8 +376,16 @@ Profile profile_model(Model& model, const ProfileOptions& options) {
   Sgd sgd(sp);
   std::vector<std::vector<double>> step_samples(nb);
   std::mt19937_64 gen(options.seed);
+  // On CUDA: a stream of its own carries every op, allocation and copy; `done` makes the host wait
+  // for what was queued, so that each time covers its op's work (a no-op on the CPU).
+  kernels::DeviceStream stream(options.device);
+  kernels::ScopedStream on_stream(stream.ref());
+  auto done = [&] { stream.synchronize(); };
   Context ctx;
   ctx.training = true;
+  ctx.device = options.device;
+  ctx.stream = stream.ref();
+  if (options.device != Device::kCpu) p.isa = device_name(options.device);
 
   // One pass: forward block by block (timed), loss, backward block by block (timed), step per block
   // (timed). Returns nothing; appends to the sample vectors when `record`.
@@ -384,34 +394,39 @@ Profile profile_model(Model& model, const ProfileOptions& options) {
   auto pass = [&](int64_t m, bool record) {
     Shape4 in = p.input;
     in.n = m;
-    Tensor x = random_tensor(in, gen);
+    Tensor x = random_tensor(in, gen).to(options.device);
     std::vector<int32_t> ys(static_cast<size_t>(m));
     for (auto& y : ys) y = static_cast<int32_t>(gen() % static_cast<uint64_t>(p.num_classes));
-    const Tensor labels = Tensor::from_vector(ys, {m, 1, 1, 1});
+    const Tensor labels = Tensor::from_vector(ys, {m, 1, 1, 1}).to(options.device);
     Tape tape;
     ctx.seed = gen();
+    done();
     for (size_t b = 0; b < nb; ++b) {
       const size_t before = tape.bytes();
       const auto t0 = std::chrono::steady_clock::now();
       x = model.forward(x, &tape, ctx, b, b + 1);
+      done();
       if (record) fwd[b].push_back(seconds_since(t0));
       if (record && m == sizes.back()) p.blocks[b].tape_bytes = static_cast<int64_t>((tape.bytes() - before) / static_cast<size_t>(m));
     }
     Tensor d;
     auto t0 = std::chrono::steady_clock::now();
-    softmax_cross_entropy(x, labels, 1.0f / static_cast<float>(m), &d);
+    softmax_cross_entropy(x, labels, 1.0f / static_cast<float>(m), &d, ctx.stream);
+    done();
     if (record) loss.push_back(seconds_since(t0));
     for (size_t b = nb; b-- > 0;) {
       Context c = ctx;
       c.input_grad = b > 0;  // as DevicePart: nothing consumes the raw input's gradient
       t0 = std::chrono::steady_clock::now();
       d = model.backward(d, tape, c, b, b + 1);
+      done();
       if (record) bwd[b].push_back(seconds_since(t0));
     }
     for (size_t b = 0; b < nb; ++b) {
       t0 = std::chrono::steady_clock::now();
-      sgd.step(params[b]);
+      sgd.step(params[b], ctx.stream);
       Sgd::zero_grad(params[b]);
+      done();
       if (record) step_samples[b].push_back(seconds_since(t0));
     }
   };
@@ -468,6 +483,7 @@ Profile profile_model(Model& model, const ProfileOptions& options) {
 
 Profile profile_model(const std::string& name, const ModelOptions& model_options, const ProfileOptions& options) {
   auto model = build_model(name, model_options);
+  if (options.device != Device::kCpu) model->to(options.device);
   return profile_model(*model, options);
 }
 

@@ -77,12 +77,16 @@ struct ProfileOptions {
   // measurement over several periods sees its true speed (cpu_quota below).
   double min_seconds_per_size = 0;
   uint64_t seed = 1;
+  // The backend measured. kCuda: the model must be there (Model::to); every op runs on a stream of
+  // the profiler's own and each timed op ends with the host waiting for it, so a time is what a
+  // server that runs one op after another sees, launches and waits included.
+  Device device = Device::kCpu;
 };
 
-// Measures a model (on the CPU; its weights change, as a few SGD steps are taken): per size, passes of
+// Measures a model (on options.device; its weights change, as a few SGD steps are taken): per size, passes of
 // forward (with a tape) block by block, loss, backward block by block, SGD step per block, each timed.
 Profile profile_model(Model& model, const ProfileOptions& options = {});
-// Builds the zoo model `name` with `model_options` and measures it.
+// Builds the zoo model `name` with `model_options` (on options.device) and measures it.
 Profile profile_model(const std::string& name, const ModelOptions& model_options, const ProfileOptions& options = {});
 
 // This process's CPU quota, from its cgroup (v1 cpu.cfs_quota_us / cfs_period_us, or v2 cpu.max),

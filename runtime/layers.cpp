@@ -2,6 +2,7 @@
 // layer runs on the CPU backend or on CUDA once its tensors live there.
 #include "runtime/layers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -374,6 +375,7 @@ class Dropout : public Layer {
     if (!(p >= 0.0f && p < 1.0f)) throw Error(detail::concat("dropout: p must be in [0, 1), got ", p));
   }
   std::string describe() const override { return "dropout " + std::to_string(p_).substr(0, 4); }
+  bool replayable() const override { return p_ == 0.0f; }
   Shape4 out_shape(Shape4 in) const override { return in; }
   Tensor forward(const Tensor& x, Tape* tape, const Context& ctx) override {
     if (!ctx.training || p_ == 0.0f) return x;
@@ -457,6 +459,7 @@ class Residual : public Layer {
     main_->to(d);
     if (shortcut_) shortcut_->to(d);
   }
+  bool replayable() const override { return main_->replayable() && (!shortcut_ || shortcut_->replayable()); }
 
  private:
   std::unique_ptr<Sequential> main_, shortcut_;
@@ -502,6 +505,7 @@ class SqueezeExcite : public Layer {
   }
   int64_t flops(Shape4 in) const override { return squeeze_.flops(in) + in.numel(); }
   void to(Device d) override { squeeze_.to(d); }
+  bool replayable() const override { return squeeze_.replayable(); }
 
  private:
   int c_, r_;
@@ -559,6 +563,10 @@ int64_t Sequential::flops(Shape4 in) const {
 
 void Sequential::to(Device d) {
   for (auto& l : layers_) l->to(d);
+}
+
+bool Sequential::replayable() const {
+  return std::all_of(layers_.begin(), layers_.end(), [](const LayerPtr& l) { return l->replayable(); });
 }
 
 // --- constructors ---------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ class Layer {
   virtual void collect_buffers(const std::string& prefix, std::vector<Buffer>& out) { (void)prefix, (void)out; }
   virtual int64_t flops(Shape4 in) const { (void)in; return 0; }  // forward multiply-adds * 2
   virtual void to(Device d) { (void)d; }
+  // Its forward and backward queue the same device work at every call with the same input shape (no
+  // host state that changes from call to call), so a CUDA graph of them replays what a call would do.
+  // Dropout is not: its mask's seed counts the calls.
+  virtual bool replayable() const { return true; }
 };
 
 using LayerPtr = std::unique_ptr<Layer>;
@@ -95,6 +99,7 @@ class Sequential : public Layer {
   void collect_buffers(const std::string& prefix, std::vector<Buffer>& out) override;
   int64_t flops(Shape4 in) const override;
   void to(Device d) override;
+  bool replayable() const override;
   size_t size() const { return layers_.size(); }
 
  private:

@@ -12,7 +12,14 @@ LossStats softmax_cross_entropy(const Tensor& logits, const Tensor& labels, floa
     if (!dlogits->defined() || !(dlogits->shape() == ls)) *dlogits = Tensor::empty(ls, logits.device());
     kernels::softmax_cross_entropy_backward(probs.view(), labels.iview(), scale, dlogits->view(), s);
   }
+  return loss_stats(losses, probs, labels);
+}
+
+LossStats loss_stats(const Tensor& losses, const Tensor& probs, const Tensor& labels) {
   // Statistics on the host (a small [n] and [n, k] copy on CUDA).
+  const Shape4 ls = probs.shape();
+  PIPAR_CHECK(losses.numel() == ls.n && labels.numel() == ls.n, "loss_stats: ", losses.shape().str(), " losses, ",
+              ls.str(), " probabilities, ", labels.shape().str(), " labels");
   const std::vector<float> l = losses.to_vector();
   const std::vector<float> p = probs.to_vector();
   const std::vector<int32_t> y = labels.to_ivector();

@@ -24,6 +24,9 @@ struct LossStats {
 // scale * (softmax - onehot): scale = 1/batch for a batch's mean loss, or a micro-batch's share of it.
 LossStats softmax_cross_entropy(const Tensor& logits, const Tensor& labels, float scale, Tensor* dlogits,
                                 StreamRef s = {});
+// The statistics of per-sample losses [n] and softmax probabilities [n, k] (what the forward kernel
+// writes) against labels [n], on any device (read to the host).
+LossStats loss_stats(const Tensor& losses, const Tensor& probs, const Tensor& labels);
 
 // SGD with momentum (PyTorch semantics); weight decay only on params with decay == true.
 class Sgd {

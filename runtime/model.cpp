@@ -91,6 +91,14 @@ void Model::to(Device d) {
   device_ = d;
 }
 
+bool Model::replayable(size_t begin, size_t end) const {
+  end = clamp_end(end);
+  check_range(begin, end);
+  for (size_t b = begin; b < end; ++b)
+    if (!blocks_[b].body->replayable()) return false;
+  return true;
+}
+
 void check_split(const Model& m, size_t p) {
   if (p < 1 || p >= m.num_blocks())
     throw Error(detail::concat("split point ", p, " is outside 1..", m.num_blocks() - 1, " for ", m.name(), " (",

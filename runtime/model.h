@@ -51,6 +51,7 @@ class Model {
   int64_t forward_flops(size_t begin = 0, size_t end = kEnd) const;  // per sample
   void zero_grad();
   void to(Device d);
+  bool replayable(size_t begin = 0, size_t end = kEnd) const;  // every layer of blocks [begin, end) is (Layer::replayable)
 
  private:
   size_t clamp_end(size_t end) const { return end == kEnd ? blocks_.size() : end; }

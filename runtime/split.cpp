@@ -1,6 +1,8 @@
 // Device and server halves of split training.
 #include "runtime/split.h"
 
+#include <tuple>
+
 namespace pipar {
 
 DevicePart::DevicePart(Model& m, size_t split, kernels::SgdParams sgd) : m_(m), split_(split), opt_(sgd) {
@@ -32,48 +34,177 @@ void DevicePart::step() {
   Sgd::zero_grad(params_);
 }
 
-ServerPart::ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device) : m_(m), split_(split), opt_(sgd) {
+namespace {
+// m, once it is known to be on the part's device (checked before the part creates its stream).
+Model& on_part_device(Model& m, Device device, const char* who) {
+  if (m.device() != device)
+    throw Error(detail::concat(who, ": the model is on ", device_name(m.device()), ", the part runs on ", device_name(device),
+                               " (move the model with Model::to first)"));
+  return m;
+}
+
+// The part's input on its device: a host tensor is copied in on the current stream (the part's).
+Tensor on_device(const Tensor& t, Device d) { return t.device() == d ? t : t.to(d); }
+}  // namespace
+
+ServerPart::ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device)
+    : m_(on_part_device(m, device, "server part")), split_(split), opt_(sgd), stream_(device) {
   check_split(m, split);
   params_ = m.params(split);
   ctx_.device = device;
+  ctx_.stream = stream_.ref();
   ctx_.training = true;
+  kernels::ScopedStream on(stream_.ref());
   Sgd::zero_grad(params_);
+  stream_.synchronize();
 }
 
 ServerPart::Result ServerPart::train_micro(const Tensor& activation, const Tensor& labels, int64_t batch_size) {
   if (batch_size < activation.shape().n)
     throw Error(detail::concat("server part: micro-batch of ", activation.shape().n, " in a batch of ", batch_size));
-  Tape tape;
-  Tensor logits = m_.forward(activation, &tape, ctx_, split_);
+  kernels::ScopedStream on(stream_.ref());
+  if (!graphs_) return train_eager(activation, labels, batch_size);
+  const GraphKey key{activation.shape().n, batch_size};
+  if (!seen_.count(key)) {  // the first time uncaptured: kernel choices timed, workspaces grown
+    Result r = train_eager(activation, labels, batch_size);
+    seen_.insert(key);
+    return r;
+  }
+  if (std::vector<const void*> now = graph_addresses(); now != graph_addresses_) {
+    graphed_.clear();  // something a graph reads or writes has moved: capture again
+    graph_addresses_ = std::move(now);
+  }
+  auto it = graphed_.find(key);
+  if (it == graphed_.end()) {
+    Graphed g;
+    try {
+      capture(g, activation, labels, batch_size);
+    } catch (const Error& e) {
+      graphs_ = false;
+      graphed_.clear();
+      gstats_.off_reason = e.what();
+      return train_eager(activation, labels, batch_size);
+    }
+    ++gstats_.captures;
+    it = graphed_.emplace(key, std::move(g)).first;
+  }
+  Graphed& g = it->second;
+  try {
+    replay(g, activation, labels);
+  } catch (const Error& e) {  // a launch the driver refused (none of the step ran): uncaptured from now on
+    graphs_ = false;
+    graphed_.clear();
+    gstats_.off_reason = std::string("a replay failed: ") + e.what();
+    return train_eager(activation, labels, batch_size);
+  }
+  ++gstats_.replays;
   Result r;
-  Tensor dlogits;
-  r.stats = softmax_cross_entropy(logits, labels, 1.0f / static_cast<float>(batch_size), &dlogits, ctx_.stream);
-  r.grad = m_.backward(dlogits, tape, ctx_, split_);
+  r.grad = g.grad.to(Device::kCpu);  // complete on return: the replay is done
+  r.stats = loss_stats(g.losses, g.probs, labels);
+  return r;
+}
+
+void ServerPart::set_graphs(bool on) {
+  graphed_.clear();
+  gstats_.off_reason.clear();
+  graphs_ = false;
+  if (!on) return;
+  if (ctx_.device != Device::kCuda) gstats_.off_reason = "CUDA graphs need the CUDA backend";
+  else if (!m_.replayable(split_)) gstats_.off_reason = "a layer of the server part (dropout) changes at every call";
+  else graphs_ = true;
+}
+
+// Every address a captured graph holds besides its own buffers: the part's weights and gradients,
+// batch-norm statistics, and the stream's workspace.
+std::vector<const void*> ServerPart::graph_addresses() const {
+  std::vector<const void*> a;
+  for (const Param* p : params_) a.push_back(p->value.raw()), a.push_back(p->grad.raw());
+  for (const Buffer& b : m_.buffers(split_)) a.push_back(b.value->raw());
+  a.push_back(kernels::stream_workspace_id(stream_.ref()));
+  return a;
+}
+
+void ServerPart::capture(Graphed& g, const Tensor& activation, const Tensor& labels, int64_t batch_size) {
+  const Device d = ctx_.device;
+  g.x = Tensor::empty(activation.shape(), d);
+  g.y = Tensor::empty(labels.shape(), d, DType::kI32);
+  g.grad = Tensor::empty(activation.shape(), d);
+  std::tie(g.losses, g.probs) = loss_outputs(activation.shape().n);
+  const float scale = 1.0f / static_cast<float>(batch_size);
+  g.graph.capture(stream_.ref(), [&] {
+    const Tensor dx = forward_backward(g.x, g.y, scale, g.losses, g.probs);
+    kernels::device_copy(d, g.grad.raw(), d, dx.raw(), dx.bytes(), ctx_.stream);
+  });  // the tape, logits and gradients inside were the graph's own memory, freed within it
+}
+
+void ServerPart::replay(Graphed& g, const Tensor& activation, const Tensor& labels) {
+  const Device d = ctx_.device;
+  kernels::device_copy(d, g.x.raw(), activation.device(), activation.raw(), activation.bytes(), ctx_.stream);
+  kernels::device_copy(d, g.y.raw(), labels.device(), labels.raw(), labels.bytes(), ctx_.stream);
+  g.graph.launch(ctx_.stream);
+}
+
+// The loss's outputs for a micro-batch of n: per-sample losses [n] and probabilities [n, classes].
+std::pair<Tensor, Tensor> ServerPart::loss_outputs(int64_t n) const {
+  Shape4 ls = m_.block_out_shape(m_.num_blocks() - 1);
+  ls.n = n;
+  return {Tensor::empty({n, 1, 1, 1}, ctx_.device), Tensor::empty(ls, ctx_.device)};
+}
+
+Tensor ServerPart::forward_backward(const Tensor& x, const Tensor& y, float scale, Tensor& losses, Tensor& probs) {
+  Tape tape;
+  Tensor logits = m_.forward(x, &tape, ctx_, split_);
+  Tensor dlogits = Tensor::empty(logits.shape(), ctx_.device);
+  kernels::softmax_cross_entropy_forward(logits.view(), y.iview(), probs.view(), losses.view(), ctx_.stream);
+  kernels::softmax_cross_entropy_backward(probs.view(), y.iview(), scale, dlogits.view(), ctx_.stream);
+  return m_.backward(dlogits, tape, ctx_, split_);
+}  // the tape's device memory goes back to the pool, ordered on the part's stream
+
+ServerPart::Result ServerPart::train_eager(const Tensor& activation, const Tensor& labels, int64_t batch_size) {
+  auto [losses, probs] = loss_outputs(activation.shape().n);
+  Result r;
+  r.grad = forward_backward(on_device(activation, ctx_.device), on_device(labels, ctx_.device),
+                            1.0f / static_cast<float>(batch_size), losses, probs)
+               .to(Device::kCpu);  // complete on return: the stream is idle
+  r.stats = loss_stats(losses, probs, labels);  // read once the backward is queued, not in between
   return r;
 }
 
 void ServerPart::step() {
-  opt_.step(params_);
+  kernels::ScopedStream on(stream_.ref());
+  opt_.step(params_, ctx_.stream);
   Sgd::zero_grad(params_);
+  stream_.synchronize();  // the weights are final when this returns (averaging reads them)
 }
 
 MiddlePart::MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device)
-    : m_(m), begin_(begin), end_(end), opt_(sgd) {
+    : m_(on_part_device(m, device, "middle part")), begin_(begin), end_(end), opt_(sgd), stream_(device) {
   if (begin < 1 || end <= begin || end >= m.num_blocks())
     throw Error(detail::concat("middle part: blocks [", begin, ", ", end, ") of ", m.name(), " (", m.num_blocks(),
                                " blocks) must leave the device at least the first and the last block"));
   params_ = m.params(begin, end);
   ctx_.device = device;
+  ctx_.stream = stream_.ref();
   ctx_.training = true;
+  kernels::ScopedStream on(stream_.ref());
   Sgd::zero_grad(params_);
+  stream_.synchronize();
 }
+
+MiddlePart::~MiddlePart() { reset(); }
 
 Tensor MiddlePart::forward(int64_t key, const Tensor& x) {
   auto [it, fresh] = tapes_.try_emplace(key);
   if (!fresh) throw Error(detail::concat("middle part: forward ", key, " is already in flight"));
-  Tensor y = m_.forward(x, &it->second.tape, ctx_, begin_, end_);
-  it->second.out = y.shape();
-  return y;
+  kernels::ScopedStream on(stream_.ref());
+  try {
+    Tensor y = m_.forward(on_device(x, ctx_.device), &it->second.tape, ctx_, begin_, end_);
+    it->second.out = y.shape();
+    return y.to(Device::kCpu);
+  } catch (...) {
+    tapes_.erase(it);  // nothing of a failed forward stays in flight
+    throw;
+  }
 }
 
 Tensor MiddlePart::backward(int64_t key, const Tensor& grad) {
@@ -81,7 +212,8 @@ Tensor MiddlePart::backward(int64_t key, const Tensor& grad) {
   if (it == tapes_.end()) throw Error(detail::concat("middle part: gradient for forward ", key, " that is not in flight"));
   if (!(grad.shape() == it->second.out))
     throw Error(detail::concat("middle part: gradient ", grad.shape().str(), " for an output ", it->second.out.str()));
-  Tensor g = m_.backward(grad, it->second.tape, ctx_, begin_, end_);
+  kernels::ScopedStream on(stream_.ref());
+  Tensor g = m_.backward(on_device(grad, ctx_.device), it->second.tape, ctx_, begin_, end_).to(Device::kCpu);
   tapes_.erase(it);
   return g;
 }
@@ -92,8 +224,15 @@ const Shape4* MiddlePart::pending(int64_t key) const {
 }
 
 void MiddlePart::step() {
-  opt_.step(params_);
+  kernels::ScopedStream on(stream_.ref());
+  opt_.step(params_, ctx_.stream);
   Sgd::zero_grad(params_);
+  stream_.synchronize();
+}
+
+void MiddlePart::reset() {
+  kernels::ScopedStream on(stream_.ref());  // the tapes' device memory goes back to the pool on the part's stream
+  tapes_.clear();
 }
 
 void check_private_split(const Model& m, size_t p) {

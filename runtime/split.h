@@ -8,7 +8,10 @@
 // B-1, run on the device), so labels never leave it.
 #pragma once
 #include <map>
+#include <set>
+#include <string>
 
+#include "kernels/device.h"
 #include "runtime/loss.h"
 #include "runtime/model.h"
 
@@ -35,11 +38,17 @@ class DevicePart {
   Context ctx_;
 };
 
+// On CUDA (the model already moved there with Model::to) a part owns a CUDA stream: its every kernel,
+// allocation and copy is ordered on it, so that parts driven from different threads (server lanes,
+// one replica per device) overlap on the GPU, their copies with each other's kernels. Inputs may be
+// host tensors (they are copied in on the part's stream); what a part returns is on the host, and
+// every method returns with the part's stream idle, so the caller may read or load the model's
+// tensors from any thread afterwards.
 class ServerPart {
  public:
   ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device = Device::kCpu);
   struct Result {
-    Tensor grad;  // gradient of the cut activation (on the server's device)
+    Tensor grad;  // gradient of the cut activation, on the host
     LossStats stats;
   };
   // Forward, loss and backward of one micro-batch; batch_size is the whole batch's sample count.
@@ -47,20 +56,58 @@ class ServerPart {
   void step();
   void set_lr(float lr) { opt_.params().lr = lr; }  // for the next step (learning-rate schedules)
   Model& model() { return m_; }
+  Device device() const { return ctx_.device; }
+
+  // CUDA graphs (CUDA only; off until set): a micro-batch's forward, loss and backward at a (size,
+  // batch size) already trained once is captured into a graph and from then on replayed, one launch
+  // instead of one per kernel, with the same arithmetic (tests: ServerPartCuda.Graphs*). The inputs
+  // are copied into the graph's own buffers and the cut gradient and loss read out of them. A graph
+  // is captured again when any tensor it uses has moved (loaded weights, a grown workspace). A part
+  // with dropout (Layer::replayable) or whose capture fails runs uncaptured; graph_stats says why.
+  void set_graphs(bool on);
+  struct GraphStats {
+    int64_t captures = 0, replays = 0;
+    std::string off_reason;  // why graphs are off although asked for ("" while they are on)
+  };
+  const GraphStats& graph_stats() const { return gstats_; }
 
  private:
+  struct Graphed {  // one (micro-batch size, batch size)
+    kernels::DeviceGraph graph;
+    Tensor x, y;                 // inputs, copied in before each replay
+    Tensor grad, losses, probs;  // outputs, read after it
+  };
+  using GraphKey = std::pair<int64_t, int64_t>;
+  std::pair<Tensor, Tensor> loss_outputs(int64_t n) const;  // losses [n], probabilities [n, classes]
+  // Forward, loss and backward on the part's device; returns the cut gradient (on the device).
+  Tensor forward_backward(const Tensor& x, const Tensor& y, float scale, Tensor& losses, Tensor& probs);
+  Result train_eager(const Tensor& activation, const Tensor& labels, int64_t batch_size);
+  void replay(Graphed& g, const Tensor& activation, const Tensor& labels);  // inputs copied in, graph queued
+  void capture(Graphed& g, const Tensor& activation, const Tensor& labels, int64_t batch_size);
+  std::vector<const void*> graph_addresses() const;
+
   Model& m_;
   size_t split_;
   Sgd opt_;
   std::vector<Param*> params_;
+  kernels::DeviceStream stream_;
   Context ctx_;
+  bool graphs_ = false;
+  std::map<GraphKey, Graphed> graphed_;
+  std::set<GraphKey> seen_;                  // trained once uncaptured (choices timed, workspace grown)
+  std::vector<const void*> graph_addresses_;  // what the graphs in graphed_ were captured against
+  GraphStats gstats_;
 };
 
 // The server's part of a U-shaped split: blocks [begin, end) without the loss. Each forward keeps its
 // tape under `key` until the device returns the gradient of the part's output (after its tail's loss).
+// On CUDA as a ServerPart: its own stream, host tensors in and out.
 class MiddlePart {
  public:
   MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device = Device::kCpu);
+  ~MiddlePart();
+  MiddlePart(const MiddlePart&) = delete;
+  MiddlePart& operator=(const MiddlePart&) = delete;
   Tensor forward(int64_t key, const Tensor& x);  // the middle output; throws if key is in flight
   // Backward of the forward under `key` with the gradient of its output (shape as pending(key));
   // accumulates gradients, returns the gradient of the cut activation.
@@ -68,7 +115,7 @@ class MiddlePart {
   const Shape4* pending(int64_t key) const;  // output shape of the forward in flight under key, or null
   void step();
   void set_lr(float lr) { opt_.params().lr = lr; }
-  void reset() { tapes_.clear(); }  // drop forwards whose gradients will never come
+  void reset();  // drop forwards whose gradients will never come
 
  private:
   struct InFlight {
@@ -80,6 +127,7 @@ class MiddlePart {
   Sgd opt_;
   std::vector<Param*> params_;
   std::map<int64_t, InFlight> tapes_;
+  kernels::DeviceStream stream_;
   Context ctx_;
 };
 

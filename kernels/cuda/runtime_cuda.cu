@@ -24,6 +24,58 @@ int device_count() {
   return n;
 }
 
+void* graph_capture(StreamRef s, const std::function<void()>& fn) {
+  PIPAR_CHECK(!s.is_null(), "a CUDA graph is captured from an explicit stream");
+  cudaStream_t st = native(s);
+  PIPAR_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  auto abandon = [&] {
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(st, &g);  // ends it whatever its state; the partial graph is discarded
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();  // capture errors are not sticky; clear them for the eager work that follows
+  };
+  try {
+    fn();
+  } catch (const std::exception& e) {
+    abandon();
+    throw Error(std::string("CUDA graph capture: the work failed: ") + e.what());
+  }
+  cudaGraph_t g = nullptr;
+  const cudaError_t end = cudaStreamEndCapture(st, &g);
+  if (end != cudaSuccess || !g) {
+    if (g) cudaGraphDestroy(g);
+    cudaGetLastError();
+    throw Error(detail::concat("CUDA graph capture: cudaStreamEndCapture: ", cudaGetErrorName(end), " (",
+                               cudaGetErrorString(end), "): the work did something a graph cannot hold"));
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t inst = cudaGraphInstantiate(&exec, g, 0);
+  cudaGraphDestroy(g);  // the executable graph keeps what it needs
+  if (inst != cudaSuccess) {
+    cudaGetLastError();
+    throw Error(detail::concat("CUDA graph capture: cudaGraphInstantiate: ", cudaGetErrorName(inst), " (",
+                               cudaGetErrorString(inst), ")"));
+  }
+  return exec;
+}
+
+void graph_launch(void* exec, StreamRef s) {
+  PIPAR_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), native(s)));
+}
+
+void graph_destroy(void* exec) noexcept {
+  if (exec) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));
+}
+
+int64_t memory_free() {
+  size_t free_bytes = 0, total = 0;
+  if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return static_cast<int64_t>(free_bytes);
+}
+
 namespace {
 // The default pool returns freed memory to the OS at every synchronization unless told to keep it.
 void keep_pool_memory() {
@@ -70,6 +122,10 @@ void memcpy_async(void* dst, const void* src, size_t bytes, int kind, StreamRef 
   const cudaMemcpyKind k = kind == 0 ? cudaMemcpyHostToDevice : kind == 1 ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
   if (s.is_null()) {
     PIPAR_CUDA_CHECK(cudaMemcpy(dst, src, bytes, k));
+    // cudaMemcpy may return before a device-to-device copy (or the DMA of a pageable host-to-device
+    // one) is done, and the runtime's streams are non-blocking: they would not wait for the legacy
+    // stream. Complete on return, as promised.
+    if (k != cudaMemcpyDeviceToHost) PIPAR_CUDA_CHECK(cudaStreamSynchronize(nullptr));
   } else {
     PIPAR_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, k, native(s)));
   }

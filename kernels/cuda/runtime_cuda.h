@@ -2,6 +2,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "kernels/stream_ref.h"
@@ -10,13 +11,21 @@ namespace pipar::kernels::cuda {
 
 std::string unavailable_reason();
 int device_count();
+int64_t memory_free();  // cudaMemGetInfo's free bytes on the current device; -1 where it fails
 // With a stream: from the device's default memory pool, stream-ordered (the pool keeps freed memory
 // cached: its release threshold is raised once to "never"). Without: cudaMalloc / cudaFree.
 void* malloc_device(size_t bytes, StreamRef s);
 void free_device(void* p, StreamRef s) noexcept;
-// kind: 0 host→device, 1 device→host, 2 device→device. A null s: synchronous (cudaMemcpy).
+// kind: 0 host→device, 1 device→host, 2 device→device. A null s: complete on return (cudaMemcpy, then
+// the legacy stream synchronized).
 void memcpy_async(void* dst, const void* src, size_t bytes, int kind, StreamRef s);
 void synchronize(StreamRef s);  // cudaStreamSynchronize, checked
+// CUDA graphs (kernels/device.h DeviceGraph): captures what fn queues on s (thread-local capture
+// mode) and instantiates it; returns the cudaGraphExec_t. Where fn throws or the capture fails, the
+// capture is ended and discarded (s usable again) and pipar::Error names why.
+void* graph_capture(StreamRef s, const std::function<void()>& fn);
+void graph_launch(void* exec, StreamRef s);
+void graph_destroy(void* exec) noexcept;
 void* malloc_host_pinned(size_t bytes);   // cudaMallocHost, checked
 void free_host_pinned(void* p) noexcept;  // cudaFreeHost
 

@@ -115,6 +115,13 @@ void* stream_workspace(StreamRef s, size_t bytes) {
   std::lock_guard<std::mutex> lock(workspace_mutex());
   Workspace& ws = workspaces()[s.native];
   if (ws.bytes >= bytes && ws.ptr) return ws.ptr;
+  // Growing would free the block graphs captured earlier on s use, and make the new one the graph's
+  // own: refused while s is capturing (the capture then fails and the work runs uncaptured; a graph
+  // is captured only after the same work ran once uncaptured, which grew the workspace already).
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  PIPAR_CUDA_CHECK(cudaStreamIsCapturing(native(s), &capturing));
+  if (capturing != cudaStreamCaptureStatusNone)
+    throw Error(detail::concat("the stream's workspace would grow from ", ws.bytes, " to ", bytes, " bytes during a CUDA graph capture"));
   // Grow by at least 1.5x so that slowly growing requests do not reallocate every call; 256-byte
   // granularity keeps every carved sub-buffer aligned.
   size_t want = bytes < 256 ? 256 : (bytes + 255) / 256 * 256;
@@ -130,6 +137,12 @@ void* stream_workspace(StreamRef s, size_t bytes) {
   ws.ptr = p;
   ws.bytes = want;
   return p;
+}
+
+const void* workspace_id(StreamRef s) {
+  std::lock_guard<std::mutex> lock(workspace_mutex());
+  auto it = workspaces().find(s.native);
+  return it == workspaces().end() ? nullptr : it->second.ptr;
 }
 
 void release_stream_resources(StreamRef s) noexcept {

@@ -65,6 +65,8 @@ class Event {
 // new one with cudaMallocAsync). One request per op: an op that needs several buffers carves them
 // from one block. Thread-safe; never synchronizes.
 void* stream_workspace(StreamRef s, size_t bytes);
+// The block stream_workspace(s, ...) now returns (null: none yet); it moves when it grows.
+const void* workspace_id(StreamRef s);
 // Frees s's workspace (stream-ordered) and its cuBLAS handle; Stream's destructor calls it.
 void release_stream_resources(StreamRef s) noexcept;
 

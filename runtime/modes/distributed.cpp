@@ -1125,6 +1125,11 @@ class ServerRunner {
     if (private_labels() && cfg_.dp_sgd)
       throw Error("--dp-sgd with --labels private is not supported: DP-SGD covers the device's front blocks, not the "
                   "tail it would also train; use --dp-clip/--dp-sigma (activation noise) or --labels shared");
+    // --backend names the server's: the server-side parts train there (the devices are CPU processes).
+    // In fl the server trains nothing: it averages and evaluates on the host whatever the backend.
+    // A backend that cannot run is refused in every mode (a typo or a missing GPU is an error anywhere).
+    const Device backend = resolve_backend(cfg_.backend);
+    server_device_ = split_mode() ? backend : Device::kCpu;
   }
 
   void wait_for_devices() {
@@ -1251,13 +1256,17 @@ class ServerRunner {
       if (shared_server() && d > 0) break;  // one server part: sl's, used in turn, or --server-model shared
       DeviceSlot& s = slots_[d];
       if (s.part_split == s.split) continue;
-      if (!s.replica) s.replica = build_model(cfg_.model, model_options(cfg_, train_));
+      if (!s.replica) {
+        s.replica = build_model(cfg_.model, model_options(cfg_, train_));
+        s.replica->to(server_device_);  // on CUDA each part then trains on a stream of its own
+      }
       load_state(*s.replica, copy_state(*model_, s.split), s.split);
       if (private_labels()) {
-        s.middle_part = std::make_unique<MiddlePart>(*s.replica, s.split, server_end(), sp);
+        s.middle_part = std::make_unique<MiddlePart>(*s.replica, s.split, server_end(), sp, server_device_);
         s.server_part.reset();
       } else {
-        s.server_part = std::make_unique<ServerPart>(*s.replica, s.split, sp);
+        s.server_part = std::make_unique<ServerPart>(*s.replica, s.split, sp, server_device_);
+        if (server_device_ == Device::kCuda) s.server_part->set_graphs(cfg_.cuda_graphs);
         s.middle_part.reset();
       }
       s.part_split = s.split;
@@ -1274,9 +1283,16 @@ class ServerRunner {
   // and large ones, bench/RESULTS.md). One server-side model (sl, --server-model shared): one lane on
   // all threads. Private labels group middle forwards and backwards alike; the cost model does not
   // model their groups, so there only --server-lanes L forces lanes.
+  //
+  // On CUDA a lane is a host thread that drives its replicas' streams (each server part has its own):
+  // up to kCudaLanes replicas' micro-batches are queued on the GPU at once, so that one's copies and
+  // small kernels overlap another's. The GPU's arithmetic does not depend on the lanes either. The
+  // cost model sees one server (the GPU runs their kernels in turn as far as it knows).
+  static constexpr int kCudaLanes = 8;
   std::vector<std::pair<int, int>> lane_options() const {
     const int threads = cfg_.threads > 0 ? cfg_.threads : kernels::num_threads();
     if (shared_server()) return {{1, threads}};
+    const bool cuda = server_device_ != Device::kCpu;
     if (resumed_ && resume_.contains("server_lanes")) {
       try {
         const auto lanes = resume_.at("server_lanes").get<std::pair<int, int>>();
@@ -1285,13 +1301,17 @@ class ServerRunner {
       }
       throw IoError("checkpoint " + cfg_.load_path + ": bad server_lanes");
     }
+    if (cuda) return {{cfg_.server_lanes > 0 ? cfg_.server_lanes : std::min(cfg_.devices, kCudaLanes), 1}};
     if (private_labels() && cfg_.server_lanes == 0) return {{1, threads}};
     return ServerLanes::options(cfg_.devices, threads, cfg_.server_lanes);
   }
 
   void start_lanes(std::pair<int, int> lanes) {
     lanes_ = std::make_unique<ServerLanes>(lanes.first, lanes.second);
-    if (lanes.first > 1)
+    if (server_device_ != Device::kCpu)
+      say(detail::concat("server on ", device_name(server_device_), " (kernels ", kernels::cuda_kernels(), "): a stream per server-side part, ",
+                         lanes.first, " host thread", lanes.first > 1 ? "s" : "", " driving them"));
+    else if (lanes.first > 1)
       say(detail::concat("cross-device batching: up to ", lanes.first, " server-side replicas train side by side, ",
                          lanes.second, " thread", lanes.second > 1 ? "s" : "", " each"));
   }
@@ -1309,11 +1329,12 @@ class ServerRunner {
     }
     c.server_profile = server_profile;
     c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
-    c.server_lanes = lanes.first;
+    const bool cuda = server_device_ != Device::kCpu;
+    c.server_lanes = cuda ? 1 : lanes.first;  // a GPU: one server, its streams' overlap not credited
     if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
       c.host_cores = net_.shared_cores > 0 ? net_.shared_cores : kernels::hardware_threads();
       c.host_device_threads = net_.launched_device_threads;
-      c.host_server_threads = lanes.first * lanes.second;
+      c.host_server_threads = cuda ? 1 : lanes.first * lanes.second;  // a GPU server's host share: the thread that waits
     }
     c.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
     c.shared_server_model = shared_server();
@@ -1363,6 +1384,7 @@ class ServerRunner {
     // threads), and the option whose plan the cost model predicts faster.
     planner::ProfileOptions po;
     po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
+    po.device = server_device_;
     double server_profile_s = 0, best_s = std::numeric_limits<double>::infinity();
     std::pair<int, int> chosen;
     std::string lane_note;
@@ -1467,9 +1489,14 @@ class ServerRunner {
   }
 
   // The memory a plan may use on this server: --server-memory-gb, else this machine's available
-  // memory (MemAvailable; the CPU backend keeps the server-side parts in host memory).
+  // memory (MemAvailable; the CPU backend keeps the server-side parts in host memory; on CUDA the GPU's
+  // free memory, where the replicas and their tapes live).
   double server_memory_limit() const {
     if (cfg_.server_memory_gb > 0) return cfg_.server_memory_gb * (1 << 30);
+    if (server_device_ == Device::kCuda) {
+      const int64_t free_bytes = kernels::cuda_memory_free();
+      if (free_bytes > 0) return static_cast<double>(free_bytes);
+    }
     std::ifstream f("/proc/meminfo");
     for (std::string key; f >> key;) {
       double kib = 0;
@@ -2084,6 +2111,22 @@ class ServerRunner {
         line["server_groups"] = groups_;
         line["mean_group_size"] = groups_ ? static_cast<double>(grouped_micros_) / static_cast<double>(groups_) : 0.0;
       }
+      if (server_device_ == Device::kCuda) {  // CUDA graphs, over the run: captured, replayed, or why off
+        int64_t captures = 0, replays = 0;
+        std::string off;
+        for (const DeviceSlot& s : slots_)
+          if (s.server_part) {
+            const ServerPart::GraphStats& g = s.server_part->graph_stats();
+            captures += g.captures, replays += g.replays;
+            if (off.empty()) off = g.off_reason;
+          }
+        line["graph_captures"] = captures;
+        line["graph_replays"] = replays;
+        if (cfg_.cuda_graphs && !off.empty()) {
+          line["graphs_off"] = off;
+          if (!graphs_off_said_) say("CUDA graphs off: " + off), graphs_off_said_ = true;
+        }
+      }
     }
     if (predicted_) line["predicted_round_seconds"] = used.predicted_s;  // the cost model's, for this round's plan
     if (epsilon >= 0) line["epsilon"] = epsilon;
@@ -2160,6 +2203,8 @@ class ServerRunner {
     s["epoch_seconds"] = per;
     s["epochs_completed"] = result_.epochs.size();
     s["threads"] = kernels::num_threads();
+    s["server_backend"] = device_name(server_device_);
+    if (server_device_ == Device::kCuda) s["kernels"] = cfg_.kernels;
     s["params"] = model_->param_count();
     if (const int64_t peak = peak_rss_bytes(); peak > 0) s["server_peak_rss_bytes"] = peak;  // this process's, so far
     if (predicted_) {  // the first round's plan as the cost model scored it (chosen or fixed)
@@ -2210,6 +2255,8 @@ class ServerRunner {
   // Cross-device batching: the lanes that train queued micro-batches side by side (checkpointed), the
   // queue, and the groups trained (and their micro-batches) in the current round.
   std::unique_ptr<ServerLanes> lanes_;
+  Device server_device_ = Device::kCpu;  // where the server-side parts train (--backend)
+  bool graphs_off_said_ = false;         // the reason CUDA graphs went off was logged
   std::deque<Pending> pending_;
   uint64_t groups_ = 0, grouped_micros_ = 0;
 };

@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <string>
 
+#include "kernels/device.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -65,10 +67,15 @@ TEST(Cli, BadInputGivesClearErrors) {
   r = run("train --mode sfl --labels public --dataset synthetic --out " + temp_dir("bad4"));
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("--labels"), std::string::npos) << r.output;
-  // The CUDA backend trains in --mode local only; elsewhere a clear refusal, not a silent CPU run.
-  r = run("train --mode pipar --backend cuda --dataset synthetic --out " + temp_dir("bad5"));
-  EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.output.find("--backend cuda applies to --mode local"), std::string::npos) << r.output;
+  // --backend cuda where no GPU is usable: a clear refusal in every mode, not a silent CPU run.
+  if (!pipar::kernels::cuda_available() || !pipar::kernels::cuda_ops_built()) {
+    for (const char* mode : {"pipar", "fl"}) {
+      r = run(std::string("train --mode ") + mode + " --backend cuda --dataset synthetic --devices 1 --out " +
+              temp_dir("bad5"));
+      EXPECT_EQ(r.code, 1) << mode;
+      EXPECT_NE(r.output.find("--backend cuda: "), std::string::npos) << r.output;
+    }
+  }
   r = run("train --mode local --backend gpu --dataset synthetic --out " + temp_dir("bad6"));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("unknown backend 'gpu'"), std::string::npos) << r.output;
