@@ -364,6 +364,10 @@ int main(int argc, char** argv) {
                   "CUDA conv/linear implementations: handwritten, vendor (cuDNN, cuBLAS) or auto (fastest per layer, "
                   "timed once and cached)")
         ->capture_default_str();
+    a->add_option("--gpus", cfg.gpus,
+                  "CUDA server: GPUs the server-side replicas are dealt over, e.g. 0,1 (default: the current GPU); "
+                  "their averaging runs through NCCL")
+        ->delimiter(',');
     a->add_option("--cuda-graphs", cfg.cuda_graphs,
                   "CUDA server: replay the server-side parts' micro-batch steps as CUDA graphs (on or off)")
         ->capture_default_str();

@@ -29,6 +29,43 @@ std::string cuda_kernels();
 std::string cuda_kernel_cache_path();
 std::vector<std::string> cuda_kernel_choices();
 
+// --- the GPUs of this process ---------------------------------------------------------------------
+// The GPU this thread's CUDA work goes to (cudaSetDevice) while the scope lasts: its allocations,
+// streams and kernels. A multi-GPU server runs each replica's work under its GPU's scope. gpu < 0:
+// nothing changes (any build). Throws pipar::Error where the GPU does not exist or CUDA is not built.
+class ScopedCudaDevice {
+ public:
+  explicit ScopedCudaDevice(int gpu);
+  ~ScopedCudaDevice();
+  ScopedCudaDevice(const ScopedCudaDevice&) = delete;
+  ScopedCudaDevice& operator=(const ScopedCudaDevice&) = delete;
+
+ private:
+  int prev_ = -1;
+};
+
+// "" where NCCL is built in and a GPU is usable, else why not.
+std::string nccl_unavailable_reason();
+// One NCCL communicator over some GPUs of this process (ncclCommInitAll: one rank per GPU, driven
+// from one thread), for the multi-GPU server's averaging; the same code for one GPU (a communicator
+// of size one) and many. Throws pipar::Error (naming nccl_unavailable_reason) where NCCL cannot run.
+class GpuGroup {
+ public:
+  explicit GpuGroup(std::vector<int> gpus);
+  ~GpuGroup();
+  GpuGroup(const GpuGroup&) = delete;
+  GpuGroup& operator=(const GpuGroup&) = delete;
+  const std::vector<int>& gpus() const { return gpus_; }
+  int size() const { return static_cast<int>(gpus_.size()); }
+  // In place, bufs[r] (on gpus()[r], all of one length) becomes the sum over the ranks; rank r's
+  // part ordered on streams[r] (queued, not waited for).
+  void all_reduce_sum(const std::vector<View>& bufs, const std::vector<StreamRef>& streams);
+
+ private:
+  std::vector<int> gpus_;
+  void* comms_ = nullptr;
+};
+
 // --- the thread's current stream --------------------------------------------------------------------
 // The CUDA stream that this thread's runtime work is ordered on (the trainer's; later a server lane's).
 // While one is set: CUDA memory comes from the device's stream-ordered pool (cudaMallocAsync and

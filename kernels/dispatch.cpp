@@ -406,6 +406,69 @@ int cuda_device_count() {
 #endif
 }
 
+ScopedCudaDevice::ScopedCudaDevice(int gpu) {
+  if (gpu < 0) return;
+#if PIPAR_HAS_CUDA
+  const int n = cuda_device_count();
+  if (gpu < 0 || gpu >= n) throw Error(detail::concat("GPU ", gpu, " does not exist: this machine has ", n, " usable"));
+  prev_ = cuda::current_device();
+  if (prev_ != gpu) cuda::set_device(gpu);
+#else
+  (void)gpu;
+  no_cuda("ScopedCudaDevice");
+#endif
+}
+
+ScopedCudaDevice::~ScopedCudaDevice() {
+#if PIPAR_HAS_CUDA
+  if (prev_ < 0) return;
+  try {
+    cuda::set_device(prev_);
+  } catch (const std::exception&) {  // errors ignored: destructors do not throw
+  }
+#endif
+}
+
+std::string nccl_unavailable_reason() {
+#if PIPAR_HAS_NCCL
+  return cuda_unavailable_reason();
+#elif PIPAR_HAS_CUDA
+  return "built without NCCL (no nccl.h and libnccl found at configure time; set PIPAR_NCCL_ROOT)";
+#else
+  return "built without CUDA";
+#endif
+}
+
+GpuGroup::GpuGroup(std::vector<int> gpus) : gpus_(std::move(gpus)) {
+  if (const std::string why = nccl_unavailable_reason(); !why.empty()) throw Error("NCCL: " + why);
+  if (gpus_.empty()) throw Error("NCCL: a communicator needs at least one GPU");
+#if PIPAR_HAS_NCCL
+  for (int g : gpus_) ScopedCudaDevice check(g);  // each exists
+  comms_ = cuda::nccl_init_all(gpus_);
+#endif
+}
+
+GpuGroup::~GpuGroup() {
+#if PIPAR_HAS_NCCL
+  cuda::nccl_destroy(comms_);
+#endif
+}
+
+void GpuGroup::all_reduce_sum(const std::vector<View>& bufs, const std::vector<StreamRef>& streams) {
+  PIPAR_CHECK(bufs.size() == gpus_.size() && streams.size() == gpus_.size(), "all_reduce_sum: ", bufs.size(), " buffers, ",
+              streams.size(), " streams for ", gpus_.size(), " GPUs");
+  std::vector<float*> ptrs;
+  for (const View& v : bufs) {
+    PIPAR_CHECK(v.device == Device::kCuda && v.numel() == bufs[0].numel(), "all_reduce_sum: buffers must be CUDA and of one length");
+    ptrs.push_back(v.data);
+  }
+#if PIPAR_HAS_NCCL
+  cuda::nccl_all_reduce_sum(comms_, gpus_, ptrs, static_cast<size_t>(bufs[0].numel()), streams);
+#else
+  no_cuda("GpuGroup::all_reduce_sum");
+#endif
+}
+
 int64_t cuda_memory_free() {
 #if PIPAR_HAS_CUDA
   return cuda_available() ? cuda::memory_free() : -1;

@@ -3,6 +3,7 @@
 #pragma once
 #include <vector>
 
+#include "kernels/device.h"
 #include "runtime/model.h"
 
 namespace pipar {
@@ -16,6 +17,16 @@ void load_state(Model& m, const std::vector<Tensor>& state, size_t begin = 0, si
 // sum_k weights[k] * states[k][i] / sum_k weights[k], in double precision, for every tensor i.
 // Throws if the states disagree in count or shapes, or the weights do not sum to a positive value.
 std::vector<Tensor> fedavg(const std::vector<std::vector<Tensor>>& states, const std::vector<double>& weights);
+
+// FedAvg on the GPUs (a multi-GPU server, issue 8): replicas[r] are the states (as state_tensors
+// gives them, all of one layout) of the replicas on group.gpus()[r], weights[r][k] the sample count of
+// replicas[r][k]. Each GPU sums its replicas' state weighted by weight / total (single precision, one
+// replica after another), an NCCL all-reduce sums those sums over the GPUs, and every replica (those
+// of weight 0 too: devices that missed the round) gets the average in place. Equals fedavg up to float
+// rounding. Throws pipar::Error on a layout mismatch, weights that do not sum to a positive value, or
+// where NCCL cannot run.
+void fedavg_on_gpus(kernels::GpuGroup& group, const std::vector<std::vector<std::vector<Tensor*>>>& replicas,
+                    const std::vector<std::vector<double>>& weights);
 
 // fedavg one state at a time, so that the K states need not all be held at once (a server with many
 // devices): the same sums in the same order, given the weights' total up front. Memory: one double

@@ -43,26 +43,40 @@ Model& on_part_device(Model& m, Device device, const char* who) {
   return m;
 }
 
+// A stream of the part's device, created on its GPU (gpu < 0: the current one).
+std::unique_ptr<kernels::DeviceStream> part_stream(Device device, int gpu) {
+  kernels::ScopedCudaDevice on_gpu(gpu);
+  return std::make_unique<kernels::DeviceStream>(device);
+}
+
 // The part's input on its device: a host tensor is copied in on the current stream (the part's).
 Tensor on_device(const Tensor& t, Device d) { return t.device() == d ? t : t.to(d); }
 }  // namespace
 
-ServerPart::ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device)
-    : m_(on_part_device(m, device, "server part")), split_(split), opt_(sgd), stream_(device) {
+ServerPart::ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device, int gpu)
+    : m_(on_part_device(m, device, "server part")), split_(split), opt_(sgd), gpu_(gpu), stream_(part_stream(device, gpu)) {
   check_split(m, split);
   params_ = m.params(split);
   ctx_.device = device;
-  ctx_.stream = stream_.ref();
+  ctx_.stream = stream_->ref();
   ctx_.training = true;
-  kernels::ScopedStream on(stream_.ref());
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());
   Sgd::zero_grad(params_);
-  stream_.synchronize();
+  stream_->synchronize();
+}
+
+ServerPart::~ServerPart() {
+  kernels::ScopedCudaDevice on_gpu(gpu_);  // the graphs' buffers and the stream go on the part's GPU
+  graphed_.clear();
+  stream_.reset();
 }
 
 ServerPart::Result ServerPart::train_micro(const Tensor& activation, const Tensor& labels, int64_t batch_size) {
   if (batch_size < activation.shape().n)
     throw Error(detail::concat("server part: micro-batch of ", activation.shape().n, " in a batch of ", batch_size));
-  kernels::ScopedStream on(stream_.ref());
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());
   if (!graphs_) return train_eager(activation, labels, batch_size);
   const GraphKey key{activation.shape().n, batch_size};
   if (!seen_.count(key)) {  // the first time uncaptured: kernel choices timed, workspaces grown
@@ -120,7 +134,7 @@ std::vector<const void*> ServerPart::graph_addresses() const {
   std::vector<const void*> a;
   for (const Param* p : params_) a.push_back(p->value.raw()), a.push_back(p->grad.raw());
   for (const Buffer& b : m_.buffers(split_)) a.push_back(b.value->raw());
-  a.push_back(kernels::stream_workspace_id(stream_.ref()));
+  a.push_back(kernels::stream_workspace_id(stream_->ref()));
   return a;
 }
 
@@ -131,7 +145,7 @@ void ServerPart::capture(Graphed& g, const Tensor& activation, const Tensor& lab
   g.grad = Tensor::empty(activation.shape(), d);
   std::tie(g.losses, g.probs) = loss_outputs(activation.shape().n);
   const float scale = 1.0f / static_cast<float>(batch_size);
-  g.graph.capture(stream_.ref(), [&] {
+  g.graph.capture(stream_->ref(), [&] {
     const Tensor dx = forward_backward(g.x, g.y, scale, g.losses, g.probs);
     kernels::device_copy(d, g.grad.raw(), d, dx.raw(), dx.bytes(), ctx_.stream);
   });  // the tape, logits and gradients inside were the graph's own memory, freed within it
@@ -171,32 +185,40 @@ ServerPart::Result ServerPart::train_eager(const Tensor& activation, const Tenso
 }
 
 void ServerPart::step() {
-  kernels::ScopedStream on(stream_.ref());
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());
   opt_.step(params_, ctx_.stream);
   Sgd::zero_grad(params_);
-  stream_.synchronize();  // the weights are final when this returns (averaging reads them)
+  stream_->synchronize();  // the weights are final when this returns (averaging reads them)
 }
 
-MiddlePart::MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device)
-    : m_(on_part_device(m, device, "middle part")), begin_(begin), end_(end), opt_(sgd), stream_(device) {
+MiddlePart::MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device, int gpu)
+    : m_(on_part_device(m, device, "middle part")), begin_(begin), end_(end), opt_(sgd), gpu_(gpu),
+      stream_(part_stream(device, gpu)) {
   if (begin < 1 || end <= begin || end >= m.num_blocks())
     throw Error(detail::concat("middle part: blocks [", begin, ", ", end, ") of ", m.name(), " (", m.num_blocks(),
                                " blocks) must leave the device at least the first and the last block"));
   params_ = m.params(begin, end);
   ctx_.device = device;
-  ctx_.stream = stream_.ref();
+  ctx_.stream = stream_->ref();
   ctx_.training = true;
-  kernels::ScopedStream on(stream_.ref());
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());
   Sgd::zero_grad(params_);
-  stream_.synchronize();
+  stream_->synchronize();
 }
 
-MiddlePart::~MiddlePart() { reset(); }
+MiddlePart::~MiddlePart() {
+  reset();
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  stream_.reset();
+}
 
 Tensor MiddlePart::forward(int64_t key, const Tensor& x) {
   auto [it, fresh] = tapes_.try_emplace(key);
   if (!fresh) throw Error(detail::concat("middle part: forward ", key, " is already in flight"));
-  kernels::ScopedStream on(stream_.ref());
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());
   try {
     Tensor y = m_.forward(on_device(x, ctx_.device), &it->second.tape, ctx_, begin_, end_);
     it->second.out = y.shape();
@@ -212,7 +234,8 @@ Tensor MiddlePart::backward(int64_t key, const Tensor& grad) {
   if (it == tapes_.end()) throw Error(detail::concat("middle part: gradient for forward ", key, " that is not in flight"));
   if (!(grad.shape() == it->second.out))
     throw Error(detail::concat("middle part: gradient ", grad.shape().str(), " for an output ", it->second.out.str()));
-  kernels::ScopedStream on(stream_.ref());
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());
   Tensor g = m_.backward(on_device(grad, ctx_.device), it->second.tape, ctx_, begin_, end_).to(Device::kCpu);
   tapes_.erase(it);
   return g;
@@ -224,14 +247,16 @@ const Shape4* MiddlePart::pending(int64_t key) const {
 }
 
 void MiddlePart::step() {
-  kernels::ScopedStream on(stream_.ref());
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());
   opt_.step(params_, ctx_.stream);
   Sgd::zero_grad(params_);
-  stream_.synchronize();
+  stream_->synchronize();
 }
 
 void MiddlePart::reset() {
-  kernels::ScopedStream on(stream_.ref());  // the tapes' device memory goes back to the pool on the part's stream
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  kernels::ScopedStream on(stream_->ref());  // the tapes' device memory goes back to the pool on the part's stream
   tapes_.clear();
 }
 

@@ -8,6 +8,7 @@
 // B-1, run on the device), so labels never leave it.
 #pragma once
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 
@@ -43,10 +44,14 @@ class DevicePart {
 // one replica per device) overlap on the GPU, their copies with each other's kernels. Inputs may be
 // host tensors (they are copied in on the part's stream); what a part returns is on the host, and
 // every method returns with the part's stream idle, so the caller may read or load the model's
-// tensors from any thread afterwards.
+// tensors from any thread afterwards. `gpu` >= 0 (a multi-GPU server): the GPU whose memory holds the
+// model (moved there under kernels::ScopedCudaDevice(gpu)) and that runs all the part's work.
 class ServerPart {
  public:
-  ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device = Device::kCpu);
+  ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device = Device::kCpu, int gpu = -1);
+  ~ServerPart();
+  ServerPart(const ServerPart&) = delete;
+  ServerPart& operator=(const ServerPart&) = delete;
   struct Result {
     Tensor grad;  // gradient of the cut activation, on the host
     LossStats stats;
@@ -90,7 +95,8 @@ class ServerPart {
   size_t split_;
   Sgd opt_;
   std::vector<Param*> params_;
-  kernels::DeviceStream stream_;
+  int gpu_;
+  std::unique_ptr<kernels::DeviceStream> stream_;  // created on gpu_
   Context ctx_;
   bool graphs_ = false;
   std::map<GraphKey, Graphed> graphed_;
@@ -104,7 +110,7 @@ class ServerPart {
 // On CUDA as a ServerPart: its own stream, host tensors in and out.
 class MiddlePart {
  public:
-  MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device = Device::kCpu);
+  MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device = Device::kCpu, int gpu = -1);
   ~MiddlePart();
   MiddlePart(const MiddlePart&) = delete;
   MiddlePart& operator=(const MiddlePart&) = delete;
@@ -127,7 +133,8 @@ class MiddlePart {
   Sgd opt_;
   std::vector<Param*> params_;
   std::map<int64_t, InFlight> tapes_;
-  kernels::DeviceStream stream_;
+  int gpu_;
+  std::unique_ptr<kernels::DeviceStream> stream_;  // created on gpu_
   Context ctx_;
 };
 

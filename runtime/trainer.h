@@ -36,6 +36,9 @@ struct TrainConfig {
   std::string kernels = "auto";  // CUDA: handwritten | vendor | auto (kernels/cuda/autotune.h)
   // CUDA server: replay each server-side part's micro-batch steps as CUDA graphs (ServerPart::set_graphs).
   bool cuda_graphs = true;
+  // CUDA server: the GPUs the server-side replicas are dealt over, round-robin (empty: the current GPU);
+  // their FedAvg runs through NCCL (kernels::GpuGroup) where it is built.
+  std::vector<int> gpus;
   uint64_t seed = 1;
   int64_t limit_train = 0, limit_test = 0;  // > 0: use only the first samples
   int devices = 1, split = 0, micro_batches = 1;  // recorded; the distributed modes use them

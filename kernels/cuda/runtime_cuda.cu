@@ -67,6 +67,14 @@ void graph_destroy(void* exec) noexcept {
   if (exec) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));
 }
 
+int current_device() {
+  int d = 0;
+  PIPAR_CUDA_CHECK(cudaGetDevice(&d));
+  return d;
+}
+
+void set_device(int gpu) { PIPAR_CUDA_CHECK(cudaSetDevice(gpu)); }
+
 int64_t memory_free() {
   size_t free_bytes = 0, total = 0;
   if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) {

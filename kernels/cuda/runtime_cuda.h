@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "kernels/stream_ref.h"
 
@@ -12,6 +13,16 @@ namespace pipar::kernels::cuda {
 std::string unavailable_reason();
 int device_count();
 int64_t memory_free();  // cudaMemGetInfo's free bytes on the current device; -1 where it fails
+int current_device();   // cudaGetDevice, checked
+void set_device(int gpu);  // cudaSetDevice, checked
+// NCCL (kernels/cuda/nccl.cpp; defined only where PIPAR_HAS_NCCL): a communicator per GPU of gpus
+// (ncclCommInitAll), destroyed with nccl_destroy; an in-place float sum all-reduce of bufs[i] (count
+// floats on gpus[i]) on streams[i], the ranks' calls grouped.
+std::string nccl_version();
+void* nccl_init_all(const std::vector<int>& gpus);
+void nccl_destroy(void* comms) noexcept;
+void nccl_all_reduce_sum(void* comms, const std::vector<int>& gpus, const std::vector<float*>& bufs, size_t count,
+                         const std::vector<StreamRef>& streams);
 // With a stream: from the device's default memory pool, stream-ordered (the pool keeps freed memory
 // cached: its release threshold is raised once to "never"). Without: cudaMalloc / cudaFree.
 void* malloc_device(size_t bytes, StreamRef s);

@@ -851,6 +851,19 @@ class ServerRunner {
   ServerRunner(const TrainConfig& cfg, const NetConfig& net, ProgressSink* progress)
       : cfg_(cfg), net_(net), progress_(progress), server_(net.listen, link_options()) {}
 
+  // The replicas (and their parts' streams) go on their own GPUs.
+  ~ServerRunner() {
+    for (DeviceSlot& s : slots_) {
+      try {
+        kernels::ScopedCudaDevice on_gpu(gpu_of(s));
+        s.server_part.reset();
+        s.middle_part.reset();
+        s.replica.reset();
+      } catch (const std::exception&) {  // a GPU gone: freed wherever the driver lets it be
+      }
+    }
+  }
+
   const std::string& endpoint() const { return server_.bound_endpoint(); }
 
   TrainResult run() {
@@ -1053,18 +1066,20 @@ class ServerRunner {
 
   void restore_replicas() {
     if (resume_state_.empty()) return;
-    std::map<std::string, Tensor*> dst;
+    std::map<std::string, std::pair<Tensor*, int>> dst;  // the momentum tensor and its replica's GPU
     for (DeviceSlot& s : slots_)
       if (s.replica)
-        for (Param* p : s.replica->params()) dst[replica_state_name(s.id, p->name)] = &p->momentum;
+        for (Param* p : s.replica->params()) dst[replica_state_name(s.id, p->name)] = {&p->momentum, gpu_of(s)};
     size_t n = 0;
     for (const CheckpointState& st : resume_state_) {
       auto it = dst.find(st.name);
       if (it == dst.end()) continue;  // a replica this run does not have (fewer devices)
-      if (!(it->second->shape() == st.value.shape()))
+      Tensor& m = *it->second.first;
+      if (!(m.shape() == st.value.shape()))
         throw IoError("checkpoint " + cfg_.load_path + ": state " + st.name + " has shape " + st.value.shape().str() +
-                      ", the model's tensor " + it->second->shape().str());
-      *it->second = st.value.to(it->second->device());
+                      ", the model's tensor " + m.shape().str());
+      kernels::ScopedCudaDevice on_gpu(it->second.second);
+      m = st.value.to(m.device());
       ++n;
     }
     resume_state_.clear();
@@ -1130,6 +1145,15 @@ class ServerRunner {
     // A backend that cannot run is refused in every mode (a typo or a missing GPU is an error anywhere).
     const Device backend = resolve_backend(cfg_.backend);
     server_device_ = split_mode() ? backend : Device::kCpu;
+    if (!cfg_.gpus.empty()) {
+      if (backend != Device::kCuda) throw Error("--gpus places the server-side replicas on GPUs: it needs --backend cuda");
+      const int n = kernels::cuda_device_count();
+      std::set<int> seen;
+      for (int g : cfg_.gpus)
+        if (g < 0 || g >= n || !seen.insert(g).second)
+          throw Error(detail::concat("--gpus: GPU ", g, " is not one of this machine's ", n, " or is named twice"));
+    }
+    if (server_device_ == Device::kCuda) gpus_ = cfg_.gpus.empty() ? std::vector<int>{-1} : cfg_.gpus;
   }
 
   void wait_for_devices() {
@@ -1230,6 +1254,7 @@ class ServerRunner {
     std::vector<CheckpointState> state;
     for (DeviceSlot& s : slots_) {
       if (!s.replica) continue;
+      kernels::ScopedCudaDevice on_gpu(gpu_of(s));
       for (Param* p : s.replica->params()) {
         Tensor m = p->momentum.to(Device::kCpu);
         const float* v = m.data();
@@ -1256,16 +1281,19 @@ class ServerRunner {
       if (shared_server() && d > 0) break;  // one server part: sl's, used in turn, or --server-model shared
       DeviceSlot& s = slots_[d];
       if (s.part_split == s.split) continue;
+      kernels::ScopedCudaDevice on_gpu(gpu_of(s));  // its tensors live on its GPU
       if (!s.replica) {
         s.replica = build_model(cfg_.model, model_options(cfg_, train_));
         s.replica->to(server_device_);  // on CUDA each part then trains on a stream of its own
       }
       load_state(*s.replica, copy_state(*model_, s.split), s.split);
       if (private_labels()) {
-        s.middle_part = std::make_unique<MiddlePart>(*s.replica, s.split, server_end(), sp, server_device_);
+        s.middle_part.reset();  // the old part (and its stream) first
+        s.middle_part = std::make_unique<MiddlePart>(*s.replica, s.split, server_end(), sp, server_device_, gpu_of(s));
         s.server_part.reset();
       } else {
-        s.server_part = std::make_unique<ServerPart>(*s.replica, s.split, sp, server_device_);
+        s.server_part.reset();
+        s.server_part = std::make_unique<ServerPart>(*s.replica, s.split, sp, server_device_, gpu_of(s));
         if (server_device_ == Device::kCuda) s.server_part->set_graphs(cfg_.cuda_graphs);
         s.middle_part.reset();
       }
@@ -2015,8 +2043,69 @@ class ServerRunner {
     std::vector<Tensor> dev = unpack_state(*model_, device_ranges(s), *s.weights);
     if (!split_mode()) return dev;  // fl: the whole model
     Model& replica = *owner_of(s).replica;
+    kernels::ScopedCudaDevice on_gpu(gpu_of(owner_of(s)));
     load_state(replica, dev, device_ranges(s));
     return copy_state(replica);
+  }
+
+  // The GPU of slot s's replica: -1 (the current one) on the CPU or with one GPU unnamed; with --gpus,
+  // the devices' replicas dealt round-robin over the GPUs named.
+  int gpu_of(const DeviceSlot& s) const {
+    if (gpus_.empty()) return -1;
+    return gpus_[static_cast<size_t>(&s - slots_.data()) % gpus_.size()];
+  }
+
+  // FedAvg on the GPUs (NCCL) applies where every replica holds the same blocks: per-device replicas
+  // (sfl, pipar) cut at one split point, on CUDA with NCCL built.
+  bool gpu_average() {
+    if (server_device_ != Device::kCuda || shared_server() || !split_mode()) return false;
+    for (const DeviceSlot& s : slots_)
+      if (!s.replica || s.split != slots_[0].split) return false;
+    if (!gpu_group_ && gpu_group_error_.empty()) {
+      std::vector<int> gpus;
+      for (int g : gpus_) gpus.push_back(g >= 0 ? g : 0);
+      try {
+        gpu_group_ = std::make_unique<kernels::GpuGroup>(gpus);
+        say(detail::concat("FedAvg of the server-side blocks on the GPU", gpus.size() > 1 ? "s" : "", " through NCCL (",
+                           gpus.size(), " rank", gpus.size() > 1 ? "s" : "", ")"));
+      } catch (const Error& e) {
+        gpu_group_error_ = e.what();
+        say("FedAvg on the host: " + gpu_group_error_);
+      }
+    }
+    return gpu_group_ != nullptr;
+  }
+
+  // The server-side blocks [P, server_end()) averaged on the GPUs in place (every replica, those of
+  // devices that missed the round too, gets the average), the device-side blocks on the host from the
+  // weights messages; the averaged model gathers both, and every replica the device-side average.
+  void aggregate_on_gpus(double total) {
+    const size_t p = slots_[0].split, e = server_end();
+    FedAvg dev(total);
+    for (DeviceSlot& s : slots_)
+      if (s.in_round && s.done) {
+        dev.add(unpack_state(*model_, device_ranges(s), *s.weights), static_cast<double>(s.samples));
+        s.weights.reset();
+      }
+    const std::vector<Tensor> dev_avg = dev.result();
+    std::vector<std::vector<std::vector<Tensor*>>> replicas(gpu_group_->gpus().size());
+    std::vector<std::vector<double>> weights(replicas.size());
+    for (DeviceSlot& s : slots_) {
+      const int g = gpu_of(s);
+      const size_t r = g < 0 ? 0 : static_cast<size_t>(std::find(gpus_.begin(), gpus_.end(), g) - gpus_.begin());
+      replicas[r].push_back(state_tensors(*s.replica, p, e));
+      weights[r].push_back(s.in_round && s.done ? static_cast<double>(s.samples) : 0.0);
+    }
+    fedavg_on_gpus(*gpu_group_, replicas, weights);
+    load_state(*model_, dev_avg, device_ranges(slots_[0]));
+    {
+      kernels::ScopedCudaDevice on_gpu(gpu_of(slots_[0]));
+      load_state(*model_, copy_state(*slots_[0].replica, p, e), p, e);
+    }
+    for (DeviceSlot& s : slots_) {
+      kernels::ScopedCudaDevice on_gpu(gpu_of(s));
+      load_state(*s.replica, dev_avg, device_ranges(s));
+    }
   }
 
   // FedAvg, block by block over the whole model, weighted by sample counts: each device's block comes
@@ -2031,11 +2120,17 @@ class ServerRunner {
     const size_t blocks = model_->num_blocks();
     if (cfg_.mode == "sl") {  // the devices' part was handed on in turn (run_round); the one server part
       DeviceSlot& s = slots_[0];
+      kernels::ScopedCudaDevice on_gpu(gpu_of(s));
       load_state(*model_, copy_state(*s.replica, s.split, server_end()), s.split, server_end());
       return;
     }
     // Private labels: the device part includes the last block, so the model evaluated and saved here
     // has the devices' averaged tail; the replicas' copies of it are never trained.
+    if (gpu_average()) {
+      aggregate_on_gpus(total);
+      malloc_trim(0);
+      return;
+    }
     FedAvg acc(total);
     for (DeviceSlot& s : slots_)
       if (s.in_round && s.done) {
@@ -2045,7 +2140,10 @@ class ServerRunner {
     const std::vector<Tensor> avg = acc.result();
     load_state(*model_, avg, 0, blocks);
     for (DeviceSlot& s : slots_)
-      if (s.replica) load_state(*s.replica, avg, 0, blocks);
+      if (s.replica) {
+        kernels::ScopedCudaDevice on_gpu(gpu_of(s));
+        load_state(*s.replica, avg, 0, blocks);
+      }
     malloc_trim(0);  // K states' copies and the replaced tensors: back to the system
   }
 
@@ -2256,6 +2354,9 @@ class ServerRunner {
   // queue, and the groups trained (and their micro-batches) in the current round.
   std::unique_ptr<ServerLanes> lanes_;
   Device server_device_ = Device::kCpu;  // where the server-side parts train (--backend)
+  std::vector<int> gpus_;                // CUDA: the GPUs the replicas are dealt over ({-1}: the current one)
+  std::unique_ptr<kernels::GpuGroup> gpu_group_;  // NCCL FedAvg of the server-side blocks, once set up
+  std::string gpu_group_error_;                   // why FedAvg stays on the host (NCCL could not start)
   bool graphs_off_said_ = false;         // the reason CUDA graphs went off was logged
   std::deque<Pending> pending_;
   uint64_t groups_ = 0, grouped_micros_ = 0;

@@ -259,6 +259,52 @@ TEST(ServerPartCuda, ProfilerMeasuresTheGpu) {
   }
 }
 
+// FedAvg on the GPUs through NCCL (issue 8): replicas with their own weights on every GPU of the
+// machine (one rank on a machine with one GPU), weighted by sample counts, one of weight 0 (a device
+// that missed the round: it receives the average, adds nothing). Every replica ends equal to the host
+// FedAvg (double precision) of the others, within 1e-5 relative per value: single-precision sums of
+// nine terms of magnitude <= 1 (FedAvg's own error is below 1e-15).
+TEST(NcclCuda, FedAvgOnGpusEqualsTheHostAverage) {
+  PIPAR_REQUIRE_CUDA();
+  if (const std::string why = kernels::nccl_unavailable_reason(); !why.empty()) GTEST_SKIP() << "no NCCL: " << why;
+  const int gpus = kernels::cuda_device_count();
+  std::vector<int> ranks;
+  for (int g = 0; g < gpus; ++g) ranks.push_back(g);
+  kernels::GpuGroup group(ranks);
+  ASSERT_EQ(group.size(), gpus);
+  test::Rng rng(static_cast<uint64_t>(time(nullptr)) + 17);
+  SCOPED_TRACE(test::seed_trace());
+  const Case c = kCases[1];  // resnet18: parameters and batch-norm buffers
+  std::vector<std::unique_ptr<Model>> models;
+  std::vector<std::vector<std::vector<Tensor*>>> replicas(static_cast<size_t>(gpus));
+  std::vector<std::vector<double>> weights(static_cast<size_t>(gpus));
+  std::vector<std::vector<Tensor>> host_states;
+  std::vector<double> host_weights;
+  for (int g = 0; g < gpus; ++g)
+    for (int k = 0; k < 3; ++k) {
+      kernels::ScopedCudaDevice on_gpu(g);
+      models.push_back(make_model(c, 1000 + static_cast<uint64_t>(rng.integer(0, 1 << 20)), Device::kCuda));
+      for (Buffer& b : models.back()->buffers())  // running statistics away from their initial values
+        *b.value = Tensor::from_vector(rng.uniform_vec(static_cast<size_t>(b.value->numel()), 0.5, 1.5), b.value->shape()).to(Device::kCuda);
+      const double w = (g == 0 && k == 1) ? 0.0 : static_cast<double>(rng.integer(1, 600));
+      replicas[static_cast<size_t>(g)].push_back(state_tensors(*models.back()));
+      weights[static_cast<size_t>(g)].push_back(w);
+      if (w > 0) host_states.push_back(copy_state(*models.back())), host_weights.push_back(w);
+    }
+  const std::vector<Tensor> want = fedavg(host_states, host_weights);
+  fedavg_on_gpus(group, replicas, weights);
+  for (size_t m = 0; m < models.size(); ++m) {
+    const std::vector<Tensor> got = copy_state(*models[m]);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      const std::vector<float> a = got[i].to_vector(), b = want[i].to_vector();
+      size_t off = 0;
+      for (size_t j = 0; j < a.size(); ++j) off += std::fabs(a[j] - b[j]) > 1e-5 * std::max(1.0f, std::fabs(b[j]));
+      EXPECT_EQ(off, 0u) << "replica " << m << " tensor " << i << ": " << off << " of " << a.size() << " values off";
+    }
+  }
+}
+
 // Where no GPU is usable: a model left on the CPU cannot be given to a part on CUDA (a clear error,
 // not a crash), and the profiler says which backend it was asked for.
 TEST(ServerPart, RefusesAModelOnAnotherDevice) {
@@ -281,6 +327,16 @@ TEST(ServerPart, RefusesAModelOnAnotherDevice) {
   const ServerPart::Result r = cpu.train_micro(random_cut(rng, *m, 2, 3), random_labels(rng, 3), 3);
   EXPECT_EQ(r.stats.count, 3);
   EXPECT_EQ(cpu.graph_stats().replays, 0);
+  // NCCL where it cannot run: a clear error, not a crash.
+  if (!kernels::nccl_unavailable_reason().empty()) {
+    try {
+      kernels::GpuGroup g({0});
+      FAIL() << "a GPU group without NCCL or a GPU must be refused";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("NCCL"), std::string::npos) << e.what();
+    }
+  }
+  kernels::ScopedCudaDevice none(-1);  // -1: no change, on any build
 }
 
 }  // namespace

@@ -122,6 +122,27 @@ TEST(Distributed, EveryModeTrainsAndReports) {
   }
 }
 
+// A multi-GPU server (--gpus 0,1): the replicas dealt over two GPUs and averaged through NCCL train
+// as the one-GPU server does, within float rounding (2e-3 relative per epoch's losses, as above).
+// Skips with the reason on a machine with fewer than two GPUs.
+TEST(DistributedCuda, ReplicasOverTwoGpusTrainAsOnOne) {
+  PIPAR_REQUIRE_CUDA();
+  if (kernels::cuda_device_count() < 2) GTEST_SKIP() << "one GPU: the multi-GPU server needs two (NCCL's one-rank path is NcclCuda.*)";
+  TrainConfig a = small_config("pipar", "gpus_one");
+  a.norm = "none";
+  a.epochs = 2;
+  a.backend = "cuda";
+  a.devices = 4;
+  TrainConfig b = a;
+  b.gpus = {0, 1};
+  b.out_dir = temp_dir("gpus_two");
+  const TrainResult ra = run_cluster(a, fast_net(), 4);
+  const TrainResult rb = run_cluster(b, fast_net(), 4);
+  ASSERT_EQ(rb.epochs.size(), 2u);
+  for (size_t e = 0; e < 2; ++e)
+    EXPECT_NEAR(rb.epochs[e].test_loss, ra.epochs[e].test_loss, 2e-3 * std::abs(ra.epochs[e].test_loss)) << "epoch " << e;
+}
+
 // The server-side parts on the GPU (--backend cuda: a replica per device, each on its own stream,
 // driven by server lanes): the same training as on the CPU, in pipar with shared and with private
 // labels (the middle part) and in sl. Tolerance: losses within 2e-3 relative per epoch and accuracy
@@ -1044,6 +1065,18 @@ TEST(Distributed, SharedServerModelRefusesWhatItCannotDo) {
   c = small_config("pipar", "shared_bad_value");
   c.server_model = "pooled";
   EXPECT_NE(error_of(c).find("--server-model must be per-device or shared"), std::string::npos) << error_of(c);
+}
+
+// GPUs named for a server that trains on the CPU, or GPUs that do not exist: refused before training.
+TEST(Distributed, GpusNeedTheCudaBackendAndExistingGpus) {
+  TrainConfig c = small_config("pipar", "gpus_cpu");
+  c.gpus = {0};
+  EXPECT_NE(error_of(c).find("--gpus places the server-side replicas on GPUs: it needs --backend cuda"), std::string::npos)
+      << error_of(c);
+  if (!kernels::cuda_available() || !kernels::cuda_ops_built()) return;  // the rest needs a GPU
+  c.backend = "cuda";
+  c.gpus = {kernels::cuda_device_count()};
+  EXPECT_NE(error_of(c).find("is not one of this machine's"), std::string::npos) << error_of(c);
 }
 
 // --- light devices (DeviceOptions::record / replay) -------------------------------------------------
