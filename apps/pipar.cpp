@@ -127,6 +127,9 @@ int cmd_devices() {
   const std::string why = kernels::cuda_unavailable_reason();
   if (!why.empty()) std::printf("CUDA: built, %s\n", why.c_str());
   else std::printf("CUDA: %d device(s)%s\n", kernels::cuda_device_count(), kernels::cuda_ops_built() ? "" : " (CUDA kernels not built yet)");
+  for (const std::string& d : kernels::cuda_devices()) std::printf("  %s\n", d.c_str());
+  const std::string nccl = kernels::nccl_version();
+  std::printf("NCCL: %s\n", nccl.empty() ? "not built (a multi-GPU server averages on the host)" : nccl.c_str());
   if (!why.empty()) return 0;
   const std::string path = kernels::cuda_kernel_cache_path();
   const std::vector<std::string> chosen = kernels::cuda_kernel_choices();

@@ -3,8 +3,12 @@
 // server's threads (what a server without cross-device batching does), against the same K
 // micro-batches trained as one group by ServerLanes (replicas side by side on shares of the cores).
 // Both in one process, alternating, median over repeats; prints micro-batches per second and the ratio.
+// --backend cuda: the replicas on the GPU, each server part on its own stream (as the CUDA server runs
+// them), one at a time against up to --lanes host threads driving their streams at once (default
+// min(K, 8), the server's), micro-batches replayed as CUDA graphs unless --graphs off; where the
+// concurrent rate stops growing with K, the GPU is busy.
 // Run: build/bench/pipar_bench_server [--models vgg5:2,resnet18:3] [--devices 1,4,16,64] [--micro 10]
-//      [--threads T] [--repeats R] [--min-seconds S]
+//      [--threads T] [--repeats R] [--min-seconds S] [--backend cpu|cuda] [--lanes L] [--graphs on|off]
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -13,6 +17,7 @@
 #include <vector>
 
 #include "bench/harness.h"
+#include "kernels/device.h"
 #include "kernels/parallel.h"
 #include "runtime/lanes.h"
 
@@ -32,8 +37,10 @@ struct Replica {
 int main(int argc, char** argv) {
   std::vector<std::string> models = {"vgg5:2", "resnet18:3"};
   std::vector<int> devices = {1, 4, 16, 64};
-  int micro = 10, repeats = 5, threads = 0;
+  int micro = 10, repeats = 5, threads = 0, cuda_lanes = 0;
   double min_seconds = 0.3;
+  std::string backend = "cpu";
+  bool graphs = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return option_value(argc, argv, i); };
@@ -45,6 +52,9 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = std::atoi(next().c_str());
     else if (a == "--repeats") repeats = std::atoi(next().c_str());
     else if (a == "--min-seconds") min_seconds = std::atof(next().c_str());
+    else if (a == "--backend") backend = next();
+    else if (a == "--lanes") cuda_lanes = std::atoi(next().c_str());
+    else if (a == "--graphs") graphs = next() != "off";
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -52,8 +62,21 @@ int main(int argc, char** argv) {
   }
   kernels::set_num_threads(threads);
   const int t = kernels::num_threads();
-  std::printf("# server throughput, CPU backend: %s, %d threads, %s, commit %s\n", cpu_model().c_str(), t,
-              kernels::isa_name(kernels::cpu_isa()), git_commit().c_str());
+  if (backend != "cpu" && backend != "cuda") {
+    std::fprintf(stderr, "--backend must be cpu or cuda\n");
+    return 2;
+  }
+  const Device device = backend == "cuda" ? Device::kCuda : Device::kCpu;
+  if (device == Device::kCuda && !kernels::cuda_available()) {
+    std::fprintf(stderr, "pipar_bench_server: --backend cuda: %s\n", kernels::cuda_unavailable_reason().c_str());
+    return 77;  // skipped: no GPU
+  }
+  if (device == Device::kCuda)
+    std::printf("# server throughput, CUDA backend (a stream per replica, CUDA graphs %s, kernels %s), host %s, commit %s\n",
+                graphs ? "on" : "off", kernels::cuda_kernels().c_str(), cpu_model().c_str(), git_commit().c_str());
+  else
+    std::printf("# server throughput, CPU backend: %s, %d threads, %s, commit %s\n", cpu_model().c_str(), t,
+                kernels::isa_name(kernels::cpu_isa()), git_commit().c_str());
   std::printf("# one micro-batch of %d per replica per group; median of %d repeats (min..max)\n", micro, repeats);
   std::printf("%-10s %5s %7s %22s %22s %7s\n", "model", "K", "lanes", "one-at-a-time mb/s", "grouped mb/s", "ratio");
   for (const std::string& spec : models) {
@@ -67,7 +90,9 @@ int main(int argc, char** argv) {
         o.seed = 100 + static_cast<uint64_t>(d);
         Replica& r = reps[static_cast<size_t>(d)];
         r.model = build_model(name, o);
-        r.part = std::make_unique<ServerPart>(*r.model, split, kernels::SgdParams{});
+        r.model->to(device);
+        r.part = std::make_unique<ServerPart>(*r.model, split, kernels::SgdParams{}, device);
+        r.part->set_graphs(graphs && device == Device::kCuda);
         Shape4 cut = r.model->block_out_shape(split - 1);
         cut.n = micro;
         std::vector<float> xs(static_cast<size_t>(cut.numel()));
@@ -77,7 +102,9 @@ int main(int argc, char** argv) {
         r.x = Tensor::from_vector(xs, cut);
         r.y = Tensor::from_vector(ys, {micro, 1, 1, 1});
       }
-      const auto [lanes, per_lane] = ServerLanes::split_cores(k, t);
+      const auto [lanes, per_lane] = device == Device::kCuda
+                                         ? std::pair<int, int>{cuda_lanes > 0 ? cuda_lanes : std::min(k, 8), 1}
+                                         : ServerLanes::split_cores(k, t);
       ServerLanes pool(lanes, per_lane);
       // One pass over the K replicas each way; each repeat runs passes for at least min_seconds.
       auto sequential = [&] {
@@ -105,7 +132,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < repeats; ++i) {
         const double a = rate(sequential), b = rate(grouped);
         seq.push_back(a), grp.push_back(b), ratio.push_back(b / a);
-        for (Replica& r : reps) r.model->zero_grad();
+        for (Replica& r : reps) r.part->step();  // the accumulated gradients applied and zeroed, as a batch's end does
       }
       const Stats s = summarize(seq), g = summarize(grp), q = summarize(ratio);
       char lane_text[32];

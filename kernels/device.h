@@ -18,6 +18,8 @@ std::string cuda_unavailable_reason(); // "" when a CUDA device is usable, else 
 inline bool cuda_available() { return cuda_unavailable_reason().empty(); }
 int cuda_device_count();               // 0 where none is usable
 int64_t cuda_memory_free();            // free memory of the GPU in use, bytes; -1 where none is usable
+std::vector<std::string> cuda_devices();  // "GPU 0: name, memory, compute capability" per usable GPU
+std::string nccl_version();               // "2.27.3", or "" where NCCL is not built
 
 // The CUDA backend's choice of implementation for conv and linear layers (kernels/cuda/autotune.h):
 // "handwritten" (ours), "vendor" (cuDNN, cuBLAS) or "auto" (the fastest per layer shape, timed once

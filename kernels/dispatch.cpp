@@ -469,6 +469,21 @@ void GpuGroup::all_reduce_sum(const std::vector<View>& bufs, const std::vector<S
 #endif
 }
 
+std::vector<std::string> cuda_devices() {
+#if PIPAR_HAS_CUDA
+  if (cuda_available()) return cuda::describe_devices();
+#endif
+  return {};
+}
+
+std::string nccl_version() {
+#if PIPAR_HAS_NCCL
+  return cuda::nccl_version();
+#else
+  return "";
+#endif
+}
+
 int64_t cuda_memory_free() {
 #if PIPAR_HAS_CUDA
   return cuda_available() ? cuda::memory_free() : -1;

@@ -126,6 +126,8 @@ void ServerPart::set_graphs(bool on) {
   if (ctx_.device != Device::kCuda) gstats_.off_reason = "CUDA graphs need the CUDA backend";
   else if (!m_.replayable(split_)) gstats_.off_reason = "a layer of the server part (dropout) changes at every call";
   else graphs_ = true;
+  graph_buffers_.clear();
+  for (const Buffer& b : m_.buffers(split_)) graph_buffers_.push_back(b.value);
 }
 
 // Every address a captured graph holds besides its own buffers: the part's weights and gradients,
@@ -133,7 +135,7 @@ void ServerPart::set_graphs(bool on) {
 std::vector<const void*> ServerPart::graph_addresses() const {
   std::vector<const void*> a;
   for (const Param* p : params_) a.push_back(p->value.raw()), a.push_back(p->grad.raw());
-  for (const Buffer& b : m_.buffers(split_)) a.push_back(b.value->raw());
+  for (const Tensor* b : graph_buffers_) a.push_back(b->raw());
   a.push_back(kernels::stream_workspace_id(stream_->ref()));
   return a;
 }

@@ -102,6 +102,7 @@ class ServerPart {
   std::map<GraphKey, Graphed> graphed_;
   std::set<GraphKey> seen_;                  // trained once uncaptured (choices timed, workspace grown)
   std::vector<const void*> graph_addresses_;  // what the graphs in graphed_ were captured against
+  std::vector<const Tensor*> graph_buffers_;  // the part's batch-norm statistics (their tensors may move)
   GraphStats gstats_;
 };
 

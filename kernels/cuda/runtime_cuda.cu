@@ -67,6 +67,21 @@ void graph_destroy(void* exec) noexcept {
   if (exec) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));
 }
 
+std::vector<std::string> describe_devices() {
+  std::vector<std::string> out;
+  for (int d = 0; d < device_count(); ++d) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, d) != cudaSuccess) {
+      cudaGetLastError();
+      out.push_back(detail::concat("GPU ", d, ": properties unavailable"));
+      continue;
+    }
+    out.push_back(detail::concat("GPU ", d, ": ", prop.name, ", ", static_cast<double>(prop.totalGlobalMem) / (1 << 30),
+                                 " GiB, compute ", prop.major, ".", prop.minor));
+  }
+  return out;
+}
+
 int current_device() {
   int d = 0;
   PIPAR_CUDA_CHECK(cudaGetDevice(&d));

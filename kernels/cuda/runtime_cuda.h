@@ -14,6 +14,8 @@ std::string unavailable_reason();
 int device_count();
 int64_t memory_free();  // cudaMemGetInfo's free bytes on the current device; -1 where it fails
 int current_device();   // cudaGetDevice, checked
+// "GPU 0: NVIDIA H200, 139.8 GiB, compute 9.0" per usable device.
+std::vector<std::string> describe_devices();
 void set_device(int gpu);  // cudaSetDevice, checked
 // NCCL (kernels/cuda/nccl.cpp; defined only where PIPAR_HAS_NCCL): a communicator per GPU of gpus
 // (ncclCommInitAll), destroyed with nccl_destroy; an in-place float sum all-reduce of bufs[i] (count
