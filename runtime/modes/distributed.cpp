@@ -1419,6 +1419,8 @@ class ServerRunner {
     for (const auto& lanes : lane_choices) {
       po.threads = lanes.second;
       // A model of its own: profiling takes SGD steps, which must not move the weights training starts from.
+      // On CUDA, on the first GPU the replicas use.
+      kernels::ScopedCudaDevice on_gpu(gpus_.empty() ? -1 : gpus_.front());
       const planner::Profile server_profile = planner::profile_model(cfg_.model, model_->options(), po);
       server_profile_s += server_profile.seconds;
       planner::Cluster c = make_cluster(profiles, server_profile, lanes);
@@ -1521,9 +1523,13 @@ class ServerRunner {
   // free memory, where the replicas and their tapes live).
   double server_memory_limit() const {
     if (cfg_.server_memory_gb > 0) return cfg_.server_memory_gb * (1 << 30);
-    if (server_device_ == Device::kCuda) {
-      const int64_t free_bytes = kernels::cuda_memory_free();
-      if (free_bytes > 0) return static_cast<double>(free_bytes);
+    if (server_device_ == Device::kCuda) {  // summed over the GPUs the replicas are dealt over
+      double free_bytes = 0;
+      for (int g : gpus_) {
+        kernels::ScopedCudaDevice on_gpu(g);
+        free_bytes += static_cast<double>(std::max<int64_t>(0, kernels::cuda_memory_free()));
+      }
+      if (free_bytes > 0) return free_bytes;
     }
     std::ifstream f("/proc/meminfo");
     for (std::string key; f >> key;) {
