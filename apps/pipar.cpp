@@ -360,7 +360,7 @@ int main(int argc, char** argv) {
     a->add_option("--weight-decay", cfg.weight_decay, "SGD weight decay")->capture_default_str();
     a->add_option("--threads", cfg.threads, "CPU threads of this process: local trainer or server (0: all cores)")->capture_default_str();
     a->add_option("--backend", cfg.backend,
-                  "cpu, cuda or auto (the CPU until the GPU tests have passed): the local trainer's, or in the distributed "
+                  "cpu, cuda or auto (a GPU that passes a start-up check against the CPU, else the CPU): the local trainer's, or in the distributed "
                   "modes the server's (devices run on their CPUs)")
         ->capture_default_str();
     a->add_option("--kernels", cfg.kernels,

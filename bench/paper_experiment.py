@@ -2,7 +2,7 @@
 """The paper's experiment in one command: fl, sl, sfl and pipar for every model, data set, device
 count and link rate given, each run a `pipar server` plus K `pipar device` processes started here,
 every device pinned to its own CPU core(s) with taskset where the machine has the cores, the server
-on the GPU with --backend cuda (the default, auto, means the CPU until the GPU tests have passed).
+on the GPU with --backend cuda (the default, auto: a GPU that passes a start-up check, else the CPU).
 
   bench/paper_experiment.py --pipar build/apps/pipar --out runs/paper            # the full grid
   bench/paper_experiment.py --pipar build/apps/pipar --models vgg5 --datasets fmnist \\
@@ -540,7 +540,7 @@ def main():
     ap.add_argument("--limit-train", type=int, default=0)
     ap.add_argument("--limit-test", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--backend", default="auto", help="server backend: cuda (the GPU), cpu, or auto (the CPU for now)")
+    ap.add_argument("--backend", default="auto", help="server backend: cuda (the GPU), cpu, or auto (a GPU that passes a start-up check, else the CPU)")
     ap.add_argument("--pin", choices=["auto", "on", "off"], default="auto",
                     help="taskset-pin each device to its own core(s) and the server to the rest; auto: where the "
                          "machine has devices x device-cores + server-min-cores cores")

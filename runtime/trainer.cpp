@@ -25,12 +25,91 @@ std::atomic<bool>& stop_requested() {
   return flag;
 }
 
+namespace {
+// ||a - b|| / ||b|| (b's norm floored at 1e-12).
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0, n = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) d += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), n += double(b[i]) * b[i];
+  return std::sqrt(d) / std::max(std::sqrt(n), 1e-12);
+}
+
+// One SGD step (forward, loss, backward, step) of m on batch (x, y) on ctx's device; the loss sum.
+double one_step(Model& m, const Tensor& x, const Tensor& y, const Context& ctx) {
+  std::vector<Param*> params = m.params();
+  kernels::SgdParams sp;
+  sp.lr = 0.05f, sp.momentum = 0.9f;
+  Sgd opt(sp);
+  Sgd::zero_grad(params);
+  Tape tape;
+  Tensor logits = m.forward(x.to(ctx.device), &tape, ctx);
+  Tensor dlogits;
+  const LossStats st = softmax_cross_entropy(logits, y.to(ctx.device), 1.0f / static_cast<float>(x.shape().n), &dlogits, ctx.stream);
+  Context b = ctx;
+  b.input_grad = false;
+  m.backward(dlogits, tape, b);
+  opt.step(params, ctx.stream);
+  return st.loss_sum;
+}
+
+// --backend auto's gate for the GPU: one training step of a small VGG5 (conv, batch-norm, pooling,
+// dense layers) on the same weights and batch on both backends; the loss within 1e-4 and every weight
+// within 2e-3 relative (TrainingCuda.StepMatchesCpuForEveryModelFamily's bounds). "" where it
+// passes, else why not. Run once per process (about 0.1 s).
+std::string cuda_self_check() {
+  static const std::string result = []() -> std::string {
+    try {
+      ModelOptions o;
+      o.width = 0.25f;
+      o.seed = 7;
+      auto cpu = build_model("vgg5", o), gpu = build_model("vgg5", o);
+      const int64_t n = 13;
+      std::vector<float> xs(static_cast<size_t>(n * 28 * 28));
+      uint64_t r = 12345;
+      for (float& v : xs) r = r * 6364136223846793005ull + 1442695040888963407ull, v = static_cast<float>(r >> 40) / 8388608.0f - 1.0f;
+      std::vector<int32_t> ys(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) ys[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7) % 10);
+      const Tensor x = Tensor::from_vector(xs, {n, 1, 28, 28}), y = Tensor::from_vector(ys, {n, 1, 1, 1});
+      const double lc = one_step(*cpu, x, y, Context{});
+      double lg = 0;
+      std::vector<std::vector<float>> gw;
+      {
+        kernels::DeviceStream s(Device::kCuda);
+        kernels::ScopedStream on(s.ref());
+        gpu->to(Device::kCuda);
+        Context ctx;
+        ctx.device = Device::kCuda;
+        ctx.stream = s.ref();
+        lg = one_step(*gpu, x, y, ctx);
+        for (Param* p : gpu->params()) gw.push_back(p->value.to_vector());
+        gpu.reset();  // its memory back to the pool on the stream, while it is current
+      }
+      if (!(std::fabs(lg - lc) <= 1e-4 * std::max(1.0, std::fabs(lc))))
+        return detail::concat("the GPU's loss ", lg, " differs from the CPU's ", lc);
+      const std::vector<Param*> pc = cpu->params();
+      for (size_t i = 0; i < pc.size(); ++i)
+        if (const double e = relative_error(gw.at(i), pc[i]->value.to_vector()); !(e < 2e-3))
+          return detail::concat("weight ", pc[i]->name, " after a GPU step is ", e, " (relative) off the CPU's");
+      return "";
+    } catch (const std::exception& e) {
+      return std::string("the check failed: ") + e.what();
+    }
+  }();
+  return result;
+}
+}  // namespace
+
+std::string auto_backend_reason() {
+  if (!kernels::cuda_ops_built()) return "this build has no CUDA backend";
+  if (const std::string why = kernels::cuda_unavailable_reason(); !why.empty()) return why;
+  if (const std::string why = cuda_self_check(); !why.empty()) return "the GPU failed the start-up check against the CPU: " + why;
+  return "";
+}
+
 Device resolve_backend(const std::string& backend) {
   if (backend == "cpu") return Device::kCpu;
-  // The trainer runs on one CUDA stream with stream-ordered allocations and host reads (kernels/
-  // device.h), but no GPU has run it yet (the GPU tests TrainingCuda.* check it against the CPU):
-  // until they have passed on a GPU, auto means the CPU, and cuda must be asked for.
-  if (backend == "auto") return Device::kCpu;
+  // auto: CUDA where a GPU is usable and one training step on it matches the CPU backend (checked
+  // once at start-up); else the CPU. auto_backend_reason() says which and why.
+  if (backend == "auto") return auto_backend_reason().empty() ? Device::kCuda : Device::kCpu;
   if (backend == "cuda") {
     if (!kernels::cuda_ops_built())
       throw Unsupported("--backend cuda: this build has no CUDA backend (configure with -DPIPAR_CUDA=ON where nvcc is)");
@@ -153,6 +232,9 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   scheduled_lr(cfg, 0, 1);  // an unknown schedule fails here, before any work
   kernels::set_num_threads(cfg.threads);
   const Device device = resolve_backend(cfg.backend);
+  if (cfg.backend == "auto" && progress)
+    progress->on_message(device == Device::kCuda ? "backend auto: CUDA (the GPU passed the start-up check against the CPU)"
+                                                 : "backend auto: the CPU (" + auto_backend_reason() + ")");
   kernels::set_cuda_kernels(cfg.kernels);  // checked on every backend: a typo is an error anywhere
   // On CUDA one stream carries the whole run: every op, allocation and host read of this thread is
   // ordered on it (declared before the model, so the model's memory goes back to it first).

@@ -111,7 +111,11 @@ LossStats evaluate(Model& model, const data::Dataset& ds, int batch_size, const 
 float scheduled_lr(const TrainConfig& c, int64_t step, int64_t total_steps);
 
 // Resolves "auto"/"cpu"/"cuda" against this build and machine; a clear error for cuda where none is.
+// auto: CUDA where a GPU is usable and passes a start-up check (one training step of a small VGG5
+// matching the CPU backend's), else the CPU.
 Device resolve_backend(const std::string& backend);
+// Why --backend auto means the CPU here ("" where it means CUDA).
+std::string auto_backend_reason();
 
 // `pipar train --mode local`: trains, evaluates every epoch, writes <out>/metrics.jsonl and
 // <out>/summary.json, and a checkpoint after each epoch when save_path is set.

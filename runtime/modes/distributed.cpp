@@ -1145,6 +1145,9 @@ class ServerRunner {
     // A backend that cannot run is refused in every mode (a typo or a missing GPU is an error anywhere).
     const Device backend = resolve_backend(cfg_.backend);
     server_device_ = split_mode() ? backend : Device::kCpu;
+    if (cfg_.backend == "auto" && split_mode())
+      say(backend == Device::kCuda ? "server backend auto: CUDA (the GPU passed the start-up check against the CPU)"
+                                   : "server backend auto: the CPU (" + auto_backend_reason() + ")");
     if (!cfg_.gpus.empty()) {
       if (backend != Device::kCuda) throw Error("--gpus places the server-side replicas on GPUs: it needs --backend cuda");
       const int n = kernels::cuda_device_count();

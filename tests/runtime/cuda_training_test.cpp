@@ -216,6 +216,15 @@ TEST(TrainingCudaNoDevice, BackendCudaSaysWhyItCannotRun) {
     EXPECT_GT(what.size(), std::string("--backend cuda: ").size() + 10) << "the reason is missing: " << what;
   }
   EXPECT_EQ(resolve_backend("auto"), Device::kCpu);
+  EXPECT_NE(auto_backend_reason(), "");  // why auto means the CPU here
+}
+
+// --backend auto on a GPU machine: the GPU passes the start-up check (one step of a small VGG5 against
+// the CPU backend) and auto means CUDA.
+TEST(TrainingCuda, AutoPicksAGpuThatPassesTheStartUpCheck) {
+  PIPAR_REQUIRE_CUDA();
+  EXPECT_EQ(auto_backend_reason(), "");
+  EXPECT_EQ(resolve_backend("auto"), Device::kCuda);
 }
 
 }  // namespace
