@@ -16,6 +16,7 @@
 #include "runtime/loss.h"
 #include "runtime/model.h"
 #include "runtime/trainer.h"
+#include "tests/close.h"
 #include "tests/gpu.h"
 #include "tests/random.h"
 
@@ -48,12 +49,7 @@ LossStats train_step(Model& m, const Tensor& x, const Tensor& y, const Context& 
   return st;
 }
 
-// ||a - b|| / ||b|| over two equally long vectors (b's norm floored at 1e-12).
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double d = 0, n = 0;
-  for (size_t i = 0; i < a.size(); ++i) d += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), n += double(b[i]) * b[i];
-  return std::sqrt(d) / std::max(std::sqrt(n), 1e-12);
-}
+using test::relative_error;
 
 struct Case {
   const char* model;
