@@ -214,6 +214,10 @@ struct PlanArgs {
 };
 
 int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
+  // A CUDA server (--backend cuda): its profile measured on this GPU, one server as its cost model sees
+  // it (the replicas' streams overlap, which the model does not credit). Checked first: an error, not
+  // a device profile measured in vain.
+  const Device server_device = resolve_backend(cfg.backend);
   ModelOptions o;
   o.input = dataset_input(cfg.dataset);
   o.batch_norm = cfg.norm != "none";
@@ -237,7 +241,8 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   // server-side model, and private labels (whose groups the cost model does not model), one at a time;
   // a given --server-profile is of one lane configuration, so it cannot be weighed against another.
   const int threads = kernels::num_threads();
-  const bool weigh = a.server_model != "shared" && cfg.labels != "private" && (a.server_lanes > 0 || a.server_profile.empty());
+  const bool weigh = server_device == Device::kCpu && a.server_model != "shared" && cfg.labels != "private" &&
+                     (a.server_lanes > 0 || a.server_profile.empty());
   const std::vector<std::pair<int, int>> lane_choices =
       weigh ? ServerLanes::options(cfg.devices, threads, a.server_lanes) : std::vector<std::pair<int, int>>{{1, threads}};
   planner::Cluster c = planner::make_cluster(dev, static_cast<size_t>(cfg.devices),
@@ -276,6 +281,12 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
     planner::Cluster cl = c;
     if (!a.server_profile.empty()) {
       cl.server_profile = planner::Profile::load(a.server_profile);
+    } else if (server_device != Device::kCpu) {
+      planner::ProfileOptions gpo = po;
+      gpo.device = server_device;
+      cl.server_profile = planner::profile_model(cfg.model, o, gpo);
+      std::fprintf(stderr, "measured the server profile on this machine's %s (%.1f s)\n", device_name(server_device),
+                   cl.server_profile->seconds);
     } else {
       po.threads = per_lane;
       cl.server_profile = planner::profile_model(*model, po);
@@ -503,6 +514,8 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"shared", "private"}));
   plan->add_option("--top", plan_args.top, "Candidates to print")->capture_default_str();
+  plan->add_option("--backend", cfg.backend, "The server's backend, for its profile: cpu, cuda (measured on this GPU) or auto")
+      ->capture_default_str();
   plan->add_option("--threads", cfg.threads, "The server's CPU threads, for its profile and lanes (0: all cores)")
       ->capture_default_str();
   add_net(plan);

@@ -121,6 +121,17 @@ TEST(Cli, PlanModelsTheServerLanes) {
   r = run("plan --model vgg5 --devices 4 --top 1 --server-lanes 2 --server-model shared");
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find("one shared server-side model trains one micro-batch at a time"), std::string::npos) << r.output;
+  // A CUDA server's plan: profiled on this GPU; where there is none, said at once.
+  if (!pipar::kernels::cuda_available() || !pipar::kernels::cuda_ops_built()) {
+    r = run("plan --model vgg5 --devices 4 --top 1 --backend cuda");
+    EXPECT_EQ(r.code, 1) << r.output;
+    EXPECT_NE(r.output.find("--backend cuda: "), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("measured the device profile"), std::string::npos) << "the error comes first: " << r.output;
+  } else {
+    r = run("plan --model vgg5 --devices 4 --top 1 --backend cuda");
+    EXPECT_EQ(r.code, 0) << r.output;
+    EXPECT_NE(r.output.find("measured the server profile on this machine's cuda"), std::string::npos) << r.output;
+  }
 }
 
 }  // namespace
