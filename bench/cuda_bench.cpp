@@ -208,12 +208,8 @@ void server_step(Replica& r, size_t split, StreamRef s) {
   {
     Tape tape;
     Tensor logits = r.model->forward(r.x, &tape, ctx, split);
-    const Shape4 ls = logits.shape();
-    Tensor probs = Tensor::empty(ls, Device::kCuda), losses = Tensor::empty({ls.n, 1, 1, 1}, Device::kCuda);
-    Tensor dlogits = Tensor::empty(ls, Device::kCuda);
-    k::softmax_cross_entropy_forward(logits.view(), r.y.iview(), probs.view(), losses.view(), ctx.stream);
-    k::softmax_cross_entropy_backward(probs.view(), r.y.iview(), 1.0f / static_cast<float>(ls.n), dlogits.view(),
-                                      ctx.stream);
+    Tensor losses, probs, dlogits;
+    softmax_cross_entropy_queued(logits, r.y, 1.0f / static_cast<float>(logits.shape().n), losses, probs, &dlogits, ctx.stream);
     r.model->backward(dlogits, tape, ctx, split);
     opt.step(params, ctx.stream);
     Sgd::zero_grad(params);

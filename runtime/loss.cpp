@@ -3,15 +3,24 @@
 
 namespace pipar {
 
-LossStats softmax_cross_entropy(const Tensor& logits, const Tensor& labels, float scale, Tensor* dlogits, StreamRef s) {
+void softmax_cross_entropy_queued(const Tensor& logits, const Tensor& labels, float scale, Tensor& losses, Tensor& probs,
+                                  Tensor* dlogits, StreamRef s) {
   const Shape4 ls = logits.shape();
-  Tensor probs = Tensor::empty(ls, logits.device());
-  Tensor losses = Tensor::empty({ls.n, 1, 1, 1}, logits.device());
+  auto fit = [&](Tensor& t, Shape4 shape) {
+    if (!t.defined() || !(t.shape() == shape)) t = Tensor::empty(shape, logits.device());
+  };
+  fit(probs, ls);
+  fit(losses, {ls.n, 1, 1, 1});
   kernels::softmax_cross_entropy_forward(logits.view(), labels.iview(), probs.view(), losses.view(), s);
   if (dlogits) {
-    if (!dlogits->defined() || !(dlogits->shape() == ls)) *dlogits = Tensor::empty(ls, logits.device());
+    fit(*dlogits, ls);
     kernels::softmax_cross_entropy_backward(probs.view(), labels.iview(), scale, dlogits->view(), s);
   }
+}
+
+LossStats softmax_cross_entropy(const Tensor& logits, const Tensor& labels, float scale, Tensor* dlogits, StreamRef s) {
+  Tensor losses, probs;
+  softmax_cross_entropy_queued(logits, labels, scale, losses, probs, dlogits, s);
   return loss_stats(losses, probs, labels);
 }
 

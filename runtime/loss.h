@@ -24,6 +24,11 @@ struct LossStats {
 // scale * (softmax - onehot): scale = 1/batch for a batch's mean loss, or a micro-batch's share of it.
 LossStats softmax_cross_entropy(const Tensor& logits, const Tensor& labels, float scale, Tensor* dlogits,
                                 StreamRef s = {});
+// The same device work, queued on s without reading anything back: the per-sample losses [n] and the
+// probabilities [n, k] into `losses` and `probs` (and the gradient into *dlogits), each allocated on the
+// logits' device unless it already has the right shape (a CUDA graph's own buffers). loss_stats reads them.
+void softmax_cross_entropy_queued(const Tensor& logits, const Tensor& labels, float scale, Tensor& losses, Tensor& probs,
+                                  Tensor* dlogits, StreamRef s = {});
 // The statistics of per-sample losses [n] and softmax probabilities [n, k] (what the forward kernel
 // writes) against labels [n], on any device (read to the host).
 LossStats loss_stats(const Tensor& losses, const Tensor& probs, const Tensor& labels);

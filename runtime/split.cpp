@@ -1,8 +1,6 @@
 // Device and server halves of split training.
 #include "runtime/split.h"
 
-#include <tuple>
-
 namespace pipar {
 
 DevicePart::DevicePart(Model& m, size_t split, kernels::SgdParams sgd) : m_(m), split_(split), opt_(sgd) {
@@ -145,7 +143,11 @@ void ServerPart::capture(Graphed& g, const Tensor& activation, const Tensor& lab
   g.x = Tensor::empty(activation.shape(), d);
   g.y = Tensor::empty(labels.shape(), d, DType::kI32);
   g.grad = Tensor::empty(activation.shape(), d);
-  std::tie(g.losses, g.probs) = loss_outputs(activation.shape().n);
+  // The loss's outputs exist before the capture, so that they are not the graph's own memory.
+  Shape4 ls = m_.block_out_shape(m_.num_blocks() - 1);
+  ls.n = activation.shape().n;
+  g.losses = Tensor::empty({ls.n, 1, 1, 1}, d);
+  g.probs = Tensor::empty(ls, d);
   const float scale = 1.0f / static_cast<float>(batch_size);
   g.graph.capture(stream_->ref(), [&] {
     const Tensor dx = forward_backward(g.x, g.y, scale, g.losses, g.probs);
@@ -160,24 +162,16 @@ void ServerPart::replay(Graphed& g, const Tensor& activation, const Tensor& labe
   g.graph.launch(ctx_.stream);
 }
 
-// The loss's outputs for a micro-batch of n: per-sample losses [n] and probabilities [n, classes].
-std::pair<Tensor, Tensor> ServerPart::loss_outputs(int64_t n) const {
-  Shape4 ls = m_.block_out_shape(m_.num_blocks() - 1);
-  ls.n = n;
-  return {Tensor::empty({n, 1, 1, 1}, ctx_.device), Tensor::empty(ls, ctx_.device)};
-}
-
 Tensor ServerPart::forward_backward(const Tensor& x, const Tensor& y, float scale, Tensor& losses, Tensor& probs) {
   Tape tape;
   Tensor logits = m_.forward(x, &tape, ctx_, split_);
-  Tensor dlogits = Tensor::empty(logits.shape(), ctx_.device);
-  kernels::softmax_cross_entropy_forward(logits.view(), y.iview(), probs.view(), losses.view(), ctx_.stream);
-  kernels::softmax_cross_entropy_backward(probs.view(), y.iview(), scale, dlogits.view(), ctx_.stream);
+  Tensor dlogits;
+  softmax_cross_entropy_queued(logits, y, scale, losses, probs, &dlogits, ctx_.stream);
   return m_.backward(dlogits, tape, ctx_, split_);
 }  // the tape's device memory goes back to the pool, ordered on the part's stream
 
 ServerPart::Result ServerPart::train_eager(const Tensor& activation, const Tensor& labels, int64_t batch_size) {
-  auto [losses, probs] = loss_outputs(activation.shape().n);
+  Tensor losses, probs;  // allocated by the loss
   Result r;
   r.grad = forward_backward(on_device(activation, ctx_.device), on_device(labels, ctx_.device),
                             1.0f / static_cast<float>(batch_size), losses, probs)

@@ -83,8 +83,8 @@ class ServerPart {
     Tensor grad, losses, probs;  // outputs, read after it
   };
   using GraphKey = std::pair<int64_t, int64_t>;
-  std::pair<Tensor, Tensor> loss_outputs(int64_t n) const;  // losses [n], probabilities [n, classes]
-  // Forward, loss and backward on the part's device; returns the cut gradient (on the device).
+  // Forward, loss and backward on the part's device; returns the cut gradient (on the device). The
+  // loss's outputs go into losses and probs (allocated unless they fit: a graph's buffers).
   Tensor forward_backward(const Tensor& x, const Tensor& y, float scale, Tensor& losses, Tensor& probs);
   Result train_eager(const Tensor& activation, const Tensor& labels, int64_t batch_size);
   void replay(Graphed& g, const Tensor& activation, const Tensor& labels);  // inputs copied in, graph queued
