@@ -41,40 +41,52 @@ Model& on_part_device(Model& m, Device device, const char* who) {
   return m;
 }
 
-// A stream of the part's device, created on its GPU (gpu < 0: the current one).
-std::unique_ptr<kernels::DeviceStream> part_stream(Device device, int gpu) {
-  kernels::ScopedCudaDevice on_gpu(gpu);
-  return std::make_unique<kernels::DeviceStream>(device);
-}
-
 // The part's input on its device: a host tensor is copied in on the current stream (the part's).
 Tensor on_device(const Tensor& t, Device d) { return t.device() == d ? t : t.to(d); }
 }  // namespace
 
+PartDevice::PartDevice(Device device, int gpu) : gpu_(gpu) {
+  kernels::ScopedCudaDevice on_gpu(gpu);
+  stream_ = std::make_unique<kernels::DeviceStream>(device);
+  ctx.device = device;
+  ctx.stream = stream_->ref();
+  ctx.training = true;
+}
+
+PartDevice::~PartDevice() {
+  kernels::ScopedCudaDevice on_gpu(gpu_);
+  stream_.reset();
+}
+
+void PartDevice::zero_grad(const std::vector<Param*>& params) const {
+  Scope on(*this);
+  Sgd::zero_grad(params);
+  synchronize();
+}
+
+void PartDevice::step(Sgd& opt, const std::vector<Param*>& params) const {
+  Scope on(*this);
+  opt.step(params, ctx.stream);
+  Sgd::zero_grad(params);
+  synchronize();  // the weights are final when this returns (averaging reads them)
+}
+
 ServerPart::ServerPart(Model& m, size_t split, kernels::SgdParams sgd, Device device, int gpu)
-    : m_(on_part_device(m, device, "server part")), split_(split), opt_(sgd), gpu_(gpu), stream_(part_stream(device, gpu)) {
+    : m_(on_part_device(m, device, "server part")), split_(split), opt_(sgd), dev_(device, gpu) {
   check_split(m, split);
   params_ = m.params(split);
-  ctx_.device = device;
-  ctx_.stream = stream_->ref();
-  ctx_.training = true;
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());
-  Sgd::zero_grad(params_);
-  stream_->synchronize();
+  dev_.zero_grad(params_);
 }
 
 ServerPart::~ServerPart() {
-  kernels::ScopedCudaDevice on_gpu(gpu_);  // the graphs' buffers and the stream go on the part's GPU
+  PartDevice::Scope on(dev_);  // the graphs' buffers go on the part's GPU and stream
   graphed_.clear();
-  stream_.reset();
 }
 
 ServerPart::Result ServerPart::train_micro(const Tensor& activation, const Tensor& labels, int64_t batch_size) {
   if (batch_size < activation.shape().n)
     throw Error(detail::concat("server part: micro-batch of ", activation.shape().n, " in a batch of ", batch_size));
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());
+  PartDevice::Scope on(dev_);
   if (!graphs_) return train_eager(activation, labels, batch_size);
   const GraphKey key{activation.shape().n, batch_size};
   if (!seen_.count(key)) {  // the first time uncaptured: kernel choices timed, workspaces grown
@@ -86,16 +98,20 @@ ServerPart::Result ServerPart::train_micro(const Tensor& activation, const Tenso
     graphed_.clear();  // something a graph reads or writes has moved: capture again
     graph_addresses_ = std::move(now);
   }
+  // A capture that fails, or a launch the driver refuses (none of the step ran): uncaptured from now on.
+  auto uncaptured = [&](std::string why) {
+    graphs_ = false;
+    graphed_.clear();
+    gstats_.off_reason = std::move(why);
+    return train_eager(activation, labels, batch_size);
+  };
   auto it = graphed_.find(key);
   if (it == graphed_.end()) {
     Graphed g;
     try {
       capture(g, activation, labels, batch_size);
     } catch (const Error& e) {
-      graphs_ = false;
-      graphed_.clear();
-      gstats_.off_reason = e.what();
-      return train_eager(activation, labels, batch_size);
+      return uncaptured(e.what());
     }
     ++gstats_.captures;
     it = graphed_.emplace(key, std::move(g)).first;
@@ -103,11 +119,8 @@ ServerPart::Result ServerPart::train_micro(const Tensor& activation, const Tenso
   Graphed& g = it->second;
   try {
     replay(g, activation, labels);
-  } catch (const Error& e) {  // a launch the driver refused (none of the step ran): uncaptured from now on
-    graphs_ = false;
-    graphed_.clear();
-    gstats_.off_reason = std::string("a replay failed: ") + e.what();
-    return train_eager(activation, labels, batch_size);
+  } catch (const Error& e) {
+    return uncaptured(std::string("a replay failed: ") + e.what());
   }
   ++gstats_.replays;
   Result r;
@@ -121,7 +134,7 @@ void ServerPart::set_graphs(bool on) {
   gstats_.off_reason.clear();
   graphs_ = false;
   if (!on) return;
-  if (ctx_.device != Device::kCuda) gstats_.off_reason = "CUDA graphs need the CUDA backend";
+  if (dev_.ctx.device != Device::kCuda) gstats_.off_reason = "CUDA graphs need the CUDA backend";
   else if (!m_.replayable(split_)) gstats_.off_reason = "a layer of the server part (dropout) changes at every call";
   else graphs_ = true;
   graph_buffers_.clear();
@@ -134,12 +147,12 @@ std::vector<const void*> ServerPart::graph_addresses() const {
   std::vector<const void*> a;
   for (const Param* p : params_) a.push_back(p->value.raw()), a.push_back(p->grad.raw());
   for (const Tensor* b : graph_buffers_) a.push_back(b->raw());
-  a.push_back(kernels::stream_workspace_id(stream_->ref()));
+  a.push_back(kernels::stream_workspace_id(dev_.stream()));
   return a;
 }
 
 void ServerPart::capture(Graphed& g, const Tensor& activation, const Tensor& labels, int64_t batch_size) {
-  const Device d = ctx_.device;
+  const Device d = dev_.ctx.device;
   g.x = Tensor::empty(activation.shape(), d);
   g.y = Tensor::empty(labels.shape(), d, DType::kI32);
   g.grad = Tensor::empty(activation.shape(), d);
@@ -149,74 +162,56 @@ void ServerPart::capture(Graphed& g, const Tensor& activation, const Tensor& lab
   g.losses = Tensor::empty({ls.n, 1, 1, 1}, d);
   g.probs = Tensor::empty(ls, d);
   const float scale = 1.0f / static_cast<float>(batch_size);
-  g.graph.capture(stream_->ref(), [&] {
+  g.graph.capture(dev_.stream(), [&] {
     const Tensor dx = forward_backward(g.x, g.y, scale, g.losses, g.probs);
-    kernels::device_copy(d, g.grad.raw(), d, dx.raw(), dx.bytes(), ctx_.stream);
+    kernels::device_copy(d, g.grad.raw(), d, dx.raw(), dx.bytes(), dev_.stream());
   });  // the tape, logits and gradients inside were the graph's own memory, freed within it
 }
 
 void ServerPart::replay(Graphed& g, const Tensor& activation, const Tensor& labels) {
-  const Device d = ctx_.device;
-  kernels::device_copy(d, g.x.raw(), activation.device(), activation.raw(), activation.bytes(), ctx_.stream);
-  kernels::device_copy(d, g.y.raw(), labels.device(), labels.raw(), labels.bytes(), ctx_.stream);
-  g.graph.launch(ctx_.stream);
+  const Device d = dev_.ctx.device;
+  kernels::device_copy(d, g.x.raw(), activation.device(), activation.raw(), activation.bytes(), dev_.stream());
+  kernels::device_copy(d, g.y.raw(), labels.device(), labels.raw(), labels.bytes(), dev_.stream());
+  g.graph.launch(dev_.stream());
 }
 
 Tensor ServerPart::forward_backward(const Tensor& x, const Tensor& y, float scale, Tensor& losses, Tensor& probs) {
   Tape tape;
-  Tensor logits = m_.forward(x, &tape, ctx_, split_);
+  Tensor logits = m_.forward(x, &tape, dev_.ctx, split_);
   Tensor dlogits;
-  softmax_cross_entropy_queued(logits, y, scale, losses, probs, &dlogits, ctx_.stream);
-  return m_.backward(dlogits, tape, ctx_, split_);
+  softmax_cross_entropy_queued(logits, y, scale, losses, probs, &dlogits, dev_.stream());
+  return m_.backward(dlogits, tape, dev_.ctx, split_);
 }  // the tape's device memory goes back to the pool, ordered on the part's stream
 
 ServerPart::Result ServerPart::train_eager(const Tensor& activation, const Tensor& labels, int64_t batch_size) {
   Tensor losses, probs;  // allocated by the loss
   Result r;
-  r.grad = forward_backward(on_device(activation, ctx_.device), on_device(labels, ctx_.device),
+  r.grad = forward_backward(on_device(activation, dev_.ctx.device), on_device(labels, dev_.ctx.device),
                             1.0f / static_cast<float>(batch_size), losses, probs)
                .to(Device::kCpu);  // complete on return: the stream is idle
   r.stats = loss_stats(losses, probs, labels);  // read once the backward is queued, not in between
   return r;
 }
 
-void ServerPart::step() {
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());
-  opt_.step(params_, ctx_.stream);
-  Sgd::zero_grad(params_);
-  stream_->synchronize();  // the weights are final when this returns (averaging reads them)
-}
+void ServerPart::step() { dev_.step(opt_, params_); }
 
 MiddlePart::MiddlePart(Model& m, size_t begin, size_t end, kernels::SgdParams sgd, Device device, int gpu)
-    : m_(on_part_device(m, device, "middle part")), begin_(begin), end_(end), opt_(sgd), gpu_(gpu),
-      stream_(part_stream(device, gpu)) {
+    : m_(on_part_device(m, device, "middle part")), begin_(begin), end_(end), opt_(sgd), dev_(device, gpu) {
   if (begin < 1 || end <= begin || end >= m.num_blocks())
     throw Error(detail::concat("middle part: blocks [", begin, ", ", end, ") of ", m.name(), " (", m.num_blocks(),
                                " blocks) must leave the device at least the first and the last block"));
   params_ = m.params(begin, end);
-  ctx_.device = device;
-  ctx_.stream = stream_->ref();
-  ctx_.training = true;
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());
-  Sgd::zero_grad(params_);
-  stream_->synchronize();
+  dev_.zero_grad(params_);
 }
 
-MiddlePart::~MiddlePart() {
-  reset();
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  stream_.reset();
-}
+MiddlePart::~MiddlePart() { reset(); }
 
 Tensor MiddlePart::forward(int64_t key, const Tensor& x) {
   auto [it, fresh] = tapes_.try_emplace(key);
   if (!fresh) throw Error(detail::concat("middle part: forward ", key, " is already in flight"));
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());
+  PartDevice::Scope on(dev_);
   try {
-    Tensor y = m_.forward(on_device(x, ctx_.device), &it->second.tape, ctx_, begin_, end_);
+    Tensor y = m_.forward(on_device(x, dev_.ctx.device), &it->second.tape, dev_.ctx, begin_, end_);
     it->second.out = y.shape();
     return y.to(Device::kCpu);
   } catch (...) {
@@ -230,9 +225,8 @@ Tensor MiddlePart::backward(int64_t key, const Tensor& grad) {
   if (it == tapes_.end()) throw Error(detail::concat("middle part: gradient for forward ", key, " that is not in flight"));
   if (!(grad.shape() == it->second.out))
     throw Error(detail::concat("middle part: gradient ", grad.shape().str(), " for an output ", it->second.out.str()));
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());
-  Tensor g = m_.backward(on_device(grad, ctx_.device), it->second.tape, ctx_, begin_, end_).to(Device::kCpu);
+  PartDevice::Scope on(dev_);
+  Tensor g = m_.backward(on_device(grad, dev_.ctx.device), it->second.tape, dev_.ctx, begin_, end_).to(Device::kCpu);
   tapes_.erase(it);
   return g;
 }
@@ -242,17 +236,10 @@ const Shape4* MiddlePart::pending(int64_t key) const {
   return it == tapes_.end() ? nullptr : &it->second.out;
 }
 
-void MiddlePart::step() {
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());
-  opt_.step(params_, ctx_.stream);
-  Sgd::zero_grad(params_);
-  stream_->synchronize();
-}
+void MiddlePart::step() { dev_.step(opt_, params_); }
 
 void MiddlePart::reset() {
-  kernels::ScopedCudaDevice on_gpu(gpu_);
-  kernels::ScopedStream on(stream_->ref());  // the tapes' device memory goes back to the pool on the part's stream
+  PartDevice::Scope on(dev_);  // the tapes' device memory goes back to the pool on the part's stream
   tapes_.clear();
 }
 

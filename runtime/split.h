@@ -39,6 +39,36 @@ class DevicePart {
   Context ctx_;
 };
 
+// What a server-side part (ServerPart, MiddlePart) runs on: its device, its GPU (gpu >= 0 on a
+// multi-GPU server; < 0 the current one) with a stream of its own created there, and the context of
+// its passes (training, on that device and stream).
+class PartDevice {
+ public:
+  PartDevice(Device device, int gpu);
+  ~PartDevice();  // the stream goes on its GPU
+  PartDevice(const PartDevice&) = delete;
+  PartDevice& operator=(const PartDevice&) = delete;
+  // For one call of the part: its GPU and stream are the thread's current ones.
+  class Scope {
+   public:
+    explicit Scope(const PartDevice& d) : gpu_(d.gpu_), stream_(d.ctx.stream) {}
+
+   private:
+    kernels::ScopedCudaDevice gpu_;
+    kernels::ScopedStream stream_;
+  };
+  void zero_grad(const std::vector<Param*>& params) const;          // on the stream; returns with it idle
+  void step(Sgd& opt, const std::vector<Param*>& params) const;     // opt's step, then zero_grad
+  void synchronize() const { stream_->synchronize(); }
+  StreamRef stream() const { return ctx.stream; }
+
+  Context ctx;
+
+ private:
+  int gpu_;
+  std::unique_ptr<kernels::DeviceStream> stream_;
+};
+
 // On CUDA (the model already moved there with Model::to) a part owns a CUDA stream: its every kernel,
 // allocation and copy is ordered on it, so that parts driven from different threads (server lanes,
 // one replica per device) overlap on the GPU, their copies with each other's kernels. Inputs may be
@@ -61,7 +91,7 @@ class ServerPart {
   void step();
   void set_lr(float lr) { opt_.params().lr = lr; }  // for the next step (learning-rate schedules)
   Model& model() { return m_; }
-  Device device() const { return ctx_.device; }
+  Device device() const { return dev_.ctx.device; }
 
   // CUDA graphs (CUDA only; off until set): a micro-batch's forward, loss and backward at a (size,
   // batch size) already trained once is captured into a graph and from then on replayed, one launch
@@ -95,9 +125,7 @@ class ServerPart {
   size_t split_;
   Sgd opt_;
   std::vector<Param*> params_;
-  int gpu_;
-  std::unique_ptr<kernels::DeviceStream> stream_;  // created on gpu_
-  Context ctx_;
+  PartDevice dev_;
   bool graphs_ = false;
   std::map<GraphKey, Graphed> graphed_;
   std::set<GraphKey> seen_;                  // trained once uncaptured (choices timed, workspace grown)
@@ -134,9 +162,7 @@ class MiddlePart {
   Sgd opt_;
   std::vector<Param*> params_;
   std::map<int64_t, InFlight> tapes_;
-  int gpu_;
-  std::unique_ptr<kernels::DeviceStream> stream_;  // created on gpu_
-  Context ctx_;
+  PartDevice dev_;
 };
 
 // Validates a split point for private labels: the device keeps the last block, so 1 <= p <= blocks-2
