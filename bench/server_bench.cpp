@@ -102,9 +102,8 @@ int main(int argc, char** argv) {
         r.x = Tensor::from_vector(xs, cut);
         r.y = Tensor::from_vector(ys, {micro, 1, 1, 1});
       }
-      const auto [lanes, per_lane] = device == Device::kCuda
-                                         ? std::pair<int, int>{cuda_lanes > 0 ? cuda_lanes : std::min(k, 8), 1}
-                                         : ServerLanes::split_cores(k, t);
+      const auto [lanes, per_lane] =
+          device == Device::kCuda ? ServerLanes::cuda_lanes(k, cuda_lanes) : ServerLanes::split_cores(k, t);
       ServerLanes pool(lanes, per_lane);
       // One pass over the K replicas each way; each repeat runs passes for at least min_seconds.
       auto sequential = [&] {

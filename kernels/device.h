@@ -120,7 +120,6 @@ class DeviceGraph {
   // Throws pipar::Error naming why where the work cannot be captured (the stream stays usable).
   void capture(StreamRef s, const std::function<void()>& fn);
   void launch(StreamRef s) const;  // queues one replay on s
-  bool ready() const { return exec_ != nullptr; }
 
  private:
   void* exec_ = nullptr;

@@ -410,7 +410,7 @@ ScopedCudaDevice::ScopedCudaDevice(int gpu) {
   if (gpu < 0) return;
 #if PIPAR_HAS_CUDA
   const int n = cuda_device_count();
-  if (gpu < 0 || gpu >= n) throw Error(detail::concat("GPU ", gpu, " does not exist: this machine has ", n, " usable"));
+  if (gpu >= n) throw Error(detail::concat("GPU ", gpu, " does not exist: this machine has ", n, " usable"));
   prev_ = cuda::current_device();
   if (prev_ != gpu) cuda::set_device(gpu);
 #else

@@ -9,6 +9,7 @@
 // do, or on timing. So each item of a group equals its part's own train_micro run on
 // threads_per_lane threads, bit for bit (tests/runtime/lanes_test.cpp).
 #pragma once
+#include <algorithm>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -52,6 +53,10 @@ class ServerLanes {
   // The lanes for `replicas` replicas trained side by side on `threads` cores: min(replicas,
   // threads), each with threads / lanes threads.
   static std::pair<int, int> split_cores(int replicas, int threads);
+  // On CUDA a lane is a host thread driving its replicas' streams (each server part has its own): up
+  // to 8 replicas' micro-batches queued on the GPU at once, or `forced` > 0 (--server-lanes); one
+  // thread each (the GPU does the work).
+  static std::pair<int, int> cuda_lanes(int replicas, int forced) { return {forced > 0 ? forced : std::min(replicas, 8), 1}; }
   // The lane configurations, as (lanes, threads per lane), a server of `threads` threads with
   // `replicas` replicas weighs: `forced` > 0 (--server-lanes): split_cores(forced, threads) alone;
   // else one at a time on all threads and, where it has more than one lane, split_cores(replicas,

@@ -105,6 +105,11 @@ std::string auto_backend_reason() {
   return "";
 }
 
+std::string auto_backend_note(Device chosen) {
+  return chosen == Device::kCuda ? "CUDA (the GPU passed the start-up check against the CPU)"
+                                 : "the CPU (" + auto_backend_reason() + ")";
+}
+
 Device resolve_backend(const std::string& backend) {
   if (backend == "cpu") return Device::kCpu;
   // auto: CUDA where a GPU is usable and one training step on it matches the CPU backend (checked
@@ -232,9 +237,7 @@ TrainResult train_local(const TrainConfig& cfg, ProgressSink* progress) {
   scheduled_lr(cfg, 0, 1);  // an unknown schedule fails here, before any work
   kernels::set_num_threads(cfg.threads);
   const Device device = resolve_backend(cfg.backend);
-  if (cfg.backend == "auto" && progress)
-    progress->on_message(device == Device::kCuda ? "backend auto: CUDA (the GPU passed the start-up check against the CPU)"
-                                                 : "backend auto: the CPU (" + auto_backend_reason() + ")");
+  if (cfg.backend == "auto" && progress) progress->on_message("backend auto: " + auto_backend_note(device));
   kernels::set_cuda_kernels(cfg.kernels);  // checked on every backend: a typo is an error anywhere
   // On CUDA one stream carries the whole run: every op, allocation and host read of this thread is
   // ordered on it (declared before the model, so the model's memory goes back to it first).

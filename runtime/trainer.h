@@ -116,6 +116,8 @@ float scheduled_lr(const TrainConfig& c, int64_t step, int64_t total_steps);
 Device resolve_backend(const std::string& backend);
 // Why --backend auto means the CPU here ("" where it means CUDA).
 std::string auto_backend_reason();
+// "CUDA (the GPU passed ...)" or "the CPU (why)": what auto resolved to, for the logs.
+std::string auto_backend_note(Device chosen);
 
 // `pipar train --mode local`: trains, evaluates every epoch, writes <out>/metrics.jsonl and
 // <out>/summary.json, and a checkpoint after each epoch when save_path is set.

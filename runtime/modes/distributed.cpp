@@ -1145,9 +1145,7 @@ class ServerRunner {
     // A backend that cannot run is refused in every mode (a typo or a missing GPU is an error anywhere).
     const Device backend = resolve_backend(cfg_.backend);
     server_device_ = split_mode() ? backend : Device::kCpu;
-    if (cfg_.backend == "auto" && split_mode())
-      say(backend == Device::kCuda ? "server backend auto: CUDA (the GPU passed the start-up check against the CPU)"
-                                   : "server backend auto: the CPU (" + auto_backend_reason() + ")");
+    if (cfg_.backend == "auto" && split_mode()) say("server backend auto: " + auto_backend_note(backend));
     if (!cfg_.gpus.empty()) {
       if (backend != Device::kCuda) throw Error("--gpus places the server-side replicas on GPUs: it needs --backend cuda");
       const int n = kernels::cuda_device_count();
@@ -1315,11 +1313,9 @@ class ServerRunner {
   // all threads. Private labels group middle forwards and backwards alike; the cost model does not
   // model their groups, so there only --server-lanes L forces lanes.
   //
-  // On CUDA a lane is a host thread that drives its replicas' streams (each server part has its own):
-  // up to kCudaLanes replicas' micro-batches are queued on the GPU at once, so that one's copies and
-  // small kernels overlap another's. The GPU's arithmetic does not depend on the lanes either. The
-  // cost model sees one server (the GPU runs their kernels in turn as far as it knows).
-  static constexpr int kCudaLanes = 8;
+  // On CUDA (ServerLanes::cuda_lanes) the lanes are host threads driving the replicas' streams, so that
+  // one's copies and small kernels overlap another's. The GPU's arithmetic does not depend on the lanes
+  // either. The cost model sees one server (the GPU runs their kernels in turn as far as it knows).
   std::vector<std::pair<int, int>> lane_options() const {
     const int threads = cfg_.threads > 0 ? cfg_.threads : kernels::num_threads();
     if (shared_server()) return {{1, threads}};
@@ -1332,7 +1328,7 @@ class ServerRunner {
       }
       throw IoError("checkpoint " + cfg_.load_path + ": bad server_lanes");
     }
-    if (cuda) return {{cfg_.server_lanes > 0 ? cfg_.server_lanes : std::min(cfg_.devices, kCudaLanes), 1}};
+    if (cuda) return {ServerLanes::cuda_lanes(cfg_.devices, cfg_.server_lanes)};
     if (private_labels() && cfg_.server_lanes == 0) return {{1, threads}};
     return ServerLanes::options(cfg_.devices, threads, cfg_.server_lanes);
   }
@@ -2059,9 +2055,9 @@ class ServerRunner {
 
   // The GPU of slot s's replica: -1 (the current one) on the CPU or with one GPU unnamed; with --gpus,
   // the devices' replicas dealt round-robin over the GPUs named.
-  int gpu_of(const DeviceSlot& s) const {
-    if (gpus_.empty()) return -1;
-    return gpus_[static_cast<size_t>(&s - slots_.data()) % gpus_.size()];
+  int gpu_of(const DeviceSlot& s) const { return gpus_.empty() ? -1 : gpus_[rank_of(s)]; }
+  size_t rank_of(const DeviceSlot& s) const {  // its GPU's place in gpus_ (its NCCL rank)
+    return static_cast<size_t>(&s - slots_.data()) % std::max<size_t>(1, gpus_.size());
   }
 
   // FedAvg on the GPUs (NCCL) applies where every replica holds the same blocks: per-device replicas
@@ -2100,10 +2096,8 @@ class ServerRunner {
     std::vector<std::vector<std::vector<Tensor*>>> replicas(gpu_group_->gpus().size());
     std::vector<std::vector<double>> weights(replicas.size());
     for (DeviceSlot& s : slots_) {
-      const int g = gpu_of(s);
-      const size_t r = g < 0 ? 0 : static_cast<size_t>(std::find(gpus_.begin(), gpus_.end(), g) - gpus_.begin());
-      replicas[r].push_back(state_tensors(*s.replica, p, e));
-      weights[r].push_back(s.in_round && s.done ? static_cast<double>(s.samples) : 0.0);
+      replicas[rank_of(s)].push_back(state_tensors(*s.replica, p, e));
+      weights[rank_of(s)].push_back(s.in_round && s.done ? static_cast<double>(s.samples) : 0.0);
     }
     fedavg_on_gpus(*gpu_group_, replicas, weights);
     load_state(*model_, dev_avg, device_ranges(slots_[0]));
