@@ -1,6 +1,8 @@
 // Owning tensors over kernels/device.h memory.
 #include "runtime/tensor.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels/device.h"
@@ -126,6 +128,13 @@ std::vector<int32_t> Tensor::to_ivector() const {
   std::vector<int32_t> v(static_cast<size_t>(numel()));
   if (!v.empty()) kernels::device_copy(Device::kCpu, v.data(), device_, idata(), bytes());
   return v;
+}
+
+double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
+  PIPAR_CHECK(a.size() == b.size(), "relative_error: ", a.size(), " values against ", b.size());
+  double d = 0, n = 0;
+  for (size_t i = 0; i < a.size(); ++i) d += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), n += double(b[i]) * b[i];
+  return std::sqrt(d) / std::max(std::sqrt(n), 1e-12);
 }
 
 }  // namespace pipar

@@ -64,4 +64,8 @@ class Tensor {
   DType dtype_ = DType::kF32;
 };
 
+// ||a - b|| / ||b|| over two equally long value lists (b's norm floored at 1e-12): how far one
+// backend's result is from another's.
+double relative_error(const std::vector<float>& a, const std::vector<float>& b);
+
 }  // namespace pipar

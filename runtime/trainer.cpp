@@ -25,20 +25,9 @@ std::atomic<bool>& stop_requested() {
   return flag;
 }
 
-namespace {
-// ||a - b|| / ||b|| (b's norm floored at 1e-12).
-double relative_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double d = 0, n = 0;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) d += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), n += double(b[i]) * b[i];
-  return std::sqrt(d) / std::max(std::sqrt(n), 1e-12);
-}
-
-// One SGD step (forward, loss, backward, step) of m on batch (x, y) on ctx's device; the loss sum.
-double one_step(Model& m, const Tensor& x, const Tensor& y, const Context& ctx) {
+LossStats train_step(Model& m, const Tensor& x, const Tensor& y, const Context& ctx, kernels::SgdParams sgd) {
   std::vector<Param*> params = m.params();
-  kernels::SgdParams sp;
-  sp.lr = 0.05f, sp.momentum = 0.9f;
-  Sgd opt(sp);
+  Sgd opt(sgd);
   Sgd::zero_grad(params);
   Tape tape;
   Tensor logits = m.forward(x.to(ctx.device), &tape, ctx);
@@ -48,8 +37,10 @@ double one_step(Model& m, const Tensor& x, const Tensor& y, const Context& ctx) 
   b.input_grad = false;
   m.backward(dlogits, tape, b);
   opt.step(params, ctx.stream);
-  return st.loss_sum;
+  return st;
 }
+
+namespace {
 
 // --backend auto's gate for the GPU: one training step of a small VGG5 (conv, batch-norm, pooling,
 // dense layers) on the same weights and batch on both backends; the loss within 1e-4 and every weight
@@ -69,7 +60,9 @@ std::string cuda_self_check() {
       std::vector<int32_t> ys(static_cast<size_t>(n));
       for (int64_t i = 0; i < n; ++i) ys[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7) % 10);
       const Tensor x = Tensor::from_vector(xs, {n, 1, 28, 28}), y = Tensor::from_vector(ys, {n, 1, 1, 1});
-      const double lc = one_step(*cpu, x, y, Context{});
+      kernels::SgdParams sp;
+      sp.lr = 0.05f, sp.momentum = 0.9f;
+      const double lc = train_step(*cpu, x, y, Context{}, sp).loss_sum;
       double lg = 0;
       std::vector<std::vector<float>> gw;
       {
@@ -79,7 +72,7 @@ std::string cuda_self_check() {
         Context ctx;
         ctx.device = Device::kCuda;
         ctx.stream = s.ref();
-        lg = one_step(*gpu, x, y, ctx);
+        lg = train_step(*gpu, x, y, ctx, sp).loss_sum;
         for (Param* p : gpu->params()) gw.push_back(p->value.to_vector());
         gpu.reset();  // its memory back to the pool on the stream, while it is current
       }

@@ -114,6 +114,9 @@ float scheduled_lr(const TrainConfig& c, int64_t step, int64_t total_steps);
 // auto: CUDA where a GPU is usable and passes a start-up check (one training step of a small VGG5
 // matching the CPU backend's), else the CPU.
 Device resolve_backend(const std::string& backend);
+// One SGD step of m on batch (x, y) on ctx's device and stream: gradients zeroed, forward, the batch's
+// mean loss, backward, the step (the gradients stay in the parameters); the loss statistics.
+LossStats train_step(Model& m, const Tensor& x, const Tensor& y, const Context& ctx, kernels::SgdParams sgd);
 // Why --backend auto means the CPU here ("" where it means CUDA).
 std::string auto_backend_reason();
 // "CUDA (the GPU passed ...)" or "the CPU (why)": what auto resolved to, for the logs.

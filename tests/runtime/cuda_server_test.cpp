@@ -12,14 +12,11 @@
 #include "planner/profile.h"
 #include "runtime/aggregation.h"
 #include "runtime/lanes.h"
-#include "tests/close.h"
 #include "tests/gpu.h"
 #include "tests/random.h"
 
 namespace pipar {
 namespace {
-
-using test::relative_error;
 
 struct Case {
   const char* model;

@@ -16,7 +16,6 @@
 #include "runtime/loss.h"
 #include "runtime/model.h"
 #include "runtime/trainer.h"
-#include "tests/close.h"
 #include "tests/gpu.h"
 #include "tests/random.h"
 
@@ -31,25 +30,10 @@ Tensor random_labels(int64_t n, test::Rng& rng) {
   return Tensor::from_vector(v, {n, 1, 1, 1});
 }
 
-// One SGD step on `m` (on ctx.device) over batch (x, y); returns the loss statistics. Gradients are
-// left in the parameters (they are zeroed before the step's backward, not after the step).
+// One SGD step (trainer.h) with the default SGD parameters. Gradients are left in the parameters.
 LossStats train_step(Model& m, const Tensor& x, const Tensor& y, const Context& ctx) {
-  std::vector<Param*> params = m.params();
-  Sgd opt(kernels::SgdParams{});
-  Sgd::zero_grad(params);
-  Tape tape;
-  Tensor logits = m.forward(x.to(ctx.device), &tape, ctx);
-  Tensor dlogits;
-  const LossStats st =
-      softmax_cross_entropy(logits, y.to(ctx.device), 1.0f / static_cast<float>(x.shape().n), &dlogits, ctx.stream);
-  Context bctx = ctx;
-  bctx.input_grad = false;
-  m.backward(dlogits, tape, bctx);
-  opt.step(params, ctx.stream);
-  return st;
+  return pipar::train_step(m, x, y, ctx, kernels::SgdParams{});
 }
-
-using test::relative_error;
 
 struct Case {
   const char* model;
