@@ -7,8 +7,12 @@
 // them), one at a time against up to --lanes host threads driving their streams at once (default
 // min(K, 8), the server's), micro-batches replayed as CUDA graphs unless --graphs off; where the
 // concurrent rate stops growing with K, the GPU is busy.
+// Third, the K replicas stacked (runtime/replica_stack.h: every layer runs all K in one call; at most
+// --stack-max replicas a stack, default 64): ratios stacked/one-at-a-time and stacked/lanes.
 // Run: build/bench/pipar_bench_server [--models vgg5:2,resnet18:3] [--devices 1,4,16,64] [--micro 10]
 //      [--threads T] [--repeats R] [--min-seconds S] [--backend cpu|cuda] [--lanes L] [--graphs on|off]
+//      [--stack-max S] (0: no stacked column)
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -20,11 +24,19 @@
 #include "kernels/device.h"
 #include "kernels/parallel.h"
 #include "runtime/lanes.h"
+#include "runtime/replica_stack.h"
 
 using namespace pipar;
 using namespace pipar::bench;
 
 namespace {
+
+// Every replica of a stack.
+std::vector<int> all_of(const ReplicaStack& s) {
+  std::vector<int> r(static_cast<size_t>(s.replicas()));
+  for (size_t i = 0; i < r.size(); ++i) r[i] = static_cast<int>(i);
+  return r;
+}
 
 struct Replica {
   std::unique_ptr<Model> model;
@@ -37,7 +49,7 @@ struct Replica {
 int main(int argc, char** argv) {
   std::vector<std::string> models = {"vgg5:2", "resnet18:3"};
   std::vector<int> devices = {1, 4, 16, 64};
-  int micro = 10, repeats = 5, threads = 0, cuda_lanes = 0;
+  int micro = 10, repeats = 5, threads = 0, cuda_lanes = 0, stack_max = 64;
   double min_seconds = 0.3;
   std::string backend = "cpu";
   bool graphs = true;
@@ -55,6 +67,7 @@ int main(int argc, char** argv) {
     else if (a == "--backend") backend = next();
     else if (a == "--lanes") cuda_lanes = std::atoi(next().c_str());
     else if (a == "--graphs") graphs = next() != "off";
+    else if (a == "--stack-max") stack_max = std::atoi(next().c_str());
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -78,7 +91,8 @@ int main(int argc, char** argv) {
     std::printf("# server throughput, CPU backend: %s, %d threads, %s, commit %s\n", cpu_model().c_str(), t,
                 kernels::isa_name(kernels::cpu_isa()), git_commit().c_str());
   std::printf("# one micro-batch of %d per replica per group; median of %d repeats (min..max)\n", micro, repeats);
-  std::printf("%-10s %5s %7s %22s %22s %7s\n", "model", "K", "lanes", "one-at-a-time mb/s", "grouped mb/s", "ratio");
+  std::printf("%-10s %5s %7s %22s %22s %7s %22s %10s %11s\n", "model", "K", "lanes", "one-at-a-time mb/s", "grouped mb/s",
+              "ratio", "stacked mb/s", "stack/one", "stack/lanes");
   for (const std::string& spec : models) {
     const auto colon = spec.find(':');
     const std::string name = spec.substr(0, colon);
@@ -105,6 +119,12 @@ int main(int argc, char** argv) {
       const auto [lanes, per_lane] =
           device == Device::kCuda ? ServerLanes::cuda_lanes(k, cuda_lanes) : ServerLanes::split_cores(k, t);
       ServerLanes pool(lanes, per_lane);
+      std::vector<std::unique_ptr<ReplicaStack>> stacks;  // replicas [i*stack_max, ...) in stack i
+      for (int s0 = 0; stack_max > 0 && s0 < k; s0 += stack_max) {
+        const int ks = std::min(stack_max, k - s0);
+        stacks.push_back(std::make_unique<ReplicaStack>(*reps[0].model, split, ks, kernels::SgdParams{}, device));
+        for (int r = 0; r < ks; ++r) stacks.back()->load(r, *reps[static_cast<size_t>(s0 + r)].model);
+      }
       // One pass over the K replicas each way; each repeat runs passes for at least min_seconds.
       auto sequential = [&] {
         for (Replica& r : reps) r.part->train_micro(r.x, r.y, 100);
@@ -117,6 +137,16 @@ int main(int argc, char** argv) {
         for (const auto& it : items)
           if (it.error) std::rethrow_exception(it.error);
       };
+      auto stacked = [&] {
+        for (size_t i = 0; i < stacks.size(); ++i) {
+          std::vector<ReplicaStack::Item> items;
+          for (int r = 0; r < stacks[i]->replicas(); ++r) {
+            const Replica& rp = reps[i * static_cast<size_t>(stack_max) + static_cast<size_t>(r)];
+            items.push_back({r, rp.x, rp.y});
+          }
+          stacks[i]->train_micro(items, 100);
+        }
+      };
       auto rate = [&](auto&& pass) {
         int passes = 0;
         const auto t0 = std::chrono::steady_clock::now();
@@ -126,18 +156,22 @@ int main(int argc, char** argv) {
         } while (seconds_since(t0) < min_seconds);
         return passes * k / seconds_since(t0);
       };
-      sequential(), grouped();  // warm-up: first-touch of every replica's buffers, thread teams
-      std::vector<double> seq, grp, ratio;
+      sequential(), grouped(), stacked();  // warm-up: first-touch of every replica's buffers, thread teams
+      std::vector<double> seq, grp, ratio, stk, stk_one, stk_lanes;
       for (int i = 0; i < repeats; ++i) {
-        const double a = rate(sequential), b = rate(grouped);
+        const double a = rate(sequential), b = rate(grouped), c = stacks.empty() ? 0.0 : rate(stacked);
         seq.push_back(a), grp.push_back(b), ratio.push_back(b / a);
+        stk.push_back(c), stk_one.push_back(c / a), stk_lanes.push_back(c / b);
         for (Replica& r : reps) r.part->step();  // the accumulated gradients applied and zeroed, as a batch's end does
+        for (auto& st : stacks) st->step(all_of(*st));
       }
       const Stats s = summarize(seq), g = summarize(grp), q = summarize(ratio);
+      const Stats sk = summarize(stk), so = summarize(stk_one), sl = summarize(stk_lanes);
       char lane_text[32];
       std::snprintf(lane_text, sizeof lane_text, "%dx%d", lanes, per_lane);
-      std::printf("%-10s %5d %7s %9.1f (%.1f..%.1f) %9.1f (%.1f..%.1f) %6.2fx\n", name.c_str(), k, lane_text, s.median, s.min,
-                  s.max, g.median, g.min, g.max, q.median);
+      std::printf("%-10s %5d %7s %9.1f (%.1f..%.1f) %9.1f (%.1f..%.1f) %6.2fx %9.1f (%.1f..%.1f) %9.2fx %10.2fx\n",
+                  name.c_str(), k, lane_text, s.median, s.min, s.max, g.median, g.min, g.max, q.median, sk.median, sk.min,
+                  sk.max, so.median, sl.median);
       std::fflush(stdout);
     }
   }

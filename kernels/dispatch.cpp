@@ -147,30 +147,36 @@ void conv2d_backward_bias(ConstView dy, View db, StreamRef s) {
 
 // --- linear ---------------------------------------------------------------------------------------
 
-void linear_forward(ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
+void grouped_linear_forward(int groups, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
   const auto args = ARGS(A(x), A(w), A(b), A(y));
   require_present("linear_forward", ARGS(A(x), A(w), A(y)));
-  const Shape4 ys = linear_out_shape(x.shape, w.shape);
+  const Shape4 ys = linear_out_shape(x.shape, w.shape, groups);
   require("linear_forward", y.shape.n == ys.n && y.numel() == ys.numel(), "y must be [n, out]", args);
   require("linear_forward", b.empty() || b.numel() == w.shape.n, "bias must have out elements", args);
-  record(false, Conv2dParams{}, x, w, b);
-  PIPAR_DISPATCH(linear_forward, args, x, w, b, y);
+  if (groups == 1) record(false, Conv2dParams{}, x, w, b);
+  PIPAR_DISPATCH(linear_forward, args, groups, x, w, b, y);
 }
 
-void linear_backward_input(ConstView dy, ConstView w, View dx, StreamRef s) {
+void grouped_linear_backward_input(int groups, ConstView dy, ConstView w, View dx, StreamRef s) {
   const auto args = ARGS(A(dy), A(w), A(dx));
   require_present("linear_backward_input", args);
-  const Shape4 ys = linear_out_shape(dx.shape, w.shape);
+  const Shape4 ys = linear_out_shape(dx.shape, w.shape, groups);
   require("linear_backward_input", dy.shape.n == ys.n && dy.numel() == ys.numel(), "dy must be [n, out]", args);
-  PIPAR_DISPATCH(linear_backward_input, args, dy, w, dx);
+  PIPAR_DISPATCH(linear_backward_input, args, groups, dy, w, dx);
 }
 
-void linear_backward_weight(ConstView x, ConstView dy, View dw, StreamRef s) {
+void grouped_linear_backward_weight(int groups, ConstView x, ConstView dy, View dw, StreamRef s) {
   const auto args = ARGS(A(x), A(dy), A(dw));
   require_present("linear_backward_weight", args);
-  const Shape4 ys = linear_out_shape(x.shape, dw.shape);
+  const Shape4 ys = linear_out_shape(x.shape, dw.shape, groups);
   require("linear_backward_weight", dy.shape.n == ys.n && dy.numel() == ys.numel(), "dy must be [n, out]", args);
-  PIPAR_DISPATCH(linear_backward_weight, args, x, dy, dw);
+  PIPAR_DISPATCH(linear_backward_weight, args, groups, x, dy, dw);
+}
+
+void linear_forward(ConstView x, ConstView w, ConstView b, View y, StreamRef s) { grouped_linear_forward(1, x, w, b, y, s); }
+void linear_backward_input(ConstView dy, ConstView w, View dx, StreamRef s) { grouped_linear_backward_input(1, dy, w, dx, s); }
+void linear_backward_weight(ConstView x, ConstView dy, View dw, StreamRef s) {
+  grouped_linear_backward_weight(1, x, dy, dw, s);
 }
 
 void linear_backward_bias(ConstView dy, View db, StreamRef s) {

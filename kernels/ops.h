@@ -50,8 +50,9 @@ struct SgdParams {
 
 // x [n,c,h,w], w [k, c/groups, kh, kw] → y [n, k, oh, ow]
 Shape4 conv2d_out_shape(Shape4 x, Shape4 w, const Conv2dParams& p);
-// x [n, in...] (in = c*h*w), w [out, in, 1, 1] → y [n, out, 1, 1]
-Shape4 linear_out_shape(Shape4 x, Shape4 w);
+// x [n, in...] (in = c*h*w), w [out, in, 1, 1] → y [n, out, 1, 1]. Grouped (groups > 1): x [n,
+// groups*in...], w [groups*out, in, 1, 1] → y [n, groups*out, 1, 1].
+Shape4 linear_out_shape(Shape4 x, Shape4 w, int groups = 1);
 Shape4 pool2d_out_shape(Shape4 x, const Pool2dParams& p);
 int64_t conv2d_flops(Shape4 x, Shape4 w, const Conv2dParams& p);  // forward multiply-adds * 2
 
@@ -70,6 +71,13 @@ void linear_forward(ConstView x, ConstView w, ConstView b, View y, StreamRef s =
 void linear_backward_input(ConstView dy, ConstView w, View dx, StreamRef s = {});      // dx = dy W
 void linear_backward_weight(ConstView x, ConstView dy, View dw, StreamRef s = {});     // dw += dy^T x
 void linear_backward_bias(ConstView dy, View db, StreamRef s = {});                    // db += sum_n dy
+// Grouped: `groups` dense layers side by side in one call (replicas stacked along the features,
+// runtime/replica_stack.h). Group g maps features [g*in, (g+1)*in) of every sample to outputs
+// [g*out, (g+1)*out) with rows [g*out, (g+1)*out) of w [groups*out, in, 1, 1] (one batched GEMM per
+// pass). groups == 1 is the plain layer above. The bias gradient is linear_backward_bias's.
+void grouped_linear_forward(int groups, ConstView x, ConstView w, ConstView b, View y, StreamRef s = {});
+void grouped_linear_backward_input(int groups, ConstView dy, ConstView w, View dx, StreamRef s = {});
+void grouped_linear_backward_weight(int groups, ConstView x, ConstView dy, View dw, StreamRef s = {});
 
 // --- activations (x and y may alias) ----------------------------------------------------------------
 void relu_forward(ConstView x, View y, StreamRef s = {});
@@ -147,9 +155,9 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
 void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, View dx);
 void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, View dw);
 void conv2d_backward_bias(ConstView dy, View db);
-void linear_forward(ConstView x, ConstView w, ConstView b, View y);
-void linear_backward_input(ConstView dy, ConstView w, View dx);
-void linear_backward_weight(ConstView x, ConstView dy, View dw);
+void linear_forward(int groups, ConstView x, ConstView w, ConstView b, View y);  // groups: ops.h's grouped_linear_*
+void linear_backward_input(int groups, ConstView dy, ConstView w, View dx);
+void linear_backward_weight(int groups, ConstView x, ConstView dy, View dw);
 void linear_backward_bias(ConstView dy, View db);
 void relu_forward(ConstView x, View y);
 void relu_backward(ConstView y, ConstView dy, View dx);

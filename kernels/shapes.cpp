@@ -33,11 +33,13 @@ Shape4 conv2d_out_shape(Shape4 x, Shape4 w, const Conv2dParams& p) {
   return {x.n, w.n, oh, ow};
 }
 
-Shape4 linear_out_shape(Shape4 x, Shape4 w) {
-  if (w.h != 1 || w.w != 1 || x.per_sample() != w.c)
+Shape4 linear_out_shape(Shape4 x, Shape4 w, int groups) {
+  if (groups < 1 || w.n % groups)
+    throw ShapeError(detail::concat("linear: ", w.n, " outputs in w ", w.str(), " cannot form ", groups, " groups"));
+  if (w.h != 1 || w.w != 1 || x.per_sample() != w.c * groups)
     throw ShapeError(detail::concat("linear: x ", x.str(), " has ", x.per_sample(),
                                     " features per sample but w ", w.str(), " expects [out, in=", w.c,
-                                    ", 1, 1]"));
+                                    ", 1, 1]", groups > 1 ? detail::concat(" in each of ", groups, " groups") : std::string()));
   return {x.n, w.n, 1, 1};
 }
 

@@ -70,6 +70,8 @@ struct InputShape {
 
 class Conv2d : public Layer {
  public:
+  // seed == kNoInit: parameters stay zero (a stacked layer, whose replicas' weights are loaded).
+  static constexpr uint64_t kNoInit = ~uint64_t{0};
   Conv2d(int in, int out, int k, int stride, int pad, int groups, bool bias, uint64_t seed) : in_(in), out_(out) {
     p_.kh = p_.kw = k;
     p_.sh = p_.sw = stride;
@@ -78,12 +80,17 @@ class Conv2d : public Layer {
     if (in % groups || out % groups) throw ShapeError(detail::concat("conv: channels ", in, "→", out, " not divisible by groups ", groups));
     w_ = make_param("weight", {out, in / groups, k, k}, true);
     const int64_t fan_in = static_cast<int64_t>(in / groups) * k * k;
-    init_uniform(w_.value, fan_in, hash64(seed, 1));
+    if (seed != kNoInit) init_uniform(w_.value, fan_in, hash64(seed, 1));
     if (bias) {
       b_ = make_param("bias", {out, 1, 1, 1}, false);
-      init_uniform(b_.value, fan_in, hash64(seed, 2));
+      if (seed != kNoInit) init_uniform(b_.value, fan_in, hash64(seed, 2));
       has_bias_ = true;
     }
+  }
+  // k replicas: k times the channels and the groups, so group g of replica r is group r*groups + g and
+  // its weight rows are replica r's rows of group g.
+  LayerPtr stacked(int k) const override {
+    return std::make_unique<Conv2d>(in_ * k, out_ * k, p_.kh, p_.sh, p_.ph, p_.groups * k, has_bias_, kNoInit);
   }
   std::string describe() const override {
     std::ostringstream os;
@@ -133,22 +140,28 @@ class Conv2d : public Layer {
 
 // --- linear ---------------------------------------------------------------------------------------
 
+// groups > 1: that many dense layers side by side (a stacked layer: ops.h's grouped_linear_*), with
+// weights [groups*out, in]; parameters stay zero (the replicas' weights are loaded).
 class Linear : public Layer {
  public:
-  Linear(int in, int out, bool bias, uint64_t seed) : in_(in), out_(out) {
-    w_ = make_param("weight", {out, in, 1, 1}, true);
-    init_uniform(w_.value, in, hash64(seed, 1));
+  Linear(int in, int out, bool bias, uint64_t seed, int groups = 1) : in_(in), out_(out), groups_(groups) {
+    w_ = make_param("weight", {static_cast<int64_t>(out) * groups, in, 1, 1}, true);
+    if (groups == 1) init_uniform(w_.value, in, hash64(seed, 1));
     if (bias) {
-      b_ = make_param("bias", {out, 1, 1, 1}, false);
-      init_uniform(b_.value, in, hash64(seed, 2));
+      b_ = make_param("bias", {static_cast<int64_t>(out) * groups, 1, 1, 1}, false);
+      if (groups == 1) init_uniform(b_.value, in, hash64(seed, 2));
       has_bias_ = true;
     }
   }
-  std::string describe() const override { return "dense " + std::to_string(in_) + "→" + std::to_string(out_); }
-  Shape4 out_shape(Shape4 in) const override { return k::linear_out_shape(in, w_.value.shape()); }
+  std::string describe() const override {
+    return "dense " + std::to_string(in_) + "→" + std::to_string(out_) + (groups_ > 1 ? " x" + std::to_string(groups_) : "");
+  }
+  Shape4 out_shape(Shape4 in) const override { return k::linear_out_shape(in, w_.value.shape(), groups_); }
+  LayerPtr stacked(int k) const override { return std::make_unique<Linear>(in_, out_, has_bias_, 0, groups_ * k); }
   Tensor forward(const Tensor& x, Tape* tape, const Context& ctx) override {
     Tensor y = empty_like(out_shape(x.shape()), ctx);
-    k::linear_forward(x.view(), w_.value.view(), has_bias_ ? b_.value.view() : ConstView{}, y.view(), ctx.stream);
+    k::grouped_linear_forward(groups_, x.view(), w_.value.view(), has_bias_ ? b_.value.view() : ConstView{}, y.view(),
+                              ctx.stream);
     if (ctx.training) {
       require_tape(tape, "dense");
       tape->push(x);
@@ -157,11 +170,11 @@ class Linear : public Layer {
   }
   Tensor backward(const Tensor& dy, Tape& tape, const Context& ctx) override {
     Tensor x = tape.pop();
-    k::linear_backward_weight(x.view(), dy.view(), w_.grad.view(), ctx.stream);
+    k::grouped_linear_backward_weight(groups_, x.view(), dy.view(), w_.grad.view(), ctx.stream);
     if (has_bias_) k::linear_backward_bias(dy.view(), b_.grad.view(), ctx.stream);
     if (!ctx.input_grad) return {};
     Tensor dx = empty_like(x.shape(), ctx);
-    k::linear_backward_input(dy.view(), w_.value.view(), dx.view(), ctx.stream);
+    k::grouped_linear_backward_input(groups_, dy.view(), w_.value.view(), dx.view(), ctx.stream);
     return dx;
   }
   void collect_params(const std::string& prefix, std::vector<Param*>& out) override {
@@ -172,14 +185,14 @@ class Linear : public Layer {
       out.push_back(&b_);
     }
   }
-  int64_t flops(Shape4 in) const override { return 2 * in.n * static_cast<int64_t>(in_) * out_; }
+  int64_t flops(Shape4 in) const override { return 2 * in.n * static_cast<int64_t>(in_) * out_ * groups_; }
   void to(Device d) override {
     move_param(w_, d);
     if (has_bias_) move_param(b_, d);
   }
 
  private:
-  int in_, out_;
+  int in_, out_, groups_;
   Param w_, b_;
   bool has_bias_ = false;
 };
@@ -197,6 +210,7 @@ class BatchNorm2d : public Layer {
     k::fill(1.0f, running_var_.view());
   }
   std::string describe() const override { return "bn " + std::to_string(c_); }
+  LayerPtr stacked(int k) const override { return std::make_unique<BatchNorm2d>(c_ * k); }
   Shape4 out_shape(Shape4 in) const override {
     if (in.c != c_) throw ShapeError(detail::concat("bn ", c_, ": input ", in.str(), " has ", in.c, " channels"));
     return in;
@@ -261,6 +275,7 @@ class Activation : public Layer {
     return a_ == Act::kRelu ? "relu" : a_ == Act::kHardswish ? "hswish" : "hsigmoid";
   }
   Shape4 out_shape(Shape4 in) const override { return in; }
+  LayerPtr stacked(int) const override { return std::make_unique<Activation>(a_); }  // element-wise
   Tensor forward(const Tensor& x, Tape* tape, const Context& ctx) override {
     Tensor y = empty_like(x.shape(), ctx);
     switch (a_) {
@@ -302,6 +317,7 @@ class Pool2d : public Layer {
     return std::string(max_ ? "maxpool " : "avgpool ") + std::to_string(p_.kh) + "x" + std::to_string(p_.kw);
   }
   Shape4 out_shape(Shape4 in) const override { return k::pool2d_out_shape(in, p_); }
+  LayerPtr stacked(int) const override { return std::make_unique<Pool2d>(max_, p_.kh, p_.sh, p_.ph); }  // per plane
   Tensor forward(const Tensor& x, Tape* tape, const Context& ctx) override {
     const Shape4 ys = out_shape(x.shape());
     in_.record(x.shape());
@@ -339,6 +355,7 @@ class GlobalAvgPool : public Layer {
  public:
   std::string describe() const override { return "global avgpool"; }
   Shape4 out_shape(Shape4 in) const override { return {in.n, in.c, 1, 1}; }
+  LayerPtr stacked(int) const override { return std::make_unique<GlobalAvgPool>(); }  // per plane
   Tensor forward(const Tensor& x, Tape*, const Context& ctx) override {
     in_.record(x.shape());
     Tensor y = empty_like(out_shape(x.shape()), ctx);
@@ -359,6 +376,8 @@ class Flatten : public Layer {
  public:
   std::string describe() const override { return "flatten"; }
   Shape4 out_shape(Shape4 in) const override { return {in.n, in.per_sample(), 1, 1}; }
+  // Replica r's channels are contiguous within a sample, so its flattened features are [r*F, (r+1)*F).
+  LayerPtr stacked(int) const override { return std::make_unique<Flatten>(); }
   Tensor forward(const Tensor& x, Tape*, const Context&) override {
     in_.record(x.shape());
     return x.reshape(out_shape(x.shape()));
@@ -376,6 +395,12 @@ class Dropout : public Layer {
   }
   std::string describe() const override { return "dropout " + std::to_string(p_).substr(0, 4); }
   bool replayable() const override { return p_ == 0.0f; }
+  LayerPtr stacked(int) const override {
+    if (p_ != 0.0f)
+      throw Error("dropout cannot be stacked across replicas: its masks follow the element index, so a stacked "
+                  "replica would not draw its own masks");
+    return std::make_unique<Dropout>(p_, salt_);
+  }
   Shape4 out_shape(Shape4 in) const override { return in; }
   Tensor forward(const Tensor& x, Tape* tape, const Context& ctx) override {
     if (!ctx.training || p_ == 0.0f) return x;
@@ -460,6 +485,10 @@ class Residual : public Layer {
     if (shortcut_) shortcut_->to(d);
   }
   bool replayable() const override { return main_->replayable() && (!shortcut_ || shortcut_->replayable()); }
+  LayerPtr stacked(int k) const override {
+    return std::make_unique<Residual>(main_->stacked_sequential(k), shortcut_ ? shortcut_->stacked_sequential(k) : nullptr,
+                                      relu_after_);
+  }
 
  private:
   std::unique_ptr<Sequential> main_, shortcut_;
@@ -475,7 +504,12 @@ class SqueezeExcite : public Layer {
         .add(make_conv2d(reduced, c, 1, 1, 0, 1, true, hash64(seed, 2)))
         .add(make_hardsigmoid());
   }
+  // Stacked: the squeeze path's layers stacked (its 1x1 convolutions grouped per replica).
+  SqueezeExcite(int c, int reduced, std::unique_ptr<Sequential> squeeze) : c_(c), r_(reduced), squeeze_(std::move(*squeeze)) {}
   std::string describe() const override { return "se " + std::to_string(c_) + "/" + std::to_string(r_); }
+  LayerPtr stacked(int k) const override {
+    return std::make_unique<SqueezeExcite>(c_ * k, r_ * k, squeeze_.stacked_sequential(k));
+  }
   Shape4 out_shape(Shape4 in) const override {
     squeeze_.out_shape(in);
     return in;
@@ -563,6 +597,13 @@ int64_t Sequential::flops(Shape4 in) const {
 
 void Sequential::to(Device d) {
   for (auto& l : layers_) l->to(d);
+}
+
+std::unique_ptr<Sequential> Sequential::stacked_sequential(int k) const {
+  if (k < 1) throw Error(detail::concat("stacked layers: ", k, " replicas"));
+  auto s = std::make_unique<Sequential>();
+  for (const auto& l : layers_) s->add(l->stacked(k));
+  return s;
 }
 
 bool Sequential::replayable() const {

@@ -64,6 +64,12 @@ class Layer {
   // host state that changes from call to call), so a CUDA graph of them replays what a call would do.
   // Dropout is not: its mask's seed counts the calls.
   virtual bool replayable() const { return true; }
+  // The same layer for k replicas side by side (runtime/replica_stack.h): its input and output are the
+  // k replicas' stacked along the channels (replica r's channels of a sample at [r*C, (r+1)*C)), and
+  // each of its parameters and buffers is the k replicas' own stacked along the first dimension
+  // (replica r's copy is elements [r*numel, (r+1)*numel)). Parameters start at zero. A layer whose
+  // stacked form would not compute each replica's own result (dropout) throws pipar::Error.
+  virtual std::unique_ptr<Layer> stacked(int k) const = 0;
 };
 
 using LayerPtr = std::unique_ptr<Layer>;
@@ -100,6 +106,8 @@ class Sequential : public Layer {
   int64_t flops(Shape4 in) const override;
   void to(Device d) override;
   bool replayable() const override;
+  std::unique_ptr<Layer> stacked(int k) const override { return stacked_sequential(k); }
+  std::unique_ptr<Sequential> stacked_sequential(int k) const;
   size_t size() const { return layers_.size(); }
 
  private:

@@ -32,16 +32,21 @@ LossStats loss_stats(const Tensor& losses, const Tensor& probs, const Tensor& la
   const std::vector<float> l = losses.to_vector();
   const std::vector<float> p = probs.to_vector();
   const std::vector<int32_t> y = labels.to_ivector();
+  return loss_stats_rows(l.data(), p.data(), y.data(), ls.per_sample(), 0, ls.n, 1);
+}
+
+LossStats loss_stats_rows(const float* losses, const float* probs, const int32_t* labels, int64_t classes, int64_t first,
+                          int64_t count, int64_t step) {
   LossStats st;
-  const int64_t k = ls.per_sample();
-  for (int64_t i = 0; i < ls.n; ++i) {
-    st.loss_sum += l[i];
+  for (int64_t r = 0, i = first; r < count; ++r, i += step) {
+    st.loss_sum += losses[i];
+    const float* p = probs + i * classes;
     int64_t best = 0;
-    for (int64_t j = 1; j < k; ++j)
-      if (p[i * k + j] > p[i * k + best]) best = j;
-    st.correct += best == y[i];
+    for (int64_t j = 1; j < classes; ++j)
+      if (p[j] > p[best]) best = j;
+    st.correct += best == labels[i];
   }
-  st.count = ls.n;
+  st.count = count;
   return st;
 }
 

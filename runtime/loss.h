@@ -32,6 +32,10 @@ void softmax_cross_entropy_queued(const Tensor& logits, const Tensor& labels, fl
 // The statistics of per-sample losses [n] and softmax probabilities [n, k] (what the forward kernel
 // writes) against labels [n], on any device (read to the host).
 LossStats loss_stats(const Tensor& losses, const Tensor& probs, const Tensor& labels);
+// The same over host arrays (losses [rows], probs [rows, classes], labels [rows]), for `count` rows
+// first, first+step, ...: one replica's rows of a stacked loss (runtime/replica_stack.h).
+LossStats loss_stats_rows(const float* losses, const float* probs, const int32_t* labels, int64_t classes, int64_t first,
+                          int64_t count, int64_t step);
 
 // SGD with momentum (PyTorch semantics); weight decay only on params with decay == true.
 class Sgd {

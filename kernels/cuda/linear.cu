@@ -40,8 +40,9 @@ void linear_bias_broadcast(const float* b, float* y, int64_t rows, int64_t out, 
 
 namespace {
 
-std::string linear_key(const char* pass, int64_t n, int64_t in, int64_t out, bool bias) {
-  return detail::concat("linear.", pass, "|n=", n, "|in=", in, "|out=", out, "|b=", bias ? 1 : 0);
+std::string linear_key(const char* pass, int groups, int64_t n, int64_t in, int64_t out, bool bias) {
+  return detail::concat("linear.", pass, "|n=", n, "|in=", in, "|out=", out, "|b=", bias ? 1 : 0,
+                        groups > 1 ? detail::concat("|g=", groups) : std::string());
 }
 
 // Runs `pass(out)` under the implementation chosen for `key`; `trial()` is where the autotuner's runs
@@ -58,29 +59,38 @@ void run_linear(const std::string& key, StreamRef s, Trial&& trial, Pass&& pass,
 
 }  // namespace
 
-void linear_forward(ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
+// Grouped (groups > 1, ops.h's grouped_linear_*): one strided-batched GEMM over the groups, whose
+// features, outputs and weight rows lie at g*in, g*out and g*out*in (leading dims groups*in, groups*out).
+void linear_forward(int groups, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
   const cudaStream_t st = checked_stream(s, "linear_forward");
-  const int64_t n = x.shape.n, in = x.shape.per_sample(), out = w.shape.n;
+  const int64_t n = x.shape.n, in = w.shape.c, out = w.shape.n / groups, ld_x = in * groups, ld_y = out * groups;
   auto pass = [&](float* dst) {
-    if (b.data) linear_bias_broadcast(b.data, dst, n, out, st);
-    gemm(false, true, n, out, in, 1.0f, x.data, in, w.data, in, b.data ? 1.0f : 0.0f, dst, out, s);
+    if (b.data) linear_bias_broadcast(b.data, dst, n, ld_y, st);
+    gemm_strided_batched(false, true, n, out, in, 1.0f, x.data, ld_x, in, w.data, in, out * in, b.data ? 1.0f : 0.0f,
+                         dst, ld_y, out, groups, s);
   };
-  run_linear(linear_key("fwd", n, in, out, b.data != nullptr), s, [&] { return y.data; }, pass, y.data);
+  run_linear(linear_key("fwd", groups, n, in, out, b.data != nullptr), s, [&] { return y.data; }, pass, y.data);
 }
 
-void linear_backward_input(ConstView dy, ConstView w, View dx, StreamRef s) {
+void linear_backward_input(int groups, ConstView dy, ConstView w, View dx, StreamRef s) {
   checked_stream(s, "linear_backward_input");
-  const int64_t n = dx.shape.n, in = dx.shape.per_sample(), out = w.shape.n;
-  auto pass = [&](float* dst) { gemm(false, false, n, in, out, 1.0f, dy.data, out, w.data, in, 0.0f, dst, in, s); };  // dx = dy W
-  run_linear(linear_key("bwd_x", n, in, out, false), s, [&] { return dx.data; }, pass, dx.data);
+  const int64_t n = dx.shape.n, in = w.shape.c, out = w.shape.n / groups, ld_x = in * groups, ld_y = out * groups;
+  auto pass = [&](float* dst) {  // dx_g = dy_g W_g
+    gemm_strided_batched(false, false, n, in, out, 1.0f, dy.data, ld_y, out, w.data, in, out * in, 0.0f, dst, ld_x, in,
+                         groups, s);
+  };
+  run_linear(linear_key("bwd_x", groups, n, in, out, false), s, [&] { return dx.data; }, pass, dx.data);
 }
 
-void linear_backward_weight(ConstView x, ConstView dy, View dw, StreamRef s) {
+void linear_backward_weight(int groups, ConstView x, ConstView dy, View dw, StreamRef s) {
   checked_stream(s, "linear_backward_weight");
-  const int64_t n = x.shape.n, in = x.shape.per_sample(), out = dw.shape.n;
-  auto pass = [&](float* dst) { gemm(true, false, out, in, n, 1.0f, dy.data, out, x.data, in, 1.0f, dst, in, s); };  // dw += dy^T x
+  const int64_t n = x.shape.n, in = dw.shape.c, out = dw.shape.n / groups, ld_x = in * groups, ld_y = out * groups;
+  auto pass = [&](float* dst) {  // dw_g += dy_g^T x_g
+    gemm_strided_batched(true, false, out, in, n, 1.0f, dy.data, ld_y, out, x.data, ld_x, in, 1.0f, dst, in, out * in,
+                         groups, s);
+  };
   TrialScratch scratch(s);  // trial runs accumulate here, not into the gradient
-  run_linear(linear_key("bwd_w", n, in, out, false), s, [&] { return scratch.get(dw.numel()); }, pass, dw.data);
+  run_linear(linear_key("bwd_w", groups, n, in, out, false), s, [&] { return scratch.get(dw.numel()); }, pass, dw.data);
 }
 
 void linear_backward_bias(ConstView dy, View db, StreamRef s) {

@@ -46,9 +46,9 @@ void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b
 void conv2d_backward_input(const Conv2dParams& p, ConstView dy, ConstView w, View dx, StreamRef s);
 void conv2d_backward_weight(const Conv2dParams& p, ConstView x, ConstView dy, View dw, StreamRef s);
 void conv2d_backward_bias(ConstView dy, View db, StreamRef s);
-void linear_forward(ConstView x, ConstView w, ConstView b, View y, StreamRef s);
-void linear_backward_input(ConstView dy, ConstView w, View dx, StreamRef s);
-void linear_backward_weight(ConstView x, ConstView dy, View dw, StreamRef s);
+void linear_forward(int groups, ConstView x, ConstView w, ConstView b, View y, StreamRef s);
+void linear_backward_input(int groups, ConstView dy, ConstView w, View dx, StreamRef s);
+void linear_backward_weight(int groups, ConstView x, ConstView dy, View dw, StreamRef s);
 void linear_backward_bias(ConstView dy, View db, StreamRef s);
 void relu_forward(ConstView x, View y, StreamRef s);
 void relu_backward(ConstView y, ConstView dy, View dx, StreamRef s);

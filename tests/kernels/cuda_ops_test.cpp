@@ -342,27 +342,29 @@ TEST(OpsCuda, Conv2dSmallIntegersExact) {
 
 // --- linear -----------------------------------------------------------------------------------------
 
-void check_linear(Shape4 xs, int64_t out, bool bias, bool integers, uint64_t salt) {
+// groups > 1: the grouped layer (grouped_linear_*, one batched GEMM), x [n, groups*in], out per group.
+void check_linear(Shape4 xs, int64_t out, bool bias, bool integers, uint64_t salt, int groups = 1) {
   SCOPED_TRACE(::testing::Message() << "x " << xs.str() << " out " << out << (bias ? " bias" : "")
-                                    << (integers ? " integers" : ""));
+                                    << (integers ? " integers" : "") << " groups " << groups);
   Stream st;
   Rng rng(salt);
   auto gen = [&](int64_t count) { return integers ? rng.small_int_vec(count) : rng.uniform_vec(count); };
-  const Shape4 ws{out, xs.per_sample(), 1, 1}, ys{xs.n, out, 1, 1}, bs{out, 1, 1, 1};
-  const std::vector<float> x = gen(xs.numel()), w = gen(ws.numel()), b = gen(out), dy = gen(ys.numel());
-  const std::vector<float> dw0 = gen(ws.numel()), db0 = gen(out);
+  const int64_t g = groups;
+  const Shape4 ws{g * out, xs.per_sample() / g, 1, 1}, ys{xs.n, g * out, 1, 1}, bs{g * out, 1, 1, 1};
+  const std::vector<float> x = gen(xs.numel()), w = gen(ws.numel()), b = gen(g * out), dy = gen(ys.numel());
+  const std::vector<float> dw0 = gen(ws.numel()), db0 = gen(g * out);
 
   std::vector<float> y(ys.numel()), dx(xs.numel()), dw = dw0, db = db0;
-  kernels::linear_forward(cview(x, xs), cview(w, ws), bias ? cview(b, bs) : ConstView{}, view(y, ys));
-  kernels::linear_backward_input(cview(dy, ys), cview(w, ws), view(dx, xs));
-  kernels::linear_backward_weight(cview(x, xs), cview(dy, ys), view(dw, ws));
+  kernels::grouped_linear_forward(groups, cview(x, xs), cview(w, ws), bias ? cview(b, bs) : ConstView{}, view(y, ys));
+  kernels::grouped_linear_backward_input(groups, cview(dy, ys), cview(w, ws), view(dx, xs));
+  kernels::grouped_linear_backward_weight(groups, cview(x, xs), cview(dy, ys), view(dw, ws));
   kernels::linear_backward_bias(cview(dy, ys), view(db, bs));
 
   DevF gx(x, xs, st), gw(w, ws, st), gb(b, bs, st), gdy(dy, ys, st);
   DevF gy(nans(ys.numel()), ys, st), gdx(nans(xs.numel()), xs, st), gdw(dw0, ws, st), gdb(db0, bs, st);
-  kernels::linear_forward(gx.cview(), gw.cview(), bias ? gb.cview() : ConstView{}, gy.view(), st);
-  kernels::linear_backward_input(gdy.cview(), gw.cview(), gdx.view(), st);
-  kernels::linear_backward_weight(gx.cview(), gdy.cview(), gdw.view(), st);
+  kernels::grouped_linear_forward(groups, gx.cview(), gw.cview(), bias ? gb.cview() : ConstView{}, gy.view(), st);
+  kernels::grouped_linear_backward_input(groups, gdy.cview(), gw.cview(), gdx.view(), st);
+  kernels::grouped_linear_backward_weight(groups, gx.cview(), gdy.cview(), gdw.view(), st);
   kernels::linear_backward_bias(gdy.cview(), gdb.view(), st);
   if (integers) {
     EXPECT_TRUE(all_equal(gy.download(st), y)) << "forward";
@@ -390,6 +392,8 @@ TEST(OpsCuda, LinearMatchesCpu) {
       check_linear({17, 257, 1, 1}, 3, false, integers, ++salt);
       check_linear({33, 65, 1, 1}, 129, true, integers, ++salt);
       check_linear({2, 3, 5, 5}, 10, true, integers, ++salt);  // flattened 4-d input
+      check_linear({7, 3 * 33, 1, 1}, 17, true, integers, ++salt, 3);  // grouped: replicas stacked
+      check_linear({10, 16 * 64, 1, 1}, 10, false, integers, ++salt, 16);
     }
   }
 }
@@ -410,6 +414,7 @@ TEST(OpsCuda, VendorAndAutoKernelsMatchCpu) {
     for (const ConvCase& cc : conv_cases()) check_conv(cc, false, ++salt);
     check_linear({3, 17, 1, 1}, 33, true, false, ++salt);
     check_linear({33, 65, 1, 1}, 129, true, false, ++salt);
+    check_linear({10, 16 * 64, 1, 1}, 10, true, false, ++salt, 16);
   }
   const std::vector<std::string> chosen = kernels::cuda::cached_choices();
   EXPECT_FALSE(chosen.empty()) << "the autotuner recorded nothing in " << cache;
