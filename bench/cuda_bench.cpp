@@ -367,10 +367,10 @@ int main(int argc, char** argv) {
                 if (l.bias) kc::conv2d_backward_bias(dy.cview(), db.view(), st);
               }
             } else {
-              if (which == 0) kc::linear_forward(x.cview(), w.cview(), bias, y.view(), st);
-              else if (which == 1) kc::linear_backward_input(dy.cview(), w.cview(), dx.view(), st);
+              if (which == 0) kc::linear_forward(1, x.cview(), w.cview(), bias, y.view(), st);
+              else if (which == 1) kc::linear_backward_input(1, dy.cview(), w.cview(), dx.view(), st);
               else {
-                kc::linear_backward_weight(x.cview(), dy.cview(), dw.view(), st);
+                kc::linear_backward_weight(1, x.cview(), dy.cview(), dw.view(), st);
                 if (l.bias) kc::linear_backward_bias(dy.cview(), db.view(), st);
               }
             }
