@@ -51,10 +51,7 @@ LossStats loss_stats_rows(const float* losses, const float* probs, const int32_t
 }
 
 void Sgd::step(const std::vector<Param*>& params, StreamRef s) {
-  kernels::SgdParams no_decay = p_;
-  no_decay.weight_decay = 0.0f;
-  for (Param* p : params)
-    kernels::sgd_step(p->decay ? p_ : no_decay, p->value.view(), p->grad.view(), p->momentum.view(), s);
+  for (Param* p : params) kernels::sgd_step(params_for(*p), p->value.view(), p->grad.view(), p->momentum.view(), s);
 }
 
 void Sgd::zero_grad(const std::vector<Param*>& params) {

@@ -44,6 +44,12 @@ class Sgd {
   void step(const std::vector<Param*>& params, StreamRef s = {});
   static void zero_grad(const std::vector<Param*>& params);
   kernels::SgdParams& params() { return p_; }
+  // The step's parameters for p: weight decay only where p.decay.
+  kernels::SgdParams params_for(const Param& p) const {
+    kernels::SgdParams q = p_;
+    if (!p.decay) q.weight_decay = 0.0f;
+    return q;
+  }
 
  private:
   kernels::SgdParams p_;

@@ -66,22 +66,16 @@ std::vector<std::pair<Tensor*, Tensor*>> ReplicaStack::slices_of(Model& m) {
   return pairs;
 }
 
-void ReplicaStack::load(int r, Model& m) {
-  check_replica(r, "load of");
-  PartDevice::Scope on(dev_);
-  for (auto [stack, replica] : slices_of(m)) {
-    const View dst = slice(*stack, r, k_);
-    kernels::device_copy(dst.device, dst.data, replica->device(), replica->raw(), replica->bytes(), dev_.stream());
-  }
-  dev_.synchronize();
-}
+void ReplicaStack::load(int r, Model& m) { copy_replica(r, m, true); }
+void ReplicaStack::store(int r, Model& m) { copy_replica(r, m, false); }
 
-void ReplicaStack::store(int r, Model& m) {
-  check_replica(r, "store of");
+void ReplicaStack::copy_replica(int r, Model& m, bool into_stack) {
+  check_replica(r, into_stack ? "load of" : "store of");
   PartDevice::Scope on(dev_);
   for (auto [stack, replica] : slices_of(m)) {
-    const View src = slice(*stack, r, k_);
-    kernels::device_copy(replica->device(), replica->raw(), src.device, src.data, replica->bytes(), dev_.stream());
+    const View sl = slice(*stack, r, k_);
+    if (into_stack) kernels::device_copy(sl.device, sl.data, replica->device(), replica->raw(), replica->bytes(), dev_.stream());
+    else kernels::device_copy(replica->device(), replica->raw(), sl.device, sl.data, replica->bytes(), dev_.stream());
   }
   dev_.synchronize();
 }
@@ -110,7 +104,6 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
   // The group on the host, stacked: sample s of replica r at [(s*K + r)*F, ...); absent replicas zero.
   Tensor x = Tensor::empty_host({n, cut_.c * k_, cut_.h, cut_.w}, DType::kF32, true);
   Tensor y = Tensor::empty_host({n * k_, 1, 1, 1}, DType::kI32, true);
-  Tensor mask = Tensor::empty_host({n, k_, 1, 1}, DType::kF32, true);
   for (int r = 0; r < k_; ++r) {
     const int i = slot[static_cast<size_t>(r)];
     const Tensor a = i < 0 ? Tensor() : items[static_cast<size_t>(i)].activation.to(Device::kCpu);
@@ -120,7 +113,6 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
       if (i < 0) std::memset(dst, 0, static_cast<size_t>(f) * sizeof(float));
       else std::memcpy(dst, a.data() + s * f, static_cast<size_t>(f) * sizeof(float));
       y.idata()[s * k_ + r] = i < 0 ? 0 : l.idata()[s];
-      mask.data()[s * k_ + r] = i < 0 ? 0.0f : 1.0f;
     }
   }
 
@@ -139,6 +131,9 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
     softmax_cross_entropy_queued(logits.reshape({n * k_, classes_, 1, 1}), yd, 1.0f / static_cast<float>(batch_size),
                                  losses, probs, &dlogits, st);
     if (!all) {  // absent replicas' rows get no gradient: every gradient they accumulate is zero
+      Tensor mask = Tensor::empty_host({n, k_, 1, 1}, DType::kF32, true);  // 1 for the listed replicas
+      for (int64_t s = 0; s < n; ++s)
+        for (int r = 0; r < k_; ++r) mask.data()[s * k_ + r] = slot[static_cast<size_t>(r)] < 0 ? 0.0f : 1.0f;
       Tensor masked = Tensor::empty({n, k_, classes_, 1}, d);
       const Tensor md = mask.to(d);
       kernels::channel_mul_forward(dlogits.reshape({n, k_, classes_, 1}).view(), md.view(), masked.view(), st);
@@ -176,24 +171,14 @@ void ReplicaStack::step(const std::vector<int>& replicas) {
   }
   if (std::count(listed.begin(), listed.end(), true) == k_) return dev_.step(opt_, params_);  // one update per parameter
   PartDevice::Scope on(dev_);
-  kernels::SgdParams no_decay = opt_.params();
-  no_decay.weight_decay = 0.0f;
   for (Param* p : params_)
     for (int r = 0; r < k_; ++r) {
       if (!listed[static_cast<size_t>(r)]) continue;
       const View g = slice(p->grad, r, k_);
-      kernels::sgd_step(p->decay ? opt_.params() : no_decay, slice(p->value, r, k_), g, slice(p->momentum, r, k_),
-                        dev_.stream());
+      kernels::sgd_step(opt_.params_for(*p), slice(p->value, r, k_), g, slice(p->momentum, r, k_), dev_.stream());
       kernels::fill(0.0f, g, dev_.stream());
     }
   dev_.synchronize();
-}
-
-size_t ReplicaStack::param_bytes() const {
-  size_t b = 0;
-  for (const Param* p : params_) b += p->value.bytes() * 3;
-  for (const Buffer& buf : buffers_) b += buf.value->bytes();
-  return b;
 }
 
 }  // namespace pipar

@@ -59,11 +59,9 @@ class ReplicaStack {
   void step(int r) { step(std::vector<int>{r}); }
   void set_lr(float lr) { opt_.params().lr = lr; }
 
-  // Bytes of the stack's weights, gradients, momentum and statistics (what a replica costs times K).
-  size_t param_bytes() const;
-
  private:
   void check_replica(int r, const char* who) const;
+  void copy_replica(int r, Model& m, bool into_stack);  // load (into_stack) or store
   std::vector<std::pair<Tensor*, Tensor*>> slices_of(Model& m);  // (stack tensor, replica tensor) pairs
 
   int k_;
