@@ -12,6 +12,7 @@
 #include "planner/profile.h"
 #include "runtime/aggregation.h"
 #include "runtime/lanes.h"
+#include "tests/cpu_noise.h"
 #include "tests/gpu.h"
 #include "tests/random.h"
 
@@ -67,7 +68,9 @@ struct KernelChoice {
 // Two batches of three odd micro-batches (host tensors in, as the server receives them), a step after
 // each: every micro-batch's cut gradient (returned on the host) and loss, and the weights after each
 // step, agree with the CPU part's. Tolerances as TrainingCuda.StepMatchesCpuForEveryModelFamily: 2e-3
-// relative (2-norm) for gradients and weights, 1e-4 for the loss; FP32 both sides, sums in another order.
+// relative (2-norm) for gradients and weights, or no more than 10 times the CPU's own gap between its
+// default and generic ISA (tests/cpu_noise.h: ResNet18's cut gradient at random weights, MobileNetV3's
+// zero-but-for-rounding shifts); 1e-4 for the loss; FP32 both sides, sums in another order.
 TEST(ServerPartCuda, MicroBatchesAndStepsMatchCpu) {
   PIPAR_REQUIRE_CUDA();
   for (const Case& c : kCases) {
@@ -75,8 +78,10 @@ TEST(ServerPartCuda, MicroBatchesAndStepsMatchCpu) {
     test::Rng rng(static_cast<uint64_t>(time(nullptr)));
     SCOPED_TRACE(test::seed_trace());
     auto cpu_model = make_model(c, 21, Device::kCpu);
+    auto generic_model = make_model(c, 21, Device::kCpu);
     auto gpu_model = make_model(c, 21, Device::kCuda);
     ServerPart cpu(*cpu_model, c.split, sgd());
+    ServerPart generic(*generic_model, c.split, sgd());  // on the generic ISA: the CPU's own rounding
     ServerPart gpu(*gpu_model, c.split, sgd(), Device::kCuda);
     EXPECT_EQ(gpu.device(), Device::kCuda);
     const int64_t sizes[] = {7, 5, 6};
@@ -85,18 +90,32 @@ TEST(ServerPartCuda, MicroBatchesAndStepsMatchCpu) {
         const Tensor x = random_cut(rng, *cpu_model, c.split, n), y = random_labels(rng, n);
         const ServerPart::Result rc = cpu.train_micro(x, y, 18);
         const ServerPart::Result rg = gpu.train_micro(x, y, 18);
+        ServerPart::Result rn;
+        {
+          test::OnIsa on(kernels::Isa::kGeneric);
+          rn = generic.train_micro(x, y, 18);
+        }
         EXPECT_EQ(rg.grad.device(), Device::kCpu);
         ASSERT_EQ(rg.grad.shape(), x.shape());
-        EXPECT_LT(relative_error(rg.grad.to_vector(), rc.grad.to_vector()), 2e-3) << "batch " << batch << " micro " << n;
+        const test::CpuGap g = test::gap_to_cpu(rg.grad.to_vector(), rc.grad.to_vector(), rn.grad.to_vector(), 2e-3);
+        EXPECT_TRUE(g.ok) << "batch " << batch << " micro " << n << ": cut gradient's relative error " << g.relative
+                          << ", the CPU's own (generic ISA) " << g.cpu_noise;
         EXPECT_NEAR(rg.stats.loss_sum, rc.stats.loss_sum, 1e-4 * std::max(1.0, std::fabs(rc.stats.loss_sum)));
         EXPECT_EQ(rg.stats.count, rc.stats.count);
       }
       cpu.step();
       gpu.step();
-      const auto pc = cpu_model->params(c.split), pg = gpu_model->params(c.split);
+      {
+        test::OnIsa on(kernels::Isa::kGeneric);
+        generic.step();
+      }
+      const auto pc = cpu_model->params(c.split), pn = generic_model->params(c.split), pg = gpu_model->params(c.split);
       ASSERT_EQ(pc.size(), pg.size());
-      for (size_t i = 0; i < pc.size(); ++i)
-        EXPECT_LT(relative_error(pg[i]->value.to_vector(), pc[i]->value.to_vector()), 2e-3) << "batch " << batch << " parameter " << i;
+      for (size_t i = 0; i < pc.size(); ++i) {
+        const test::CpuGap g = test::gap_to_cpu(pg[i]->value.to_vector(), pc[i]->value.to_vector(), pn[i]->value.to_vector(), 2e-3);
+        EXPECT_TRUE(g.ok) << "batch " << batch << " parameter " << i << " (" << pc[i]->name << "): relative error "
+                          << g.relative << ", the CPU's own (generic ISA) " << g.cpu_noise;
+      }
     }
   }
 }

@@ -16,6 +16,7 @@
 #include "runtime/loss.h"
 #include "runtime/model.h"
 #include "runtime/trainer.h"
+#include "tests/cpu_noise.h"
 #include "tests/gpu.h"
 #include "tests/random.h"
 
@@ -44,7 +45,9 @@ struct Case {
 // Every parameter's gradient and value after one step, and the loss, agree with the CPU backend's.
 // Tolerance: relative error (2-norm) 2e-3 for gradients and the updated weights (a batch-norm shift
 // starts at zero, so after one step it is -lr * its gradient, with the gradient's relative error),
-// 1e-4 for the loss: FP32 on both sides, only the order of the sums differs (GEMM tiles, reductions).
+// or no more than 10 times the CPU's own gap between its default and generic ISA (tests/cpu_noise.h:
+// MobileNetV3's zero-but-for-rounding shift gradients); 1e-4 for the loss: FP32 on both sides, only
+// the order of the sums differs (GEMM tiles, reductions).
 TEST(TrainingCuda, StepMatchesCpuForEveryModelFamily) {
   PIPAR_REQUIRE_CUDA();
   const Case cases[] = {{"vgg5", {1, 1, 28, 28}, 1.0f},
@@ -57,6 +60,7 @@ TEST(TrainingCuda, StepMatchesCpuForEveryModelFamily) {
     o.width = c.width;
     o.seed = 11;
     auto cpu = build_model(c.model, o);
+    auto cpu_generic = build_model(c.model, o);
     auto gpu = build_model(c.model, o);
     test::Rng rng(static_cast<uint64_t>(time(nullptr)));
     Shape4 xs = c.input;
@@ -65,6 +69,10 @@ TEST(TrainingCuda, StepMatchesCpuForEveryModelFamily) {
 
     Context cctx;
     const LossStats lc = train_step(*cpu, x, y, cctx);
+    {
+      test::OnIsa generic(kernels::Isa::kGeneric);
+      train_step(*cpu_generic, x, y, cctx);
+    }
 
     kernels::DeviceStream stream(Device::kCuda);
     kernels::ScopedStream on(stream.ref());
@@ -76,12 +84,16 @@ TEST(TrainingCuda, StepMatchesCpuForEveryModelFamily) {
 
     EXPECT_NEAR(lg.loss_sum, lc.loss_sum, 1e-4 * std::max(1.0, std::fabs(lc.loss_sum)));
     EXPECT_EQ(lg.count, lc.count);
-    const auto pc = cpu->params(), pg = gpu->params();
+    const auto pc = cpu->params(), pn = cpu_generic->params(), pg = gpu->params();
     ASSERT_EQ(pc.size(), pg.size());
     for (size_t i = 0; i < pc.size(); ++i) {
       ASSERT_EQ(pg[i]->value.device(), Device::kCuda);
-      EXPECT_LT(relative_error(pg[i]->grad.to_vector(), pc[i]->grad.to_vector()), 2e-3) << "gradient of parameter " << i;
-      EXPECT_LT(relative_error(pg[i]->value.to_vector(), pc[i]->value.to_vector()), 2e-3) << "parameter " << i;
+      const test::CpuGap grad = test::gap_to_cpu(pg[i]->grad.to_vector(), pc[i]->grad.to_vector(), pn[i]->grad.to_vector(), 2e-3);
+      EXPECT_TRUE(grad.ok) << "gradient of parameter " << i << " (" << pc[i]->name << "): relative error " << grad.relative
+                           << ", the CPU's own (generic ISA) " << grad.cpu_noise;
+      const test::CpuGap value = test::gap_to_cpu(pg[i]->value.to_vector(), pc[i]->value.to_vector(), pn[i]->value.to_vector(), 2e-3);
+      EXPECT_TRUE(value.ok) << "parameter " << i << " (" << pc[i]->name << "): relative error " << value.relative
+                            << ", the CPU's own (generic ISA) " << value.cpu_noise;
     }
   }
 }

@@ -25,6 +25,7 @@
 #include <memory>
 
 #include "kernels/parallel.h"
+#include "tests/cpu_noise.h"
 #include "runtime/replica_stack.h"
 #include "tests/gpu.h"
 #include "tests/random.h"
@@ -112,11 +113,7 @@ struct Alone {
   std::unique_ptr<Model> model;
   std::unique_ptr<ServerPart> part;
 };
-struct OnIsa {
-  kernels::Isa saved = kernels::cpu_isa();
-  explicit OnIsa(kernels::Isa isa) { kernels::set_cpu_isa(isa); }
-  ~OnIsa() { kernels::set_cpu_isa(saved); }
-};
+using test::OnIsa;
 
 void check_stack_equals_alone(const Case& c, Device device) {
   const double tol = device == Device::kCpu ? c.cpu_tol : c.cuda_tol;
