@@ -584,8 +584,10 @@ def main():
     dirty = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status", "--porcelain",
                             "--untracked-files=no"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                            text=True).stdout.strip()
-    pipar_devices = subprocess.run([args.pipar, "devices"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True).stdout.strip()
+    # The machine's lines of `pipar devices`, not the autotuner's cached choices (a thousand on a GPU).
+    pipar_devices = "\n".join(
+        line for line in subprocess.run([args.pipar, "devices"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True).stdout.strip().splitlines() if "|" not in line)
     gpus = gpu_names()
     cores = available_cores()
     header = [

@@ -3,9 +3,8 @@
 // saves the batch mean and 1/sqrt(var+eps); backward accumulates dgamma, dbeta and overwrites dx.
 // Training and backward: one block per channel, two-pass sums in double (mean, then squared
 // deviations), block-wide reductions. Inference: one thread per element.
-// Checked only in a CPU emulation (blocks run as std::threads with barriers; handwritten kernels
-// against the CPU backend, guard elements intact). NOT verified on a GPU: results against the CPU, and speed (one
-// block per channel under-fills the GPU when c is small and n*h*w large).
+// Verified on an H200 (OpsCuda.BatchNormMatchesCpu); not tuned: one block per channel under-fills the
+// GPU when c is small and n*h*w large.
 #include "kernels/cuda/kernel_util.cuh"
 #include "kernels/cuda/ops_cuda.h"
 

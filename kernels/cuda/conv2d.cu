@@ -3,9 +3,8 @@
 // shape and pass by the autotuner (autotune.h) under kernel_choice();
 // 1x1 stride-1 unpadded convolutions read x directly; direct kernels for depthwise ones (one input
 // channel per group). col2im is a gather (one thread per dx element): no atomics, deterministic.
-// Checked only in a CPU emulation (blocks run as std::threads with barriers; handwritten kernels
-// against the CPU backend, guard elements intact). NOT verified on a GPU: every kernel's results against the CPU,
-// speed, and the workspace chunking for large inputs.
+// Verified on an H200 (OpsCuda.Conv2d*, against the CPU; speeds in bench/RESULTS.md); the workspace
+// chunking for inputs over 128 MiB of columns is not exercised by the tests.
 #include <string>
 #include <vector>
 
@@ -258,6 +257,15 @@ void channel_sum_accumulate(const float* dy, float* db, int64_t n, int64_t k, in
 
 namespace {
 
+// im2col and col2im over all of a sample's channels at once: the rows of group grp are
+// [grp * ckk, (grp + 1) * ckk) (the kernels read cg and ckk only, not the group count).
+ConvGeom all_channels(const ConvGeom& g) {
+  ConvGeom a = g;
+  a.cg = g.c;
+  a.ckk = g.c * g.kh * g.kw;
+  return a;
+}
+
 void forward_gemm(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
   const cudaStream_t st = native(s);
   if (g.depthwise()) {
@@ -266,23 +274,23 @@ void forward_gemm(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View
   }
   if (b.data) conv2d_bias_broadcast(b.data, y.data, y.numel(), g.k, g.ohw, st);
   const float beta = b.data ? 1.0f : 0.0f;
-  const int64_t cs_max = chunk_samples(g.n, g.pointwise() ? 0 : g.ckk * g.ohw);
+  const ConvGeom all = all_channels(g);
+  const int64_t rows = all.ckk;  // im2col rows of a sample, every group's
+  const int64_t cs_max = chunk_samples(g.n, g.pointwise() ? 0 : rows * g.ohw);
   float* col = g.pointwise() ? nullptr
-                             : static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * g.ckk * g.ohw));
-  // Y_g[s] [kg, ohw] (+)= W_g [kg, ckk] . col_g[s] [ckk, ohw], batched over the chunk's samples.
+                             : static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * rows * g.ohw));
+  // Y_g[s] [kg, ohw] (+)= W_g [kg, ckk] . col_g[s] [ckk, ohw], for the chunk's samples by the groups in
+  // one batched GEMM (a replica stack's convolution has a group per replica).
   for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
     const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      const float* xg = x.data + (s0 * g.c + grp * g.cg) * g.hw;
-      const float* bmat = xg;
-      int64_t ldb = g.hw, stride_b = g.c * g.hw;
-      if (!g.pointwise()) {
-        conv2d_im2col(g, xg, col, cs, ColLayout{g.ckk * g.ohw, g.ohw}, st);
-        bmat = col, ldb = g.ohw, stride_b = g.ckk * g.ohw;
-      }
-      gemm_strided_batched(false, false, g.kg, g.ohw, g.ckk, 1.0f, w.data + grp * g.kg * g.ckk, g.ckk, 0, bmat, ldb,
-                           stride_b, beta, y.data + (s0 * g.k + grp * g.kg) * g.ohw, g.ohw, g.k * g.ohw, cs, s);
+    const float* bmat = x.data + s0 * g.c * g.hw;
+    int64_t ldb = g.hw, b_sample = g.c * g.hw, b_group = g.cg * g.hw;
+    if (!g.pointwise()) {
+      conv2d_im2col(all, bmat, col, cs, ColLayout{rows * g.ohw, g.ohw}, st);
+      bmat = col, ldb = g.ohw, b_sample = rows * g.ohw, b_group = g.ckk * g.ohw;
     }
+    gemm_batched_2d(false, false, g.kg, g.ohw, g.ckk, 1.0f, w.data, g.ckk, 0, g.kg * g.ckk, bmat, ldb, b_sample, b_group,
+                    beta, y.data + s0 * g.k * g.ohw, g.ohw, g.k * g.ohw, g.kg * g.ohw, cs, g.groups, s);
   }
 }
 
@@ -292,24 +300,24 @@ void backward_input_gemm(const ConvGeom& g, ConstView dy, ConstView w, View dx, 
     conv2d_depthwise_backward_input(g, dy.data, w.data, dx.data, st);
     return;
   }
-  const int64_t cs_max = chunk_samples(g.n, g.pointwise() ? 0 : g.ckk * g.ohw);
+  const ConvGeom all = all_channels(g);
+  const int64_t rows = all.ckk;
+  const int64_t cs_max = chunk_samples(g.n, g.pointwise() ? 0 : rows * g.ohw);
   float* col = g.pointwise() ? nullptr
-                             : static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * g.ckk * g.ohw));
-  // dcol_g[s] [ckk, ohw] = W_g^T [ckk, kg] . dy_g[s] [kg, ohw], then col2im (overwrites dx).
+                             : static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * rows * g.ohw));
+  // dcol_g[s] [ckk, ohw] = W_g^T [ckk, kg] . dy_g[s] [kg, ohw] for the chunk's samples by the groups in
+  // one batched GEMM, then col2im over all channels (overwrites dx).
   for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
     const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      const float* wg = w.data + grp * g.kg * g.ckk;
-      const float* dyg = dy.data + (s0 * g.k + grp * g.kg) * g.ohw;
-      float* dxg = dx.data + (s0 * g.c + grp * g.cg) * g.hw;
-      if (g.pointwise()) {
-        gemm_strided_batched(true, false, g.ckk, g.ohw, g.kg, 1.0f, wg, g.ckk, 0, dyg, g.ohw, g.k * g.ohw, 0.0f, dxg,
-                             g.hw, g.c * g.hw, cs, s);
-      } else {
-        gemm_strided_batched(true, false, g.ckk, g.ohw, g.kg, 1.0f, wg, g.ckk, 0, dyg, g.ohw, g.k * g.ohw, 0.0f, col,
-                             g.ohw, g.ckk * g.ohw, cs, s);
-        conv2d_col2im(g, col, dxg, cs, ColLayout{g.ckk * g.ohw, g.ohw}, st);
-      }
+    const float* dyc = dy.data + s0 * g.k * g.ohw;
+    float* dxc = dx.data + s0 * g.c * g.hw;
+    if (g.pointwise()) {
+      gemm_batched_2d(true, false, g.ckk, g.ohw, g.kg, 1.0f, w.data, g.ckk, 0, g.kg * g.ckk, dyc, g.ohw, g.k * g.ohw,
+                      g.kg * g.ohw, 0.0f, dxc, g.hw, g.c * g.hw, g.cg * g.hw, cs, g.groups, s);
+    } else {
+      gemm_batched_2d(true, false, g.ckk, g.ohw, g.kg, 1.0f, w.data, g.ckk, 0, g.kg * g.ckk, dyc, g.ohw, g.k * g.ohw,
+                      g.kg * g.ohw, 0.0f, col, g.ohw, rows * g.ohw, g.ckk * g.ohw, cs, g.groups, s);
+      conv2d_col2im(all, col, dxc, cs, ColLayout{rows * g.ohw, g.ohw}, st);
     }
   }
 }
@@ -321,19 +329,19 @@ void backward_weight_gemm(const ConvGeom& g, ConstView x, ConstView dy, float* d
     return;
   }
   // dW_g [kg, ckk] += dy_g [kg, L] . col_g [ckk, L]^T, L = cs*ohw: the chunk's samples side by side as
-  // columns, so one GEMM sums over samples and positions.
-  const int64_t cs_max = chunk_samples(g.n, (g.k + g.ckk) * g.ohw);
-  float* ws = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + g.ckk) * g.ohw));
+  // columns, so one GEMM sums over samples and positions; the groups batched in one call.
+  const ConvGeom all = all_channels(g);
+  const int64_t rows = all.ckk;
+  const int64_t cs_max = chunk_samples(g.n, (g.k + rows) * g.ohw);
+  float* ws = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + rows) * g.ohw));
   float* dyc = ws;
   float* col = ws + cs_max * g.k * g.ohw;
   for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
     const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max, len = cs * g.ohw;
     conv2d_pack_dy(dy.data + s0 * g.k * g.ohw, dyc, cs, g.k, g.ohw, st);
-    for (int64_t grp = 0; grp < g.groups; ++grp) {
-      conv2d_im2col(g, x.data + (s0 * g.c + grp * g.cg) * g.hw, col, cs, ColLayout{g.ohw, len}, st);
-      gemm(false, true, g.kg, g.ckk, len, 1.0f, dyc + grp * g.kg * len, len, col, len, 1.0f,
-           dw + grp * g.kg * g.ckk, g.ckk, s);
-    }
+    conv2d_im2col(all, x.data + s0 * g.c * g.hw, col, cs, ColLayout{g.ohw, len}, st);
+    gemm_strided_batched(false, true, g.kg, g.ckk, len, 1.0f, dyc, len, g.kg * len, col, len, g.ckk * len, 1.0f, dw,
+                         g.ckk, g.kg * g.ckk, g.groups, s);
   }
 }
 

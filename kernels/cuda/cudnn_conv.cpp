@@ -1,7 +1,7 @@
 // cuDNN convolutions (cudnn_conv.h): the legacy convolution API of cuDNN 9 (deprecated there in favour
 // of the graph API, which takes several times the code for the same three calls), descriptors built
 // per call (microseconds against the convolution), handles cached per stream like cuBLAS's.
-// NOT verified on a GPU (written on a machine without one).
+// Verified on an H200 with cuDNN 9.19 (OpsCuda.VendorAndAutoKernelsMatchCpu).
 #include "kernels/cuda/cudnn_conv.h"
 
 #include "kernels/error.h"

@@ -3,7 +3,7 @@
 // the CPU backend's tolerances), one cuDNN handle per stream, workspace from the stream's scratch.
 // Only deterministic algorithms are offered (the backward-data algorithm 0 and backward-filter 0 and 3
 // accumulate with atomics): the runtime's bitwise guarantees (lanes, resumed runs) hold on CUDA too.
-// NOT verified on a GPU (written on a machine without one).
+// Verified on an H200 with cuDNN 9.19 (OpsCuda.VendorAndAutoKernelsMatchCpu).
 #pragma once
 #include <vector>
 

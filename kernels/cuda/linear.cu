@@ -1,8 +1,7 @@
 // CUDA fully connected layer, y = x W^T + b, through the GEMM of gemm.cu (handwritten tiled kernel or
 // cuBLAS, per shape as the autotuner picks): the bias is broadcast into y first and the GEMM
 // accumulates onto it.
-// Checked only in a CPU emulation (blocks run as std::threads with barriers; handwritten kernels
-// against the CPU backend, guard elements intact). NOT verified on a GPU: results against the CPU and speed.
+// Verified on an H200 (OpsCuda.LinearMatchesCpu, grouped too; speeds in bench/RESULTS.md).
 #include <string>
 #include <vector>
 

@@ -1,7 +1,7 @@
 // NCCL for the multi-GPU server (kernels/device.h GpuGroup): one communicator per GPU of this process,
 // built with ncclCommInitAll, and an in-place sum all-reduce over float buffers, one per GPU, each
 // ordered on its own stream. Compiled only where NCCL was found (PIPAR_HAS_NCCL).
-// NOT verified on a GPU (written on a machine without one).
+// Verified on an H200 with one rank (NcclCuda.FedAvgOnGpusEqualsTheHostAverage); more ranks need more GPUs.
 #if PIPAR_HAS_NCCL
 #include <nccl.h>
 

@@ -40,6 +40,13 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 void gemm_strided_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                           int64_t lda, int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b, float beta,
                           float* c, int64_t ldc, int64_t stride_c, int64_t batch, StreamRef s);
+// outer x inner independent GEMMs in one call: matrix (o, i) of A starts at a + o*a_outer + i*a_inner
+// (likewise b, c); a convolution's samples by its groups. The hand-written kernel runs them all in one
+// grid; cuBLAS loops a strided-batched call over the larger count along the smaller.
+void gemm_batched_2d(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                     int64_t lda, int64_t a_outer, int64_t a_inner, const float* b, int64_t ldb, int64_t b_outer,
+                     int64_t b_inner, float beta, float* c, int64_t ldc, int64_t c_outer, int64_t c_inner,
+                     int64_t outer, int64_t inner, StreamRef s);
 
 // --- ops (semantics: ops.h and the cpu:: implementations) ------------------------------------------
 void conv2d_forward(const Conv2dParams& p, ConstView x, ConstView w, ConstView b, View y, StreamRef s);

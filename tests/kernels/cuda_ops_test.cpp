@@ -226,7 +226,10 @@ void check_gemm(GemmBackend backend, bool ta, bool tb, int64_t m, int64_t n, int
 TEST(OpsCuda, GemmMatchesReferenceEveryTransposeAndBackend) {
   PIPAR_REQUIRE_CUDA();
   SCOPED_TRACE(seed_trace());
-  const int64_t shapes[][3] = {{1, 1, 1}, {3, 17, 33}, {33, 3, 17}, {65, 129, 257}, {17, 1, 64}, {1, 257, 3}};
+  // The last three have few output tiles and a long K: the hand-written kernel splits K (gemm.cu), in
+  // chunks of whole 16-deep slices but a ragged last one.
+  const int64_t shapes[][3] = {{1, 1, 1},   {3, 17, 33},  {33, 3, 17},     {65, 129, 257},
+                               {17, 1, 64}, {1, 257, 3},  {10, 128, 3136}, {7, 33, 1001}, {64, 70, 490}};
   uint64_t salt = 0;
   for (GemmBackend be : kBackends)
     for (int t = 0; t < 4; ++t)
@@ -241,6 +244,7 @@ TEST(OpsCuda, GemmSmallIntegersExact) {
     for (int t = 0; t < 4; ++t) {
       check_gemm(be, t & 1, t & 2, 70, 67, 300, true, ++salt);  // crosses tile edges in every dimension
       check_gemm(be, t & 1, t & 2, 1, 3, 17, true, ++salt);
+      check_gemm(be, t & 1, t & 2, 5, 19, 2000, true, ++salt);  // K split in chunks, exact all the same
     }
 }
 
@@ -280,6 +284,9 @@ std::vector<ConvCase> conv_cases() {
       {{1, 5, 9, 33}, {7, 5, 1, 3}, params(1, 3, 1, 2, 0, 1, 1), false},      // non-square
       {{3, 33, 17, 17}, {17, 33, 3, 3}, params(3, 3, 1, 1, 1, 1, 1), true},   // ckk = 297 crosses K tiles
       {{2, 3, 5, 5}, {4, 3, 5, 5}, params(5, 5, 1, 1, 0, 0, 1), true},        // 1x1 output
+      {{3, 12, 9, 9}, {20, 3, 3, 3}, params(3, 3, 1, 1, 1, 1, 4), true},      // samples x groups in one batched GEMM
+      {{2, 8, 5, 5}, {12, 2, 1, 1}, params(1, 1, 1, 1, 0, 0, 4), false},      // grouped pointwise
+      {{5, 48, 7, 7}, {48, 3, 3, 3}, params(3, 3, 1, 1, 1, 1, 16), false},    // a stack of 16 replicas' convolutions
   };
 }
 
