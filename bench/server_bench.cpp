@@ -9,9 +9,11 @@
 // concurrent rate stops growing with K, the GPU is busy.
 // Third, the K replicas stacked (runtime/replica_stack.h: every layer runs all K in one call; at most
 // --stack-max replicas a stack, default 64): ratios stacked/one-at-a-time and stacked/lanes.
+// --stack-profile: then where a stacked group's time goes (ReplicaStack::Profile: host assembly,
+// upload, each block's forward and backward, loss, download; the device waited for after each).
 // Run: build/bench/pipar_bench_server [--models vgg5:2,resnet18:3] [--devices 1,4,16,64] [--micro 10]
 //      [--threads T] [--repeats R] [--min-seconds S] [--backend cpu|cuda] [--lanes L] [--graphs on|off]
-//      [--stack-max S] (0: no stacked column)
+//      [--stack-max S] (0: no stacked column) [--stack-profile]
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -38,6 +40,41 @@ std::vector<int> all_of(const ReplicaStack& s) {
   return r;
 }
 
+// Three profiled passes of the stacks: milliseconds per group by phase, and the blocks that take the
+// most (forward + backward).
+template <class Pass>
+void print_stack_profile(const std::string& model, int k, std::vector<std::unique_ptr<ReplicaStack>>& stacks, Pass pass) {
+  for (auto& st : stacks) st->set_profiling(true);
+  for (int i = 0; i < 3; ++i) pass();
+  ReplicaStack::Profile sum = stacks[0]->profile();
+  for (size_t i = 1; i < stacks.size(); ++i) {
+    const ReplicaStack::Profile& p = stacks[i]->profile();
+    sum.groups += p.groups, sum.assemble += p.assemble, sum.upload += p.upload, sum.loss += p.loss;
+    sum.download += p.download;
+    for (size_t b = 0; b < sum.forward.size(); ++b) sum.forward[b] += p.forward[b], sum.backward[b] += p.backward[b];
+  }
+  for (auto& st : stacks) st->set_profiling(false);
+  const double per = 1e3 / static_cast<double>(std::max<int64_t>(sum.groups, 1));
+  double fwd = 0, bwd = 0;
+  for (size_t b = 0; b < sum.forward.size(); ++b) fwd += sum.forward[b], bwd += sum.backward[b];
+  const double total = sum.assemble + sum.upload + fwd + sum.loss + bwd + sum.download;
+  std::printf("#   stack profile %s K=%d, %lld groups of up to %d: ms per group: assemble %.3f, upload %.3f, forward %.3f, "
+              "loss %.3f, backward %.3f, download %.3f; sum %.3f\n",
+              model.c_str(), k, static_cast<long long>(sum.groups), stacks[0]->replicas(), sum.assemble * per,
+              sum.upload * per, fwd * per, sum.loss * per, bwd * per, sum.download * per, total * per);
+  std::vector<size_t> order(sum.forward.size());
+  for (size_t b = 0; b < order.size(); ++b) order[b] = b;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return sum.forward[a] + sum.backward[a] > sum.forward[b] + sum.backward[b];
+  });
+  for (size_t i = 0; i < order.size() && i < 4; ++i) {
+    const size_t b = order[i];
+    std::string what = sum.blocks[b].substr(0, 70);
+    std::printf("#     part block %zu: forward %.3f, backward %.3f ms per group: %s\n", b, sum.forward[b] * per,
+                sum.backward[b] * per, what.c_str());
+  }
+}
+
 struct Replica {
   std::unique_ptr<Model> model;
   std::unique_ptr<ServerPart> part;
@@ -52,7 +89,7 @@ int main(int argc, char** argv) {
   int micro = 10, repeats = 5, threads = 0, cuda_lanes = 0, stack_max = 64;
   double min_seconds = 0.3;
   std::string backend = "cpu";
-  bool graphs = true;
+  bool graphs = true, stack_profile = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] { return option_value(argc, argv, i); };
@@ -68,6 +105,7 @@ int main(int argc, char** argv) {
     else if (a == "--lanes") cuda_lanes = std::atoi(next().c_str());
     else if (a == "--graphs") graphs = next() != "off";
     else if (a == "--stack-max") stack_max = std::atoi(next().c_str());
+    else if (a == "--stack-profile") stack_profile = true;
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -172,6 +210,7 @@ int main(int argc, char** argv) {
       std::printf("%-10s %5d %7s %9.1f (%.1f..%.1f) %9.1f (%.1f..%.1f) %6.2fx %9.1f (%.1f..%.1f) %9.2fx %10.2fx\n",
                   name.c_str(), k, lane_text, s.median, s.min, s.max, g.median, g.min, g.max, q.median, sk.median, sk.min,
                   sk.max, so.median, sl.median);
+      if (stack_profile && !stacks.empty()) print_stack_profile(name, k, stacks, [&] { stacked(); });
       std::fflush(stdout);
     }
   }

@@ -109,6 +109,7 @@ class Sequential : public Layer {
   std::unique_ptr<Layer> stacked(int k) const override { return stacked_sequential(k); }
   std::unique_ptr<Sequential> stacked_sequential(int k) const;
   size_t size() const { return layers_.size(); }
+  Layer& at(size_t i) { return *layers_.at(i); }
 
  private:
   std::vector<LayerPtr> layers_;

@@ -2,6 +2,7 @@
 #include "runtime/replica_stack.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 namespace pipar {
@@ -36,6 +37,14 @@ ReplicaStack::ReplicaStack(const Model& like, size_t split, int replicas, kernel
 ReplicaStack::~ReplicaStack() {
   PartDevice::Scope on(dev_);  // the stack's device memory goes on its GPU and stream
   body_.reset();
+}
+
+void ReplicaStack::set_profiling(bool on) {
+  profiling_ = on;
+  profile_ = Profile{};
+  for (size_t b = 0; b < body_->size(); ++b) profile_.blocks.push_back(body_->at(b).describe());
+  profile_.forward.assign(body_->size(), 0.0);
+  profile_.backward.assign(body_->size(), 0.0);
 }
 
 void ReplicaStack::check_replica(int r, const char* who) const {
@@ -82,6 +91,15 @@ void ReplicaStack::copy_replica(int r, Model& m, bool into_stack) {
 
 std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item>& items, int64_t batch_size) {
   if (items.empty()) return {};
+  // With profiling on, lap(t) waits for the device and adds the time since the last lap to t.
+  auto mark = std::chrono::steady_clock::now();
+  auto lap = [&](double& into) {
+    if (!profiling_) return;
+    dev_.synchronize();
+    const auto now = std::chrono::steady_clock::now();
+    into += std::chrono::duration<double>(now - mark).count();
+    mark = now;
+  };
   const int64_t n = items[0].activation.shape().n, f = cut_.per_sample();
   const Shape4 want{n, cut_.c, cut_.h, cut_.w};
   std::vector<int> slot(static_cast<size_t>(k_), -1);  // the item of each replica, -1: absent
@@ -119,14 +137,25 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
   PartDevice::Scope on(dev_);
   const Device d = device();
   const StreamRef st = dev_.stream();
+  lap(profile_.assemble);
   std::vector<Tensor> saved;  // absent replicas' batch-norm statistics, put back after the forward
   if (!all)
     for (const Buffer& b : buffers_) saved.push_back(b.value->clone());
   Tensor dx, losses, probs;
   {
     Tape tape;
-    const Tensor logits = body_->forward(x.to(d), &tape, dev_.ctx);
-    const Tensor yd = y.to(d);
+    const Tensor xd = x.to(d), yd = y.to(d);
+    lap(profile_.upload);
+    Tensor logits;
+    if (profiling_) {  // block by block, as Sequential::forward
+      logits = xd;
+      for (size_t b = 0; b < body_->size(); ++b) {
+        logits = body_->at(b).forward(logits, &tape, dev_.ctx);
+        lap(profile_.forward[b]);
+      }
+    } else {
+      logits = body_->forward(xd, &tape, dev_.ctx);
+    }
     Tensor dlogits;
     softmax_cross_entropy_queued(logits.reshape({n * k_, classes_, 1, 1}), yd, 1.0f / static_cast<float>(batch_size),
                                  losses, probs, &dlogits, st);
@@ -139,7 +168,19 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
       kernels::channel_mul_forward(dlogits.reshape({n, k_, classes_, 1}).view(), md.view(), masked.view(), st);
       dlogits = masked;
     }
-    dx = body_->backward(dlogits.reshape({n, classes_ * k_, 1, 1}), tape, dev_.ctx);
+    lap(profile_.loss);
+    const Tensor dl = dlogits.reshape({n, classes_ * k_, 1, 1});
+    if (profiling_) {  // block by block, as Sequential::backward
+      Context inner = dev_.ctx;
+      inner.input_grad = true;
+      dx = dl;
+      for (size_t b = body_->size(); b-- > 0;) {
+        dx = body_->at(b).backward(dx, tape, b == 0 ? dev_.ctx : inner);
+        lap(profile_.backward[b]);
+      }
+    } else {
+      dx = body_->backward(dl, tape, dev_.ctx);
+    }
   }  // the tape's device memory goes back to the pool on the stack's stream
   for (size_t j = 0; j < saved.size(); ++j)
     for (int r = 0; r < k_; ++r)
@@ -160,6 +201,8 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
     out[i].stats = loss_stats_rows(hl.data(), hp.data(), y.idata(), classes_, r, n, k_);
   }
   dev_.synchronize();
+  lap(profile_.download);
+  if (profiling_) ++profile_.groups;
   return out;
 }
 

@@ -19,6 +19,7 @@
 // would see the padding), and layers whose stacked form differs (dropout, which Layer::stacked refuses).
 #pragma once
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "runtime/split.h"
@@ -59,6 +60,19 @@ class ReplicaStack {
   void step(int r) { step(std::vector<int>{r}); }
   void set_lr(float lr) { opt_.params().lr = lr; }
 
+  // Where a group's time goes (the server benchmark's breakdown): with profiling on, train_micro waits
+  // for the device after each phase and after each block's forward and backward, and adds the wall
+  // time of each here. Off by default: the waits forgo the overlap of host and device work. The
+  // arithmetic is the same either way.
+  struct Profile {
+    int64_t groups = 0;
+    double assemble = 0, upload = 0, loss = 0, download = 0;  // seconds, summed over the groups
+    std::vector<std::string> blocks;                          // each block of the part, described
+    std::vector<double> forward, backward;                    // seconds per block, summed
+  };
+  void set_profiling(bool on);
+  const Profile& profile() const { return profile_; }
+
  private:
   void check_replica(int r, const char* who) const;
   void copy_replica(int r, Model& m, bool into_stack);  // load (into_stack) or store
@@ -73,6 +87,8 @@ class ReplicaStack {
   std::unique_ptr<Sequential> body_;  // the stacked blocks [split, B)
   std::vector<Param*> params_;
   std::vector<Buffer> buffers_;
+  bool profiling_ = false;
+  Profile profile_;
 };
 
 }  // namespace pipar

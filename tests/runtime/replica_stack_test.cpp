@@ -202,6 +202,54 @@ TEST(ReplicaStack, OneReplicaIsThePartItself) {
   EXPECT_LE(relative_error(got[0].grad.to_vector(), want.grad.to_vector()), 0.0) << "one replica: the part's own kernels";
 }
 
+// Profiling (the benchmark's breakdown of a group's time) runs the blocks one by one and waits after
+// each: the arithmetic must not change (bit for bit on the CPU), and every block and group is counted.
+TEST(ReplicaStack, ProfilingChangesNothingAndCountsEveryBlock) {
+  const Case c = kCases[2];  // ResNet18: residual blocks, batch norm, a dense head
+  test::Rng rng(11);
+  std::vector<std::unique_ptr<Model>> ms;
+  for (uint64_t r = 0; r < 3; ++r) ms.push_back(make_model(c, 40 + r));
+  ReplicaStack plain(*ms[0], c.split, 3, sgd()), profiled(*ms[0], c.split, 3, sgd());
+  for (int r = 0; r < 3; ++r) plain.load(r, *ms[static_cast<size_t>(r)]), profiled.load(r, *ms[static_cast<size_t>(r)]);
+  profiled.set_profiling(true);
+  std::vector<Micro> mb;
+  for (int r = 0; r < 3; ++r) mb.push_back(random_micro(rng, *ms[0], c.split, 3));
+  const std::vector<std::vector<ReplicaStack::Item>> groups = {
+      {{0, mb[0].x, mb[0].y}, {1, mb[1].x, mb[1].y}, {2, mb[2].x, mb[2].y}}, {{2, mb[2].x, mb[2].y}, {0, mb[0].x, mb[0].y}}};
+  for (const auto& g : groups) {
+    const auto a = plain.train_micro(g, 6), b = profiled.train_micro(g, 6);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      EXPECT_EQ(a[i].grad.to_vector(), b[i].grad.to_vector()) << "item " << i;
+      EXPECT_EQ(a[i].stats.loss_sum, b[i].stats.loss_sum) << "item " << i;
+    }
+  }
+  plain.step({0, 1, 2}), profiled.step({0, 1, 2});
+  for (int r = 0; r < 3; ++r) {
+    auto ma = make_model(c, 1), mbm = make_model(c, 1);
+    plain.store(r, *ma), profiled.store(r, *mbm);
+    const auto pa = ma->params(c.split), pb = mbm->params(c.split);
+    for (size_t j = 0; j < pa.size(); ++j) EXPECT_EQ(pa[j]->value.to_vector(), pb[j]->value.to_vector()) << pa[j]->name;
+  }
+  const ReplicaStack::Profile& p = profiled.profile();
+  EXPECT_EQ(p.groups, 2);
+  EXPECT_EQ(p.blocks.size(), ms[0]->num_blocks() - c.split);
+  ASSERT_EQ(p.forward.size(), p.blocks.size());
+  ASSERT_EQ(p.backward.size(), p.blocks.size());
+  double blocks = 0;
+  for (size_t b = 0; b < p.blocks.size(); ++b) {
+    EXPECT_GE(p.forward[b], 0.0);
+    EXPECT_GE(p.backward[b], 0.0);
+    blocks += p.forward[b] + p.backward[b];
+  }
+  EXPECT_GT(blocks, 0.0);
+  EXPECT_GE(p.assemble, 0.0);
+  EXPECT_GE(p.upload, 0.0);
+  EXPECT_GE(p.loss, 0.0);
+  EXPECT_GE(p.download, 0.0);
+  EXPECT_EQ(plain.profile().groups, 0) << "profiling is off by default";
+}
+
 TEST(ReplicaStack, RefusesWhatItCannotStack) {
   const Case c = kCases[0];
   test::Rng rng(3);
