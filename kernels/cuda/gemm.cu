@@ -1,7 +1,8 @@
 // CUDA GEMM under conv2d and linear: a shared-memory tiled, register-blocked kernel of our own
 // (64x64 block tile, 16-deep K slices, 4x4 outputs per thread, built for sm_90) and the cuBLAS
 // alternative (cublasSgemm / cublasSgemmStridedBatched, FP32 math), chosen by set_gemm_backend or
-// PIPAR_GEMM_BACKEND. Row-major throughout; batches run in gridDim.z.
+// PIPAR_GEMM_BACKEND. Row-major throughout; batches run in gridDim.z, in one level (strided) or two (a
+// convolution's samples by its groups, gemm_batched_2d: one launch where cuBLAS loops over one level).
 // Split-K: where the output has too few tiles to fill the GPU (a dense layer of 10 samples, the
 // weight gradient of a convolution: 2 to 20 tiles against 132 multiprocessors on an H200) but K is
 // long, the K range is cut into S chunks, each block writes its partial tile to scratch, and a second
