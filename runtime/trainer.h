@@ -32,6 +32,10 @@ struct TrainConfig {
   // side, each on threads / lanes cores (cross-device batching, runtime/lanes.h); 0 = min(devices,
   // threads); 1 = one micro-batch at a time on all threads.
   int server_lanes = 0;
+  // sfl, pipar (per-device replicas, shared labels, one split): "lanes" (above), or "stack": up to 64
+  // replicas stacked as one part (runtime/replica_stack.h), a group of same-size micro-batches trained
+  // by one call per layer and pass; the micro-batches that arrive together (--group-wait-ms) form it.
+  std::string server_batching = "lanes";
   std::string backend = "cpu";  // cpu | cuda | auto
   std::string kernels = "auto";  // CUDA: handwritten | vendor | auto (kernels/cuda/autotune.h)
   // CUDA server: replay each server-side part's micro-batch steps as CUDA graphs (ServerPart::set_graphs).

@@ -29,6 +29,7 @@
 #include "runtime/aggregation.h"
 #include "runtime/checkpoint.h"
 #include "runtime/lanes.h"
+#include "runtime/replica_stack.h"
 #include "runtime/privacy.h"
 #include "runtime/split.h"
 #include "runtime/trace.h"
@@ -73,6 +74,7 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"labels", c.labels},
           {"server_model", c.server_model},
           {"server_lanes", c.server_lanes},
+          {"server_batching", c.server_batching},
           {"latency_ms", n.latency_ms},
           // Devices measure their block times for the planner: it chooses the plan (--split or
           // --micro-batches auto) or scores the fixed one (predicted_round_seconds).
@@ -107,6 +109,7 @@ TrainConfig config_from_json(const json& j) {
   c.labels = j.value("labels", "shared");  // absent: a server from before private labels
   c.server_model = j.value("server_model", "per-device");
   c.server_lanes = j.value("server_lanes", 0);
+  c.server_batching = j.value("server_batching", "lanes");
   return c;
 }
 
@@ -815,6 +818,10 @@ struct DeviceSlot {
   std::unique_ptr<Model> replica;  // server part (sfl, pipar)
   std::unique_ptr<ServerPart> server_part;
   std::unique_ptr<MiddlePart> middle_part;  // private labels: the middle blocks, in place of server_part
+  // --server-batching stack: the stack that trains its replica during a round (replica index
+  // stack_slot), in place of server_part; `replica` holds its state between rounds.
+  ReplicaStack* stack = nullptr;
+  int stack_slot = -1;
   std::map<int64_t, std::vector<char>> micro_done;  // batch → each micro-batch's MicroState
   int rejected = 0;           // its messages rejected this round
   std::optional<tp::Weights> weights;
@@ -944,6 +951,9 @@ class ServerRunner {
   DeviceSlot& owner_of(DeviceSlot& s) { return shared_server() ? slots_[0] : s; }
   // One server part for all devices: sl's (in turn), or --server-model shared (in arrival order).
   bool shared_server() const { return cfg_.mode == "sl" || (split_mode() && cfg_.server_model == "shared"); }
+  bool stacked() const { return cfg_.server_batching == "stack"; }
+  // The most server parts one group may hold: a stack's micro-batches all at once, else one per lane.
+  size_t group_capacity() const { return stacked() ? slots_.size() : static_cast<size_t>(lanes_->lanes()); }
   // Differential privacy is on: the devices account their releases, and this server counts, per device,
   // the rounds it began (checkpointed, and handed to the devices, so a restarted device's epsilon goes on
   // from its true total).
@@ -1110,6 +1120,20 @@ class ServerRunner {
     if (!(cfg_.server_memory_gb >= 0)) throw Error("--server-memory-gb must be 0 (this machine's available memory) or more");
     if (cfg_.server_lanes < 0) throw Error("--server-lanes must be 0 (as the cost model predicts faster) or more");
     if (!(net_.group_wait_ms >= 0) || net_.group_wait_ms > 10000) throw Error("--group-wait-ms must be 0..10000");
+    if (cfg_.server_batching != "lanes" && cfg_.server_batching != "stack")
+      throw Error("--server-batching must be lanes or stack, got '" + cfg_.server_batching + "'");
+    if (cfg_.server_batching == "stack") {
+      const std::string why = cfg_.mode != "sfl" && cfg_.mode != "pipar" ? "a replica per device: --mode sfl or pipar"
+                              : cfg_.server_model != "per-device"         ? "a replica per device: --server-model per-device"
+                              : cfg_.labels != "shared"                   ? "whole server steps: --labels shared"
+                              : cfg_.gpus.size() > 1                      ? "the replicas on one GPU: at most one --gpus"
+                                                                          : "";
+      if (!why.empty()) throw Error("--server-batching stack needs " + why);
+      for (int p : cfg_.device_splits)
+        if (p != cfg_.device_splits.front())
+          throw Error("--server-batching stack needs one split point for every device, not --split P0,P1,...");
+      cfg_.one_split = true;  // the planner too
+    }
     if (cfg_.server_model == "shared") {
       if (cfg_.mode == "fl")
         throw Error("--server-model shared applies to sfl and pipar: in fl the devices train whole models (and sl always "
@@ -1300,7 +1324,42 @@ class ServerRunner {
       }
       s.part_split = s.split;
     }
+    if (stacked()) build_stacks(sp);
     malloc_trim(0);  // the copies it made while loading K replicas: back to the system, not kept as free heap
+  }
+
+  // --server-batching stack: the replicas, in slot order, as stacks of up to kStackMax (one split, one
+  // GPU: validate). Their state comes from the replicas at each round's start (load_stacks) and goes
+  // back before the round's average (store_stacks), so that between rounds the replicas hold it, as
+  // without stacks (FedAvg, checkpoints, re-plans read and write the replicas).
+  void build_stacks(const kernels::SgdParams& sp) {
+    for (DeviceSlot& s : slots_) s.stack = nullptr, s.stack_slot = -1;
+    stacks_.clear();
+    std::vector<DeviceSlot*> with_parts;
+    for (DeviceSlot& s : slots_)
+      if (s.server_part) with_parts.push_back(&s);
+    for (size_t first = 0; first < with_parts.size(); first += kStackMax) {
+      const int count = static_cast<int>(std::min<size_t>(kStackMax, with_parts.size() - first));
+      DeviceSlot& lead = *with_parts[first];
+      kernels::ScopedCudaDevice on_gpu(gpu_of(lead));
+      stacks_.push_back(
+          std::make_unique<ReplicaStack>(*lead.replica, lead.split, count, sp, server_device_, gpu_of(lead)));
+      for (int r = 0; r < count; ++r) {
+        DeviceSlot& s = *with_parts[first + static_cast<size_t>(r)];
+        if (s.split != lead.split) throw Error("--server-batching stack: the devices' split points differ");
+        s.stack = stacks_.back().get(), s.stack_slot = r;
+      }
+    }
+  }
+
+  void load_stacks() {
+    for (DeviceSlot& s : slots_)
+      if (s.stack) s.stack->load(s.stack_slot, *s.replica);
+  }
+
+  void store_stacks() {
+    for (DeviceSlot& s : slots_)
+      if (s.stack) s.stack->store(s.stack_slot, *s.replica);
   }
 
   // Cross-device batching (a replica per device): up to L replicas train side by side,
@@ -1742,7 +1801,7 @@ class ServerRunner {
   // come first (at most kMaxDrain messages; then it trains what it has).
   static constexpr size_t kMaxDrain = 4096;
   void fill_group(int r) {
-    const size_t lanes = static_cast<size_t>(lanes_->lanes());
+    const size_t lanes = group_capacity();
     if (lanes < 2) return;
     // Distinct server parts among the queued steps (the largest group they can form now), kept up to
     // date as each message read adds at most one step at the queue's end.
@@ -1766,7 +1825,7 @@ class ServerRunner {
     std::vector<Pending> group;
     std::deque<Pending> later;
     std::set<const DeviceSlot*> owners;
-    const size_t lanes = static_cast<size_t>(lanes_->lanes());
+    const size_t lanes = group_capacity();
     for (Pending& p : pending_) {
       if (!p.slot->in_round || p.slot->done) continue;  // dropped while it waited
       const bool joins = owners.size() < lanes && owners.insert(&owner_of(*p.slot)).second;
@@ -1795,7 +1854,8 @@ class ServerRunner {
       else items[i].work = [mid, key, in, out] { *out = mid->backward(key, *in); };
     }
     const double t0 = now_seconds();
-    lanes_->train(items);
+    if (stacked()) train_stacked(group, items);
+    else lanes_->train(items);
     const double t1 = now_seconds();
     ++groups_;
     grouped_micros_ += group.size();
@@ -1828,6 +1888,27 @@ class ServerRunner {
       trace_.add("server", detail::concat("d", s.id, " b", g.batch, " m", g.micro_batch,
                                           p.kind == Pending::kTrain ? "" : " backward", of_group), t0, t1);
       server_.send(s.id, g);
+    }
+  }
+
+  // --server-batching stack: the group's micro-batches (whole server steps, one per replica) by stack,
+  // size and batch (a stack's call takes one size and one batch size), each such set in one call.
+  void train_stacked(const std::vector<Pending>& group, std::vector<ServerLanes::Item>& items) {
+    std::map<std::tuple<const ReplicaStack*, int64_t, int64_t>, std::vector<size_t>> sets;
+    for (size_t i = 0; i < group.size(); ++i) {
+      const DeviceSlot& owner = owner_of(*group[i].slot);
+      sets[{owner.stack, items[i].activation.shape().n, items[i].batch_size}].push_back(i);
+    }
+    for (const auto& [key, members] : sets) {
+      ReplicaStack* stack = owner_of(*group[members.front()].slot).stack;
+      std::vector<ReplicaStack::Item> in;
+      for (size_t i : members) in.push_back({owner_of(*group[i].slot).stack_slot, items[i].activation, items[i].labels});
+      try {
+        std::vector<ServerPart::Result> out = stack->train_micro(in, std::get<2>(key));
+        for (size_t j = 0; j < members.size(); ++j) items[members[j]].result = std::move(out[j]);
+      } catch (...) {
+        for (size_t i : members) items[i].error = std::current_exception();
+      }
     }
   }
 
@@ -1928,6 +2009,7 @@ class ServerRunner {
     // after 2 epochs, against 1.8 and 52% with replicas).
     if (shared_server() && cfg_.mode != "sl") lr /= static_cast<float>(std::max<size_t>(1, round_devices_));
     if (owner.middle_part) owner.middle_part->set_lr(lr), owner.middle_part->step();
+    else if (owner.stack) owner.stack->set_lr(lr), owner.stack->step(owner.stack_slot);
     else owner.server_part->set_lr(lr), owner.server_part->step();
   }
 
@@ -2008,7 +2090,9 @@ class ServerRunner {
       }
     } else {
       for (DeviceSlot* s : active) start_device(*s, r);
+      if (stacked()) load_stacks();  // after start_device has zeroed what a dropped device left
       serve_round(r);
+      if (stacked()) store_stacks();
     }
     const double t_agg = now_seconds();
     aggregate();
@@ -2363,6 +2447,9 @@ class ServerRunner {
   bool graphs_off_said_ = false;         // the reason CUDA graphs went off was logged
   std::deque<Pending> pending_;
   uint64_t groups_ = 0, grouped_micros_ = 0;
+  // --server-batching stack: the replicas in stacks of up to kStackMax, in slot order.
+  static constexpr int kStackMax = 64;
+  std::vector<std::unique_ptr<ReplicaStack>> stacks_;
 };
 
 }  // namespace

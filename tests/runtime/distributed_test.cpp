@@ -1150,6 +1150,64 @@ TEST(Distributed, CrossDeviceBatchingDoesNotChangeTheArithmetic) {
   }
 }
 
+// --server-batching stack: the replicas trained as stacks (runtime/replica_stack.h), the micro-batches
+// that arrive together (up to 40 ms apart) in one call per layer, against one micro-batch at a time.
+// The same training up to summation order (a stacked convolution is a grouped one, and may take
+// other kernels than the plain one, as ReplicaStack.EachReplicaTrainsAsAlone measures): every round's
+// losses and accuracies, every tensor of the final checkpoint; groups did form. And what it refuses.
+TEST(Distributed, StackedReplicasTrainAsOneAtATime) {
+  auto config = [&](const std::string& out, const std::string& batching) {
+    TrainConfig c = small_config("pipar", out);
+    c.devices = 4;
+    c.epochs = 2;
+    c.server_lanes = 1;
+    c.server_batching = batching;
+    c.save_path = c.out_dir + "/server.ckpt";
+    return c;
+  };
+  const TrainConfig one = config("stack_ref", "lanes"), stack = config("stack", "stack");
+  NetConfig wait = fast_net();
+  wait.group_wait_ms = 40;
+  run_cluster(one, fast_net(), 4);
+  run_cluster(stack, wait, 4);
+  const auto m1 = metrics(one.out_dir), m = metrics(stack.out_dir);
+  ASSERT_EQ(m1.size(), 2u);
+  ASSERT_EQ(m.size(), 2u);
+  for (size_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(m1[r]["samples"], m[r]["samples"]);
+    for (const char* key : {"train_loss", "test_loss"})
+      EXPECT_NEAR(m1[r][key].get<double>(), m[r][key].get<double>(), 1e-3 * std::fabs(m1[r][key].get<double>()))
+          << key << " round " << r;
+    for (const char* key : {"train_accuracy", "test_accuracy"})
+      EXPECT_NEAR(m1[r][key].get<double>(), m[r][key].get<double>(), 0.01) << key << " round " << r;
+    std::printf("stacked: mean group size %.2f over %d groups\n", m[r]["mean_group_size"].get<double>(),
+                m[r]["server_groups"].get<int>());
+    EXPECT_GT(m[r]["mean_group_size"].get<double>(), 1.5) << "round " << r;
+  }
+  const auto ta = checkpoint_tensors(one.out_dir + "/server.ckpt"), tb = checkpoint_tensors(stack.out_dir + "/server.ckpt");
+  ASSERT_EQ(ta.size(), tb.size());
+  double worst = 0;
+  for (const auto& [name, values] : ta) {
+    ASSERT_TRUE(tb.count(name)) << name;
+    const double e = relative_error(tb.at(name), values);
+    worst = std::max(worst, e);
+    EXPECT_LT(e, 1e-4) << name;  // 6.2e-7 seen
+  }
+  std::printf("stacked: largest relative gap of a checkpoint tensor %.2e\n", worst);
+
+  TrainConfig bad = config("stack_bad", "stack");
+  bad.server_model = "shared";
+  EXPECT_NE(error_of(bad).find("--server-batching stack needs a replica per device"), std::string::npos) << error_of(bad);
+  bad = config("stack_bad2", "stack");
+  bad.labels = "private";
+  EXPECT_NE(error_of(bad).find("--labels shared"), std::string::npos) << error_of(bad);
+  bad = config("stack_bad3", "stack");
+  bad.split = 1, bad.device_splits = {1, 2, 2, 2};
+  EXPECT_NE(error_of(bad).find("one split point for every device"), std::string::npos) << error_of(bad);
+  bad = config("stack_bad4", "pile");
+  EXPECT_NE(error_of(bad).find("--server-batching must be lanes or stack"), std::string::npos) << error_of(bad);
+}
+
 // A real device's first batch (VGG5 split 2, batch 25, 3 micro-batches), recorded for light devices.
 std::string record_first_batch(const std::string& name) {
   const std::string rec = temp_dir(name) + "/first_batch.rec";
