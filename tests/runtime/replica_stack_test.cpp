@@ -11,13 +11,16 @@
 // rounding (the bias gradient of a batch norm followed by a convolution and another batch norm).
 //  - VGG5: 1e-4 on the CPU, with a step after each group; 2e-3 on CUDA against the CPU (as
 //    ServerPartCuda.MicroBatchesAndStepsMatchCpu).
-//  - ResNet18 and MobileNetV3-Small: 3e-2, and no steps (the step is the same code for every model,
+//  - ResNet18 and MobileNetV3-Small: 1e-1, and no steps (the step is the same code for every model,
 //    slices of the stacked parameters, checked on VGG5). Their parts are ill-conditioned at random
 //    weights: ReLU masks flip on values near zero and batch norm over a few samples amplifies, so
 //    any two of the three CPU kernel sets (AVX2 with Winograd, the generic ISA, the stack's grouped
-//    GEMMs) disagree on some seeds, each of them the odd one out on some; the largest gap seen over 30
-//    seeds was 2.5e-2 (ResNet18 cut gradient), the usual one 1.3e-6. A wrong slice, mask or layout is
-//    an error of order one.
+//    GEMMs) disagree on some seeds, each of them the odd one out on some; the usual gap is 1.3e-6.
+//    A flip is a jump, not drift: with PIPAR_TEST_SEED=594793029 (ResNet18, replica 1 alone with 3
+//    samples) every gradient of the stack is 2-4.7e-2 from both ISAs' runs, which agree to 1e-6, and
+//    multiplying the input by 1 + 1e-6 noise moves the lone replica's cut gradient by 2.356e-2, the
+//    stack's own gap to the digit (1e-7 noise: 1.4e-6). A wrong slice, mask or layout is an error of
+//    order one.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -44,8 +47,8 @@ struct Case {
 
 const Case kCases[] = {{"vgg5", {1, 1, 28, 28}, 0.25f, 2, 1e-4, 2e-3, true},
                        {"vgg5", {1, 1, 28, 28}, 0.25f, 3, 1e-4, 2e-3, true},  // the dense layers only
-                       {"resnet18", {1, 3, 32, 32}, 0.25f, 3, 3e-2, 3e-2, false},
-                       {"mobilenetv3-small", {1, 3, 32, 32}, 0.5f, 4, 3e-2, 3e-2, false}};
+                       {"resnet18", {1, 3, 32, 32}, 0.25f, 3, 1e-1, 1e-1, false},
+                       {"mobilenetv3-small", {1, 3, 32, 32}, 0.5f, 4, 1e-1, 1e-1, false}};
 
 std::unique_ptr<Model> make_model(const Case& c, uint64_t seed) {
   ModelOptions o;
