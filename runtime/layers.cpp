@@ -564,17 +564,23 @@ Shape4 Sequential::out_shape(Shape4 in) const {
   return in;
 }
 
-Tensor Sequential::forward(const Tensor& x, Tape* tape, const Context& ctx) {
+Tensor Sequential::forward(const Tensor& x, Tape* tape, const Context& ctx, const std::function<void(size_t)>& after) {
   Tensor h = x;
-  for (auto& l : layers_) h = l->forward(h, tape, ctx);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    h = layers_[i]->forward(h, tape, ctx);
+    if (after) after(i);
+  }
   return h;
 }
 
-Tensor Sequential::backward(const Tensor& dy, Tape& tape, const Context& ctx) {
+Tensor Sequential::backward(const Tensor& dy, Tape& tape, const Context& ctx, const std::function<void(size_t)>& after) {
   Tensor d = dy;
   Context inner = ctx;
   inner.input_grad = true;
-  for (size_t i = layers_.size(); i-- > 0;) d = layers_[i]->backward(d, tape, i == 0 ? ctx : inner);
+  for (size_t i = layers_.size(); i-- > 0;) {
+    d = layers_[i]->backward(d, tape, i == 0 ? ctx : inner);
+    if (after) after(i);
+  }
   return d;
 }
 

@@ -2,6 +2,7 @@
 // needs from its forward pass goes on a Tape that the caller owns, one tape per micro-batch in
 // flight, so a pipeline can run several forwards before their backwards.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -99,8 +100,11 @@ class Sequential : public Layer {
   }
   std::string describe() const override;
   Shape4 out_shape(Shape4 in) const override;
-  Tensor forward(const Tensor& x, Tape* tape, const Context& ctx) override;
-  Tensor backward(const Tensor& dy, Tape& tape, const Context& ctx) override;
+  Tensor forward(const Tensor& x, Tape* tape, const Context& ctx) override { return forward(x, tape, ctx, {}); }
+  Tensor backward(const Tensor& dy, Tape& tape, const Context& ctx) override { return backward(dy, tape, ctx, {}); }
+  // The same, calling after(i) once layer i has run (ReplicaStack's profile times each block).
+  Tensor forward(const Tensor& x, Tape* tape, const Context& ctx, const std::function<void(size_t)>& after);
+  Tensor backward(const Tensor& dy, Tape& tape, const Context& ctx, const std::function<void(size_t)>& after);
   void collect_params(const std::string& prefix, std::vector<Param*>& out) override;
   void collect_buffers(const std::string& prefix, std::vector<Buffer>& out) override;
   int64_t flops(Shape4 in) const override;

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 
 namespace pipar {
 
@@ -146,16 +147,13 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
     Tape tape;
     const Tensor xd = x.to(d), yd = y.to(d);
     lap(profile_.upload);
-    Tensor logits;
-    if (profiling_) {  // block by block, as Sequential::forward
-      logits = xd;
-      for (size_t b = 0; b < body_->size(); ++b) {
-        logits = body_->at(b).forward(logits, &tape, dev_.ctx);
-        lap(profile_.forward[b]);
-      }
-    } else {
-      logits = body_->forward(xd, &tape, dev_.ctx);
+    // With profiling on, each block's forward and backward timed.
+    std::function<void(size_t)> after_forward, after_backward;
+    if (profiling_) {
+      after_forward = [&](size_t b) { lap(profile_.forward[b]); };
+      after_backward = [&](size_t b) { lap(profile_.backward[b]); };
     }
+    const Tensor logits = body_->forward(xd, &tape, dev_.ctx, after_forward);
     Tensor dlogits;
     softmax_cross_entropy_queued(logits.reshape({n * k_, classes_, 1, 1}), yd, 1.0f / static_cast<float>(batch_size),
                                  losses, probs, &dlogits, st);
@@ -169,18 +167,7 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
       dlogits = masked;
     }
     lap(profile_.loss);
-    const Tensor dl = dlogits.reshape({n, classes_ * k_, 1, 1});
-    if (profiling_) {  // block by block, as Sequential::backward
-      Context inner = dev_.ctx;
-      inner.input_grad = true;
-      dx = dl;
-      for (size_t b = body_->size(); b-- > 0;) {
-        dx = body_->at(b).backward(dx, tape, b == 0 ? dev_.ctx : inner);
-        lap(profile_.backward[b]);
-      }
-    } else {
-      dx = body_->backward(dl, tape, dev_.ctx);
-    }
+    dx = body_->backward(dlogits.reshape({n, classes_ * k_, 1, 1}), tape, dev_.ctx, after_backward);
   }  // the tape's device memory goes back to the pool on the stack's stream
   for (size_t j = 0; j < saved.size(); ++j)
     for (int r = 0; r < k_; ++r)

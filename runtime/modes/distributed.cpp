@@ -1894,13 +1894,11 @@ class ServerRunner {
   // --server-batching stack: the group's micro-batches (whole server steps, one per replica) by stack,
   // size and batch (a stack's call takes one size and one batch size), each such set in one call.
   void train_stacked(const std::vector<Pending>& group, std::vector<ServerLanes::Item>& items) {
-    std::map<std::tuple<const ReplicaStack*, int64_t, int64_t>, std::vector<size_t>> sets;
-    for (size_t i = 0; i < group.size(); ++i) {
-      const DeviceSlot& owner = owner_of(*group[i].slot);
-      sets[{owner.stack, items[i].activation.shape().n, items[i].batch_size}].push_back(i);
-    }
+    std::map<std::tuple<ReplicaStack*, int64_t, int64_t>, std::vector<size_t>> sets;
+    for (size_t i = 0; i < group.size(); ++i)
+      sets[{owner_of(*group[i].slot).stack, items[i].activation.shape().n, items[i].batch_size}].push_back(i);
     for (const auto& [key, members] : sets) {
-      ReplicaStack* stack = owner_of(*group[members.front()].slot).stack;
+      ReplicaStack* stack = std::get<0>(key);
       std::vector<ReplicaStack::Item> in;
       for (size_t i : members) in.push_back({owner_of(*group[i].slot).stack_slot, items[i].activation, items[i].labels});
       try {
