@@ -18,6 +18,7 @@
 #include "kernels/parallel.h"
 #include "planner/search.h"
 #include "runtime/lanes.h"
+#include "runtime/replica_stack.h"
 #include "runtime/modes/distributed.h"
 #include "runtime/trainer.h"
 
@@ -241,7 +242,11 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   // server-side model, and private labels (whose groups the cost model does not model), one at a time;
   // a given --server-profile is of one lane configuration, so it cannot be weighed against another.
   const int threads = kernels::num_threads();
-  const bool weigh = server_device == Device::kCpu && a.server_model != "shared" && cfg.labels != "private" &&
+  const bool stacked = cfg.server_batching == "stack";
+  if (stacked && (a.server_model != "per-device" || cfg.labels != "shared" || a.server_lanes > 1 ||
+                  (a.mode != "sfl" && a.mode != "pipar")))
+    throw Error("--server-batching stack needs --mode sfl or pipar, --server-model per-device, --labels shared and no --server-lanes");
+  const bool weigh = server_device == Device::kCpu && a.server_model != "shared" && cfg.labels != "private" && !stacked &&
                      (a.server_lanes > 0 || a.server_profile.empty());
   const std::vector<std::pair<int, int>> lane_choices =
       weigh ? ServerLanes::options(cfg.devices, threads, a.server_lanes) : std::vector<std::pair<int, int>>{{1, threads}};
@@ -294,6 +299,18 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
                    cl.server_profile->seconds);
     }
     cl.server_lanes = lanes;
+    if (stacked) {  // the stacks measured here, on this backend, from block 1 (or the one --split)
+      planner::ProfileOptions spo = po;
+      spo.device = server_device;
+      spo.threads = per_lane;
+      const size_t from = cfg.split > 0 ? static_cast<size_t>(cfg.split) : 1;
+      cl.stack_profiles =
+          planner::profile_stacks(cfg.model, o, from, static_cast<size_t>(cfg.devices), kServerStackMax, spo, *cl.server_profile);
+      cl.server_stack = kServerStackMax;
+      cl.stack_split = static_cast<int>(from);
+      for (const auto& [k, p] : cl.stack_profiles)
+        std::fprintf(stderr, "measured a stack of %d replicas on this machine's %s (%.1f s)\n", k, device_name(server_device), p.seconds);
+    }
     planner::CostModel m(cl);
     planner::SearchResult res = planner::search(m, so);
     if (lane_choices.size() > 1)
@@ -305,7 +322,9 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
               "labels %s%s\n",
               model->name().c_str(), cfg.devices, cfg.batch_size, static_cast<long long>(a.samples), net.uplink_mbps,
               net.downlink_mbps, net.latency_ms, cfg.labels.c_str(),
-              c.server_lanes > 1 ? detail::concat(", ", c.server_lanes, " server lanes").c_str() : "");
+              c.server_lanes > 1  ? detail::concat(", ", c.server_lanes, " server lanes").c_str()
+              : c.server_stack > 0 ? detail::concat(", server replicas in stacks of up to ", c.server_stack).c_str()
+                                   : "");
   std::printf("searched %d plans in %.3f s\n", r->evaluated, r->seconds);
   for (size_t i = 0; i < r->ranked.size(); ++i) std::printf("%2zu. %s\n", i + 1, r->ranked[i].describe().c_str());
   std::printf("best plan of each mode:\n");
@@ -512,6 +531,10 @@ int main(int argc, char** argv) {
   plan->add_option("--server-lanes", plan_args.server_lanes,
                    "Server-side replicas trained side by side (cross-device batching; the server profile is then one lane's)")
       ->capture_default_str();
+  plan->add_option("--server-batching", cfg.server_batching,
+                   "lanes, or stack (up to 64 replicas stacked, one call per layer: profiled here as such stacks)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"lanes", "stack"}));
   plan->add_option("--device-slowdown", plan_args.device_speeds,
                    "Per device, its compute time over the measured profile's: S0,S1,... (2: twice as slow; heterogeneous devices)");
   plan->add_option("--labels", cfg.labels, "shared, or private (the device keeps the last block and the loss)")

@@ -77,6 +77,25 @@ CostModel::CostModel(Cluster cluster) : c_(std::move(cluster)) {
     same_model(*c_.server_profile);
     min_micro_ = std::max(min_micro_, c_.server_profile->min_micro_batch);
   }
+  if (c_.server_stack < 0) throw Error("cost model: server_stack must be 0 (no stacks) or more");
+  if (c_.server_stack > 0) {
+    if (c_.server_lanes != 1 || c_.private_labels || c_.shared_server_model)
+      throw Error("cost model: stacks need a replica per device, shared labels and one server lane");
+    if (c_.stack_split < 1 || static_cast<size_t>(c_.stack_split) >= blocks_)
+      throw Error(detail::concat("cost model: stack profiles from split point ", c_.stack_split, " of ", blocks_, " blocks"));
+    for (size_t s = 0; s * static_cast<size_t>(c_.server_stack) < c_.devices.size(); ++s) {
+      const int64_t want = stack_size(s);
+      bool found = false;
+      for (const auto& [size, p] : c_.stack_profiles) {
+        if (size != want) continue;
+        p.validate();
+        same_model(p);
+        min_micro_ = std::max(min_micro_, p.min_micro_batch);
+        found = true;
+      }
+      if (!found) throw Error(detail::concat("cost model: no profile of a stack of ", want, " replicas"));
+    }
+  }
   for (size_t d = 0; d < c_.devices.size(); ++d) {
     const DeviceSpec& s = c_.devices[d];
     if (s.profile >= c_.device_profiles.size())
@@ -99,11 +118,34 @@ void CostModel::check_split(const std::vector<int>& split, Mode mode) const {
   if (mode == Mode::kFl) return;
   if (split.size() != c_.devices.size())
     throw Error(detail::concat("cost model: ", split.size(), " split points for ", c_.devices.size(), " devices"));
+  if (c_.server_stack > 0 && mode != Mode::kSl)
+    for (int p : split)
+      if (p != split.front() || p < c_.stack_split)
+        throw Error(detail::concat("cost model: stacked replicas need one split point, at least ", c_.stack_split,
+                                   " (where the stacks were profiled)"));
   for (int p : split)
     if (p < 1 || static_cast<size_t>(p) >= server_end())
       throw Error(detail::concat("cost model: split point ", p, " outside 1..", server_end() - 1,
                                  c_.private_labels ? detail::concat(" (private labels: the device keeps the last of the ", blocks_, " blocks)")
                                                    : std::string()));
+}
+
+int64_t CostModel::stack_size(size_t s) const {
+  const size_t per = static_cast<size_t>(c_.server_stack), k = c_.devices.size();
+  return static_cast<int64_t>(std::min(per, k - s * per));
+}
+
+const Profile& CostModel::stack_profile(size_t s) const {
+  const int64_t want = stack_size(s);
+  for (const auto& [size, p] : c_.stack_profiles)
+    if (size == want) return p;
+  throw Error(detail::concat("cost model: no profile of a stack of ", want, " replicas"));  // the constructor checked
+}
+
+double CostModel::stack_call_s(size_t s, size_t split, int64_t m) const {
+  const Profile& p = stack_profile(s);
+  const double mm = static_cast<double>(m);
+  return (p.forward_s(split, blocks_, mm) + p.loss_time_s(mm) + p.backward_s(split, blocks_, mm)) * c_.server_time_scale;
 }
 
 int64_t CostModel::device_state_bytes(size_t d, size_t split) const {
@@ -288,8 +330,10 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
   };
 
   double server_free = 0;
-  if (c_.server_lanes > 1 && !c_.private_labels) {
-    const size_t lanes = static_cast<size_t>(c_.server_lanes);
+  const bool stacked = c_.server_stack > 0 && mode != Mode::kSl;  // sl's one server part is never stacked
+  if ((c_.server_lanes > 1 || stacked) && !c_.private_labels) {
+    const size_t lanes = stacked ? k : static_cast<size_t>(c_.server_lanes);
+    std::vector<std::pair<size_t, int64_t>> calls;  // stacks: (stack, micro-batch size) of the group
     std::vector<Arrival> group;
     std::vector<char> in_group(k, 0);
     // Arrivals taken off the heap while their device already had one in the group: the next groups'
@@ -321,14 +365,22 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
           in_group[a.d] = 1;
         }
       }
-      // Kernels on the lanes, one each (the longest sets the group's time); per-message work and steps
-      // on the server's loop, one after another.
+      // Kernels on the lanes, one each (the longest sets the group's time), or one stacked call per
+      // stack and size; per-message work and steps on the server's loop, one after another.
       double longest = 0, serial = 0;
+      calls.clear();
       for (const Arrival& a : group) {
         const Dev& v = dev[a.d];
         in_group[a.d] = 0;
-        longest = std::max(longest, v.st[a.i].s - c_.server_per_micro_batch_s);
         serial += c_.server_per_micro_batch_s + (a.i + 1 == v.sizes.size() ? v.step_srv : 0.0);
+        if (!stacked) {
+          longest = std::max(longest, v.st[a.i].s - c_.server_per_micro_batch_s);
+          continue;
+        }
+        const std::pair<size_t, int64_t> call{stack_of(a.d), v.sizes[a.i]};
+        if (std::find(calls.begin(), calls.end(), call) != calls.end()) continue;
+        calls.push_back(call);
+        longest += stack_call_s(call.first, static_cast<size_t>(split[a.d]), call.second);
       }
       const double end = start + longest + serial;
       server_busy += end - start;
@@ -518,6 +570,15 @@ int64_t CostModel::server_memory_bytes(Mode mode, const std::vector<int>& split,
     // A batch of its activations queued on the way in and of their gradients on the way out (a slow
     // downlink), and its device part's weights message, kept until the round's FedAvg.
     if (mode != Mode::kSl || d == 0) total += 2 * bs * sp.activation_bytes(s) + sp.state_bytes(0, s);
+  }
+  if (c_.server_stack > 0 && mode != Mode::kSl) {
+    // Each replica's slice of its stack, and one call of the largest stack at a time: its tape and its
+    // stacked input and input gradient.
+    const size_t s = static_cast<size_t>(split.front()), e = server_end();
+    const int64_t slice = 3 * sp.param_bytes(s, e) + (sp.state_bytes(s, e) - sp.param_bytes(s, e));
+    const int64_t largest = stack_size(0);
+    return total + static_cast<int64_t>(split.size()) * slice +
+           largest * m_max * (sp.tape_bytes(s, e) + 2 * sp.gradient_bytes(s));
   }
   // Cross-device batching: one tape per lane at once.
   const int64_t lanes = c_.private_labels ? 1 : std::min<int64_t>(c_.server_lanes, static_cast<int64_t>(split.size()));

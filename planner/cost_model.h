@@ -14,7 +14,9 @@
 // K = 1 and N = 1 a batch is exactly the sum of its stages. With server lanes L > 1 (cross-device
 // batching), when the server comes free it takes the arrivals so far, at most one per device and L in
 // all (earliest first), as a group: its kernels run side by side on the lanes, its per-message
-// overheads and steps in turn, and all its gradients leave at the group's end.
+// overheads and steps in turn, and all its gradients leave at the group's end. With stacks
+// (Cluster::server_stack) a group takes every arrival so far, one per device, and its kernels are one
+// stacked call per stack and size among them, timed by the stacks' own profiles.
 //
 // Private labels (Cluster::private_labels, a U-shaped split): the device keeps the last block and the
 // loss, the server runs blocks [P, B-1). Each micro-batch makes an extra round trip: at its arrival the
@@ -80,6 +82,19 @@ struct Cluster {
   // and sends the group's gradients when all of it is done. The server profile is then one lane's
   // (measured on its share of the threads). 1: one micro-batch at a time.
   int server_lanes = 1;
+  // Cross-device batching by stacking (--server-batching stack, runtime/replica_stack.h; shared labels,
+  // a replica per device, one split point): the devices, in order, form stacks of at most server_stack
+  // replicas. When the server comes free it takes every arrival so far, one per device, as a group, and
+  // makes one call per stack and micro-batch size among them. A call computes every replica of its
+  // stack, in the group or not, so its time depends on the stack's size, not the group's; per-message
+  // work and each replica's own step follow in turn. sl (one server part) is never stacked. 0: no
+  // stacks (else server_lanes must be 1).
+  int server_stack = 0;
+  // One profile per stack size in use (server_stack, and K mod server_stack where not 0), as
+  // profile_stack measures it: a block's times are one call's for the whole stack, loss_s the rest of a
+  // call; blocks below stack_split are not measured, so split points run stack_split..B-1.
+  std::vector<std::pair<int, Profile>> stack_profiles;
+  int stack_split = 1;
 };
 
 // Measured on the development machine (bench/planner_grid.py, VGG5, 4 device processes and the server
@@ -141,7 +156,9 @@ class CostModel {
   // every backward). Server: one replica of the whole model per device (sl, shared server model: one)
   // with gradients and momentum, the tape of one micro-batch (per server lane), every device's
   // activations of a batch queued in and their gradients out, its device part's weights message, and
-  // FedAvg's accumulators.
+  // FedAvg's accumulators. With stacks, each replica's server blocks a second time (its stack slice:
+  // weights, gradients, momentum, statistics) and the largest stack's call: tapes, stacked input and
+  // gradient of one micro-batch of every replica.
   int64_t device_memory_bytes(size_t d, int split, int micro_batches) const;
   int64_t server_memory_bytes(Mode mode, const std::vector<int>& split, int micro_batches) const;
 
@@ -166,6 +183,12 @@ class CostModel {
   double host_bound_s(const std::vector<double>& busy) const;
   // The device part's weight bytes (with private labels: and the tail's).
   int64_t device_state_bytes(size_t d, size_t split) const;
+  // Stacks (Cluster::server_stack > 0): the stack of device d, its size, and one call's time for
+  // micro-batches of m samples at split point p (server_time_scale applied).
+  size_t stack_of(size_t d) const { return d / static_cast<size_t>(c_.server_stack); }
+  int64_t stack_size(size_t s) const;
+  double stack_call_s(size_t s, size_t split, int64_t m) const;
+  const Profile& stack_profile(size_t s) const;
 
   Cluster c_;
   size_t blocks_ = 0;

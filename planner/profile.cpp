@@ -13,6 +13,7 @@
 #include "kernels/device.h"
 #include "kernels/parallel.h"
 #include "runtime/loss.h"
+#include "runtime/replica_stack.h"
 
 namespace pipar::planner {
 
@@ -485,6 +486,105 @@ Profile profile_model(const std::string& name, const ModelOptions& model_options
   auto model = build_model(name, model_options);
   if (options.device != Device::kCpu) model->to(options.device);
   return profile_model(*model, options);
+}
+
+Profile profile_stack(const std::string& name, const ModelOptions& model_options, size_t split, int replicas,
+                      const ProfileOptions& options, int64_t max_samples) {
+  PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
+  PIPAR_CHECK(replicas >= 1 && max_samples >= 1, "a stack of ", replicas, " replicas, at most ", max_samples, " samples");
+  std::vector<int64_t> sizes = options.sizes;
+  std::sort(sizes.begin(), sizes.end());
+  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+  PIPAR_CHECK(!sizes.empty() && sizes.front() >= 1, "profile sizes must be >= 1");
+  // The smallest size always; larger ones while a call holds at most max_samples samples.
+  std::erase_if(sizes, [&](int64_t m) { return m != sizes.front() && m * replicas > max_samples; });
+
+  const int saved_threads = kernels::num_threads();
+  if (options.threads > 0) kernels::set_num_threads(options.threads);
+  struct Restore {
+    int n;
+    ~Restore() { kernels::set_num_threads(n); }
+  } restore{saved_threads};
+
+  const auto t_start = std::chrono::steady_clock::now();
+  auto model = build_model(name, model_options);  // on the host: load copies each replica to the stack's device
+  Profile p = describe(*model);
+  p.threads = kernels::num_threads();
+  if (options.device != Device::kCpu) p.isa = device_name(options.device);
+  kernels::SgdParams sp;
+  sp.lr = 1e-4f;  // small: the weights stay sane over the profiling steps
+  sp.momentum = 0.9f;
+  ReplicaStack stack(*model, split, replicas, sp, options.device);
+  for (int r = 0; r < replicas; ++r) stack.load(r, *model);
+  const Shape4 cut = model->block_out_shape(split - 1);
+  std::mt19937_64 gen(options.seed);
+  std::vector<int> all(static_cast<size_t>(replicas));
+  for (int r = 0; r < replicas; ++r) all[static_cast<size_t>(r)] = r;
+  auto pass = [&](int64_t m) {
+    std::vector<ReplicaStack::Item> items(static_cast<size_t>(replicas));
+    for (int r = 0; r < replicas; ++r) {
+      ReplicaStack::Item& it = items[static_cast<size_t>(r)];
+      it.replica = r;
+      it.activation = random_tensor({m, cut.c, cut.h, cut.w}, gen);
+      std::vector<int32_t> ys(static_cast<size_t>(m));
+      for (auto& y : ys) y = static_cast<int32_t>(gen() % static_cast<uint64_t>(p.num_classes));
+      it.labels = Tensor::from_vector(ys, {m, 1, 1, 1});
+    }
+    stack.train_micro(items, m);
+    stack.step(all);
+  };
+  // Warm-up at the smallest size; a size of one the model cannot train on becomes 2 (as profile_model).
+  int warmed = 0;
+  if (sizes.front() == 1) {
+    try {
+      pass(1);
+      ++warmed;
+    } catch (const ShapeError&) {
+      p.min_micro_batch = 2;
+      sizes.front() = 2;
+      sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
+    }
+  }
+  for (; warmed < options.warmup; ++warmed) pass(sizes.front());
+  p.sizes = sizes;
+  const size_t nb = model->num_blocks();
+  for (int64_t m : sizes) {
+    stack.set_profiling(true);  // sums from zero; each call waits for the device after each phase
+    const auto t_size = std::chrono::steady_clock::now();
+    for (int r = 0; r == 0 || (r < options.repeats && seconds_since(t_size) < options.max_seconds_per_size); ++r) pass(m);
+    const ReplicaStack::Profile& timed = stack.profile();
+    const double calls = static_cast<double>(timed.groups);
+    for (size_t b = 0; b < nb; ++b) {
+      p.blocks[b].forward_s.push_back(b < split ? 0.0 : timed.forward[b - split] / calls);
+      p.blocks[b].backward_s.push_back(b < split ? 0.0 : timed.backward[b - split] / calls);
+    }
+    p.loss_s.push_back((timed.assemble + timed.upload + timed.loss + timed.download) / calls);
+  }
+  stack.set_profiling(false);
+  for (BlockProfile& b : p.blocks) {
+    make_non_decreasing(b.forward_s);
+    make_non_decreasing(b.backward_s);
+  }
+  make_non_decreasing(p.loss_s);
+  p.seconds = seconds_since(t_start);
+  p.validate();
+  return p;
+}
+
+std::vector<std::pair<int, Profile>> profile_stacks(const std::string& name, const ModelOptions& model_options, size_t split,
+                                                    size_t devices, int stack_max, const ProfileOptions& options,
+                                                    const Profile& plain) {
+  PIPAR_CHECK(devices >= 1 && stack_max >= 1, devices, " devices in stacks of ", stack_max);
+  PIPAR_CHECK(split >= 1 && split < plain.num_blocks(), "split point ", split, " of ", plain.num_blocks(), " blocks");
+  const double per_sample = static_cast<double>(plain.tape_bytes(split, plain.num_blocks()) + 2 * plain.gradient_bytes(split));
+  const int64_t max_samples = std::clamp<int64_t>(static_cast<int64_t>(static_cast<double>(1LL << 30) / std::max(per_sample, 1.0)),
+                                                  1, 4096);
+  std::vector<int> sizes = {static_cast<int>(std::min<size_t>(devices, static_cast<size_t>(stack_max)))};
+  if (devices > static_cast<size_t>(stack_max) && devices % static_cast<size_t>(stack_max) != 0)
+    sizes.push_back(static_cast<int>(devices % static_cast<size_t>(stack_max)));
+  std::vector<std::pair<int, Profile>> out;
+  for (int k : sizes) out.emplace_back(k, profile_stack(name, model_options, split, k, options, max_samples));
+  return out;
 }
 
 Profile estimate_profile(Model& model, double flops_per_s, double fixed_s, const std::vector<int64_t>& sizes) {

@@ -89,6 +89,26 @@ Profile profile_model(Model& model, const ProfileOptions& options = {});
 // Builds the zoo model `name` with `model_options` (on options.device) and measures it.
 Profile profile_model(const std::string& name, const ModelOptions& model_options, const ProfileOptions& options = {});
 
+// The stacked server (--server-batching stack): a stack of `replicas` server-side replicas of blocks
+// [split, B) of the zoo model `name` (runtime/replica_stack.h), each call one micro-batch of m samples
+// for every replica, on options.device with options.threads. Block b's times are one call's, for the
+// whole stack; loss_s holds the rest of a call (the group assembled on the host, its copies up and
+// down, the loss, the gradients split per replica); blocks below `split` and every step_s are 0 (the
+// server steps each replica's slice apart: the plain profile's steps stand for them). Sizes whose call
+// would hold more than max_samples samples (replicas x m) are not measured (the smallest always is):
+// time(m) then extends the largest measured segment's slope. Bytes as profile_model's describe them,
+// but tape_bytes 0 (the plain profile's serve).
+Profile profile_stack(const std::string& name, const ModelOptions& model_options, size_t split, int replicas,
+                      const ProfileOptions& options, int64_t max_samples);
+
+// The profiles a server of `devices` replicas in stacks of at most stack_max needs (one per distinct
+// stack size: stack_max, and devices mod stack_max where not 0), as (replicas, profile). A call holds
+// at most 4096 samples and 1 GiB of tape and stacked activations (by `plain`, the server's own profile
+// of the model, at `split`).
+std::vector<std::pair<int, Profile>> profile_stacks(const std::string& name, const ModelOptions& model_options, size_t split,
+                                                    size_t devices, int stack_max, const ProfileOptions& options,
+                                                    const Profile& plain);
+
 // This process's CPU quota, from its cgroup (v1 cpu.cfs_quota_us / cfs_period_us, or v2 cpu.max),
 // the tightest of its group and the groups above it: cores (e.g. 0.5) and the period in seconds over
 // which it is enforced. {0, 0} where none is set or none can be read.

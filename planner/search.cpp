@@ -115,11 +115,14 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
   const size_t blocks = model.num_blocks(), k = model.num_devices();
   std::vector<int> splits = o.splits;
   const size_t last_split = std::max<size_t>(model.server_end(), 1) - 1;  // private labels: B-2
+  // Stacked replicas: one split point, from the lowest the stacks were profiled at.
+  const int first_split = model.cluster().server_stack > 0 ? model.cluster().stack_split : 1;
   if (splits.empty())
-    for (size_t p = 1; p <= last_split; ++p) splits.push_back(static_cast<int>(p));
+    for (size_t p = static_cast<size_t>(first_split); p <= last_split; ++p) splits.push_back(static_cast<int>(p));
   for (int p : splits)
-    if (p < 1 || static_cast<size_t>(p) > last_split)
-      throw Error(detail::concat("planner: split point ", p, " outside 1..", last_split,
+    if (p < first_split || static_cast<size_t>(p) > last_split)
+      throw Error(detail::concat("planner: split point ", p, " outside ", first_split, "..", last_split,
+                                 first_split > 1 ? " (the stacked server was profiled from there)" : "",
                                  model.cluster().private_labels ? " (private labels: the device keeps the last block)" : ""));
   if (splits.empty()) throw Error(detail::concat("planner: ", blocks, " blocks leave no split point"));
   std::vector<int> ns = o.micro_batches;
@@ -185,7 +188,7 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
   // sets one device's split point, or that of a whole class of identical devices at once (identical
   // devices tie as bottlenecks, and moving one of them alone never helps); after each descent the
   // micro-batch count is re-chosen for the new split points.
-  if (o.per_device_split && k > 1 && splits.size() > 1 && o.mode != Mode::kSl) {
+  if (o.per_device_split && k > 1 && splits.size() > 1 && o.mode != Mode::kSl && model.cluster().server_stack == 0) {
     std::vector<std::vector<size_t>> groups;  // classes of identical devices (size > 1), then singletons
     {
       const auto& devs = model.cluster().devices;

@@ -26,6 +26,10 @@
 
 namespace pipar {
 
+// The most replicas the server puts in one stack (--server-batching stack); more devices make more
+// stacks. The planner models the same.
+inline constexpr int kServerStackMax = 64;
+
 class ReplicaStack {
  public:
   // K = replicas copies of blocks [split, B) of a model like `like` (only its structure is read; the

@@ -35,8 +35,8 @@ struct TrainConfig {
   // sfl, pipar (per-device replicas, shared labels, one split): "lanes" (above), or "stack": up to 64
   // replicas stacked as one part (runtime/replica_stack.h), a group of same-size micro-batches trained
   // by one call per layer and pass; the micro-batches that arrive together (--group-wait-ms) form it.
-  // Each replica's state is then held twice (its model between rounds, its stack slice during one):
-  // the planner's server memory counts it once, and does not model the stack's time either.
+  // Each replica's state is then held twice (its model between rounds, its stack slice during one).
+  // The server profiles its stacks as such at set-up, and the planner models their calls and memory.
   std::string server_batching = "lanes";
   std::string backend = "cpu";  // cpu | cuda | auto
   std::string kernels = "auto";  // CUDA: handwritten | vendor | auto (kernels/cuda/autotune.h)

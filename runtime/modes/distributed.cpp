@@ -1328,7 +1328,7 @@ class ServerRunner {
     malloc_trim(0);  // the copies it made while loading K replicas: back to the system, not kept as free heap
   }
 
-  // --server-batching stack: the replicas, in slot order, as stacks of up to kStackMax (one split, one
+  // --server-batching stack: the replicas, in slot order, as stacks of up to kServerStackMax (one split, one
   // GPU: validate). Their state comes from the replicas at each round's start (load_stacks) and goes
   // back before the round's average (store_stacks), so that between rounds the replicas hold it, as
   // without stacks (FedAvg, checkpoints, re-plans read and write the replicas).
@@ -1338,8 +1338,8 @@ class ServerRunner {
     std::vector<DeviceSlot*> with_parts;
     for (DeviceSlot& s : slots_)
       if (s.server_part) with_parts.push_back(&s);
-    for (size_t first = 0; first < with_parts.size(); first += kStackMax) {
-      const int count = static_cast<int>(std::min<size_t>(kStackMax, with_parts.size() - first));
+    for (size_t first = 0; first < with_parts.size(); first += kServerStackMax) {
+      const int count = static_cast<int>(std::min<size_t>(kServerStackMax, with_parts.size() - first));
       DeviceSlot& lead = *with_parts[first];
       kernels::ScopedCudaDevice on_gpu(gpu_of(lead));
       stacks_.push_back(
@@ -1377,7 +1377,7 @@ class ServerRunner {
   // either. The cost model sees one server (the GPU runs their kernels in turn as far as it knows).
   std::vector<std::pair<int, int>> lane_options() const {
     const int threads = cfg_.threads > 0 ? cfg_.threads : kernels::num_threads();
-    if (shared_server()) return {{1, threads}};
+    if (shared_server() || stacked()) return {{1, threads}};  // stacks: one call per layer on all threads
     const bool cuda = server_device_ != Device::kCpu;
     if (resumed_ && resume_.contains("server_lanes")) {
       try {
@@ -1494,6 +1494,23 @@ class ServerRunner {
     }
     if (!lane_note.empty()) say("cross-device batching, predicted: " + lane_note);
     start_lanes(chosen);
+    if (stacked()) {
+      // The stacks' own profiles (a call computes every replica of its stack, so its time follows the
+      // stack's size), from the split point the run keeps, or from block 1 for the planner to choose.
+      const size_t from = cfg_.split > 0 ? static_cast<size_t>(cfg_.split) : 1;
+      kernels::ScopedCudaDevice on_gpu(gpus_.empty() ? -1 : gpus_.front());
+      po.threads = chosen.second;
+      cluster_.stack_profiles = planner::profile_stacks(cfg_.model, model_->options(), from, slots_.size(), kServerStackMax,
+                                                        po, *cluster_.server_profile);
+      cluster_.server_stack = kServerStackMax;
+      cluster_.stack_split = static_cast<int>(from);
+      std::string sizes;
+      for (const auto& [k, p] : cluster_.stack_profiles) {
+        server_profile_s += p.seconds;
+        sizes += detail::concat(sizes.empty() ? "" : ", ", k);
+      }
+      say(detail::concat("measured the stacked server (stacks of ", sizes, " replicas, from split point ", from, ")"));
+    }
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
                                                  server_profile_s, " s");
     if (auto_plan_) {
@@ -2445,8 +2462,7 @@ class ServerRunner {
   bool graphs_off_said_ = false;         // the reason CUDA graphs went off was logged
   std::deque<Pending> pending_;
   uint64_t groups_ = 0, grouped_micros_ = 0;
-  // --server-batching stack: the replicas in stacks of up to kStackMax, in slot order.
-  static constexpr int kStackMax = 64;
+  // --server-batching stack: the replicas in stacks of up to kServerStackMax, in slot order.
   std::vector<std::unique_ptr<ReplicaStack>> stacks_;
 };
 

@@ -1,12 +1,13 @@
 // The cost model: exact sum of stages at K = 1, N = 1; hand-computed pipelines (K = 2, N = 2); the
 // busiest resource as the limit for large N; monotonicity in rates, latency, speed and device count;
-// the other modes' structure (sl = sequential, fl = local training + weight exchange).
+// the other modes' structure (sl = sequential, fl = local training + weight exchange); server lanes and stacks.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "planner/cost_model.h"
+#include "planner/search.h"
 #include "tests/planner/planner_test_util.h"
 #include "tests/random.h"
 
@@ -400,6 +401,119 @@ TEST(CostModel, PrivateLabelsLeaveTheDeviceTheLastBlock) {
   Cluster two = two_block_cluster(1, 0, 0, 0);
   two.private_labels = true;
   EXPECT_THROW(CostModel{two}, Error);  // no middle block for the server
+}
+
+
+// Stacked replicas (Cluster::server_stack): a group is every arrival so far, one per device, and its
+// kernels are one call per stack, timed by the stack's own profile whatever the group's size.
+namespace stacks {
+
+// A stack's profile over the two blocks above: block 1's forward and backward per call of m samples
+// per replica: `per_sample` each (so a call is 2 * per_sample * m), nothing in block 0.
+Profile stack_profile(double per_sample) { return synthetic_profile({{0, 0, 250000, 0, 0}, {per_sample, per_sample, 10, 0, 0}}); }
+
+}  // namespace stacks
+
+TEST(CostModel, HandComputedStacks) {
+  // Two devices, N = 2 (micro-batches of 1), a stack of both whose call takes 1.5 s. F 1, 2; up 1-2,
+  // 2-3; groups {d0m0, d1m0} 2-3.5 and {d0m1, d1m1} 3.5-5; downlinks 3.5-4.5, 5-6; backwards (from F
+  // = 2) 4.5-6.5, 6.5-8.5. Batch 8.5 s, server busy 3 s (one at a time: 9 s and 4 s).
+  Cluster c = two_block_cluster(2, 0, 0, 0);
+  c.server_stack = 64;
+  c.stack_profiles = {{2, stacks::stack_profile(0.75)}};
+  Timing t = CostModel(c).batch(Mode::kPipar, {1, 1}, 2);
+  EXPECT_NEAR(t.span_s, 8.5, 1e-9);
+  EXPECT_NEAR(t.busy[0].busy_s, 3.0, 1e-9);
+  // Three devices in stacks of at most 2: {d0, d1} and {d2}. All arrive together (2, then 3): each
+  // group is a call of each stack, 1.5 + 0.5 s: 2-4 and 4-6; downlinks 4-5, 6-7; backwards 5-7, 7-9.
+  Cluster three = two_block_cluster(3, 0, 0, 0);
+  three.server_stack = 2;
+  three.stack_profiles = {{2, stacks::stack_profile(0.75)}, {1, stacks::stack_profile(0.25)}};
+  t = CostModel(three).batch(Mode::kPipar, {1, 1, 1}, 2);
+  EXPECT_NEAR(t.span_s, 9.0, 1e-9);
+  EXPECT_NEAR(t.busy[0].busy_s, 4.0, 1e-9);
+  // Per-message work and steps run in turn after the calls: sfl, batch 2, per-message 0.25 s, server
+  // step 0.5 s. Both arrive at 4; the call of 2 samples per replica 3 s, then 2 x 0.75: gradients
+  // leave at 8.5, down 2 s, backward 4 s: 14.5 s.
+  Cluster steps = two_block_cluster(2, 0, 0, 0.5);
+  steps.server_per_micro_batch_s = 0.25;
+  steps.server_stack = 64;
+  steps.stack_profiles = {{2, stacks::stack_profile(0.75)}};
+  EXPECT_NEAR(CostModel(steps).batch(Mode::kSfl, {1, 1}, 1).span_s, 14.5, 1e-9);
+  // sl's one server part is never stacked: the same as without stacks.
+  Cluster plain = steps;
+  plain.server_stack = 0;
+  EXPECT_DOUBLE_EQ(CostModel(steps).round(Mode::kSl, {1, 1}, 1).span_s, CostModel(plain).round(Mode::kSl, {1, 1}, 1).span_s);
+}
+
+TEST(CostModel, StacksAreChecked) {
+  Cluster c = two_block_cluster(3, 0, 0, 0);
+  const Profile three_blocks = synthetic_profile({{1, 1, 10}, {1, 1, 10}, {1, 1, 10}});
+  c.device_profiles = {three_blocks};
+  c.server_stack = 2;
+  c.stack_profiles = {{2, three_blocks}};
+  EXPECT_THROW(CostModel{c}, Error);  // no profile of the last stack (1 replica)
+  c.stack_profiles.push_back({1, three_blocks});
+  EXPECT_NO_THROW(CostModel(c).batch(Mode::kPipar, {1, 1, 1}, 2));
+  EXPECT_THROW(CostModel(c).batch(Mode::kPipar, {1, 1, 2}, 2), Error);  // a stack has one split point
+  c.stack_split = 2;  // profiled from block 2: split 1 cannot be scored, and the planner keeps to 2
+  EXPECT_THROW(CostModel(c).batch(Mode::kPipar, {1, 1, 1}, 2), Error);
+  EXPECT_NO_THROW(CostModel(c).batch(Mode::kPipar, {2, 2, 2}, 2));
+  SearchOptions so;
+  EXPECT_EQ(search(CostModel(c), so).best.split, (std::vector<int>{2, 2, 2}));
+  so.splits = {1, 2};
+  EXPECT_THROW(search(CostModel(c), so), Error);
+  c.stack_split = 3;
+  EXPECT_THROW(CostModel{c}, Error);  // no split point left
+  c.stack_split = 1;
+  c.server_lanes = 2;
+  EXPECT_THROW(CostModel{c}, Error);  // stacks or lanes
+  c.server_lanes = 1;
+  c.private_labels = true;
+  EXPECT_THROW(CostModel{c}, Error);
+  c.private_labels = false;
+  c.stack_profiles[1].second = synthetic_profile({{0, 0, 1, 0, 0}}, "other");
+  EXPECT_THROW(CostModel{c}, Error);  // profiles of another model
+  c.server_stack = -1;
+  EXPECT_THROW(CostModel{c}, Error);
+}
+
+// One device in a stack whose profile is the plain server profile: exactly the plain model, every
+// mode, N and split (a stack of one computes what one replica does).
+TEST(CostModel, StackOfOneIsOneReplica) {
+  SCOPED_TRACE(pipar::test::seed_trace());
+  pipar::test::Rng rng(31);
+  for (int trial = 0; trial < 20; ++trial) {
+    Cluster c = random_one_device_cluster(rng, 2, trial);
+    c.devices[0].samples = rng.integer(1, 3) * c.batch_size;
+    const int p = rng.integer(1, static_cast<int>(c.device_profiles[0].num_blocks()) - 1);
+    const int n = rng.integer(1, 8);
+    const double one = CostModel(c).round(Mode::kPipar, {p}, n).span_s;
+    const double sfl = CostModel(c).round(Mode::kSfl, {p}, 1).span_s;
+    c.server_stack = rng.integer(1, 64);
+    c.stack_profiles = {{1, *c.server_profile}};
+    EXPECT_NEAR(CostModel(c).round(Mode::kPipar, {p}, n).span_s, one, 1e-9 * one) << "trial " << trial;
+    EXPECT_NEAR(CostModel(c).round(Mode::kSfl, {p}, 1).span_s, sfl, 1e-9 * sfl) << "trial " << trial;
+  }
+}
+
+// Memory: a stacked server holds each replica's server blocks twice (its replica between rounds, its
+// stack slice during one) and the largest stack's call instead of one lane's tape.
+TEST(CostModel, StackedMemoryCountsEachReplicaTwice) {
+  Cluster c = two_block_cluster(3, 0, 0, 0);
+  c.device_profiles[0].blocks[1].params = 1000;
+  c.batch_size = 8;
+  const CostModel plain(c);
+  c.server_stack = 2;
+  c.stack_profiles = {{2, stacks::stack_profile(0.75)}, {1, stacks::stack_profile(0.25)}};
+  const CostModel stacked(c);
+  const Profile& sp = c.device_profiles[0];
+  const int64_t m_max = 4;  // 8 samples in 2 micro-batches
+  const int64_t slice = 3 * sp.param_bytes(1, 2) + (sp.state_bytes(1, 2) - sp.param_bytes(1, 2));
+  const int64_t call = 2 * m_max * (sp.tape_bytes(1, 2) + 2 * sp.gradient_bytes(1));
+  EXPECT_EQ(stacked.server_memory_bytes(Mode::kPipar, {1, 1, 1}, 2),
+            plain.server_memory_bytes(Mode::kPipar, {1, 1, 1}, 2) - m_max * sp.tape_bytes(1, 2) + 3 * slice + call);
+  EXPECT_EQ(stacked.server_memory_bytes(Mode::kSl, {1, 1, 1}, 1), plain.server_memory_bytes(Mode::kSl, {1, 1, 1}, 1));
 }
 
 }  // namespace

@@ -65,6 +65,45 @@ TEST(Profile, SizeOneBecomesTwoWhereBatchNormNeedsTwo) {
   EXPECT_EQ(v.min_micro_batch, 1);
 }
 
+// The stacked server's profile: one call's times for the whole stack, blocks from the split point on,
+// growing with the stack and the micro-batch; sizes over the sample budget left out.
+TEST(Profile, MeasuresStacksOfReplicas) {
+  ProfileOptions o;
+  o.sizes = {1, 4};
+  o.threads = 1;
+  o.repeats = 2;
+  const int threads_before = kernels::num_threads();
+  const Profile one = profile_stack("vgg5", ModelOptions{}, 2, 1, o, 4096);
+  const Profile six = profile_stack("vgg5", ModelOptions{}, 2, 6, o, 4096);
+  EXPECT_EQ(kernels::num_threads(), threads_before);
+  EXPECT_EQ(six.threads, 1);
+  EXPECT_EQ(six.sizes, (std::vector<int64_t>{1, 4}));
+  ASSERT_EQ(six.num_blocks(), 5u);
+  for (size_t b = 0; b < 2; ++b) EXPECT_EQ(six.forward_s(b, b + 1, 4) + six.backward_s(b, b + 1, 4), 0) << "block " << b;
+  for (size_t b = 2; b < 5; ++b) {
+    EXPECT_GT(six.forward_s(b, b + 1, 1), 0) << "block " << b;
+    EXPECT_GT(six.backward_s(b, b + 1, 1), 0) << "block " << b;
+  }
+  EXPECT_GT(six.loss_time_s(1), 0);  // assembling, copies, loss and the split of the gradients
+  // Six replicas' call holds six times the work of one replica's: the convolution blocks take longer.
+  EXPECT_GT(six.forward_s(2, 3, 4) + six.backward_s(2, 3, 4), one.forward_s(2, 3, 4) + one.backward_s(2, 3, 4));
+  EXPECT_GE(six.forward_s(2, 5, 4), six.forward_s(2, 5, 1));
+  // 6 replicas x 4 samples > 20: only the smallest size.
+  EXPECT_EQ(profile_stack("vgg5", ModelOptions{}, 2, 6, o, 20).sizes, (std::vector<int64_t>{1}));
+  // Five devices in stacks of at most 2: stacks of 2 and of 1.
+  o.sizes = {1};
+  o.repeats = 1;
+  const Profile plain = profile_model("vgg5", ModelOptions{}, o);
+  const auto stacks = profile_stacks("vgg5", ModelOptions{}, 3, 5, 2, o, plain);
+  ASSERT_EQ(stacks.size(), 2u);
+  EXPECT_EQ(stacks[0].first, 2);
+  EXPECT_EQ(stacks[1].first, 1);
+  EXPECT_EQ(stacks[0].second.forward_s(2, 3, 1), 0);  // from block 3
+  EXPECT_GT(stacks[0].second.forward_s(3, 4, 1), 0);
+  EXPECT_EQ(profile_stacks("vgg5", ModelOptions{}, 3, 4, 2, o, plain).size(), 1u);  // two stacks of 2
+  EXPECT_THROW(profile_stacks("vgg5", ModelOptions{}, 5, 4, 2, o, plain), Error);    // no block left
+}
+
 // min_seconds_per_size: each size's passes go on for at least that long (a process under a CPU quota
 // runs at full speed until the period's quota is spent; only a measurement over several periods sees
 // its speed), and the times are their means.

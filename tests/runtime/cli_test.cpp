@@ -121,6 +121,14 @@ TEST(Cli, PlanModelsTheServerLanes) {
   r = run("plan --model vgg5 --devices 4 --top 1 --server-lanes 2 --server-model shared");
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find("one shared server-side model trains one micro-batch at a time"), std::string::npos) << r.output;
+  // Stacked replicas: the stacks measured as such (5 devices in one stack), one split point.
+  r = run("plan --model vgg5 --devices 5 --top 1 --threads 2 --server-batching stack");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find("measured a stack of 5 replicas on this machine's cpu"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(", server replicas in stacks of up to 64"), std::string::npos) << r.output;
+  r = run("plan --model vgg5 --devices 4 --top 1 --server-batching stack --server-model shared");
+  EXPECT_EQ(r.code, 1) << r.output;
+  EXPECT_NE(r.output.find("--server-batching stack needs"), std::string::npos) << r.output;
   // A CUDA server's plan: profiled on this GPU; where there is none, said at once.
   if (!pipar::kernels::cuda_available() || !pipar::kernels::cuda_ops_built()) {
     r = run("plan --model vgg5 --devices 4 --top 1 --backend cuda");

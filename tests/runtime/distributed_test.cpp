@@ -1198,6 +1198,12 @@ TEST(Distributed, StackedReplicasTrainAsOneAtATime) {
     EXPECT_LT(e, 1e-4) << name;  // 6.2e-7 seen
   }
   std::printf("stacked: largest relative gap of a checkpoint tensor %.2e\n", worst);
+  // The fixed plan scored by the cost model with the stacks' own profiles: a round time, and more
+  // server memory than one at a time (each replica's server blocks twice).
+  const auto s1 = summary(one.out_dir), s = summary(stack.out_dir);
+  ASSERT_TRUE(s.contains("predicted_plan")) << s.dump();
+  EXPECT_GT(s["predicted_round_seconds"].get<double>(), 0);
+  EXPECT_GT(s["predicted_plan"]["server_memory_bytes"].get<double>(), s1["predicted_plan"]["server_memory_bytes"].get<double>());
 
   TrainConfig bad = config("stack_bad", "stack");
   bad.server_model = "shared";
