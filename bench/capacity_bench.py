@@ -5,7 +5,8 @@ compute) on links of --uplink-mbps / --downlink-mbps. While the links are the bo
 time stays flat as K grows; once the server is, it grows with K. Per K: the measured round time and
 throughput, the busiest resource measured, and the cost model's predicted round time and bottleneck
 (metrics.jsonl's predicted_round_seconds; the server profiles itself, the devices' profiles come
-with the recording). The server keeps its own choice of lanes (--lanes to force).
+with the recording). The server keeps its own choice of lanes (--lanes to force); --batching stack
+stacks the replicas instead (the server then profiles its stacks, and the cost model their calls).
 
   bench/capacity_bench.py --pipar build/apps/pipar --devices 4,8,16,32,64 --uplink-mbps 10
 
@@ -28,13 +29,15 @@ def main():
     p.add_argument("--uplink-mbps", type=float, default=10)
     p.add_argument("--downlink-mbps", type=float, default=25)
     p.add_argument("--lanes", type=int, default=0, help="--server-lanes (0: the server's choice)")
+    p.add_argument("--batching", default="lanes", choices=["lanes", "stack"],
+                   help="--server-batching: replicas side by side on lanes, or stacked (one call per layer)")
     args = p.parse_args()
     print(machine_line("capacity_bench") + f"; {args.model} split {args.split}, micro-batches of {args.micro}, "
           f"{args.micro_batches} per batch, {args.batches} batches per device per round, uplink {args.uplink_mbps:g} "
-          f"Mbit/s, downlink {args.downlink_mbps:g} Mbit/s, light devices", flush=True)
+          f"Mbit/s, downlink {args.downlink_mbps:g} Mbit/s, light devices, server batching {args.batching}", flush=True)
     root = tempfile.mkdtemp(prefix="pipar_capacity_")
     rec = os.path.join(root, "first.rec")
-    plain = argparse.Namespace(**{**vars(args), "uplink_mbps": 0, "downlink_mbps": 0})
+    plain = argparse.Namespace(**{**vars(args), "uplink_mbps": 0, "downlink_mbps": 0, "batching": "lanes"})
     server_run(plain, os.path.join(root, "record"), 1, 1, record=rec)
     print("| K | round (s) | samples/s | bottleneck | server busy | predicted round (s) | predicted bottleneck | lanes (mean group) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -110,8 +110,8 @@ def run(args, groups, out_dir, split, micro, one_split=False):
         summary = json.load(f)
     return {"split_arg": split, "micro_arg": micro, "one_split": one_split,
             "total": sum(x["round_seconds"] for x in lines),
-            "rounds": [{k: x.get(k) for k in ("round_seconds", "split", "micro_batches", "predicted_round_seconds",
-                                               "bottleneck", "test_accuracy")} for x in lines],
+            "rounds": [{k: x.get(k) for k in ("round", "round_seconds", "split", "micro_batches", "uplink_mbps",
+                                               "predicted_round_seconds", "bottleneck", "test_accuracy")} for x in lines],
             "plan": summary.get("plan"), "first_plan": summary.get("predicted_plan"),
             "replans": summary.get("replans", []), "accuracy": summary.get("test_accuracy"),
             "command": " ".join(cmd)}

@@ -28,7 +28,8 @@ def server_run(args, out_dir, devices, lanes, replay=None, record=None, samples=
            "--batch-size", str(bs), "--split", str(args.split), "--micro-batches", str(args.micro_batches),
            "--uplink-mbps", str(getattr(args, "uplink_mbps", 0)), "--downlink-mbps", str(getattr(args, "downlink_mbps", 0)),
            "--threads", str(args.server_threads),
-           "--limit-train", str(samples or bs), "--limit-test", "100", "--out", out_dir, "--server-lanes", str(lanes)]
+           "--limit-train", str(samples or bs), "--limit-test", "100", "--out", out_dir, "--server-lanes", str(lanes),
+           "--server-batching", getattr(args, "batching", "lanes")]
     extra = ["--replay", replay] if replay else ["--record", record]
     lines = run_server_and_devices(
         cmd, lambda endpoint: [([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads", "1", "--insecure",

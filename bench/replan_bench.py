@@ -9,6 +9,10 @@ two runs' training times (median over repeats).
   bench/replan_bench.py --pipar build/apps/pipar --uplink-mbps 10 --factor 0.5 --epochs 6 \\
       --limit-train 800 --repeats 3 [--json out.json]
 
+With --cpus Q0,Q1,... the devices run as `pipar device` processes each in a cgroup with that CPU quota
+(bench/hetero_bench.py's), the server as `pipar server` without one: devices slower than the server,
+as at the edge, without sleeps.
+
 Measured: each round's round_seconds from metrics.jsonl (monotonic clock around the round's
 training; evaluation excluded), summed over the run. Goal (issue #5): re-plan within two rounds of
 the change, and the run ends at least 15% faster than with re-planning off.
@@ -20,11 +24,21 @@ import statistics
 import tempfile
 
 from benchrun import add_run_options, machine_line, run_train, train_command
+from hetero_bench import CpuGroups, run as hetero_run
 
 
 def run(args, out_dir, replan):
     slow_from = args.slow_from if args.slow_from is not None else args.epochs // 2
     slow = args.uplink_mbps * args.factor
+    if args.cpus:  # a server and device processes, each device in a cgroup with its CPU quota
+        extra = f"--uplink-schedule {slow_from}:{slow:g}" + ("" if replan else " --no-replan")
+        groups = CpuGroups([float(x) for x in args.cpus.split(",")], args.period_us)
+        try:
+            r = hetero_run(argparse.Namespace(**{**vars(args), "extra": extra}), groups, out_dir, "auto", "auto")
+        finally:
+            groups.close()
+        return {"replan": replan, "rounds": r["rounds"], "total": r["total"], "replans": r["replans"],
+                "accuracy": r["accuracy"], "slow_from": slow_from, "command": r["command"]}
     cmd = train_command(args, "pipar", args.model, args.uplink_mbps, args.epochs, out_dir)
     cmd += ["--uplink-schedule", f"{slow_from}:{slow:g}", "--split", "auto", "--micro-batches", "auto"]
     if not replan:
@@ -52,10 +66,16 @@ def main():
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write every run here")
+    p.add_argument("--cpus", help="each device's CPU quota in cores, e.g. 0.3 (one per device; needs root and a cgroup cpu "
+                   "controller): runs `pipar server` and `pipar device` processes, not `pipar train`")
+    p.add_argument("--period-us", type=int, default=10000, help="CFS period of the quotas")
     args = p.parse_args()
+    if args.cpus and len(args.cpus.split(",")) != args.devices:
+        raise SystemExit(f"--cpus lists {len(args.cpus.split(','))} quotas for {args.devices} devices")
 
     print(machine_line("replan_bench") + f"; {args.model}, {args.devices} devices, {args.limit_train} training images, "
-          f"uplink {args.uplink_mbps:g} Mbit/s then x{args.factor:g}, downlink {args.downlink_mbps:g} Mbit/s", flush=True)
+          f"uplink {args.uplink_mbps:g} Mbit/s then x{args.factor:g}, downlink {args.downlink_mbps:g} Mbit/s"
+          + (f", device CPU quotas {args.cpus} cores" if args.cpus else ""), flush=True)
     root = tempfile.mkdtemp(prefix="pipar_replan_")
     runs = []
     for rep in range(args.repeats):

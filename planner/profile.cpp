@@ -126,6 +126,7 @@ void Profile::validate() const {
       if (!std::isfinite(t) || t < 0) fail(what + " holds a negative or non-finite time");
   };
   check_times(loss_s, "loss_s");
+  if (!std::isfinite(cpu_quota_cores) || cpu_quota_cores < 0) fail("cpu_quota_cores must be 0 (none) or positive");
   for (size_t b = 0; b < blocks.size(); ++b) {
     const BlockProfile& bp = blocks[b];
     const std::string name = detail::concat("block ", b + 1);
@@ -161,6 +162,7 @@ std::string Profile::to_json() const {
                   {"threads", threads},
                   {"source", source},
                   {"seconds", seconds},
+                  {"cpu_quota_cores", cpu_quota_cores},
                   {"sizes", sizes},
                   {"min_micro_batch", min_micro_batch},
                   {"loss_s", loss_s},
@@ -223,6 +225,7 @@ Profile Profile::from_json(const std::string& text) {
     p.threads = static_cast<int>(int_of(j.at("threads"), "threads", 1, kMaxProfileThreads));
     p.source = j.value("source", "measured");
     p.seconds = j.value("seconds", 0.0);
+    p.cpu_quota_cores = j.value("cpu_quota_cores", 0.0);
     for (const json& m : list_of(j.at("sizes"), "sizes", kMaxProfileSizes))
       p.sizes.push_back(int_of(m, "a size", 1, kMaxProfileMicroBatch));
     p.min_micro_batch = j.contains("min_micro_batch")

@@ -36,6 +36,9 @@ struct Profile {
   int threads = 1;                   // kernels::num_threads() while measuring
   std::string source = "measured";   // "measured" | "estimated" (estimate_profile) | "synthetic"
   double seconds = 0;                // how long profiling took
+  // The CPU quota it was measured under (cores, as cpu_quota(); 0: none). Its times are then the speed
+  // the quota sustains under a full load; a lightly loaded process runs faster, in bursts.
+  double cpu_quota_cores = 0;
   std::vector<int64_t> sizes;        // micro-batch sizes measured, strictly increasing, >= 1
   int64_t min_micro_batch = 1;       // the smallest size training accepts (2 where batch-norm sees one value per channel at 1)
   std::vector<double> loss_s;        // softmax cross-entropy (forward + gradient) at each size

@@ -97,7 +97,11 @@ Measurement measurement_from_round(const Cluster& used, const Plan& plan, const 
     m.device_time_scale.assign(k, 0.0);
     for (size_t d = 0; d < k; ++d) {
       if (predicted.busy[1 + 3 * d].busy_s < least) continue;
-      const double r = measured_time_scale(device_busy_s[d], predicted.busy[1 + 3 * d].busy_s);
+      double r = measured_time_scale(device_busy_s[d], predicted.busy[1 + 3 * d].busy_s);
+      // A device under a CPU quota that ran faster than its profile spent its quota's slack: lightly
+      // loaded, it runs in bursts at full speed, but its profile (measured under a full load) is the
+      // speed it sustains once a plan gives it more work. Slower is a measurement like any other.
+      if (used.device_profiles[used.devices[d].profile].cpu_quota_cores > 0 && r > 0) r = std::max(r, 1.0);
       m.device_time_scale[d] = r > 0 ? r * used.devices[d].time_scale : 0.0;
     }
   }

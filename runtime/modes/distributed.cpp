@@ -433,7 +433,8 @@ class DeviceRunner {
       po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
       // Under a CPU quota (a container's --cpus, a cgroup) the device runs at full speed until the
       // period's quota is spent: each size is measured over several periods, for its true speed.
-      if (const planner::CpuQuota q = planner::cpu_quota(); q.period_s > 0) {
+      const planner::CpuQuota q = planner::cpu_quota();
+      if (q.period_s > 0) {
         po.min_seconds_per_size = std::min(1.0, 5 * q.period_s);
         log(detail::concat("CPU quota of ", q.cores, " cores (period ", q.period_s * 1e3, " ms): profiling each size for ",
                            po.min_seconds_per_size, " s"));
@@ -441,7 +442,9 @@ class DeviceRunner {
       // A model of its own, as the server's: profiling takes SGD steps whose momentum (and batch-norm
       // statistics) would otherwise carry into training. The round's weights overwrite the values, not
       // the momentum: with private labels the tail's first steps went 0.5% off the shared run's.
-      profile_ = planner::profile_model(cfg_.model, model_->options(), po).to_json();
+      planner::Profile p = planner::profile_model(cfg_.model, model_->options(), po);
+      p.cpu_quota_cores = q.period_s > 0 ? q.cores : 0.0;
+      profile_ = p.to_json();
     }
   }
 

@@ -170,8 +170,12 @@ TEST(Profile, JsonRoundTrips) {
   auto model = build_model("resnet18", ModelOptions{});
   Profile p = estimate_profile(*model, 1e10, 1e-4, {1, 10, 50});
   p.threads = 3;
+  p.cpu_quota_cores = 0.25;
   const Profile q = Profile::from_json(p.to_json());
   EXPECT_EQ(q.to_json(), p.to_json());
+  EXPECT_EQ(q.cpu_quota_cores, 0.25);
+  p.cpu_quota_cores = -1;
+  EXPECT_THROW(Profile::from_json(p.to_json()), Error);
   EXPECT_EQ(q.model, "resnet18");
   EXPECT_EQ(q.input, p.input);
   EXPECT_EQ(q.source, "estimated");

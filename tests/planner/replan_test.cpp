@@ -134,6 +134,21 @@ TEST(Replan, SmallShareOfTheRoundIsNotMeasured) {
   EXPECT_NEAR(all.server_time_scale, 2.0 * used.server_time_scale, 1e-9);
 }
 
+// A device under a CPU quota is never measured faster than its profile (a light load runs in bursts
+// on the quota's slack, not at a speed a heavier plan would see); slower is measured as ever.
+TEST(Replan, DeviceUnderAQuotaIsNotTakenForFaster) {
+  Cluster used = cluster(100);
+  used.device_profiles[0].cpu_quota_cores = 0.3;
+  const Plan current = best_plan(used);
+  const Timing t = CostModel(used).round(current.mode, current.split, current.micro_batches);
+  const std::vector<double> busy = {0.2 * t.busy[1].busy_s, 3 * t.busy[4].busy_s, 0.2 * t.busy[7].busy_s, t.busy[10].busy_s};
+  const Measurement m = measurement_from_round(used, current, busy, t.busy[0].busy_s, {}, {}, 0.0);
+  EXPECT_NEAR(m.device_time_scale[0], 1.0, 1e-12);
+  EXPECT_NEAR(m.device_time_scale[1], 3.0, 1e-12);
+  used.device_profiles[0].cpu_quota_cores = 0;  // without a quota the speed-up counts
+  EXPECT_NEAR(measurement_from_round(used, current, busy, t.busy[0].busy_s, {}, {}, 0.0).device_time_scale[0], 0.2, 1e-12);
+}
+
 TEST(Replan, MeasurementHelpers) {
   EXPECT_DOUBLE_EQ(measured_mbps({{1e6, 1.0}, {1e6, 1.0}}), 8.0);
   EXPECT_DOUBLE_EQ(measured_mbps({}), 0.0);
