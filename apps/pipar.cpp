@@ -423,8 +423,9 @@ int main(int argc, char** argv) {
                   "1: one micro-batch at a time)")
         ->capture_default_str();
     a->add_option("--server-batching", cfg.server_batching,
-                  "sfl, pipar: lanes (replicas side by side, --server-lanes) or stack (up to 64 replicas stacked: one "
-                  "call per layer for a group of same-size micro-batches; one split for every device)")
+                  "sfl, pipar: lanes (replicas side by side, --server-lanes), stack (up to 64 replicas stacked: one "
+                  "call per layer for a group of same-size micro-batches; one split for every device), or auto (the "
+                  "server profiles both and keeps what the cost model predicts faster)")
         ->capture_default_str();
     a->add_option("--server-memory-gb", cfg.server_memory_gb,
                   "Server memory the plan must fit, GiB (0: this machine's available memory)")

@@ -37,6 +37,8 @@ struct TrainConfig {
   // by one call per layer and pass; the micro-batches that arrive together (--group-wait-ms) form it.
   // Each replica's state is then held twice (its model between rounds, its stack slice during one).
   // The server profiles its stacks as such at set-up, and the planner models their calls and memory.
+  // "auto": both profiled, the one whose plan the cost model predicts faster kept (lanes where stacks
+  // cannot serve the run).
   std::string server_batching = "lanes";
   std::string backend = "cpu";  // cpu | cuda | auto
   std::string kernels = "auto";  // CUDA: handwritten | vendor | auto (kernels/cuda/autotune.h)

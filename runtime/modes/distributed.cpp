@@ -1123,19 +1123,23 @@ class ServerRunner {
     if (!(cfg_.server_memory_gb >= 0)) throw Error("--server-memory-gb must be 0 (this machine's available memory) or more");
     if (cfg_.server_lanes < 0) throw Error("--server-lanes must be 0 (as the cost model predicts faster) or more");
     if (!(net_.group_wait_ms >= 0) || net_.group_wait_ms > 10000) throw Error("--group-wait-ms must be 0..10000");
-    if (cfg_.server_batching != "lanes" && cfg_.server_batching != "stack")
-      throw Error("--server-batching must be lanes or stack, got '" + cfg_.server_batching + "'");
-    if (cfg_.server_batching == "stack") {
-      const std::string why = cfg_.mode != "sfl" && cfg_.mode != "pipar" ? "a replica per device: --mode sfl or pipar"
-                              : cfg_.server_model != "per-device"         ? "a replica per device: --server-model per-device"
-                              : cfg_.labels != "shared"                   ? "whole server steps: --labels shared"
-                              : cfg_.gpus.size() > 1                      ? "the replicas on one GPU: at most one --gpus"
-                                                                          : "";
-      if (!why.empty()) throw Error("--server-batching stack needs " + why);
+    if (cfg_.server_batching != "lanes" && cfg_.server_batching != "stack" && cfg_.server_batching != "auto")
+      throw Error("--server-batching must be lanes, stack or auto, got '" + cfg_.server_batching + "'");
+    if (cfg_.server_batching != "lanes") {
+      std::string why = cfg_.mode != "sfl" && cfg_.mode != "pipar" ? "a replica per device: --mode sfl or pipar"
+                        : cfg_.server_model != "per-device"         ? "a replica per device: --server-model per-device"
+                        : cfg_.labels != "shared"                   ? "whole server steps: --labels shared"
+                        : cfg_.gpus.size() > 1                      ? "the replicas on one GPU: at most one --gpus"
+                        : cfg_.server_lanes > 1                     ? "no --server-lanes"
+                                                                    : "";
       for (int p : cfg_.device_splits)
-        if (p != cfg_.device_splits.front())
-          throw Error("--server-batching stack needs one split point for every device, not --split P0,P1,...");
-      cfg_.one_split = true;  // the planner too
+        if (why.empty() && p != cfg_.device_splits.front()) why = "one split point for every device, not --split P0,P1,...";
+      if (!why.empty() && cfg_.server_batching == "stack") throw Error("--server-batching stack needs " + why);
+      if (!why.empty()) {  // auto: stacks cannot serve this run
+        if (split_mode()) say("server batching auto: lanes (stacks need " + why + ")");
+        cfg_.server_batching = "lanes";
+      }
+      if (cfg_.server_batching == "stack") cfg_.one_split = true;  // the planner too
     }
     if (cfg_.server_model == "shared") {
       if (cfg_.mode == "fl")
@@ -1268,6 +1272,7 @@ class ServerRunner {
     json extra = {{"mode", cfg_.mode}, {"split", split_json()}, {"micro_batches", cfg_.micro_batches}};
     if (dp_accounting()) extra["privacy_rounds"] = privacy_rounds_;
     if (lanes_) extra["server_lanes"] = std::pair{lanes_->lanes(), lanes_->threads_per_lane()};  // a resumed run keeps them
+    if (split_mode()) extra["server_batching"] = cfg_.server_batching;                               // (auto's choice too)
     if (auto_plan_ && predicted_) {
       json ps = cluster_basis(cluster_);
       ps["plan"] = json::parse(plan_.to_json());
@@ -1432,13 +1437,36 @@ class ServerRunner {
 
   // The predicted round time of the plan this run would use on cluster c: the search's best, or the
   // fixed plan's score (infinity where the cost model cannot score it).
-  double predicted_round_s(const planner::Cluster& c) {
+  double predicted_round_s(const planner::Cluster& c) { return predicted_round_s(c, search_options_); }
+  double predicted_round_s(const planner::Cluster& c, const planner::SearchOptions& so) {
     try {
-      if (auto_plan_) return planner::search(planner::CostModel(c), search_options_).best.round_s;
-      return planner::evaluate_plan(planner::CostModel(c), search_options_.mode, slot_splits(), cfg_.micro_batches).round_s;
+      if (auto_plan_) return planner::search(planner::CostModel(c), so).best.round_s;
+      return planner::evaluate_plan(planner::CostModel(c), so.mode, slot_splits(), cfg_.micro_batches).round_s;
     } catch (const Error&) {
       return std::numeric_limits<double>::infinity();
     }
+  }
+
+  // --server-batching stack (or auto, weighing it): the stacks' own profiles into c (a call computes
+  // every replica of its stack, so its time follows the stack's size), measured on c's server profile's
+  // threads, from the split point the run keeps or from block 1 for the planner to choose. Returns the
+  // seconds the measuring took.
+  double add_stack_profiles(planner::Cluster& c, planner::ProfileOptions po) {
+    const size_t from = cfg_.split > 0 ? static_cast<size_t>(cfg_.split) : 1;
+    kernels::ScopedCudaDevice on_gpu(gpus_.empty() ? -1 : gpus_.front());
+    po.threads = c.server_profile->threads;
+    c.stack_profiles = planner::profile_stacks(cfg_.model, model_->options(), from, slots_.size(), kServerStackMax, po,
+                                               *c.server_profile);
+    c.server_stack = kServerStackMax;
+    c.stack_split = static_cast<int>(from);
+    double seconds = 0;
+    std::string sizes;
+    for (const auto& [k, p] : c.stack_profiles) {
+      seconds += p.seconds;
+      sizes += detail::concat(sizes.empty() ? "" : ", ", k);
+    }
+    say(detail::concat("measured the stacked server (stacks of ", sizes, " replicas, from split point ", from, ")"));
+    return seconds;
   }
 
   // The first round's plan and its predicted round time, from the devices' measured profiles, this
@@ -1454,8 +1482,18 @@ class ServerRunner {
         profiles.push_back(planner::Profile::from_json(s.profile));
         device_profile_s = std::max(device_profile_s, profiles.back().seconds);
       }
+    if (cfg_.server_batching == "auto" && resumed_ && resume_.contains("server_batching")) {  // as the first run chose
+      const json& b = resume_.at("server_batching");
+      if (!b.is_string() || (b != "lanes" && b != "stack")) throw IoError("checkpoint " + cfg_.load_path + ": bad server_batching");
+      cfg_.server_batching = b.get<std::string>();
+      if (stacked()) cfg_.one_split = true;
+    }
     const std::vector<std::pair<int, int>> lane_choices = lane_options();
     if (profiles.empty()) {
+      if (cfg_.server_batching == "auto") {
+        say("server batching auto: lanes (no device profile to predict by)");
+        cfg_.server_batching = "lanes";
+      }
       if (auto_plan_) throw Error("--split auto: no device sent a profile");
       say("no device sent a profile: the fixed plan's round time is not predicted");
       start_lanes(lane_choices.front());  // nothing to choose by: one at a time unless --server-lanes says otherwise
@@ -1496,24 +1534,38 @@ class ServerRunner {
       }
     }
     if (!lane_note.empty()) say("cross-device batching, predicted: " + lane_note);
-    start_lanes(chosen);
     if (stacked()) {
-      // The stacks' own profiles (a call computes every replica of its stack, so its time follows the
-      // stack's size), from the split point the run keeps, or from block 1 for the planner to choose.
-      const size_t from = cfg_.split > 0 ? static_cast<size_t>(cfg_.split) : 1;
-      kernels::ScopedCudaDevice on_gpu(gpus_.empty() ? -1 : gpus_.front());
-      po.threads = chosen.second;
-      cluster_.stack_profiles = planner::profile_stacks(cfg_.model, model_->options(), from, slots_.size(), kServerStackMax,
-                                                        po, *cluster_.server_profile);
-      cluster_.server_stack = kServerStackMax;
-      cluster_.stack_split = static_cast<int>(from);
-      std::string sizes;
-      for (const auto& [k, p] : cluster_.stack_profiles) {
-        server_profile_s += p.seconds;
-        sizes += detail::concat(sizes.empty() ? "" : ", ", k);
+      server_profile_s += add_stack_profiles(cluster_, po);
+    } else if (cfg_.server_batching == "auto") {
+      // Stacks against the lanes' best: the plan each allows (stacks: one split point), predicted.
+      const int threads = cfg_.threads > 0 ? cfg_.threads : kernels::num_threads();
+      planner::Cluster sc;
+      if (chosen.first == 1 || server_device_ != Device::kCpu) {
+        sc = cluster_;
+      } else {  // the server's profile on all its threads, as the stacks run
+        kernels::ScopedCudaDevice on_gpu(gpus_.empty() ? -1 : gpus_.front());
+        po.threads = threads;
+        const planner::Profile whole = planner::profile_model(cfg_.model, model_->options(), po);
+        server_profile_s += whole.seconds;
+        sc = make_cluster(profiles, whole, {1, threads});
       }
-      say(detail::concat("measured the stacked server (stacks of ", sizes, " replicas, from split point ", from, ")"));
+      sc.server_lanes = 1;
+      server_profile_s += add_stack_profiles(sc, po);
+      planner::SearchOptions one = search_options_;
+      one.per_device_split = false;
+      const double lanes_s = predicted_round_s(cluster_, search_options_), stack_s = predicted_round_s(sc, one);
+      const bool stack = stack_s < lanes_s;
+      say(detail::concat("server batching auto, predicted: ", chosen.first, " lane", chosen.first > 1 ? "s" : "", " round ",
+                         lanes_s, " s, stacked round ", stack_s, " s: ", stack ? "stacked" : "lanes"));
+      cfg_.server_batching = stack ? "stack" : "lanes";
+      if (stack) {
+        cluster_ = std::move(sc);
+        chosen = {1, threads};
+        cfg_.one_split = true;
+        search_options_.per_device_split = false;
+      }
     }
+    start_lanes(chosen);
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
                                                  server_profile_s, " s");
     if (auto_plan_) {
@@ -2414,6 +2466,7 @@ class ServerRunner {
       s["predicted_round_seconds"] = first_plan_.round_s;
       s["predicted_plan"] = json::parse(first_plan_.to_json());
     }
+    if (split_mode() && !shared_server()) s["server_batching"] = cfg_.server_batching;  // lanes or stack (auto's choice)
     if (auto_plan_) {
       s["plan"] = json::parse(plan_.to_json());
       s["replans"] = replans_;

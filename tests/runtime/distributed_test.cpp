@@ -1205,6 +1205,24 @@ TEST(Distributed, StackedReplicasTrainAsOneAtATime) {
   EXPECT_GT(s["predicted_round_seconds"].get<double>(), 0);
   EXPECT_GT(s["predicted_plan"]["server_memory_bytes"].get<double>(), s1["predicted_plan"]["server_memory_bytes"].get<double>());
 
+  // auto: both profiled, one kept (and said in summary.json); where stacks cannot serve, lanes.
+  TrainConfig automatic = config("stack_auto", "auto");
+  automatic.split = automatic.micro_batches = -1;
+  run_cluster(automatic, wait, 4);
+  const auto sa = summary(automatic.out_dir);
+  ASSERT_TRUE(sa.contains("server_batching")) << sa.dump();
+  EXPECT_TRUE(sa["server_batching"] == "lanes" || sa["server_batching"] == "stack") << sa.dump();
+  if (sa["server_batching"] == "stack") {
+    EXPECT_EQ(sa["plan"]["split"][0], sa["plan"]["split"][3]);
+  }
+  std::printf("server batching auto chose %s\n", sa["server_batching"].get<std::string>().c_str());
+  EXPECT_EQ(s["server_batching"], "stack");
+  EXPECT_EQ(s1["server_batching"], "lanes");
+  TrainConfig private_auto = config("stack_auto_private", "auto");
+  private_auto.labels = "private";
+  run_cluster(private_auto, fast_net(), 4);
+  EXPECT_EQ(summary(private_auto.out_dir)["server_batching"], "lanes");
+
   TrainConfig bad = config("stack_bad", "stack");
   bad.server_model = "shared";
   EXPECT_NE(error_of(bad).find("--server-batching stack needs a replica per device"), std::string::npos) << error_of(bad);
@@ -1215,7 +1233,7 @@ TEST(Distributed, StackedReplicasTrainAsOneAtATime) {
   bad.split = 1, bad.device_splits = {1, 2, 2, 2};
   EXPECT_NE(error_of(bad).find("one split point for every device"), std::string::npos) << error_of(bad);
   bad = config("stack_bad4", "pile");
-  EXPECT_NE(error_of(bad).find("--server-batching must be lanes or stack"), std::string::npos) << error_of(bad);
+  EXPECT_NE(error_of(bad).find("--server-batching must be lanes, stack or auto"), std::string::npos) << error_of(bad);
 }
 
 // A real device's first batch (VGG5 split 2, batch 25, 3 micro-batches), recorded for light devices.
