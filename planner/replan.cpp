@@ -96,12 +96,15 @@ Measurement measurement_from_round(const Cluster& used, const Plan& plan, const 
   if (!device_busy_s.empty()) {
     m.device_time_scale.assign(k, 0.0);
     for (size_t d = 0; d < k; ++d) {
-      if (predicted.busy[1 + 3 * d].busy_s < least) continue;
+      // A device under a CPU quota shows the speed its quota sustains (what its profile measured, under
+      // a full load) only while its compute fills its quota: lightly loaded it runs in bursts on the
+      // quota's slack (faster), or shares the quota with its own transport threads (slower, with the
+      // bytes the plan sends, not with the blocks it computes). So it is measured only where its
+      // compute is at least half the round, and never taken for faster than its profile.
+      const bool quota = used.device_profiles[used.devices[d].profile].cpu_quota_cores > 0;
+      if (predicted.busy[1 + 3 * d].busy_s < (quota ? std::max(least, kQuotaMinShare * predicted.span_s) : least)) continue;
       double r = measured_time_scale(device_busy_s[d], predicted.busy[1 + 3 * d].busy_s);
-      // A device under a CPU quota that ran faster than its profile spent its quota's slack: lightly
-      // loaded, it runs in bursts at full speed, but its profile (measured under a full load) is the
-      // speed it sustains once a plan gives it more work. Slower is a measurement like any other.
-      if (used.device_profiles[used.devices[d].profile].cpu_quota_cores > 0 && r > 0) r = std::max(r, 1.0);
+      if (quota && r > 0) r = std::max(r, 1.0);
       m.device_time_scale[d] = r > 0 ? r * used.devices[d].time_scale : 0.0;
     }
   }
