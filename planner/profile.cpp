@@ -552,16 +552,23 @@ Profile profile_stack(const std::string& name, const ModelOptions& model_options
   p.sizes = sizes;
   const size_t nb = model->num_blocks();
   for (int64_t m : sizes) {
-    stack.set_profiling(true);  // sums from zero; each call waits for the device after each phase
+    // Each pass timed on its own (the stack's profile from zero; each call waits for the device after
+    // each phase), medians kept as profile_model's: the first pass at a size meets its buffers cold.
+    std::vector<std::vector<double>> fwd(nb), bwd(nb);
+    std::vector<double> rest;
     const auto t_size = std::chrono::steady_clock::now();
-    for (int r = 0; r == 0 || (r < options.repeats && seconds_since(t_size) < options.max_seconds_per_size); ++r) pass(m);
-    const ReplicaStack::Profile& timed = stack.profile();
-    const double calls = static_cast<double>(timed.groups);
-    for (size_t b = 0; b < nb; ++b) {
-      p.blocks[b].forward_s.push_back(b < split ? 0.0 : timed.forward[b - split] / calls);
-      p.blocks[b].backward_s.push_back(b < split ? 0.0 : timed.backward[b - split] / calls);
+    for (int r = 0; r == 0 || (r < options.repeats && seconds_since(t_size) < options.max_seconds_per_size); ++r) {
+      stack.set_profiling(true);
+      pass(m);
+      const ReplicaStack::Profile& timed = stack.profile();
+      for (size_t b = split; b < nb; ++b) fwd[b].push_back(timed.forward[b - split]), bwd[b].push_back(timed.backward[b - split]);
+      rest.push_back(timed.assemble + timed.upload + timed.loss + timed.download);
     }
-    p.loss_s.push_back((timed.assemble + timed.upload + timed.loss + timed.download) / calls);
+    for (size_t b = 0; b < nb; ++b) {
+      p.blocks[b].forward_s.push_back(median(fwd[b]));  // 0 below the split
+      p.blocks[b].backward_s.push_back(median(bwd[b]));
+    }
+    p.loss_s.push_back(median(rest));
   }
   stack.set_profiling(false);
   for (BlockProfile& b : p.blocks) {
