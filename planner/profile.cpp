@@ -352,21 +352,37 @@ CpuQuota cpu_quota() {
   return best;
 }
 
-Profile profile_model(Model& model, const ProfileOptions& options) {
-  PIPAR_CHECK(model.device() == options.device, "the profiler measures ", device_name(options.device), " but the model is on ",
-              device_name(model.device()));
-  PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
+namespace {
+
+// options.sizes sorted and distinct, at least one, all >= 1.
+std::vector<int64_t> sorted_sizes(const ProfileOptions& options) {
   std::vector<int64_t> sizes = options.sizes;
   std::sort(sizes.begin(), sizes.end());
   sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
   PIPAR_CHECK(!sizes.empty() && sizes.front() >= 1, "profile sizes must be >= 1");
+  return sizes;
+}
 
-  const int saved_threads = kernels::num_threads();
-  if (options.threads > 0) kernels::set_num_threads(options.threads);
-  struct Restore {
-    int n;
-    ~Restore() { kernels::set_num_threads(n); }
-  } restore{saved_threads};
+// The kernels' thread count for a measurement (as it is where n is 0), restored on leaving.
+struct ScopedThreads {
+  explicit ScopedThreads(int n) : saved(kernels::num_threads()) {
+    if (n > 0) kernels::set_num_threads(n);
+  }
+  ~ScopedThreads() { kernels::set_num_threads(saved); }
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+  int saved;
+};
+
+}  // namespace
+
+Profile profile_model(Model& model, const ProfileOptions& options) {
+  PIPAR_CHECK(model.device() == options.device, "the profiler measures ", device_name(options.device), " but the model is on ",
+              device_name(model.device()));
+  PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
+  std::vector<int64_t> sizes = sorted_sizes(options);
+
+  const ScopedThreads threads(options.threads);
 
   const auto t_start = std::chrono::steady_clock::now();
   Profile p = describe(model);
@@ -495,19 +511,12 @@ Profile profile_stack(const std::string& name, const ModelOptions& model_options
                       const ProfileOptions& options, int64_t max_samples) {
   PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
   PIPAR_CHECK(replicas >= 1 && max_samples >= 1, "a stack of ", replicas, " replicas, at most ", max_samples, " samples");
-  std::vector<int64_t> sizes = options.sizes;
-  std::sort(sizes.begin(), sizes.end());
-  sizes.erase(std::unique(sizes.begin(), sizes.end()), sizes.end());
-  PIPAR_CHECK(!sizes.empty() && sizes.front() >= 1, "profile sizes must be >= 1");
+  std::vector<int64_t> sizes = sorted_sizes(options);
   // The smallest size always; larger ones while a call holds at most max_samples samples.
-  std::erase_if(sizes, [&](int64_t m) { return m != sizes.front() && m * replicas > max_samples; });
+  const int64_t smallest = sizes.front();
+  std::erase_if(sizes, [&](int64_t m) { return m != smallest && m * replicas > max_samples; });
 
-  const int saved_threads = kernels::num_threads();
-  if (options.threads > 0) kernels::set_num_threads(options.threads);
-  struct Restore {
-    int n;
-    ~Restore() { kernels::set_num_threads(n); }
-  } restore{saved_threads};
+  const ScopedThreads threads(options.threads);
 
   const auto t_start = std::chrono::steady_clock::now();
   auto model = build_model(name, model_options);  // on the host: load copies each replica to the stack's device
