@@ -302,12 +302,7 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
     if (stacked) {  // the stacks measured here, on this backend, from block 1 (or the one --split)
       planner::ProfileOptions spo = po;
       spo.device = server_device;
-      spo.threads = per_lane;
-      const size_t from = cfg.split > 0 ? static_cast<size_t>(cfg.split) : 1;
-      cl.stack_profiles =
-          planner::profile_stacks(cfg.model, o, from, static_cast<size_t>(cfg.devices), kServerStackMax, spo, *cl.server_profile);
-      cl.server_stack = kServerStackMax;
-      cl.stack_split = static_cast<int>(from);
+      planner::profile_stacks(cl, cfg.model, o, cfg.split > 0 ? static_cast<size_t>(cfg.split) : 1, kServerStackMax, spo);
       for (const auto& [k, p] : cl.stack_profiles)
         std::fprintf(stderr, "measured a stack of %d replicas on this machine's %s (%.1f s)\n", k, device_name(server_device), p.seconds);
     }

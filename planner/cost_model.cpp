@@ -83,18 +83,22 @@ CostModel::CostModel(Cluster cluster) : c_(std::move(cluster)) {
       throw Error("cost model: stacks need a replica per device, shared labels and one server lane");
     if (c_.stack_split < 1 || static_cast<size_t>(c_.stack_split) >= blocks_)
       throw Error(detail::concat("cost model: stack profiles from split point ", c_.stack_split, " of ", blocks_, " blocks"));
-    for (size_t s = 0; s * static_cast<size_t>(c_.server_stack) < c_.devices.size(); ++s) {
-      const int64_t want = stack_size(s);
-      bool found = false;
-      for (const auto& [size, p] : c_.stack_profiles) {
-        if (size != want) continue;
-        p.validate();
-        same_model(p);
-        min_micro_ = std::max(min_micro_, p.min_micro_batch);
-        found = true;
-      }
-      if (!found) throw Error(detail::concat("cost model: no profile of a stack of ", want, " replicas"));
-    }
+    // Every stack is full but perhaps the last: at most two sizes, each needs its profile.
+    const size_t per = static_cast<size_t>(c_.server_stack);
+    stacks_ = (c_.devices.size() + per - 1) / per;
+    auto profile_of = [&](int64_t want) {
+      for (size_t i = 0; i < c_.stack_profiles.size(); ++i)
+        if (c_.stack_profiles[i].first == want) {
+          const Profile& p = c_.stack_profiles[i].second;
+          p.validate();
+          same_model(p);
+          min_micro_ = std::max(min_micro_, p.min_micro_batch);
+          return i;
+        }
+      throw Error(detail::concat("cost model: no profile of a stack of ", want, " replicas"));
+    };
+    full_stack_profile_ = profile_of(stack_size(0));
+    last_stack_profile_ = profile_of(stack_size(stacks_ - 1));
   }
   for (size_t d = 0; d < c_.devices.size(); ++d) {
     const DeviceSpec& s = c_.devices[d];
@@ -136,10 +140,7 @@ int64_t CostModel::stack_size(size_t s) const {
 }
 
 const Profile& CostModel::stack_profile(size_t s) const {
-  const int64_t want = stack_size(s);
-  for (const auto& [size, p] : c_.stack_profiles)
-    if (size == want) return p;
-  throw Error(detail::concat("cost model: no profile of a stack of ", want, " replicas"));  // the constructor checked
+  return c_.stack_profiles[s + 1 == stacks_ ? last_stack_profile_ : full_stack_profile_].second;
 }
 
 double CostModel::stack_call_s(size_t s, size_t split, int64_t m) const {

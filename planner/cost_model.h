@@ -192,6 +192,8 @@ class CostModel {
 
   Cluster c_;
   size_t blocks_ = 0;
+  // Stacks: how many, and the index in c_.stack_profiles of a full stack's profile and the last's.
+  size_t stacks_ = 0, full_stack_profile_ = 0, last_stack_profile_ = 0;
   int64_t min_micro_ = 1;
 };
 

@@ -12,6 +12,7 @@
 
 #include "kernels/device.h"
 #include "kernels/parallel.h"
+#include "planner/cost_model.h"
 #include "runtime/loss.h"
 #include "runtime/replica_stack.h"
 
@@ -590,11 +591,14 @@ Profile profile_stack(const std::string& name, const ModelOptions& model_options
   return p;
 }
 
-std::vector<std::pair<int, Profile>> profile_stacks(const std::string& name, const ModelOptions& model_options, size_t split,
-                                                    size_t devices, int stack_max, const ProfileOptions& options,
-                                                    const Profile& plain) {
+void profile_stacks(Cluster& c, const std::string& name, const ModelOptions& model_options, size_t split, int stack_max,
+                    ProfileOptions options) {
+  const size_t devices = c.devices.size();
+  PIPAR_CHECK(c.server_profile, "profile_stacks: the cluster has no server profile");
+  const Profile& plain = *c.server_profile;
   PIPAR_CHECK(devices >= 1 && stack_max >= 1, devices, " devices in stacks of ", stack_max);
   PIPAR_CHECK(split >= 1 && split < plain.num_blocks(), "split point ", split, " of ", plain.num_blocks(), " blocks");
+  options.threads = plain.threads;
   const double per_sample = static_cast<double>(plain.tape_bytes(split, plain.num_blocks()) + 2 * plain.gradient_bytes(split));
   const int64_t max_samples = std::clamp<int64_t>(static_cast<int64_t>(static_cast<double>(1LL << 30) / std::max(per_sample, 1.0)),
                                                   1, 4096);
@@ -603,7 +607,9 @@ std::vector<std::pair<int, Profile>> profile_stacks(const std::string& name, con
     sizes.push_back(static_cast<int>(devices % static_cast<size_t>(stack_max)));
   std::vector<std::pair<int, Profile>> out;
   for (int k : sizes) out.emplace_back(k, profile_stack(name, model_options, split, k, options, max_samples));
-  return out;
+  c.stack_profiles = std::move(out);
+  c.server_stack = stack_max;
+  c.stack_split = static_cast<int>(split);
 }
 
 Profile estimate_profile(Model& model, double flops_per_s, double fixed_s, const std::vector<int64_t>& sizes) {

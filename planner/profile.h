@@ -104,13 +104,14 @@ Profile profile_model(const std::string& name, const ModelOptions& model_options
 Profile profile_stack(const std::string& name, const ModelOptions& model_options, size_t split, int replicas,
                       const ProfileOptions& options, int64_t max_samples);
 
-// The profiles a server of `devices` replicas in stacks of at most stack_max needs (one per distinct
-// stack size: stack_max, and devices mod stack_max where not 0), as (replicas, profile). A call holds
-// at most 4096 samples and 1 GiB of tape and stacked activations (by `plain`, the server's own profile
-// of the model, at `split`).
-std::vector<std::pair<int, Profile>> profile_stacks(const std::string& name, const ModelOptions& model_options, size_t split,
-                                                    size_t devices, int stack_max, const ProfileOptions& options,
-                                                    const Profile& plain);
+// Stacks for cluster c (cost_model.h): its devices' replicas in stacks of at most stack_max, from
+// split point `split` on. Measures the profile of each distinct stack size (stack_max, and the devices
+// mod stack_max where not 0) on c's server profile's thread count and sets c.stack_profiles,
+// c.server_stack = stack_max and c.stack_split = split. A call holds at most 4096 samples and 1 GiB of
+// tape and stacked activations (by c's server profile, at `split`).
+struct Cluster;
+void profile_stacks(Cluster& c, const std::string& name, const ModelOptions& model_options, size_t split, int stack_max,
+                    ProfileOptions options);
 
 // This process's CPU quota, from its cgroup (v1 cpu.cfs_quota_us / cfs_period_us, or v2 cpu.max),
 // the tightest of its group and the groups above it: cores (e.g. 0.5) and the period in seconds over

@@ -39,15 +39,16 @@ struct ReplanDecision {
 ReplanDecision replan(const Cluster& used, const Plan& current, const Measurement& measured,
                       const ReplanOptions& options = {});
 
+// A device under a CPU quota (its profile's cpu_quota_cores) is measured only where its predicted
+// compute is at least this share of the round, and never faster than its profile.
+constexpr double kQuotaMinShare = 0.5;
+
 // A Measurement from one round's measured busy seconds (metrics.jsonl's device_busy_seconds and
 // server_busy_seconds, aggregation excluded) and link rates: the time scales are the basis's scaled by
 // measured / predicted busy time of `plan` under `used` (so they stay relative to the profiles).
 // Empty or non-positive entries mean "not measured". A compute resource whose predicted busy time is
 // under min_share of the predicted round is left unmeasured: its few small ops, mostly fixed costs,
 // would be extrapolated to the blocks another plan gives it.
-// A device under a CPU quota (its profile's cpu_quota_cores) is measured only where its predicted
-// compute is at least this share of the round, and never faster than its profile.
-constexpr double kQuotaMinShare = 0.5;
 Measurement measurement_from_round(const Cluster& used, const Plan& plan, const std::vector<double>& device_busy_s,
                                    double server_busy_s, const std::vector<double>& up_mbps = {},
                                    const std::vector<double>& down_mbps = {}, double min_share = 0.1);

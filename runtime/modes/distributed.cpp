@@ -1451,14 +1451,10 @@ class ServerRunner {
   // every replica of its stack, so its time follows the stack's size), measured on c's server profile's
   // threads, from the split point the run keeps or from block 1 for the planner to choose. Returns the
   // seconds the measuring took.
-  double add_stack_profiles(planner::Cluster& c, planner::ProfileOptions po) {
+  double add_stack_profiles(planner::Cluster& c, const planner::ProfileOptions& po) {
     const size_t from = cfg_.split > 0 ? static_cast<size_t>(cfg_.split) : 1;
     kernels::ScopedCudaDevice on_gpu(gpus_.empty() ? -1 : gpus_.front());
-    po.threads = c.server_profile->threads;
-    c.stack_profiles = planner::profile_stacks(cfg_.model, model_->options(), from, slots_.size(), kServerStackMax, po,
-                                               *c.server_profile);
-    c.server_stack = kServerStackMax;
-    c.stack_split = static_cast<int>(from);
+    planner::profile_stacks(c, cfg_.model, model_->options(), from, kServerStackMax, po);
     double seconds = 0;
     std::string sizes;
     for (const auto& [k, p] : c.stack_profiles) {
@@ -1549,8 +1545,7 @@ class ServerRunner {
         server_profile_s += whole.seconds;
         sc = make_cluster(profiles, whole, {1, threads});
       }
-      sc.server_lanes = 1;
-      server_profile_s += add_stack_profiles(sc, po);
+      server_profile_s += add_stack_profiles(sc, po);  // sc has one lane, as make_cluster gives it
       planner::SearchOptions one = search_options_;
       one.per_device_split = false;
       const double lanes_s = predicted_round_s(cluster_, search_options_), stack_s = predicted_round_s(sc, one);

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "kernels/parallel.h"
+#include "planner/cost_model.h"
 #include "planner/profile.h"
 #include "tests/planner/planner_test_util.h"
 
@@ -94,14 +95,22 @@ TEST(Profile, MeasuresStacksOfReplicas) {
   o.sizes = {1};
   o.repeats = 1;
   const Profile plain = profile_model("vgg5", ModelOptions{}, o);
-  const auto stacks = profile_stacks("vgg5", ModelOptions{}, 3, 5, 2, o, plain);
+  Cluster c = make_cluster(plain, 5, {}, 100);
+  c.server_profile = plain;
+  profile_stacks(c, "vgg5", ModelOptions{}, 3, 2, o);
+  const auto& stacks = c.stack_profiles;
   ASSERT_EQ(stacks.size(), 2u);
   EXPECT_EQ(stacks[0].first, 2);
   EXPECT_EQ(stacks[1].first, 1);
+  EXPECT_EQ(c.server_stack, 2);
+  EXPECT_EQ(c.stack_split, 3);
   EXPECT_EQ(stacks[0].second.forward_s(2, 3, 1), 0);  // from block 3
   EXPECT_GT(stacks[0].second.forward_s(3, 4, 1), 0);
-  EXPECT_EQ(profile_stacks("vgg5", ModelOptions{}, 3, 4, 2, o, plain).size(), 1u);  // two stacks of 2
-  EXPECT_THROW(profile_stacks("vgg5", ModelOptions{}, 5, 4, 2, o, plain), Error);    // no block left
+  EXPECT_NO_THROW(CostModel{c});
+  c.devices.resize(4);
+  profile_stacks(c, "vgg5", ModelOptions{}, 3, 2, o);
+  EXPECT_EQ(c.stack_profiles.size(), 1u);  // two stacks of 2
+  EXPECT_THROW(profile_stacks(c, "vgg5", ModelOptions{}, 5, 2, o), Error);  // no block left
 }
 
 // min_seconds_per_size: each size's passes go on for at least that long (a process under a CPU quota
