@@ -1,9 +1,10 @@
-// The cost model: an event-ordered recurrence over devices, batches and micro-batches (see the header).
+// The cost model: an event simulation over devices, batches and micro-batches (see the header).
 #include "planner/cost_model.h"
 
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <limits>
 #include <queue>
 
 #include "runtime/split.h"
@@ -77,6 +78,9 @@ CostModel::CostModel(Cluster cluster) : c_(std::move(cluster)) {
     same_model(*c_.server_profile);
     min_micro_ = std::max(min_micro_, c_.server_profile->min_micro_batch);
   }
+  if (c_.host_cores < 0 || c_.host_device_threads < 1 || c_.host_server_threads < 0)
+    throw Error(detail::concat("cost model: shared host of ", c_.host_cores, " cores, ", c_.host_device_threads,
+                               " threads per device, ", c_.host_server_threads, " for the server"));
   if (c_.server_stack < 0) throw Error("cost model: server_stack must be 0 (no stacks) or more");
   if (c_.server_stack > 0) {
     if (c_.server_lanes != 1 || c_.private_labels || c_.shared_server_model)
@@ -194,7 +198,7 @@ CostModel::Stage CostModel::stage(size_t d, int split, int64_t m, Mode mode) con
   return st;
 }
 
-// --- the recurrence --------------------------------------------------------------------------------
+// --- the simulation --------------------------------------------------------------------------------
 
 namespace {
 
@@ -209,6 +213,66 @@ struct Arrival {
     if (i != o.i) return i > o.i;
     return back > o.back;
   }
+};
+
+// A device's compute, one task at a time in the order its inputs arrive: a batch's forwards first,
+// then backwards (and private labels' tails) as their gradients (middle outputs) come down the FIFO
+// downlink, so in time order, then the optimizer step.
+struct Task {
+  enum Kind { kForward, kBackward, kTail, kStep } kind;
+  size_t i = 0;
+  double work = 0;   // seconds at the pace the profile was measured at
+  double ready = 0;  // when its input is there
+};
+
+// Compute on cores that the devices and the server may share (Cluster::host_cores > 0): every
+// running thread gets an equal share of the cores (processor sharing, as the OS's scheduler), so a
+// task runs at its profile's pace only in the company its profile was measured in: a device's
+// alongside all K devices (min(threads, cores / K) cores), the server's alone (min(threads, cores)).
+// Each side keeps a virtual clock that advances at its current pace; a task ends when its side's
+// clock has advanced by its work. Devices all run at one pace (their threads are the same), so their
+// running tasks sit in one heap keyed by the virtual time they end at. A server of 0 threads (a GPU's)
+// takes no core and keeps its pace. Not shared: both clocks are the real time, and a task ends exactly
+// at its start plus its work.
+class Cores {
+ public:
+  Cores(int cores, int device_threads, int server_threads, size_t k)
+      : cores_(cores), dev_threads_(device_threads), srv_threads_(server_threads),
+        dev_profiled_(std::min<double>(device_threads, static_cast<double>(cores) / static_cast<double>(k))) {}
+  bool shared() const { return cores_ > 0; }
+  double device_clock() const { return vd_; }
+  double server_clock() const { return vs_; }
+  // The paces for `devices` running device tasks and the server's running on `server_threads` (0:
+  // none, idle or on a GPU).
+  void set_load(size_t devices, int server_threads) {
+    if (!shared()) return;
+    const double threads = static_cast<double>(devices) * dev_threads_ + server_threads;
+    const double share = threads > cores_ ? cores_ / threads : 1.0;
+    dev_pace_ = dev_threads_ * share / dev_profiled_;
+    srv_pace_ = server_threads > 0 ? server_threads * share / std::min<double>(server_threads, cores_) : 1.0;
+  }
+  // Real time at which a side's clock reaches v (not before now).
+  double device_end(double now, double v) const { return shared() ? now + std::max(0.0, v - vd_) / dev_pace_ : v; }
+  double server_end(double now, double v) const { return shared() ? now + std::max(0.0, v - vs_) / srv_pace_ : v; }
+  void advance(double now, double to) {
+    if (!shared()) {
+      vd_ = vs_ = to;
+      return;
+    }
+    vd_ += dev_pace_ * (to - now);
+    vs_ += srv_pace_ * (to - now);
+  }
+  // Whether a task ending at virtual time v has ended (rounding of the paces allowed for).
+  bool device_done(double v) const { return shared() ? v <= vd_ + 1e-12 * std::max(1.0, std::abs(vd_)) : v <= vd_; }
+  bool server_done(double v) const { return shared() ? v <= vs_ + 1e-12 * std::max(1.0, std::abs(vs_)) : v <= vs_; }
+  int server_threads() const { return srv_threads_; }
+
+ private:
+  double cores_;
+  double dev_threads_;
+  int srv_threads_;
+  double dev_profiled_;
+  double vd_ = 0, vs_ = 0, dev_pace_ = 1, srv_pace_ = 1;
 };
 
 std::string device_name(size_t d) { return "device " + std::to_string(d); }
@@ -250,13 +314,28 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     size_t batch = 0;
     std::vector<int64_t> sizes;  // the current batch's micro-batch sizes
     std::vector<Stage> st;       // their stage times
-    double f_end = 0, up_free = 0, down_free = 0, b_end = 0;
+    double up_free = 0, down_free = 0;
     double step_dev = 0, step_srv = 0, w_up = 0, w_down = 0, latency = 0;
     std::vector<std::pair<int64_t, Stage>> cache;  // stage times by micro-batch size (few distinct)
+    std::deque<Task> tasks;                        // compute to do, in the order its inputs arrive
+    bool running = false, woken = false;           // woken: a wake-up is set for its next task's input
+    Task task;
+    double free = 0;  // cores not shared: when its compute comes free
   };
   std::vector<Dev> dev(k);
-  std::priority_queue<Arrival, std::vector<Arrival>, std::greater<Arrival>> heap;
-  double span = 0;
+  using Timed = std::pair<double, size_t>;  // (time, device)
+  // When a device may go on: its part's weights have arrived (a round's start), or its next task's input.
+  std::priority_queue<Timed, std::vector<Timed>, std::greater<>> wakes;
+  std::priority_queue<Timed, std::vector<Timed>, std::greater<>> running;  // (end on the devices' clock, device)
+  // Sent to the server, in arrival order: served once arrived (t <= now).
+  std::priority_queue<Arrival, std::vector<Arrival>, std::greater<Arrival>> arrivals;
+  std::vector<size_t> wake;  // devices that may start a task now
+  const bool stacked = c_.server_stack > 0 && mode != Mode::kSl;  // sl's one server part is never stacked
+  const bool grouped = (c_.server_lanes > 1 || stacked) && !c_.private_labels;
+  const size_t lanes = stacked ? k : static_cast<size_t>(c_.server_lanes);
+  const int lane_threads = std::max(1, c_.host_server_threads / c_.server_lanes);
+  Cores cores(c_.host_cores, c_.host_device_threads, c_.host_server_threads, k);
+  double now = 0, span = 0;
 
   auto stage_of = [&](size_t d, int64_t m) -> const Stage& {
     for (const auto& [size, s] : dev[d].cache)
@@ -264,22 +343,19 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     dev[d].cache.emplace_back(m, stage(d, split[d], m, mode));
     return dev[d].cache.back().second;
   };
-  auto start_batch = [&](size_t d, double t0) {
+  auto queue = [&](size_t d, Task t) {
+    compute_busy(d) += t.work;
+    dev[d].tasks.push_back(t);
+    wake.push_back(d);
+  };
+  auto start_batch = [&](size_t d, double at) {
     Dev& v = dev[d];
     v.sizes = micro_batch_sizes(v.lens[v.batch], n);
     v.st.clear();
-    double f = t0;
     for (size_t i = 0; i < v.sizes.size(); ++i) {
-      const Stage s = stage_of(d, v.sizes[i]);
-      v.st.push_back(s);
-      f += s.f;
-      compute_busy(d) += s.f;
-      const double u = std::max(f, v.up_free) + s.up;
-      up_busy(d) += s.up;
-      v.up_free = u;
-      heap.push({u + v.latency, d, i, false});
+      v.st.push_back(stage_of(d, v.sizes[i]));
+      queue(d, {Task::kForward, i, v.st.back().f, at});
     }
-    v.f_end = v.b_end = f;
   };
   auto end_device = [&](size_t d, double t_end) {
     Dev& v = dev[d];
@@ -290,6 +366,12 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
       t_end = u + v.latency;
     }
     span = std::max(span, t_end);
+  };
+  // A message of `seconds` on a FIFO link direction from `at`; it reaches the other end after the latency.
+  auto send = [&](double& link_free, double& link_busy, double seconds, double latency, double at) {
+    link_free = std::max(at, link_free) + seconds;
+    link_busy += seconds;
+    return link_free + latency;
   };
 
   for (size_t d : devices) {
@@ -304,73 +386,90 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     const double w = static_cast<double>(device_state_bytes(d, p));
     v.w_down = transfer_s(w, ds.link.down_mbps, ds.link.per_message_s);
     v.w_up = transfer_s(w, ds.link.up_mbps, ds.link.per_message_s);
-    double t0 = 0;
-    if (whole_round) {
-      down_busy(d) += v.w_down;
-      v.down_free = v.w_down;
-      t0 = v.w_down + v.latency;
-    }
-    start_batch(d, t0);
+    start_batch(d, whole_round ? send(v.down_free, down_busy(d), v.w_down, v.latency, 0) : 0);  // once the weights are there
   }
 
-  // A micro-batch's gradient leaves the server at `end`: down to its device, its backward, and after
-  // its batch's last the device steps and starts its next batch.
-  auto serve_end = [&](const Arrival& a, double end) {
-    Dev& v = dev[a.d];
-    const Stage& s = v.st[a.i];
-    const double down = std::max(end, v.down_free) + s.down;
-    down_busy(a.d) += s.down;
-    v.down_free = down;
-    v.b_end = std::max(down + v.latency, v.b_end) + s.b;  // gradients of one device arrive in order
-    compute_busy(a.d) += s.b;
-    if (a.i + 1 != v.sizes.size()) return;
-    const double batch_end = v.b_end + v.step_dev;
-    compute_busy(a.d) += v.step_dev;
-    if (++v.batch < v.lens.size()) start_batch(a.d, batch_end);
-    else end_device(a.d, batch_end);
+  // Device d's task t ended at `at`.
+  auto device_done = [&](size_t d, const Task& t, double at) {
+    Dev& v = dev[d];
+    if (t.kind == Task::kForward) {
+      arrivals.push({send(v.up_free, up_busy(d), v.st[t.i].up, v.latency, at), d, t.i});
+    } else if (t.kind == Task::kTail) {  // the output's gradient up, arriving as a second visit
+      arrivals.push({send(v.up_free, up_busy(d), v.st[t.i].up_mid, v.latency, at), d, t.i, true});
+    } else if (t.kind == Task::kBackward) {
+      if (t.i + 1 == v.sizes.size()) queue(d, {Task::kStep, t.i, v.step_dev, at});  // gradients of one device arrive in order
+    } else if (++v.batch < v.lens.size()) {
+      start_batch(d, at);
+    } else {
+      end_device(d, at);
+    }
+  };
+  // Device d starts what it can. Cores not shared: a task ends at its start plus its work whatever
+  // else runs, so every task queued runs at once, each at its own time (the arrivals it sends wait in
+  // the server's queue until their time). Shared: its next task, if its input is there, else a
+  // wake-up when it arrives.
+  auto dispatch = [&](size_t d) {
+    Dev& v = dev[d];
+    if (!cores.shared()) {
+      while (!v.tasks.empty()) {
+        const Task t = v.tasks.front();
+        v.tasks.pop_front();
+        v.free = std::max(v.free, t.ready) + t.work;
+        device_done(d, t, v.free);
+      }
+      return;
+    }
+    if (v.running || v.woken || v.tasks.empty()) return;
+    if (v.tasks.front().ready > now) {
+      v.woken = true;
+      wakes.push({v.tasks.front().ready, d});
+      return;
+    }
+    v.task = v.tasks.front();
+    v.tasks.pop_front();
+    v.running = true;
+    running.push({cores.device_clock() + v.task.work, d});
   };
 
-  double server_free = 0;
-  const bool stacked = c_.server_stack > 0 && mode != Mode::kSl;  // sl's one server part is never stacked
-  if ((c_.server_lanes > 1 || stacked) && !c_.private_labels) {
-    const size_t lanes = stacked ? k : static_cast<size_t>(c_.server_lanes);
-    std::vector<std::pair<size_t, int64_t>> calls;  // stacks: (stack, micro-batch size) of the group
-    std::vector<Arrival> group;
-    std::vector<char> in_group(k, 0);
-    // Arrivals taken off the heap while their device already had one in the group: the next groups'
-    // first, in order (each arrival leaves the heap once: O(K N log K) per batch as without lanes).
-    std::vector<std::deque<Arrival>> waiting(k);
-    size_t n_waiting = 0;
-    while (!heap.empty() || n_waiting > 0) {
-      const double start = n_waiting > 0 ? server_free : std::max(heap.top().t, server_free);
-      group.clear();
-      if (n_waiting > 0) {  // the waiting devices' first micro-batches, earliest first, one per lane
-        for (size_t d = 0; d < k; ++d)
-          if (!waiting[d].empty()) group.push_back(waiting[d].front());
-        std::sort(group.begin(), group.end(), [](const Arrival& a, const Arrival& b) { return b > a; });
-        if (group.size() > lanes) group.resize(lanes);
-        for (const Arrival& a : group) {
-          waiting[a.d].pop_front();
-          --n_waiting;
-          in_group[a.d] = 1;
-        }
-      }
-      while (!heap.empty() && heap.top().t <= start) {
-        const Arrival a = heap.top();
-        heap.pop();
-        if (in_group[a.d] || group.size() >= lanes) {
-          waiting[a.d].push_back(a);
-          ++n_waiting;
+  // The server: one micro-batch at a time in arrival order, or (lanes, stacks) a group of what has
+  // arrived, at most one per device and `lanes` in all, earliest first. Kernels on the lanes, one
+  // each (the longest sets the group's time), or one stacked call per stack and size; per-message
+  // work and steps on the server's loop, one after another; all its gradients leave at its end.
+  std::vector<Arrival> serving, skipped;
+  bool serving_now = false;
+  double server_end_v = 0;  // on the server's virtual clock
+  int server_threads = 0;   // of what it serves (0 where it takes no host core)
+  std::vector<std::pair<size_t, int64_t>> calls;
+  std::vector<char> in_group(k, 0);
+  auto start_server = [&] {
+    serving.clear();
+    double work = 0;
+    if (!grouped) {
+      const Arrival a = arrivals.top();
+      arrivals.pop();
+      serving.push_back(a);
+      const Dev& v = dev[a.d];
+      const Stage& s = v.st[a.i];
+      const bool last = a.i + 1 == v.sizes.size();
+      // The middle forward (private labels); else the whole server part, stepping before the last gradient goes.
+      work = c_.private_labels && !a.back ? s.s : (c_.private_labels ? s.s_back : s.s) + (last ? v.step_srv : 0.0);
+      server_threads = cores.server_threads();
+    } else {
+      skipped.clear();  // of devices already in the group: the next groups'
+      while (!arrivals.empty() && arrivals.top().t <= now && serving.size() < lanes) {
+        const Arrival a = arrivals.top();
+        arrivals.pop();
+        if (in_group[a.d]) {
+          skipped.push_back(a);
         } else {
-          group.push_back(a);
+          serving.push_back(a);
           in_group[a.d] = 1;
         }
       }
-      // Kernels on the lanes, one each (the longest sets the group's time), or one stacked call per
-      // stack and size; per-message work and steps on the server's loop, one after another.
+      for (const Arrival& a : skipped) arrivals.push(a);
       double longest = 0, serial = 0;
       calls.clear();
-      for (const Arrival& a : group) {
+      for (const Arrival& a : serving) {
         const Dev& v = dev[a.d];
         in_group[a.d] = 0;
         serial += c_.server_per_micro_batch_s + (a.i + 1 == v.sizes.size() ? v.step_srv : 0.0);
@@ -383,46 +482,60 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
         calls.push_back(call);
         longest += stack_call_s(call.first, static_cast<size_t>(split[a.d]), call.second);
       }
-      const double end = start + longest + serial;
-      server_busy += end - start;
-      server_free = end;
-      for (const Arrival& a : group) serve_end(a, end);
+      work = longest + serial;
+      server_threads = stacked ? cores.server_threads()
+                               : std::min(cores.server_threads(), lane_threads * static_cast<int>(serving.size()));
+    }
+    server_busy += work;
+    server_end_v = cores.server_clock() + work;
+    serving_now = true;
+  };
+  auto server_done = [&] {
+    serving_now = false;
+    server_threads = 0;
+    for (const Arrival& a : serving) {
+      Dev& v = dev[a.d];
+      const Stage& s = v.st[a.i];
+      if (c_.private_labels && !a.back)  // the middle output down to the device's tail
+        queue(a.d, {Task::kTail, a.i, s.tail, send(v.down_free, down_busy(a.d), s.down_mid, v.latency, now)});
+      else  // the gradient down to the device's backward
+        queue(a.d, {Task::kBackward, a.i, s.b, send(v.down_free, down_busy(a.d), s.down, v.latency, now)});
+    }
+  };
+
+  for (;;) {
+    // Whatever can start now does (a device whose next input is still on its way wakes when it
+    // arrives), then the paces follow the new load.
+    for (size_t w = 0; w < wake.size(); ++w) dispatch(wake[w]);  // (may wake more)
+    wake.clear();
+    if (!serving_now && !arrivals.empty() && arrivals.top().t <= now) start_server();
+    cores.set_load(running.size(), server_threads);
+    // The next moment anything happens.
+    double next = std::numeric_limits<double>::infinity();
+    if (!running.empty()) next = cores.device_end(now, running.top().first);
+    if (serving_now) next = std::min(next, cores.server_end(now, server_end_v));
+    else if (!arrivals.empty()) next = std::min(next, arrivals.top().t);
+    if (!wakes.empty()) next = std::min(next, wakes.top().first);
+    if (next == std::numeric_limits<double>::infinity()) break;
+    next = std::max(now, next);
+    cores.advance(now, next);
+    now = next;
+    if (serving_now && cores.server_done(server_end_v)) server_done();
+    while (!running.empty() && cores.device_done(running.top().first)) {
+      const size_t d = running.top().second;
+      running.pop();
+      dev[d].running = false;
+      wake.push_back(d);
+      device_done(d, dev[d].task, now);
+    }
+    while (!wakes.empty() && wakes.top().first <= now) {
+      const size_t d = wakes.top().second;
+      wakes.pop();
+      dev[d].woken = false;
+      wake.push_back(d);
     }
   }
-  while (!heap.empty()) {
-    const Arrival a = heap.top();
-    heap.pop();
-    Dev& v = dev[a.d];
-    const Stage& s = v.st[a.i];
-    const bool last = a.i + 1 == v.sizes.size();
-    const double start = std::max(a.t, server_free);
-    if (c_.private_labels && !a.back) {
-      // The middle forward; its output down; the device's tail once its compute is free (after all its
-      // forwards: b_end starts at their end); the output's gradient up, arriving as a second visit.
-      const double fwd_end = start + s.s;
-      server_busy += s.s;
-      server_free = fwd_end;
-      const double down = std::max(fwd_end, v.down_free) + s.down_mid;
-      down_busy(a.d) += s.down_mid;
-      v.down_free = down;
-      v.b_end = std::max(down + v.latency, v.b_end) + s.tail;
-      compute_busy(a.d) += s.tail;
-      const double up = std::max(v.b_end, v.up_free) + s.up_mid;
-      up_busy(a.d) += s.up_mid;
-      v.up_free = up;
-      heap.push({up + v.latency, a.d, a.i, true});
-      continue;
-    }
-    const double server_s = c_.private_labels ? s.s_back : s.s;
-    const double end = start + server_s + (last ? v.step_srv : 0.0);  // the server steps before the last gradient goes
-    server_busy += end - start;
-    server_free = end;
-    serve_end(a, end);
-  }
-  // On a shared host the cores bound what overlapping can gain: with N = 1 the compute runs in turns
-  // (the bound is at most the span), with many micro-batches the server's and the devices' compute
-  // overlap in the recurrence but share the same cores in fact.
-  return std::max(span, host_bound_s(busy));
+  return span;
 }
 
 double CostModel::host_bound_s(const std::vector<double>& busy) const {

@@ -10,8 +10,14 @@
 //   D[i] = max(S, D[i-1]) + down_d(m_i);   G[i] = D[i] + lat  downlink FIFO, gradient arrival
 //   B[i] = max(G[i], B[i-1], F[N-1]) + b_d(m_i)               all forwards first, then backwards
 //   batch end = B[N-1] + device step; the next batch of that device starts there.
-// The server takes arrivals of all devices in time order (a heap: O(K N log K) per batch). With
-// K = 1 and N = 1 a batch is exactly the sum of its stages. With server lanes L > 1 (cross-device
+// The server takes arrivals of all devices in time order. It runs as an event simulation (heaps:
+// O(K N log K) per batch); with K = 1 and N = 1 a batch is exactly the sum of its stages.
+//
+// Shared host (Cluster::host_cores > 0, `pipar train`): the compute stages of the devices and the
+// server run on the same cores, each running thread on an equal share of them (processor sharing),
+// so a stage's time is its profile's only in the company its profile was measured in: the server's
+// alone, a device's alongside all K devices. A server stage that overlaps the devices' compute runs
+// slower than its profile, a device's that runs while the others wait, faster. With server lanes L > 1 (cross-device
 // batching), when the server comes free it takes the arrivals so far, at most one per device and L in
 // all (earliest first), as a group: its kernels run side by side on the lanes, its per-message
 // overheads and steps in turn, and all its gradients leave at the group's end. With stacks
@@ -69,10 +75,10 @@ struct Cluster {
   // per-micro-batch server overhead is charged to each of the two server visits.
   bool private_labels = false;
   // The devices and the server share one machine's cores (`pipar train` launches its device processes
-  // on the server's machine): 0 = separate machines. Then the round can be no shorter than all the
-  // compute it holds spread over those cores (host_bound_s), however well the pipeline overlaps it.
+  // on the server's machine): 0 = separate machines. Then compute shares the cores (processor sharing,
+  // above), and no round is shorter than its compute spread over them, however well it overlaps.
   int host_cores = 0;
-  int host_server_threads = 1;  // threads of the server's kernels (its profile was measured alone with them)
+  int host_server_threads = 1;  // threads of the server's kernels (its profile was measured alone with them); 0: a GPU's
   int host_device_threads = 1;  // threads of each device; their profiles were measured all at once
   // sfl and pipar with one server-side model for all devices (--server-model shared): its weights,
   // gradients and momentum count once in the server's memory, not once per device.
@@ -168,7 +174,8 @@ class CostModel {
  private:
   struct Stage;  // per-micro-batch-size stage times of one device at one split
   Stage stage(size_t d, int split, int64_t m, Mode mode) const;
-  // The recurrence over `devices`; returns the span, busy[] as Timing::busy's order.
+  // The event simulation over `devices`; returns the span, busy[] as Timing::busy's order (each compute
+  // stage counted at its profile's time, also where shared cores stretch it).
   double simulate(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
                   const std::vector<size_t>& devices, std::vector<double>& busy) const;
   Timing simulate_timing(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,

@@ -1,7 +1,7 @@
 // Selection: the split point(s) P and micro-batch count N with the smallest predicted time, within
 // memory limits. Every shared (P, N) is scored with the cost model's cheap round estimate; per-device
 // split points are then refined by coordinate descent from the best shared plans; the leaders are
-// re-scored with the exact round recurrence and ranked.
+// re-scored with the exact round simulation and ranked.
 #pragma once
 #include <limits>
 #include <string>
@@ -37,7 +37,7 @@ struct SearchOptions {
   double device_memory_limit = std::numeric_limits<double>::infinity();  // bytes, every device
   double server_memory_limit = std::numeric_limits<double>::infinity();  // bytes
   size_t runners_up = 5;            // plans ranked after the best
-  size_t exact_rescore = 12;        // leaders re-scored with the exact round recurrence
+  size_t exact_rescore = 12;        // leaders re-scored with the exact round simulation
 };
 
 struct SearchResult {

@@ -1428,7 +1428,7 @@ class ServerRunner {
     if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
       c.host_cores = net_.shared_cores > 0 ? net_.shared_cores : kernels::hardware_threads();
       c.host_device_threads = net_.launched_device_threads;
-      c.host_server_threads = cuda ? 1 : lanes.first * lanes.second;  // a GPU server's host share: the thread that waits
+      c.host_server_threads = cuda ? 0 : lanes.first * lanes.second;  // a GPU server's kernels take no host core
     }
     c.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
     c.shared_server_model = shared_server();

@@ -100,24 +100,80 @@ TEST(CostModel, HandComputedTwoDevicesTwoMicroBatches) {
   EXPECT_NEAR(model.batch(Mode::kSl, {1, 1}, 2).span_s, 24.0, 1e-9);
 }
 
-// Devices and server on one machine's cores (pipar train): the batch above keeps the server busy 4 s
-// and each device 6 s. On 2 cores, with 1 thread per device (profiled 2 at once: 1 core each) and 2 for
-// the server (profiled alone: 2 cores), that is 4·2 + 6 + 6 = 20 core-seconds: at least 10 s, not the
-// recurrence's 9, and "host cores" is the bottleneck. On 4 cores (5 s) the recurrence stands; with one
-// device and one micro-batch (compute in turns) the sum of stages stands.
+// Devices and server on one machine's cores (pipar train): every running thread gets an equal share
+// of the cores. The batch above on 2 cores, 1 thread per device (profiled 2 at once: 1 core each), 2
+// for the server (profiled alone: 2 cores). Forwards and the server's first two micro-batches run as
+// before (server d0m0 2-3, d1m0 3-4: no device computes then). At 4 d0's first backward (2 s of
+// work) starts beside the server's d0m1 (1 s): 3 threads on 2 cores, each at 2/3 pace. At 5 d1's
+// backward joins: 4 threads, pace 1/2; the server has 1/3 s of work left (ends 5 2/3), d0 4/3, d1 2.
+// Server d1m1 5 2/3-7 2/3 at pace 1/2; d0's backward also ends 7 2/3, d1's has 2/3 s left. Then
+// 2 threads, full pace: d1's backward ends 8 1/3; d0's second (its gradient came down 5 2/3-6 2/3)
+// 7 2/3-9 2/3; d1's second (gradient 7 2/3-8 2/3) 8 2/3-10 2/3. Batch 32/3 s, not the 9 s of separate
+// machines, and at least the 20 core-seconds of compute over 2 cores (10 s, "host cores").
 TEST(CostModel, HandComputedSharedHostCores) {
   Cluster c = two_block_cluster(2, 0, 0, 0);
   c.host_cores = 2, c.host_device_threads = 1, c.host_server_threads = 2;
   const Timing t = CostModel(c).batch(Mode::kPipar, {1, 1}, 2);
-  EXPECT_NEAR(t.span_s, 10.0, 1e-9);
+  EXPECT_NEAR(t.span_s, 32.0 / 3, 1e-9);
   EXPECT_EQ(t.bottleneck, "host cores");
   EXPECT_NEAR(t.bottleneck_busy_s, 10.0, 1e-9);
-  EXPECT_NEAR(t.busy[0].busy_s, 4.0, 1e-9);  // the resources callers index are unchanged
+  EXPECT_NEAR(t.busy[0].busy_s, 4.0, 1e-9);  // busy: the work at the profiles' pace
+  EXPECT_NEAR(t.busy[1].busy_s, 6.0, 1e-9);
+  // On 4 cores nothing waits for a core: as separate machines. Nor with the server on a GPU (0
+  // threads): it takes no core, and the devices have one each.
   c.host_cores = 4;
   EXPECT_NEAR(CostModel(c).batch(Mode::kPipar, {1, 1}, 2).span_s, 9.0, 1e-9);
+  c.host_cores = 2, c.host_server_threads = 0;
+  EXPECT_NEAR(CostModel(c).batch(Mode::kPipar, {1, 1}, 2).span_s, 9.0, 1e-9);
+  c.host_server_threads = -1;
+  EXPECT_THROW(CostModel{c}, Error);
+  // One device, one micro-batch: compute in turns, the sum of stages.
   Cluster one = two_block_cluster(1, 0, 0, 0);
   one.host_cores = 2, one.host_device_threads = 1, one.host_server_threads = 2;
   EXPECT_NEAR(CostModel(one).batch(Mode::kPipar, {1}, 1).span_s, 2 + 2 + 2 + 2 + 4, 1e-9);  // f up s down b
+}
+
+// A device profiled beside the others (4 devices on 2 cores: half a core each) runs at twice that
+// pace alone: sl's devices take turns, each batch f 2 -> 1, up 2, server 2 (alone, as profiled), down
+// 2, b 4 -> 2: 9 s a device, 36 s in all (48 s on separate machines).
+TEST(CostModel, ADeviceAloneRunsFasterThanItsSharedProfile) {
+  Cluster c = two_block_cluster(4, 0, 0, 0);
+  EXPECT_NEAR(CostModel(c).batch(Mode::kSl, {1, 1, 1, 1}, 1).span_s, 48.0, 1e-9);
+  c.host_cores = 2, c.host_device_threads = 1, c.host_server_threads = 2;
+  EXPECT_NEAR(CostModel(c).batch(Mode::kSl, {1, 1, 1, 1}, 1).span_s, 36.0, 1e-9);
+}
+
+// Random clusters of several devices, lanes or not: with cores to spare the shared host is exactly
+// the separate machines' simulation; with one core too few no round is shorter than its compute over
+// the cores (one server lane: a lane group smaller than the lanes uses fewer threads than the bound
+// counts).
+TEST(CostModel, SharedHostMatchesSeparateMachinesWithCoresToSpareAndHoldsItsCoreSeconds) {
+  SCOPED_TRACE(pipar::test::seed_trace());
+  pipar::test::Rng rng(33);
+  for (int trial = 0; trial < 30; ++trial) {
+    Cluster c = random_one_device_cluster(rng, 2, trial);
+    const size_t k = static_cast<size_t>(rng.integer(2, 6));
+    for (size_t d = 1; d < k; ++d) {
+      DeviceSpec s = c.devices[0];
+      s.link.up_mbps = rng.uniform(1, 100);
+      s.time_scale = rng.uniform(0.5f, 3.0f);
+      c.devices.push_back(s);
+    }
+    for (DeviceSpec& s : c.devices) s.samples = rng.integer(1, 3) * c.batch_size;
+    c.server_lanes = trial % 3 == 0 ? rng.integer(2, 4) : 1;
+    const int p = rng.integer(1, static_cast<int>(c.device_profiles[0].num_blocks()) - 1);
+    const int n = rng.integer(1, 8);
+    const std::vector<int> split(k, p);
+    const double separate = CostModel(c).round(Mode::kPipar, split, n).span_s;
+    c.host_device_threads = 1, c.host_server_threads = c.server_lanes;
+    c.host_cores = static_cast<int>(k) + c.server_lanes;
+    EXPECT_NEAR(CostModel(c).round(Mode::kPipar, split, n).span_s, separate, 1e-9 * separate) << "trial " << trial;
+    if (c.server_lanes > 1) continue;
+    c.host_cores = static_cast<int>(k);  // each device profiled on a core of its own
+    const Timing shared = CostModel(c).round(Mode::kPipar, split, n);
+    EXPECT_EQ(shared.busy.back().name, "host cores");
+    EXPECT_GE(shared.span_s, shared.busy.back().busy_s * (1 - 1e-9)) << "trial " << trial;
+  }
 }
 
 TEST(CostModel, HandComputedWithLatencyAndSteps) {
