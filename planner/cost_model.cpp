@@ -266,6 +266,9 @@ class Cores {
   bool device_done(double v) const { return shared() ? v <= vd_ + 1e-12 * std::max(1.0, std::abs(vd_)) : v <= vd_; }
   bool server_done(double v) const { return shared() ? v <= vs_ + 1e-12 * std::max(1.0, std::abs(vs_)) : v <= vs_; }
   int server_threads() const { return srv_threads_; }
+  // Cores a task uses at its profile's pace: the core-seconds of its work per second of it.
+  double device_cores() const { return dev_profiled_; }
+  double server_cores(int threads) const { return std::min<double>(threads, cores_); }
 
  private:
   double cores_;
@@ -299,7 +302,7 @@ void finish_timing(Timing& t) {
 }  // namespace
 
 double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
-                           const std::vector<size_t>& devices, std::vector<double>& busy) const {
+                           const std::vector<size_t>& devices, std::vector<double>& busy, double* cores_bound_s) const {
   const size_t k = c_.devices.size();
   busy.assign(1 + 3 * k, 0.0);
   double& server_busy = busy[0];
@@ -320,7 +323,8 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     std::deque<Task> tasks;                        // compute to do, in the order its inputs arrive
     bool running = false, woken = false;           // woken: a wake-up is set for its next task's input
     Task task;
-    double free = 0;  // cores not shared: when its compute comes free
+    double started = 0;  // cores shared: when `task` started
+    double free = 0;     // cores not shared: when its compute comes free
   };
   std::vector<Dev> dev(k);
   using Timed = std::pair<double, size_t>;  // (time, device)
@@ -335,7 +339,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
   const size_t lanes = stacked ? k : static_cast<size_t>(c_.server_lanes);
   const int lane_threads = std::max(1, c_.host_server_threads / c_.server_lanes);
   Cores cores(c_.host_cores, c_.host_device_threads, c_.host_server_threads, k);
-  double now = 0, span = 0;
+  double now = 0, span = 0, core_s = 0;
 
   auto stage_of = [&](size_t d, int64_t m) -> const Stage& {
     for (const auto& [size, s] : dev[d].cache)
@@ -344,7 +348,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     return dev[d].cache.back().second;
   };
   auto queue = [&](size_t d, Task t) {
-    compute_busy(d) += t.work;
+    core_s += t.work * cores.device_cores();
     dev[d].tasks.push_back(t);
     wake.push_back(d);
   };
@@ -415,6 +419,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
         const Task t = v.tasks.front();
         v.tasks.pop_front();
         v.free = std::max(v.free, t.ready) + t.work;
+        compute_busy(d) += t.work;
         device_done(d, t, v.free);
       }
       return;
@@ -428,6 +433,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
     v.task = v.tasks.front();
     v.tasks.pop_front();
     v.running = true;
+    v.started = now;
     running.push({cores.device_clock() + v.task.work, d});
   };
 
@@ -437,6 +443,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
   // work and steps on the server's loop, one after another; all its gradients leave at its end.
   std::vector<Arrival> serving, skipped;
   bool serving_now = false;
+  double server_started = 0, server_work = 0;
   double server_end_v = 0;  // on the server's virtual clock
   int server_threads = 0;   // of what it serves (0 where it takes no host core)
   std::vector<std::pair<size_t, int64_t>> calls;
@@ -486,12 +493,15 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
       server_threads = stacked ? cores.server_threads()
                                : std::min(cores.server_threads(), lane_threads * static_cast<int>(serving.size()));
     }
-    server_busy += work;
+    server_started = now;
+    server_work = work;
     server_end_v = cores.server_clock() + work;
     serving_now = true;
   };
   auto server_done = [&] {
     serving_now = false;
+    server_busy += cores.shared() ? now - server_started : server_work;
+    core_s += server_work * cores.server_cores(server_threads);
     server_threads = 0;
     for (const Arrival& a : serving) {
       Dev& v = dev[a.d];
@@ -525,6 +535,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
       const size_t d = running.top().second;
       running.pop();
       dev[d].running = false;
+      compute_busy(d) += now - dev[d].started;
       wake.push_back(d);
       device_done(d, dev[d].task, now);
     }
@@ -535,27 +546,19 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
       wake.push_back(d);
     }
   }
+  if (cores_bound_s) *cores_bound_s = cores.shared() ? core_s / c_.host_cores : 0.0;
   return span;
-}
-
-double CostModel::host_bound_s(const std::vector<double>& busy) const {
-  if (c_.host_cores <= 0) return 0;
-  const double cores = c_.host_cores, k = static_cast<double>(c_.devices.size());
-  const double device_cores = std::min<double>(c_.host_device_threads, cores / k);
-  const double server_cores = std::min<double>(c_.host_server_threads, cores);
-  double work = busy[0] * server_cores;
-  for (size_t d = 0; d < c_.devices.size(); ++d) work += busy[1 + 3 * d] * device_cores;
-  return work / cores;
 }
 
 Timing CostModel::simulate_timing(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
                                   const std::vector<size_t>& devices) const {
   Timing t = make_timing(c_.devices.size());
   std::vector<double> busy;
-  t.span_s = simulate(mode, split, micro_batches, whole_round, devices, busy);
+  double host = 0;
+  t.span_s = simulate(mode, split, micro_batches, whole_round, devices, busy, &host);
   for (size_t r = 0; r < busy.size(); ++r) t.busy[r].busy_s = busy[r];
   // Last, after the resources that callers index: names the bottleneck when the shared cores bind.
-  if (c_.host_cores > 0) t.busy.push_back({"host cores", host_bound_s(busy)});
+  if (c_.host_cores > 0) t.busy.push_back({"host cores", host});
   return t;
 }
 

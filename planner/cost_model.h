@@ -124,7 +124,9 @@ struct Timing {
   std::string bottleneck;            // the busiest resource over the span
   double bottleneck_busy_s = 0;
   std::vector<ResourceBusy> busy;    // every resource: server, then per device compute, uplink, downlink
-                                     // (then "host cores" where the devices share the server's machine)
+                                     // (then "host cores" where the devices share the server's machine:
+                                     // the compute's core-seconds over the cores); how long each was
+                                     // occupied, compute stretched where it shared the cores
 };
 
 // Batches of a partition of n samples at batch size bs, as the runtime cuts them (a last batch of a
@@ -174,20 +176,19 @@ class CostModel {
  private:
   struct Stage;  // per-micro-batch-size stage times of one device at one split
   Stage stage(size_t d, int split, int64_t m, Mode mode) const;
-  // The event simulation over `devices`; returns the span, busy[] as Timing::busy's order (each compute
-  // stage counted at its profile's time, also where shared cores stretch it).
+  // The event simulation over `devices`; returns the span, busy[] as Timing::busy's order: how long
+  // each resource was occupied (a compute stage at its profile's time, or as long as shared cores
+  // stretch it), and *cores_bound_s (if given) the compute's core-seconds spread over the shared
+  // cores (0 when not shared): a device's work at min(threads, cores / K) cores, the server's at
+  // min(its threads, cores).
   double simulate(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
-                  const std::vector<size_t>& devices, std::vector<double>& busy) const;
+                  const std::vector<size_t>& devices, std::vector<double>& busy, double* cores_bound_s = nullptr) const;
   Timing simulate_timing(Mode mode, const std::vector<int>& split, int micro_batches, bool whole_round,
                          const std::vector<size_t>& devices) const;
   std::vector<size_t> all_devices() const;
   const Profile& device_profile(size_t d) const { return c_.device_profiles[c_.devices[d].profile]; }
   const Profile& server_profile() const { return c_.server_profile ? *c_.server_profile : c_.device_profiles[0]; }
   void check_split(const std::vector<int>& split, Mode mode) const;
-  // Shared host (Cluster::host_cores > 0): the core-seconds of the compute in `busy` (simulate's
-  // order) over the cores. A device profile taken while all K devices profiled at once ran on
-  // min(threads, cores / K) cores; the server's, alone, on min(threads, cores). 0 when not shared.
-  double host_bound_s(const std::vector<double>& busy) const;
   // The device part's weight bytes (with private labels: and the tail's).
   int64_t device_state_bytes(size_t d, size_t split) const;
   // Stacks (Cluster::server_stack > 0): the stack of device d, its size, and one call's time for

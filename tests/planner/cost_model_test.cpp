@@ -117,8 +117,10 @@ TEST(CostModel, HandComputedSharedHostCores) {
   EXPECT_NEAR(t.span_s, 32.0 / 3, 1e-9);
   EXPECT_EQ(t.bottleneck, "host cores");
   EXPECT_NEAR(t.bottleneck_busy_s, 10.0, 1e-9);
-  EXPECT_NEAR(t.busy[0].busy_s, 4.0, 1e-9);  // busy: the work at the profiles' pace
-  EXPECT_NEAR(t.busy[1].busy_s, 6.0, 1e-9);
+  // Busy: as long as each resource was occupied, stretched where it shared the cores: the server
+  // 1 + 1 + 5/3 + 2 s (4 s of work), device 0 2 + 11/3 + 2 s (6 s of work).
+  EXPECT_NEAR(t.busy[0].busy_s, 17.0 / 3, 1e-9);
+  EXPECT_NEAR(t.busy[1].busy_s, 23.0 / 3, 1e-9);
   // On 4 cores nothing waits for a core: as separate machines. Nor with the server on a GPU (0
   // threads): it takes no core, and the devices have one each.
   c.host_cores = 4;
