@@ -328,7 +328,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
   };
   std::vector<Dev> dev(k);
   using Timed = std::pair<double, size_t>;  // (time, device)
-  // When a device may go on: its part's weights have arrived (a round's start), or its next task's input.
+  // Shared cores: when an idle device's next input arrives (a round's first forwards': its part's weights).
   std::priority_queue<Timed, std::vector<Timed>, std::greater<>> wakes;
   std::priority_queue<Timed, std::vector<Timed>, std::greater<>> running;  // (end on the devices' clock, device)
   // Sent to the server, in arrival order: served once arrived (t <= now).
