@@ -114,6 +114,14 @@ Measurement measurement_from_round(const Cluster& used, const Plan& plan, const 
   return m;
 }
 
+ReplanVerdict judge_replan(double before_per_sample_s, double after_per_sample_s, bool same_links, double margin) {
+  ReplanVerdict v;
+  if (!same_links || !measured(before_per_sample_s) || !measured(after_per_sample_s)) return v;
+  v.undo = after_per_sample_s > before_per_sample_s * (1 + margin);
+  v.stop_speed_replans = after_per_sample_s > before_per_sample_s;
+  return v;
+}
+
 double measured_mbps(const std::vector<std::pair<double, double>>& transfers) {
   double bytes = 0, seconds = 0;
   for (const auto& [b, s] : transfers) {

@@ -53,6 +53,17 @@ Measurement measurement_from_round(const Cluster& used, const Plan& plan, const 
                                    double server_busy_s, const std::vector<double>& up_mbps = {},
                                    const std::vector<double>& down_mbps = {}, double min_share = 0.1);
 
+// The verdict on a re-plan once the first round under it has been timed, per sample, against the last
+// round under the plan before it, on the same links. Slower by more than `margin`: undo it (the cost
+// model misjudged the new plan). Slower by less (noise, or a small misjudgement): keep it, but let only
+// drifting links re-plan from then on, or re-plans on measured speeds could walk the run slower in
+// steps each under the margin (seen: N 42 -> 64 over four rounds, each 2-3% slower).
+struct ReplanVerdict {
+  bool undo = false;
+  bool stop_speed_replans = false;
+};
+ReplanVerdict judge_replan(double before_per_sample_s, double after_per_sample_s, bool same_links, double margin = 0.10);
+
 // Link rate from real transfers: total bytes * 8 / total transmission seconds, in Mbit/s (0 when no
 // transfer took time). Each pair is (bytes, seconds from first to last bit, latency excluded).
 double measured_mbps(const std::vector<std::pair<double, double>>& transfers);

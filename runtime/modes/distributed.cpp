@@ -1714,10 +1714,10 @@ class ServerRunner {
   };
 
   // The first round under a re-planned plan took longer per sample than the last round under the old
-  // one (by more than kUndoMargin), on the same uplinks (within the drift): the cost model misjudged
-  // the new plan on this machine. Back to the old plan and its basis, and from then on only drifting
-  // links re-plan, not measured speeds (the measurement that misled it). Returns whether it undid.
-  static constexpr double kUndoMargin = 0.10;
+  // one (by more than planner::judge_replan's margin), on the same uplinks (within the drift): the cost
+  // model misjudged the new plan on this machine. Back to the old plan and its basis, and from then on
+  // only drifting links re-plan, not measured speeds (the measurement that misled it). Slower by less:
+  // kept, but speeds no longer re-plan either. Returns whether it undid.
   bool undo_replan_if_worse(int r, double per_sample_s, const std::vector<double>& up) {
     if (!trial_) return false;
     const ReplanTrial t = std::move(*trial_);
@@ -1725,7 +1725,13 @@ class ServerRunner {
     bool same_links = up.size() == t.up_mbps.size();
     for (size_t d = 0; same_links && d < up.size(); ++d)
       if (up[d] > 0 && t.up_mbps[d] > 0) same_links = std::abs(up[d] / t.up_mbps[d] - 1) <= 0.2;
-    if (!same_links || !(per_sample_s > t.per_sample_s * (1 + kUndoMargin))) return false;
+    const planner::ReplanVerdict verdict = planner::judge_replan(t.per_sample_s, per_sample_s, same_links);
+    if (verdict.stop_speed_replans && !verdict.undo && speed_replans_) {
+      say(detail::concat("re-plan kept: round ", r + 1, " under ", plan_.describe(), " took ", per_sample_s * 1e3, " ms per sample, ",
+                         t.per_sample_s * 1e3, " ms under the plan before; from now on only drifting links re-plan"));
+      speed_replans_ = false;
+    }
+    if (!verdict.undo) return false;
     const std::string why = detail::concat("round ", r + 1, " under ", plan_.describe(), " took ", per_sample_s * 1e3, " ms per sample, ",
                                            t.per_sample_s * 1e3, " ms under the plan before");
     say("re-plan undone: " + why + " → back to " + t.before.describe() + "; from now on only drifting links re-plan");

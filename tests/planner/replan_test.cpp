@@ -170,5 +170,24 @@ TEST(Replan, MeasurementHelpers) {
   EXPECT_DOUBLE_EQ(measured_time_scale(3.0, 0), 0.0);
 }
 
+// A re-plan's first round against the last under the plan before, per sample: over the margin it is
+// undone; slower within it, kept but measured speeds re-plan no more (a walk of small slow steps);
+// faster, or on links that changed, or unmeasured, nothing.
+TEST(Replan, VerdictOnARePlanUndoesOrStopsTheSlowSteps) {
+  auto v = judge_replan(1.0, 1.2, true);
+  EXPECT_TRUE(v.undo);
+  EXPECT_TRUE(v.stop_speed_replans);
+  v = judge_replan(1.0, 1.03, true);
+  EXPECT_FALSE(v.undo);
+  EXPECT_TRUE(v.stop_speed_replans);
+  v = judge_replan(1.0, 0.9, true);
+  EXPECT_FALSE(v.undo || v.stop_speed_replans);
+  v = judge_replan(1.0, 1.5, false);  // the links moved: not comparable
+  EXPECT_FALSE(v.undo || v.stop_speed_replans);
+  v = judge_replan(0.0, 1.5, true);  // the plan before unmeasured
+  EXPECT_FALSE(v.undo || v.stop_speed_replans);
+  EXPECT_TRUE(judge_replan(1.0, 1.03, true, 0.02).undo);
+}
+
 }  // namespace
 }  // namespace pipar::planner
