@@ -263,8 +263,8 @@ class Cores {
     vs_ += srv_pace_ * (to - now);
   }
   // Whether a task ending at virtual time v has ended (rounding of the paces allowed for).
-  bool device_done(double v) const { return shared() ? v <= vd_ + 1e-12 * std::max(1.0, std::abs(vd_)) : v <= vd_; }
-  bool server_done(double v) const { return shared() ? v <= vs_ + 1e-12 * std::max(1.0, std::abs(vs_)) : v <= vs_; }
+  bool device_done(double v) const { return reached(v, vd_); }
+  bool server_done(double v) const { return reached(v, vs_); }
   int server_threads() const { return srv_threads_; }
   // Cores a task uses at its profile's pace: the core-seconds of its work per second of it.
   double device_cores() const { return dev_profiled_; }
@@ -276,6 +276,8 @@ class Cores {
   int srv_threads_;
   double dev_profiled_;
   double vd_ = 0, vs_ = 0, dev_pace_ = 1, srv_pace_ = 1;
+
+  bool reached(double v, double clock) const { return v <= clock + (shared() ? 1e-12 * std::max(1.0, std::abs(clock)) : 0.0); }
 };
 
 std::string device_name(size_t d) { return "device " + std::to_string(d); }

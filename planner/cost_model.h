@@ -17,10 +17,12 @@
 // server run on the same cores, each running thread on an equal share of them (processor sharing),
 // so a stage's time is its profile's only in the company its profile was measured in: the server's
 // alone, a device's alongside all K devices. A server stage that overlaps the devices' compute runs
-// slower than its profile, a device's that runs while the others wait, faster. With server lanes L > 1 (cross-device
-// batching), when the server comes free it takes the arrivals so far, at most one per device and L in
-// all (earliest first), as a group: its kernels run side by side on the lanes, its per-message
-// overheads and steps in turn, and all its gradients leave at the group's end. With stacks
+// slower than its profile, a device's that runs while the others wait, faster.
+//
+// With server lanes L > 1 (cross-device batching), when the server comes free it takes the arrivals
+// so far, at most one per device and L in all (earliest first), as a group: its kernels run side by
+// side on the lanes, its per-message overheads and steps in turn, and all its gradients leave at the
+// group's end. With stacks
 // (Cluster::server_stack) a group takes every arrival so far, one per device, and its kernels are one
 // stacked call per stack and size among them, timed by the stacks' own profiles.
 //

@@ -1726,14 +1726,14 @@ class ServerRunner {
     for (size_t d = 0; same_links && d < up.size(); ++d)
       if (up[d] > 0 && t.up_mbps[d] > 0) same_links = std::abs(up[d] / t.up_mbps[d] - 1) <= 0.2;
     const planner::ReplanVerdict verdict = planner::judge_replan(t.per_sample_s, per_sample_s, same_links);
-    if (verdict.stop_speed_replans && !verdict.undo && speed_replans_) {
-      say(detail::concat("re-plan kept: round ", r + 1, " under ", plan_.describe(), " took ", per_sample_s * 1e3, " ms per sample, ",
-                         t.per_sample_s * 1e3, " ms under the plan before; from now on only drifting links re-plan"));
-      speed_replans_ = false;
-    }
-    if (!verdict.undo) return false;
+    if (!verdict.stop_speed_replans) return false;
     const std::string why = detail::concat("round ", r + 1, " under ", plan_.describe(), " took ", per_sample_s * 1e3, " ms per sample, ",
                                            t.per_sample_s * 1e3, " ms under the plan before");
+    if (!verdict.undo) {
+      if (speed_replans_) say("re-plan kept: " + why + "; from now on only drifting links re-plan");
+      speed_replans_ = false;
+      return false;
+    }
     say("re-plan undone: " + why + " → back to " + t.before.describe() + "; from now on only drifting links re-plan");
     load_cluster_basis(t.basis);
     apply_plan(t.before);
