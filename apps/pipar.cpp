@@ -231,7 +231,9 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
     dev = planner::Profile::load(a.profile);
   } else {
     po.threads = a.device_threads;
-    dev = planner::profile_model(*model, po);
+    std::string note;
+    dev = planner::profile_this_process(*model, po, &note);
+    if (!note.empty()) std::fprintf(stderr, "%s\n", note.c_str());
     std::fprintf(stderr, "measured the device profile here (%d thread(s), %.1f s)\n", a.device_threads, dev.seconds);
   }
   if (!a.save_profile.empty()) dev.save(a.save_profile);

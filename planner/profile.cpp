@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
+#include <ctime>
 
 #include "kernels/device.h"
 #include "kernels/parallel.h"
@@ -31,6 +32,25 @@ double mean(std::vector<double> v) {
   for (double x : v) sum += x;
   return v.empty() ? 0 : sum / static_cast<double>(v.size());
 }
+
+// What a profile's times are read from: the wall clock, or (cores > 0) the process's CPU time spread
+// over `cores` (ProfileOptions::cpu_time_cores).
+class Stopwatch {
+ public:
+  explicit Stopwatch(double cores) : cores_(cores) {}
+  double now() const {
+    if (cores_ > 0) {
+      timespec ts{};
+      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+      return (static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9) / cores_;
+    }
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  double since(double t0) const { return now() - t0; }
+
+ private:
+  double cores_;
+};
 
 constexpr int kMaxPasses = 100000;  // min_seconds_per_size: a bound on passes at one size
 
@@ -380,12 +400,15 @@ struct ScopedThreads {
 Profile profile_model(Model& model, const ProfileOptions& options) {
   PIPAR_CHECK(model.device() == options.device, "the profiler measures ", device_name(options.device), " but the model is on ",
               device_name(model.device()));
+  PIPAR_CHECK(options.cpu_time_cores >= 0 && (options.cpu_time_cores == 0 || options.device == Device::kCpu),
+              "cpu_time_cores ", options.cpu_time_cores, " on ", device_name(options.device));
   PIPAR_CHECK(options.repeats >= 1 && options.warmup >= 0, "repeats ", options.repeats, ", warmup ", options.warmup);
   std::vector<int64_t> sizes = sorted_sizes(options);
 
   const ScopedThreads threads(options.threads);
 
   const auto t_start = std::chrono::steady_clock::now();
+  const Stopwatch watch(options.cpu_time_cores);
   Profile p = describe(model);
   p.sizes = sizes;
   const size_t nb = model.num_blocks();
@@ -424,31 +447,31 @@ Profile profile_model(Model& model, const ProfileOptions& options) {
     done();
     for (size_t b = 0; b < nb; ++b) {
       const size_t before = tape.bytes();
-      const auto t0 = std::chrono::steady_clock::now();
+      const double t0 = watch.now();
       x = model.forward(x, &tape, ctx, b, b + 1);
       done();
-      if (record) fwd[b].push_back(seconds_since(t0));
+      if (record) fwd[b].push_back(watch.since(t0));
       if (record && m == sizes.back()) p.blocks[b].tape_bytes = static_cast<int64_t>((tape.bytes() - before) / static_cast<size_t>(m));
     }
     Tensor d;
-    auto t0 = std::chrono::steady_clock::now();
+    double t0 = watch.now();
     softmax_cross_entropy(x, labels, 1.0f / static_cast<float>(m), &d, ctx.stream);
     done();
-    if (record) loss.push_back(seconds_since(t0));
+    if (record) loss.push_back(watch.since(t0));
     for (size_t b = nb; b-- > 0;) {
       Context c = ctx;
       c.input_grad = b > 0;  // as DevicePart: nothing consumes the raw input's gradient
-      t0 = std::chrono::steady_clock::now();
+      t0 = watch.now();
       d = model.backward(d, tape, c, b, b + 1);
       done();
-      if (record) bwd[b].push_back(seconds_since(t0));
+      if (record) bwd[b].push_back(watch.since(t0));
     }
     for (size_t b = 0; b < nb; ++b) {
-      t0 = std::chrono::steady_clock::now();
+      t0 = watch.now();
       sgd.step(params[b], ctx.stream);
       Sgd::zero_grad(params[b]);
       done();
-      if (record) step_samples[b].push_back(seconds_since(t0));
+      if (record) step_samples[b].push_back(watch.since(t0));
     }
   };
 
@@ -506,6 +529,24 @@ Profile profile_model(const std::string& name, const ModelOptions& model_options
   auto model = build_model(name, model_options);
   if (options.device != Device::kCpu) model->to(options.device);
   return profile_model(*model, options);
+}
+
+Profile profile_this_process(Model& model, ProfileOptions options, std::string* note) {
+  // Under a CPU quota (a container's --cpus, a cgroup) the process runs at full speed until the
+  // period's budget is spent, then not at all. Where the quota binds (below the threads), the speed it
+  // sustains is the CPU time over the quota, taken over several periods.
+  const CpuQuota q = cpu_quota();
+  const int threads = options.threads > 0 ? options.threads : kernels::num_threads();
+  if (q.period_s > 0 && q.cores < threads && options.device == Device::kCpu) {
+    options.cpu_time_cores = q.cores;
+    options.min_seconds_per_size = std::max(options.min_seconds_per_size, std::min(1.0, 5 * q.period_s));
+    if (note)
+      *note = detail::concat("CPU quota of ", q.cores, " cores (period ", q.period_s * 1e3, " ms) for ", threads,
+                             " thread(s): profiling CPU time over the quota, each size for ", options.min_seconds_per_size, " s");
+  }
+  Profile p = profile_model(model, options);
+  p.cpu_quota_cores = q.period_s > 0 ? q.cores : 0.0;
+  return p;
 }
 
 Profile profile_stack(const std::string& name, const ModelOptions& model_options, size_t split, int replicas,

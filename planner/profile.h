@@ -79,6 +79,13 @@ struct ProfileOptions {
   // --cpus): it runs at full speed until its quota for the period is spent, then not at all, so only a
   // measurement over several periods sees its true speed (cpu_quota below).
   double min_seconds_per_size = 0;
+  // > 0 (CPU only): each time is the process's CPU time over the interval divided by this many cores,
+  // not the wall clock's. For a process whose CPU quota is below its threads: the quota's throttling
+  // lands in whichever op is running when the period's budget runs out, so wall times of single ops
+  // scatter (seen: 0.3 cores, 1 thread, 5 periods a size: the first two blocks of VGG5 1.5-2.8 ms a
+  // sample over four profiles, while training ran them at 1.1-1.3) and their CPU time over the quota
+  // is the speed the quota sustains.
+  double cpu_time_cores = 0;
   uint64_t seed = 1;
   // The backend measured. kCuda: the model must be there (Model::to); every op runs on a stream of
   // the profiler's own and each timed op ends with the host waiting for it, so a time is what a
@@ -121,6 +128,12 @@ struct CpuQuota {
   double period_s = 0;
 };
 CpuQuota cpu_quota();
+
+// A device's profile of this process as it runs (`pipar device`, `pipar plan`): profile_model, but under
+// a CPU quota (cpu_quota) below the threads measured with, times are CPU time over the quota
+// (cpu_time_cores), each size over several of the quota's periods (min_seconds_per_size), and the
+// profile records the quota (cpu_quota_cores). *note (if given) says what the quota made it do.
+Profile profile_this_process(Model& model, ProfileOptions options, std::string* note = nullptr);
 
 // A FLOP-based estimate (no measurement): forward = fixed_s + flops/flops_per_s per block, backward
 // twice the forward; bytes as measured would report, except tape_bytes (the block's output floats * 4

@@ -431,19 +431,13 @@ class DeviceRunner {
       planner::ProfileOptions po;
       po.threads = o_.threads;
       po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
-      // Under a CPU quota (a container's --cpus, a cgroup) the device runs at full speed until the
-      // period's quota is spent: each size is measured over several periods, for its true speed.
-      const planner::CpuQuota q = planner::cpu_quota();
-      if (q.period_s > 0) {
-        po.min_seconds_per_size = std::min(1.0, 5 * q.period_s);
-        log(detail::concat("CPU quota of ", q.cores, " cores (period ", q.period_s * 1e3, " ms): profiling each size for ",
-                           po.min_seconds_per_size, " s"));
-      }
       // A model of its own, as the server's: profiling takes SGD steps whose momentum (and batch-norm
       // statistics) would otherwise carry into training. The round's weights overwrite the values, not
       // the momentum: with private labels the tail's first steps went 0.5% off the shared run's.
-      planner::Profile p = planner::profile_model(cfg_.model, model_->options(), po);
-      p.cpu_quota_cores = q.period_s > 0 ? q.cores : 0.0;
+      auto own = build_model(cfg_.model, model_->options());
+      std::string note;
+      const planner::Profile p = planner::profile_this_process(*own, po, &note);
+      if (!note.empty()) log(note);
       profile_ = p.to_json();
     }
   }
@@ -1410,6 +1404,20 @@ class ServerRunner {
                          lanes.second, " thread", lanes.second > 1 ? "s" : "", " each"));
   }
 
+  // The profiles the plan is made from, for `pipar plan --profile` and for reading the plan's
+  // predictions: profile_server.json and one profile_deviceD.json per device that sent one.
+  void save_profiles() {
+    if (result_.out_dir.empty()) return;
+    try {
+      if (cluster_.server_profile) cluster_.server_profile->save(result_.out_dir + "/profile_server.json");
+      for (size_t d = 0; d < slots_.size(); ++d)
+        if (slots_[d].connected && !slots_[d].profile.empty())
+          cluster_.device_profiles.at(cluster_.devices.at(d).profile).save(detail::concat(result_.out_dir, "/profile_device", d, ".json"));
+    } catch (const Error& e) {
+      say(std::string("the profiles were not saved: ") + e.what());
+    }
+  }
+
   // The cluster the cost model sees, with this server's profile measured on `lanes`' threads per lane.
   planner::Cluster make_cluster(const std::vector<planner::Profile>& profiles, const planner::Profile& server_profile,
                                 std::pair<int, int> lanes) const {
@@ -1561,6 +1569,7 @@ class ServerRunner {
       }
     }
     start_lanes(chosen);
+    save_profiles();
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
                                                  server_profile_s, " s");
     if (auto_plan_) {
