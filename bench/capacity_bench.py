@@ -3,9 +3,11 @@
 (`pipar device --replay`: a real device's recorded activations and labels, sent at the link rate, no
 compute) on links of --uplink-mbps / --downlink-mbps. While the links are the bottleneck the round
 time stays flat as K grows; once the server is, it grows with K. Per K: the measured round time and
-throughput, the busiest resource measured, and the cost model's predicted round time and bottleneck
-(metrics.jsonl's predicted_round_seconds; the server profiles itself, the devices' profiles come
-with the recording). The server keeps its own choice of lanes (--lanes to force); --batching stack
+throughput of the last round, the busiest resource measured, the cost model's predicted round time
+at set-up (summary.json's, from the profiles: the server profiles itself, the devices' profiles come
+with the recording) and as re-scored under the rounds before (metrics.jsonl's
+predicted_round_seconds: the measured speeds and the server loop's time per micro-batch), its
+bottleneck, and that measured time per micro-batch beyond the server's kernels and steps. The server keeps its own choice of lanes (--lanes to force); --batching stack
 stacks the replicas instead (the server then profiles its stacks, and the cost model their calls).
 
   bench/capacity_bench.py --pipar build/apps/pipar --devices 4,8,16,32,64 --uplink-mbps 10
@@ -39,8 +41,9 @@ def main():
     rec = os.path.join(root, "first.rec")
     plain = argparse.Namespace(**{**vars(args), "uplink_mbps": 0, "downlink_mbps": 0, "batching": "lanes"})
     server_run(plain, os.path.join(root, "record"), 1, 1, record=rec)
-    print("| K | round (s) | samples/s | bottleneck | server busy | predicted round (s) | predicted bottleneck | lanes (mean group) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| K | round (s) | samples/s | bottleneck | server busy | predicted at set-up (s) | re-scored (s) | predicted bottleneck | "
+          "lanes (mean group) | server loop per micro-batch (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k in [int(x) for x in args.devices.split(",")]:
         samples = k * args.batches * args.micro * args.micro_batches
         out = os.path.join(root, f"k{k}")
@@ -50,8 +53,10 @@ def main():
         last = lines[-1]
         t = last["round_seconds"]
         print(f"| {k} | {t:.2f} | {samples / t:.0f} | {last['bottleneck']} | {100 * last['server_busy_seconds'] / t:.0f}% | "
-              f"{last.get('predicted_round_seconds', float('nan')):.2f} | {predicted.get('bottleneck', '?')} | "
-              f"{last.get('server_lanes', 1)} ({last.get('mean_group_size', 1):.2f}) |", flush=True)
+              f"{predicted.get('round_s', float('nan')):.2f} | {last.get('predicted_round_seconds', float('nan')):.2f} | "
+              f"{predicted.get('bottleneck', '?')} | "
+              f"{last.get('server_lanes', 1)} ({last.get('mean_group_size', 1):.2f}) | "
+              f"{1e3 * last.get('server_overhead_seconds_per_micro_batch', float('nan')):.3f} |", flush=True)
     shutil.rmtree(root, ignore_errors=True)
 
 

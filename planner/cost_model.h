@@ -105,9 +105,12 @@ struct Cluster {
   int stack_split = 1;
 };
 
-// Measured on the development machine (bench/planner_grid.py, VGG5, 4 device processes and the server
-// on 2 Zen 3 cores, 50 Mbit/s, where the server is the bottleneck): rounds with N = 8, 16 and 51
-// micro-batches per batch ran 1.1-2.0 ms per server micro-batch longer than the profile-only model.
+// The prior, until a round has measured it: on the development machine (bench/planner_grid.py, VGG5, 4
+// device processes and the server on 2 Zen 3 cores, 50 Mbit/s, where the server is the bottleneck),
+// rounds with N = 8, 16 and 51 micro-batches per batch ran 1.1-2.0 ms per server micro-batch longer
+// than the profile-only model. The server measures its own from the first round on (its loop's time
+// beyond kernels and steps: 0.06-0.12 ms with separate device processes on a 2-core Xeon) and
+// re-plans with it, except where the devices share its cores (runtime/modes/distributed.cpp).
 constexpr double kServerPerMicroBatchS = 1.5e-3;
 
 // K identical devices on identical links (pipar plan --devices K --uplink-mbps X ...); the server

@@ -1,6 +1,7 @@
 // Re-planning policy: drift detection against the plan's basis, then a fresh search with hysteresis.
 #include "planner/replan.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -56,6 +57,21 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
       consider(used.devices[d].time_scale, m.device_time_scale[d], ds.time_scale, dn + " time scale");
   }
   consider(used.server_time_scale, m.server_time_scale, out.cluster.server_time_scale, "server time scale");
+  // The server's per-micro-batch time drifts only where the change is worth a share of the round: a
+  // few microseconds either way on a fast loop would re-plan every round for nothing.
+  if (measured(m.server_per_micro_batch_s)) {
+    const double old_v = used.server_per_micro_batch_s, new_v = m.server_per_micro_batch_s;
+    out.cluster.server_per_micro_batch_s = new_v;
+    const double round_s = CostModel(used).round(current.mode, current.split, current.micro_batches).span_s;
+    const double change_s = std::abs(new_v - old_v) * static_cast<double>(server_micro_batches(used, current));
+    if (change_s > options.drift * round_s) {
+      out.drifted = true;
+      std::ostringstream os;
+      os.precision(3);
+      os << "server time per micro-batch " << old_v * 1e3 << " -> " << new_v * 1e3 << " ms (" << change_s << " s a round)";
+      out.reasons.push_back(os.str());
+    }
+  }
 
   if (!out.drifted) {
     out.cluster = used;
@@ -66,6 +82,10 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
   const CostModel model(out.cluster);
   const Plan again = evaluate_plan(model, current.mode, current.split, current.micro_batches);
   out.current_round_s = again.round_s;
+  if (!options.search_plans) {
+    out.plan = again;
+    return out;
+  }
   SearchOptions so = options.search;
   so.mode = current.mode;
   const SearchResult found = search(model, so);
@@ -83,7 +103,7 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
 
 Measurement measurement_from_round(const Cluster& used, const Plan& plan, const std::vector<double>& device_busy_s,
                                    double server_busy_s, const std::vector<double>& up_mbps,
-                                   const std::vector<double>& down_mbps, double min_share) {
+                                   const std::vector<double>& down_mbps, double min_share, double server_per_micro_batch_s) {
   const size_t k = used.devices.size();
   check_size(device_busy_s, k, "device busy");
   const Timing predicted = CostModel(used).round(plan.mode, plan.split, plan.micro_batches);
@@ -108,10 +128,23 @@ Measurement measurement_from_round(const Cluster& used, const Plan& plan, const 
       m.device_time_scale[d] = r > 0 ? r * used.devices[d].time_scale : 0.0;
     }
   }
-  const double server_pred = predicted.busy[0].busy_s - used.aggregation_s;
+  // The server's measured busy time is its kernels' and steps': the prediction's per-micro-batch part
+  // is taken out, so that the scale is the kernels' alone.
+  const double server_pred = predicted.busy[0].busy_s - used.aggregation_s -
+                             used.server_per_micro_batch_s * static_cast<double>(server_micro_batches(used, plan));
+  if (measured(server_per_micro_batch_s)) m.server_per_micro_batch_s = server_per_micro_batch_s;
   const double r = plan.mode == Mode::kFl || server_pred < least ? 0.0 : measured_time_scale(server_busy_s, server_pred);
   m.server_time_scale = r > 0 ? r * used.server_time_scale : 0.0;
   return m;
+}
+
+int64_t server_micro_batches(const Cluster& c, const Plan& plan) {
+  if (plan.mode == Mode::kFl) return 0;
+  const int64_t n = plan.mode == Mode::kPipar ? std::max(1, plan.micro_batches) : 1;
+  int64_t visits = 0;
+  for (const DeviceSpec& d : c.devices)
+    for (int64_t len : batch_lengths(d.samples, c.batch_size)) visits += std::min(len, n);
+  return c.private_labels ? 2 * visits : visits;
 }
 
 ReplanVerdict judge_replan(double before_per_sample_s, double after_per_sample_s, bool same_links, double margin) {

@@ -17,12 +17,16 @@ struct Measurement {
   std::vector<double> down_mbps;
   std::vector<double> device_time_scale;  // measured compute time / profile time (as DeviceSpec::time_scale)
   double server_time_scale = 0;           // measured server time / server profile time
+  // The server's time per micro-batch beyond its kernels and steps (as Cluster::server_per_micro_batch_s):
+  // its loop's busy time around them, over the micro-batches it served.
+  double server_per_micro_batch_s = 0;
 };
 
 struct ReplanOptions {
   double drift = 0.2;      // relative change |new/old - 1| that triggers a re-plan
   double min_gain = 0.02;  // switch plans only when the new one is predicted this fraction faster
   SearchOptions search;    // its mode is overridden by the current plan's
+  bool search_plans = true;  // false: never change the plan, only re-score it under the measurements
 };
 
 struct ReplanDecision {
@@ -44,14 +48,22 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
 constexpr double kQuotaMinShare = 0.5;
 
 // A Measurement from one round's measured busy seconds (metrics.jsonl's device_busy_seconds and
-// server_busy_seconds, aggregation excluded) and link rates: the time scales are the basis's scaled by
-// measured / predicted busy time of `plan` under `used` (so they stay relative to the profiles).
-// Empty or non-positive entries mean "not measured". A compute resource whose predicted busy time is
-// under min_share of the predicted round is left unmeasured: its few small ops, mostly fixed costs,
-// would be extrapolated to the blocks another plan gives it.
+// server_busy_seconds: the server's kernels and steps, aggregation excluded) and link rates: the time
+// scales are the basis's scaled by measured / predicted busy time of `plan` under `used` (so they stay
+// relative to the profiles). Empty or non-positive entries mean "not measured". A compute resource
+// whose predicted busy time is under min_share of the predicted round is left unmeasured: its few
+// small ops, mostly fixed costs, would be extrapolated to the blocks another plan gives it.
+// The server's busy time is compared with the prediction less its per-micro-batch part
+// (used.server_per_micro_batch_s for each micro-batch it serves). server_per_micro_batch_s > 0: the
+// server's measured time per micro-batch beyond its kernels and steps, passed on.
 Measurement measurement_from_round(const Cluster& used, const Plan& plan, const std::vector<double>& device_busy_s,
                                    double server_busy_s, const std::vector<double>& up_mbps = {},
-                                   const std::vector<double>& down_mbps = {}, double min_share = 0.1);
+                                   const std::vector<double>& down_mbps = {}, double min_share = 0.1,
+                                   double server_per_micro_batch_s = 0);
+
+// How many micro-batches the server serves in a round of `plan` on cluster c, as the runtime cuts
+// batches (min(batch, N) micro-batches each; two visits each with private labels; 0 for fl).
+int64_t server_micro_batches(const Cluster& c, const Plan& plan);
 
 // The verdict on a re-plan once the first round under it has been timed, per sample, against the last
 // round under the plan before it, on the same links. Slower by more than `margin`: undo it (the cost

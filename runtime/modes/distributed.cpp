@@ -1698,7 +1698,7 @@ class ServerRunner {
     json devices = json::array();
     for (const planner::DeviceSpec& d : c.devices)
       devices.push_back({{"up_mbps", d.link.up_mbps}, {"down_mbps", d.link.down_mbps}, {"time_scale", d.time_scale}});
-    return {{"devices", devices}, {"server_time_scale", c.server_time_scale}};
+    return {{"devices", devices}, {"server_time_scale", c.server_time_scale}, {"server_per_micro_batch_s", c.server_per_micro_batch_s}};
   }
   void load_cluster_basis(const json& basis) {
     const json& devices = basis.at("devices");
@@ -1710,6 +1710,7 @@ class ServerRunner {
       ds.time_scale = devices[d].at("time_scale").get<double>();
     }
     cluster_.server_time_scale = basis.at("server_time_scale").get<double>();
+    cluster_.server_per_micro_batch_s = basis.value("server_per_micro_batch_s", planner::kServerPerMicroBatchS);
   }
 
   // A re-plan is a prediction; the round after it is the measurement. The plan before a change, with
@@ -1757,8 +1758,10 @@ class ServerRunner {
   // At a round boundary: measured link rates and speeds against the plan's; a drift beyond 20%
   // triggers a new search, and a better plan takes effect from the next round (and is undone if that
   // round measures slower than the last under the old plan).
+  // A fixed plan is never changed, but its predicted round is re-scored under the measurements, as a
+  // re-plan would score it, so that metrics.jsonl's predictions after the first round use them.
   void maybe_replan(int r, double t0, double t1, int64_t samples) {
-    if (!auto_plan_ || !net_.replan) return;
+    if (!net_.replan || (!auto_plan_ && plan_.split.empty())) return;  // (a fixed plan the cost model could not score)
     std::vector<double> busy(slots_.size(), 0.0), up(slots_.size(), 0.0);
     for (size_t d = 0; d < slots_.size(); ++d) {
       const std::string dn = "device " + std::to_string(d);
@@ -1768,15 +1771,28 @@ class ServerRunner {
       if (up_busy > 0 && bytes > 0 && net_.uplink_mbps > 0) up[d] = bytes * 8.0 / up_busy / 1e6;
     }
     const double per_sample_s = samples > 0 ? (t1 - t0) / static_cast<double>(samples) : 0;
-    if (undo_replan_if_worse(r, per_sample_s, up)) return;
+    if (auto_plan_ && undo_replan_if_worse(r, per_sample_s, up)) return;
     planner::Measurement m =
-        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t1), up);
-    if (!speed_replans_) m.device_time_scale.clear(), m.server_time_scale = 0;  // links only (undo_replan_if_worse)
+        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t1), up, {}, 0.1,
+                                        cluster_.host_cores > 0 ? 0.0 : std::max(server_overhead_s_, 1e-6));
+    if (!speed_replans_)  // links only (undo_replan_if_worse)
+      m.device_time_scale.clear(), m.server_time_scale = 0, m.server_per_micro_batch_s = 0;
     planner::ReplanOptions ro;
     ro.search = search_options_;
+    ro.search_plans = auto_plan_;
     const json basis = cluster_basis(cluster_);
     const planner::ReplanDecision d = planner::replan(cluster_, plan_, m, ro);
     cluster_ = d.cluster;
+    if (!auto_plan_) {
+      if (d.drifted) {
+        std::string why;
+        for (const auto& reason : d.reasons) why += (why.empty() ? "" : "; ") + reason;
+        say(detail::concat("measured: ", why, " → the fixed plan's round predicted ", d.plan.round_s, " s"));
+      }
+      plan_ = d.plan;
+      predicted_round_s_ = plan_.round_s;
+      return;
+    }
     if (d.drifted) {
       std::string why;
       for (const auto& reason : d.reasons) why += (why.empty() ? "" : "; ") + reason;
@@ -1869,11 +1885,16 @@ class ServerRunner {
           if (s.in_round && !s.done && now - s.last_seen > silence_limit(s)) drop(s, "silent for too long");
         continue;
       }
+      // The loop's own time for a micro-batch (checking, queuing, grouping, sending; its kernels and
+      // steps are the trace's "server" spans within): from its message's arrival to the queue's end.
+      const bool serves = rec->message.ok() && (std::holds_alternative<tp::Activation>(rec->message.value()) ||
+                                                std::holds_alternative<tp::Gradient>(rec->message.value()));
       dispatch(*rec, r, now);
       while (!pending_.empty()) {
         fill_group(r);
         serve_group(r);
       }
+      if (serves) serving_s_ += now_seconds() - now;
     }
   }
 
@@ -2088,9 +2109,11 @@ class ServerRunner {
     // average would move (measured: at the full rate, 16 devices, train loss 6.5 and 33% test accuracy
     // after 2 epochs, against 1.8 and 52% with replicas).
     if (shared_server() && cfg_.mode != "sl") lr /= static_cast<float>(std::max<size_t>(1, round_devices_));
+    const double t0 = now_seconds();
     if (owner.middle_part) owner.middle_part->set_lr(lr), owner.middle_part->step();
     else if (owner.stack) owner.stack->set_lr(lr), owner.stack->step(owner.stack_slot);
     else owner.server_part->set_lr(lr), owner.server_part->step();
+    trace_.add("server", detail::concat("d", s.id, " b", batch, " step"), t0, now_seconds());
   }
 
   // Private labels: the gradient of a middle output, from the device's tail. Back through the middle
@@ -2158,6 +2181,7 @@ class ServerRunner {
     if (dp_accounting()) write_privacy_journal(r, active);
     round_devices_ = active.size();
     groups_ = grouped_micros_ = 0;
+    serving_s_ = 0;
     if (cfg_.mode == "sl") {
       // Devices take turns; each starts from the device part its predecessor trained. (Private labels:
       // the tail's weights pass on too, but its momentum stays with each device, as the front's does,
@@ -2175,6 +2199,15 @@ class ServerRunner {
       if (stacked()) store_stacks();
     }
     const double t_agg = now_seconds();
+    // The server's time per micro-batch beyond its kernels and steps, measured: from the next plan on,
+    // the cost model's Cluster::server_per_micro_batch_s, in place of the prior kServerPerMicroBatchS.
+    // Not where the devices share the server's cores (pipar train): there a micro-batch costs the host
+    // the messaging threads of every process too, which this loop's time does not see (VGG5 at 50
+    // Mbit/s, 4 devices on 2 cores: with the loop's 0.1 ms the planner picked N=64 at 1.16x the best
+    // grid point; with the prior's 1.5 ms, 1.02x).
+    server_overhead_s_ = grouped_micros_ == 0 ? 0.0
+                                              : std::max(0.0, serving_s_ - trace_.busy_seconds("server", t0, t_agg)) /
+                                                    static_cast<double>(grouped_micros_);
     aggregate();
     const double t1 = now_seconds();
     trace_.add("server", "aggregate", t_agg, t1);
@@ -2371,6 +2404,7 @@ class ServerRunner {
       line["split"] = used.split;
       line["micro_batches"] = used.micro_batches;
       line["uplink_mbps"] = uplink_for_round(r);
+      line["server_overhead_seconds_per_micro_batch"] = server_overhead_s_;  // beyond its kernels and steps
       if (lanes_) {  // cross-device batching: groups trained and their mean size
         line["server_lanes"] = lanes_->lanes();
         line["server_groups"] = groups_;
@@ -2528,6 +2562,10 @@ class ServerRunner {
   bool graphs_off_said_ = false;         // the reason CUDA graphs went off was logged
   std::deque<Pending> pending_;
   uint64_t groups_ = 0, grouped_micros_ = 0;
+  // This round: the loop's time on the micro-batches it served (serve_round; with --group-wait-ms, the
+  // waits for a group to fill count too).
+  double serving_s_ = 0;
+  double server_overhead_s_ = 0;  // the last round's: that time less the kernels' and steps', per micro-batch
   // --server-batching stack: the replicas in stacks of up to kServerStackMax, in slot order.
   std::vector<std::unique_ptr<ReplicaStack>> stacks_;
 };

@@ -117,6 +117,81 @@ TEST(Replan, MeasurementFromRoundBusyTimes) {
   EXPECT_DOUBLE_EQ(d.cluster.devices[3].time_scale, 1.0);
 }
 
+// The server's time per micro-batch beyond its kernels and steps, measured apart: its busy time (kernels
+// and steps) is compared with the prediction less the per-micro-batch part (with or without a measured
+// value), and a measured value replaces the basis's where the change is worth more than the drift's
+// share of the round.
+TEST(Replan, ServerTimePerMicroBatchIsMeasuredApartFromItsKernels) {
+  Cluster used = cluster(100);
+  used.server_per_micro_batch_s = 4e-3;
+  const Plan current = evaluate_plan(CostModel(used), Mode::kPipar, {1, 1, 1, 1}, 8);
+  const Timing t = CostModel(used).round(current.mode, current.split, current.micro_batches);
+  const int64_t visits = server_micro_batches(used, current);
+  EXPECT_EQ(visits, 4 * 5 * 8);  // 4 devices, 5 batches of 100, 8 micro-batches each
+  const double kernels = t.busy[0].busy_s - visits * used.server_per_micro_batch_s;
+  const std::vector<double> busy = {t.busy[1].busy_s, t.busy[4].busy_s, t.busy[7].busy_s, t.busy[10].busy_s};
+  // The kernels ran as profiled, the loop took 0.2 ms a micro-batch: the scale stays.
+  Measurement m = measurement_from_round(used, current, busy, kernels, {}, {}, 0.0, 0.2e-3);
+  EXPECT_NEAR(m.server_time_scale, used.server_time_scale, 1e-9);
+  EXPECT_EQ(m.server_per_micro_batch_s, 0.2e-3);
+  // Without it, the scale is the same, and nothing else is measured.
+  const Measurement scale_only = measurement_from_round(used, current, busy, kernels, {}, {}, 0.0);
+  EXPECT_NEAR(scale_only.server_time_scale, used.server_time_scale, 1e-9);
+  EXPECT_EQ(scale_only.server_per_micro_batch_s, 0.0);
+
+  const ReplanDecision d = replan(used, current, m);
+  const double change_s = 3.8e-3 * static_cast<double>(visits);
+  ASSERT_GT(change_s, 0.2 * current.round_s);  // a change worth more than 20% of the round
+  EXPECT_TRUE(d.drifted);
+  ASSERT_EQ(d.reasons.size(), 1u);
+  EXPECT_NE(d.reasons[0].find("server time per micro-batch 4 -> 0.2 ms"), std::string::npos) << d.reasons[0];
+  EXPECT_DOUBLE_EQ(d.cluster.server_per_micro_batch_s, 0.2e-3);
+  // 4 -> 4.1 ms: 16 ms of the round, no drift, and the basis keeps its value.
+  m.server_per_micro_batch_s = 4.1e-3;
+  const ReplanDecision same = replan(used, current, m);
+  EXPECT_FALSE(same.drifted);
+  EXPECT_DOUBLE_EQ(same.cluster.server_per_micro_batch_s, 4e-3);
+}
+
+// A fixed plan (search_plans off) is re-scored under the measurements, never replaced.
+TEST(Replan, AFixedPlanIsReScoredNotReplaced) {
+  const Cluster used = cluster(100);
+  const Plan current = best_plan(used);
+  Measurement m;
+  m.up_mbps.assign(4, 2.0);
+  ReplanOptions o;
+  o.search_plans = false;
+  const ReplanDecision d = replan(used, current, m, o);
+  EXPECT_TRUE(d.drifted);
+  EXPECT_FALSE(d.changed);
+  EXPECT_EQ(d.plan.split, current.split);
+  EXPECT_EQ(d.plan.micro_batches, current.micro_batches);
+  EXPECT_GT(d.plan.round_s, 2 * current.round_s);  // the same plan on a 50x slower uplink
+  EXPECT_DOUBLE_EQ(d.plan.round_s, d.current_round_s);
+  EXPECT_TRUE(replan(used, current, m).changed);  // where the search may, it moves the cut
+}
+
+TEST(Replan, ServerMicroBatchesAreCountedAsTheRuntimeCutsBatches) {
+  Cluster c = cluster(100);
+  c.devices.resize(2);
+  c.devices[0].samples = 250;  // batches 100, 100, 50
+  c.devices[1].samples = 201;  // 100, 100 (a last batch of one sample is dropped)
+  Plan p;
+  p.mode = Mode::kPipar;
+  p.split = {1, 1};
+  p.micro_batches = 64;
+  EXPECT_EQ(server_micro_batches(c, p), 64 + 64 + 50 + 64 + 64);  // min(batch, N) each
+  p.micro_batches = 8;
+  EXPECT_EQ(server_micro_batches(c, p), 5 * 8);
+  c.private_labels = true;  // two server visits a micro-batch
+  EXPECT_EQ(server_micro_batches(c, p), 2 * 5 * 8);
+  c.private_labels = false;
+  p.mode = Mode::kSfl;
+  EXPECT_EQ(server_micro_batches(c, p), 5);
+  p.mode = Mode::kFl;
+  EXPECT_EQ(server_micro_batches(c, p), 0);
+}
+
 // Compute under min_share of the predicted round is not measured: with the whole round as the
 // threshold no device and not the server count; with 0 all do. (On devices under a CPU quota, the
 // first block's few small ops ran at 0.2-0.5x their profiled time and, extrapolated to the blocks the

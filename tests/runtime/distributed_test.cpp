@@ -295,7 +295,9 @@ TEST(Distributed, PredictedRoundTimeForFixedAndChosenPlans) {
       const auto m = nlohmann::json::parse(line);
       ASSERT_TRUE(m.contains("predicted_round_seconds")) << fixed << " round " << rounds;
       EXPECT_GT(m["predicted_round_seconds"].get<double>(), 0);
-      if (fixed) {
+      // A fixed plan's first round is predicted at set-up (the summary's figure); later rounds as
+      // re-scored under what the rounds before measured.
+      if (fixed && rounds == 0) {
         EXPECT_EQ(m["predicted_round_seconds"], s["predicted_round_seconds"]);
       }
     }
