@@ -165,6 +165,18 @@ double measured_mbps(const std::vector<std::pair<double, double>>& transfers) {
   return seconds > 0 ? bytes * 8.0 / seconds / 1e6 : 0.0;
 }
 
+LinkSpec link_from_probes(double rtt0_s, double down_bytes, double rtt_down_s, double up_bytes, double rtt_up_s) {
+  auto rate = [&](double bytes, double rtt) {
+    const double t = rtt - rtt0_s;
+    return measured(t) && measured(bytes) ? bytes * 8.0 / t / 1e6 : 0.0;
+  };
+  LinkSpec l;
+  l.up_mbps = rate(up_bytes, rtt_up_s);
+  l.down_mbps = rate(down_bytes, rtt_down_s);
+  l.latency_s = measured(rtt0_s) ? rtt0_s / 2 : 0.0;
+  return l;
+}
+
 double measured_time_scale(double measured_s, double predicted_s) {
   return measured(measured_s) && measured(predicted_s) ? measured_s / predicted_s : 0.0;
 }

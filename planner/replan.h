@@ -79,6 +79,11 @@ ReplanVerdict judge_replan(double before_per_sample_s, double after_per_sample_s
 // Link rate from real transfers: total bytes * 8 / total transmission seconds, in Mbit/s (0 when no
 // transfer took time). Each pair is (bytes, seconds from first to last bit, latency excluded).
 double measured_mbps(const std::vector<std::pair<double, double>>& transfers);
+// A link from a probe's round trips (seconds, the best of a few each): rtt0 with (nearly) empty messages
+// both ways, rtt_down with down_bytes more sent down, rtt_up with up_bytes more sent back up. Latency
+// (one way, with the per-message work of both ends) = rtt0 / 2; each rate = its bytes * 8 over its
+// round trip's excess over rtt0, in Mbit/s, 0 (unlimited) where that excess is not positive.
+LinkSpec link_from_probes(double rtt0_s, double down_bytes, double rtt_down_s, double up_bytes, double rtt_up_s);
 // A compute speed factor: measured seconds over the seconds the profile predicts (0 when unknown).
 double measured_time_scale(double measured_s, double predicted_s);
 

@@ -92,6 +92,14 @@ struct Encoder {
   std::pair<fb::Body, flatbuffers::Offset<void>> operator()(const Heartbeat& m) {
     return {fb::Body_Heartbeat, fb::CreateHeartbeat(b, m.device, m.time_ns).Union()};
   }
+  std::pair<fb::Body, flatbuffers::Offset<void>> operator()(const Probe& m) {
+    flatbuffers::Offset<fb::TensorMeta> p = 0;
+    if (m.payload.defined()) {
+      p = meta(b, m.payload);
+      payloads.push_back(&m.payload);
+    }
+    return {fb::Body_Probe, fb::CreateProbe(b, m.device, m.seq, m.reply_bytes, p).Union()};
+  }
 };
 
 // --- decode helpers
@@ -159,6 +167,8 @@ struct Decoder {
         auto t = e->body_as_Weights()->tensors();
         return t ? t->size() : 0;
       }
+      case fb::Body_Probe:
+        return e->body_as_Probe()->payload() ? 1 : 0;
       default:
         return 0;
     }
@@ -319,6 +329,19 @@ struct Decoder {
         auto h = e->body_as_Heartbeat();
         return Heartbeat{h->device(), h->time_ns()};
       }
+      case fb::Body_Probe: {
+        auto r = e->body_as_Probe();
+        Probe m;
+        m.device = r->device();
+        m.seq = r->seq();
+        m.reply_bytes = r->reply_bytes();
+        if (m.reply_bytes < 0 || static_cast<uint64_t>(m.reply_bytes) > limits.max_tensor_bytes) {
+          fail("probe.reply_bytes: negative or above the limit");
+          return std::nullopt;
+        }
+        if (r->payload() && !tensor(r->payload(), "probe.payload", m.payload)) return std::nullopt;
+        return m;
+      }
       default:
         fail("unknown message body");
         return std::nullopt;
@@ -340,6 +363,7 @@ const char* message_type_name(MessageType t) {
     case MessageType::kRoundEnd: return "round_end";
     case MessageType::kErrorReply: return "error";
     case MessageType::kHeartbeat: return "heartbeat";
+    case MessageType::kProbe: return "probe";
   }
   return "?";
 }

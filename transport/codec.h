@@ -132,12 +132,21 @@ struct Heartbeat {
   static constexpr int64_t kGoodbye = -1;
 };
 
-using Message = std::variant<Hello, Plan, Activation, Gradient, Weights, RoundEnd, ErrorReply, Heartbeat>;
+// A link probe: the server sends one (payload: the downlink's test bytes), the device answers with the
+// same seq and reply_bytes of payload (the uplink's); the server times the round trips.
+struct Probe {
+  uint32_t device = 0;
+  uint32_t seq = 0;
+  int64_t reply_bytes = 0;          // the answer's payload, bytes (0 in the answer itself)
+  Tensor payload{};                 // (optional) float32 zeros
+};
 
-enum class MessageType : uint8_t { kHello, kPlan, kActivation, kGradient, kWeights, kRoundEnd, kErrorReply, kHeartbeat };
+using Message = std::variant<Hello, Plan, Activation, Gradient, Weights, RoundEnd, ErrorReply, Heartbeat, Probe>;
+
+enum class MessageType : uint8_t { kHello, kPlan, kActivation, kGradient, kWeights, kRoundEnd, kErrorReply, kHeartbeat, kProbe };
 inline MessageType message_type(const Message& m) { return static_cast<MessageType>(m.index()); }
 const char* message_type_name(MessageType t);
-// The device id a message carries (Hello, Activation, Gradient, Weights, RoundEnd, Heartbeat), if any.
+// The device id a message carries (Hello, Activation, Gradient, Weights, RoundEnd, Heartbeat, Probe), if any.
 std::optional<uint32_t> message_device(const Message& m);
 
 // --- Limits checked by decode (and used for ZMQ_MAXMSGSIZE by the links)

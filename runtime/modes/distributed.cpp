@@ -358,6 +358,9 @@ class DeviceRunner {
           // Set-up before the first round (data, model), so that no round's time includes it; the
           // device answers with a hello that carries its partition size.
           if (!model_ && replay_samples_ == 0) setup(*plan);
+          // The link as the first round will have it, from now on: the server probes it before planning.
+          for (const auto& d : plan->devices)
+            if (d.device == o_.id) link_->set_shape({d.uplink_mbps, cfg_latency(*plan)});
           tp::Hello ready;
           ready.device = o_.id;
           ready.capabilities = hello.capabilities;
@@ -403,9 +406,26 @@ class DeviceRunner {
         deadline_from_now(deadline);  // the server is alive (its heartbeats come every 2 s)
         continue;
       }
+      if (const auto* probe = std::get_if<tp::Probe>(&r->value())) {
+        answer_probe(*probe);
+        deadline_from_now(deadline);
+        continue;
+      }
       return std::move(r->value());
     }
     throw ServerGone(detail::concat("no message from the server for ", o_.timeout_s, " s"));
+  }
+
+  // The server times its link to this device: the same seq back at once, with the bytes it asks for
+  // (zeros, never this process's memory; at most 16 MiB).
+  void answer_probe(const tp::Probe& p) {
+    constexpr int64_t kMaxReplyBytes = int64_t{16} << 20;
+    tp::Probe a;
+    a.device = o_.id;
+    a.seq = p.seq;
+    const int64_t floats = std::min(p.reply_bytes, kMaxReplyBytes) / 4;
+    if (floats > 0) a.payload = Tensor::zeros({floats, 1, 1, 1});
+    link_->send(a);
   }
 
   void setup(const tp::Plan& plan) {
@@ -828,6 +848,7 @@ struct DeviceSlot {
   std::string profile;        // the device's measured profile (planner), JSON
   uint64_t bytes_up0 = 0;     // bytes received from it before the round
   double transfer_allowance_s = 0;  // extra silence allowed while its weights cross its links
+  std::optional<planner::LinkSpec> probed;  // its link as the probe before the first round measured it
 };
 
 // A micro-batch's progress through the server. Shared labels: kNone → kQueued → kServed (forward, loss
@@ -1404,6 +1425,104 @@ class ServerRunner {
                          lanes.second, " thread", lanes.second > 1 ? "s" : "", " each"));
   }
 
+  // Before the first plan, every device's link is measured by round trips of probe messages (all
+  // devices at once, each over its own link): three with no payload (latency), then a payload down,
+  // then one asked back up, each grown from 64 KiB (x4, up to 4 MiB) until its transfer takes 20 ms,
+  // then timed twice more; the best of each (planner::link_from_probes). Through the links as they
+  // are: shaped (--uplink-mbps, emulation) or not (a real network). At most 4 MiB of probe payload is
+  // in flight at once (so 256 devices on fast links take turns, and the server's memory does not grow
+  // with them). A device that does not answer within 5 s keeps the configured link. The cost model
+  // then plans with the measured links.
+  void probe_links() {
+    constexpr int64_t kStartBytes = int64_t{64} << 10, kMaxBytes = int64_t{4} << 20;
+    constexpr double kEnough = 0.02, kAnswerWithin = 5.0;
+    struct State {
+      int phase = 0;  // 0: empty both ways, 1: payload down, 2: payload up, 3: done (or given up)
+      int64_t bytes = 0;
+      int reps = 0;
+      uint32_t seq = 0;
+      double sent = -1;  // the outstanding probe's send time (< 0: none)
+      double rtt0 = 1e30, best = 1e30, rtt_down = 0, rtt_up = 0;
+      int64_t down_bytes = 0, up_bytes = 0;
+      int64_t flight = 0;  // the outstanding probe's payload bytes (either way)
+    };
+    int64_t in_flight = 0;
+    std::map<uint32_t, State> st;
+    for (const DeviceSlot& s : slots_)
+      if (s.connected) st[s.id] = State{};
+    std::map<int64_t, Tensor> payloads;
+    auto payload = [&](int64_t bytes) -> const Tensor& {
+      auto it = payloads.find(bytes);
+      if (it == payloads.end()) it = payloads.emplace(bytes, Tensor::zeros({bytes / 4, 1, 1, 1})).first;
+      return it->second;
+    };
+    const double t_start = now_seconds();
+    auto open = [&] {
+      size_t n = 0;
+      for (const auto& [id, x] : st) n += x.phase < 3;
+      return n;
+    };
+    while (open() > 0) {
+      if (stop_requested().load()) throw Error("interrupted");
+      const double now = now_seconds();
+      for (auto& [id, x] : st) {
+        if (x.phase == 3) continue;
+        if (x.sent >= 0 && now - x.sent > kAnswerWithin) {
+          say(detail::concat("device ", id, " did not answer the link probe within ", kAnswerWithin, " s: its link is taken as configured"));
+          x.phase = 3;
+          in_flight -= x.flight;
+          continue;
+        }
+        if (x.sent >= 0) continue;
+        x.flight = x.phase == 0 ? 0 : x.bytes;
+        if (in_flight > 0 && in_flight + x.flight > kMaxBytes) continue;  // its turn comes
+        in_flight += x.flight;
+        tp::Probe p;
+        p.device = id;
+        p.seq = ++x.seq;
+        if (x.phase == 1) p.payload = payload(x.bytes);
+        if (x.phase == 2) p.reply_bytes = x.bytes;
+        x.sent = now_seconds();
+        server_.send(id, p);
+      }
+      auto r = server_.recv(ms(50));
+      if (!r || !r->message.ok() || !r->device || *r->device >= slots_.size()) continue;
+      slots_[*r->device].last_seen = now_seconds();
+      const auto* p = std::get_if<tp::Probe>(&r->message.value());
+      auto it = st.find(*r->device);
+      if (!p || it == st.end() || it->second.sent < 0 || p->seq != it->second.seq) continue;
+      State& x = it->second;
+      const double rtt = now_seconds() - x.sent;
+      x.sent = -1;
+      in_flight -= x.flight;
+      if (x.phase == 0) {
+        x.rtt0 = std::min(x.rtt0, rtt);
+        if (++x.reps == 3) x.phase = 1, x.bytes = kStartBytes, x.reps = 0, x.best = 1e30;
+        continue;
+      }
+      if (rtt - x.rtt0 < kEnough && x.bytes < kMaxBytes && x.reps == 0) {  // too quick to time well: larger
+        x.bytes *= 4;
+        continue;
+      }
+      x.best = std::min(x.best, rtt);
+      if (++x.reps < 3) continue;
+      if (x.phase == 1) {
+        x.rtt_down = x.best, x.down_bytes = x.bytes;
+        x.phase = 2, x.bytes = kStartBytes, x.reps = 0, x.best = 1e30;
+        continue;
+      }
+      x.rtt_up = x.best, x.up_bytes = p->payload.defined() ? static_cast<int64_t>(p->payload.bytes()) : 0;
+      x.phase = 3;
+      planner::LinkSpec l = planner::link_from_probes(x.rtt0, static_cast<double>(x.down_bytes), x.rtt_down,
+                                                      static_cast<double>(x.up_bytes), x.rtt_up);
+      slots_[*r->device].probed = l;
+      say(detail::concat("device ", *r->device, " link probe: up ", l.up_mbps, " Mbit/s, down ", l.down_mbps,
+                         " Mbit/s, latency ", l.latency_s * 1e3, " ms (configured: up ", uplink_for_round(0), ", down ",
+                         net_.downlink_mbps, ", latency ", net_.latency_ms, "; 0 = unshaped)"));
+    }
+    probe_s_ = now_seconds() - t_start;
+  }
+
   // The profiles the plan is made from, for `pipar plan --profile` and for reading the plan's
   // predictions: profile_server.json and one profile_deviceD.json per device that sent one.
   void save_profiles() {
@@ -1428,6 +1547,7 @@ class ServerRunner {
     for (size_t d = 0; d < slots_.size(); ++d) {
       c.devices[d].samples = slots_[d].samples;
       c.devices[d].profile = slots_[d].connected && !slots_[d].profile.empty() ? k++ : 0;
+      if (slots_[d].probed) c.devices[d].link = *slots_[d].probed;
     }
     c.server_profile = server_profile;
     c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
@@ -1493,6 +1613,7 @@ class ServerRunner {
       if (stacked()) cfg_.one_split = true;
     }
     const std::vector<std::pair<int, int>> lane_choices = lane_options();
+    if (!profiles.empty()) probe_links();
     if (profiles.empty()) {
       if (cfg_.server_batching == "auto") {
         say("server batching auto: lanes (no device profile to predict by)");
@@ -2510,6 +2631,12 @@ class ServerRunner {
       s["predicted_round_seconds"] = first_plan_.round_s;
       s["predicted_plan"] = json::parse(first_plan_.to_json());
     }
+    json links = json::array();  // the links as the probe before the first round measured them
+    for (const DeviceSlot& d : slots_)
+      if (d.probed)
+        links.push_back({{"device", d.id}, {"up_mbps", d.probed->up_mbps}, {"down_mbps", d.probed->down_mbps},
+                         {"latency_ms", d.probed->latency_s * 1e3}});
+    if (!links.empty()) s["link_probe"] = {{"seconds", probe_s_}, {"links", links}};
     if (split_mode() && !shared_server()) s["server_batching"] = cfg_.server_batching;  // lanes or stack (auto's choice)
     if (auto_plan_) {
       s["plan"] = json::parse(plan_.to_json());
@@ -2565,6 +2692,7 @@ class ServerRunner {
   // This round: the loop's time on the micro-batches it served (serve_round; with --group-wait-ms, the
   // waits for a group to fill count too).
   double serving_s_ = 0;
+  double probe_s_ = 0;  // how long the link probe took before the first round
   double server_overhead_s_ = 0;  // the last round's: that time less the kernels' and steps', per micro-batch
   // --server-batching stack: the replicas in stacks of up to kServerStackMax, in slot order.
   std::vector<std::unique_ptr<ReplicaStack>> stacks_;

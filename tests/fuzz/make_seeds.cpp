@@ -86,6 +86,7 @@ void decode_seeds() {
   message("round_end", r);
   message("error", ErrorReply{ErrorCode::kVersion, "protocol 2 not supported"});
   message("heartbeat", Heartbeat{4, 123456789}, Sequence{1000, 8});
+  message("probe", Probe{2, 5, 256, ramp({16, 1, 1, 1})}, Sequence{1000, 9});
 }
 
 void checkpoint_seed() {

@@ -305,6 +305,31 @@ TEST(Distributed, PredictedRoundTimeForFixedAndChosenPlans) {
   }
 }
 
+// Before the first plan the server probes every device's link through the links as they are: here
+// shaped to 20 Mbit/s up (by the device) and 40 down (by the server), 2 ms each way. The measured
+// rates are within 10% of the shaping, the latency at least the 2 ms, and the plan is scored on them.
+TEST(Distributed, LinkProbeMeasuresTheShapedLinksBeforeTheFirstPlan) {
+  TrainConfig c = small_config("pipar", "probe");
+  c.epochs = 1;
+  c.split = c.micro_batches = -1;
+  NetConfig n = fast_net();
+  n.uplink_mbps = 20;
+  n.downlink_mbps = 40;
+  n.latency_ms = 2;
+  run_cluster(c, n, 2);
+  const auto s = summary(c.out_dir);
+  ASSERT_TRUE(s.contains("link_probe")) << s.dump();
+  const auto& links = s["link_probe"]["links"];
+  ASSERT_EQ(links.size(), 2u);
+  for (const auto& l : links) {
+    EXPECT_NEAR(l["up_mbps"].get<double>(), 20, 2) << l.dump();
+    EXPECT_NEAR(l["down_mbps"].get<double>(), 40, 4) << l.dump();
+    EXPECT_GE(l["latency_ms"].get<double>(), 2.0) << l.dump();
+    EXPECT_LT(l["latency_ms"].get<double>(), 10.0) << l.dump();
+  }
+  EXPECT_LT(s["link_probe"]["seconds"].get<double>(), 10.0);
+}
+
 // Device 2 of 3 gets ready (the partition size the server expects) and is sent round 1; then either it
 // falls silent (reference) or it turns hostile: activations of the wrong shape, batches and micro-batches
 // out of range, labels out of range, a micro-batch sent twice, weights of another round, while a

@@ -195,6 +195,21 @@ TEST(CodecRoundTrip, RoundEndErrorHeartbeat) {
   EXPECT_EQ(hb.time_ns, 123456789012345);
 }
 
+TEST(CodecRoundTrip, ProbeWithAndWithoutPayload) {
+  Probe p{3, 17, 65536, Tensor::zeros({1024, 1, 1, 1})};
+  Probe r = roundtrip<Probe>(p);
+  EXPECT_EQ(r.device, 3u);
+  EXPECT_EQ(r.seq, 17u);
+  EXPECT_EQ(r.reply_bytes, 65536);
+  expect_same(r.payload, p.payload);
+  EXPECT_EQ(encode(p).size(), 2u);  // envelope + payload
+  Probe bare = roundtrip<Probe>(Probe{4, 1, 0, Tensor()});
+  EXPECT_FALSE(bare.payload.defined());
+  EXPECT_EQ(encode(Probe{4, 1, 0, Tensor()}).size(), 1u);
+  EXPECT_EQ(message_device(Message(bare)), std::optional<uint32_t>(4));
+  EXPECT_STREQ(message_type_name(message_type(Message(bare))), "probe");
+}
+
 TEST(CodecRoundTrip, ZeroCopyFrameSharesTensorStorage) {
   SCOPED_TRACE(test::seed_trace());
   test::Rng rng(4);
@@ -322,6 +337,20 @@ TEST(CodecMalformed, UnknownBodyTypeAndMissingBody) {
   b2.Finish(fb::CreateEnvelope(b2, fb::Body_NONE, 0), kFileIdentifier);
   Bytes none = {{b2.GetBufferPointer(), b2.GetBufferPointer() + b2.GetSize()}};
   EXPECT_FALSE(decode(to_frames(none)).ok());
+}
+
+// A probe that asks for a negative reply or one above the payload limit, or whose envelope and frames
+// disagree, is an error value.
+TEST(CodecMalformed, ProbeReplySizeAndFrames) {
+  EXPECT_FALSE(decode(encode(Probe{1, 1, -1, Tensor()})).ok());
+  Limits lim;
+  lim.max_tensor_bytes = 4096;
+  EXPECT_FALSE(decode(encode(Probe{1, 1, 4097, Tensor()}), lim).ok());
+  EXPECT_TRUE(decode(encode(Probe{1, 1, 4096, Tensor()}), lim).ok());
+  Frames with = encode(Probe{1, 2, 0, Tensor::zeros({8, 1, 1, 1})});
+  Frames without;
+  without.push_back(zmq::message_t(with[0].data(), with[0].size()));  // the payload frame dropped
+  EXPECT_FALSE(decode(without).ok());
 }
 
 TEST(CodecMalformed, StringAndListLimits) {
