@@ -1883,18 +1883,21 @@ class ServerRunner {
   // re-plan would score it, so that metrics.jsonl's predictions after the first round use them.
   void maybe_replan(int r, double t0, double t1, int64_t samples) {
     if (!net_.replan || (!auto_plan_ && plan_.split.empty())) return;  // (a fixed plan the cost model could not score)
-    std::vector<double> busy(slots_.size(), 0.0), up(slots_.size(), 0.0);
+    // Link rates from the round's paced transfers, where links are shaped (emulated): unshaped, a
+    // sender sees only its hand-off to the socket, and the probe before the first round stands.
+    std::vector<double> busy(slots_.size(), 0.0), up(slots_.size(), 0.0), down(slots_.size(), 0.0);
     for (size_t d = 0; d < slots_.size(); ++d) {
       const std::string dn = "device " + std::to_string(d);
       busy[d] = trace_.busy_seconds(dn, t0, t1);
       const double up_busy = trace_.busy_seconds(dn + " uplink", t0, t1);
       const uint64_t bytes = server_.stats(tp::routing_id(slots_[d].id)).bytes_received - slots_[d].bytes_up0;
       if (up_busy > 0 && bytes > 0 && net_.uplink_mbps > 0) up[d] = bytes * 8.0 / up_busy / 1e6;
+      if (net_.downlink_mbps > 0 && d < down_transfers_.size()) down[d] = planner::measured_mbps(down_transfers_[d]);
     }
     const double per_sample_s = samples > 0 ? (t1 - t0) / static_cast<double>(samples) : 0;
     if (auto_plan_ && undo_replan_if_worse(r, per_sample_s, up)) return;
     planner::Measurement m =
-        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t1), up, {}, 0.1,
+        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t1), up, down, 0.1,
                                         cluster_.host_cores > 0 ? 0.0 : std::max(server_overhead_s_, 1e-6));
     if (!speed_replans_)  // links only (undo_replan_if_worse)
       m.device_time_scale.clear(), m.server_time_scale = 0, m.server_per_micro_batch_s = 0;
@@ -2351,10 +2354,15 @@ class ServerRunner {
   // The round's downlink transfers (seen here) and the devices' compute and uplink (their reports) into
   // the trace, for the metrics and the re-planner.
   void collect_traces() {
+    down_transfers_.assign(slots_.size(), {});
     for (const auto& t : server_.take_transfers())
-      if (t.ok && t.type != tp::MessageType::kHeartbeat)
-        trace_.add("device " + std::to_string(tp::device_of(t.peer).value_or(999)) + " downlink", tp::message_type_name(t.type),
-                   seconds_of(t.started), seconds_of(t.finished));
+      if (t.ok && t.type != tp::MessageType::kHeartbeat) {
+        const uint32_t d = tp::device_of(t.peer).value_or(999);
+        trace_.add("device " + std::to_string(d) + " downlink", tp::message_type_name(t.type), seconds_of(t.started),
+                   seconds_of(t.finished));
+        if (d < down_transfers_.size())
+          down_transfers_[d].push_back({static_cast<double>(t.bytes), seconds_of(t.finished) - seconds_of(t.started)});
+      }
     for (DeviceSlot& s : slots_)
       if (s.in_round && s.done && s.end) trace_.add_all(events_from_json(s.end->details));
   }
@@ -2693,6 +2701,7 @@ class ServerRunner {
   // waits for a group to fill count too).
   double serving_s_ = 0;
   double probe_s_ = 0;  // how long the link probe took before the first round
+  std::vector<std::vector<std::pair<double, double>>> down_transfers_;  // this round's, per device: (bytes, seconds)
   double server_overhead_s_ = 0;  // the last round's: that time less the kernels' and steps', per micro-batch
   // --server-batching stack: the replicas in stacks of up to kServerStackMax, in slot order.
   std::vector<std::unique_ptr<ReplicaStack>> stacks_;

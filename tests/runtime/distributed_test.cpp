@@ -330,6 +330,37 @@ TEST(Distributed, LinkProbeMeasuresTheShapedLinksBeforeTheFirstPlan) {
   EXPECT_LT(s["link_probe"]["seconds"].get<double>(), 10.0);
 }
 
+// The uplink cut to a quarter from round 1 on (--uplink-schedule, shaped at run time): the re-planner
+// sees each device's measured uplink drift after that round and re-plans, within the two
+// rounds; the downlink, measured from the server's paced sends, does not drift.
+TEST(Distributed, SlowerUplinkRePlansAfterTheFirstSlowRound) {
+  TrainConfig c = small_config("pipar", "replan_uplink");
+  c.epochs = 3;
+  c.limit_train = 400;
+  c.split = c.micro_batches = -1;
+  NetConfig n = fast_net();
+  n.uplink_mbps = 40;
+  n.downlink_mbps = 40;
+  n.uplink_schedule = {{1, 10}};
+  run_cluster(c, n, 2);
+  const auto s = summary(c.out_dir);
+  ASSERT_TRUE(s.contains("replans")) << s.dump();
+  bool uplink = false;
+  for (const auto& r : s["replans"]) {
+    const int after = r["after_round"].get<int>();
+    for (const auto& why : r["reasons"]) {
+      const std::string w = why.get<std::string>();
+      EXPECT_EQ(w.find("downlink"), std::string::npos) << w;
+      if (w.find("uplink") != std::string::npos) {
+        uplink = true;
+        EXPECT_EQ(after, 2) << w;  // after round 2 (1-based), the first slow one
+        EXPECT_NE(w.find("-7"), std::string::npos) << w;  // about -75%
+      }
+    }
+  }
+  EXPECT_TRUE(uplink) << s["replans"].dump();
+}
+
 // Device 2 of 3 gets ready (the partition size the server expects) and is sent round 1; then either it
 // falls silent (reference) or it turns hostile: activations of the wrong shape, batches and micro-batches
 // out of range, labels out of range, a micro-batch sent twice, weights of another round, while a
