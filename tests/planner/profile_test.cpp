@@ -134,35 +134,43 @@ TEST(Profile, MeasuresEachSizeForAMinimumTime) {
   }
 }
 
+// A file written whole (cgroup control files); false on any failure. Only file I/O: safe in a child
+// between fork and exec or _exit.
+bool write_file(const std::string& path, const std::string& v) {
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) return false;
+  const bool ok = std::fputs(v.c_str(), f) >= 0;
+  return std::fclose(f) == 0 && ok;
+}
+
+// A new cgroup v1 cpu group of this name with a CFS quota (cores x period), or "" where there is no
+// writable cpu controller (not root, cgroup v2 only) or the quota cannot be set.
+std::string cpu_group(const std::string& name, int period_us, int quota_us) {
+  const std::string base = "/sys/fs/cgroup/cpu";
+  const std::string dir = base + "/" + name + "_" + std::to_string(getpid());
+  if (access((base + "/cpu.cfs_quota_us").c_str(), F_OK) != 0 || mkdir(dir.c_str(), 0755) != 0) return "";
+  if (write_file(dir + "/cpu.cfs_period_us", std::to_string(period_us)) && write_file(dir + "/cpu.cfs_quota_us", std::to_string(quota_us)))
+    return dir;
+  rmdir(dir.c_str());
+  return "";
+}
+
 // cpu_quota reads this process's CFS quota from its cgroup: a child process put in a group of 0.25
 // cores reports 0.25 cores and the group's period. Needs a writable cgroup v1 cpu controller (root);
 // skipped elsewhere.
 TEST(Profile, ReadsTheCpuQuotaOfItsCgroup) {
-  const std::string base = "/sys/fs/cgroup/cpu";
-  const std::string dir = base + "/pipar_profile_test_" + std::to_string(getpid());
-  if (access((base + "/cpu.cfs_quota_us").c_str(), F_OK) != 0 || mkdir(dir.c_str(), 0755) != 0)
-    GTEST_SKIP() << "no writable cgroup v1 cpu controller at " << base;
-  auto write = [](const std::string& path, const std::string& v) {
-    std::FILE* f = std::fopen(path.c_str(), "w");
-    if (!f) return false;
-    const bool ok = std::fputs(v.c_str(), f) >= 0;
-    return std::fclose(f) == 0 && ok;
-  };
-  const bool set = write(dir + "/cpu.cfs_period_us", "20000") && write(dir + "/cpu.cfs_quota_us", "5000");
-  int code = -1;
-  if (set) {
-    const pid_t child = fork();
-    if (child == 0) {  // only file I/O and _exit in the child
-      if (!write(dir + "/cgroup.procs", std::to_string(getpid()))) _exit(255);
-      const CpuQuota q = cpu_quota();
-      _exit(q.period_s == 0.02 ? static_cast<int>(q.cores * 100 + 0.5) : 254);
-    }
-    int status = 0;
-    waitpid(child, &status, 0);
-    code = WIFEXITED(status) ? WEXITSTATUS(status) : -2;
+  const std::string dir = cpu_group("pipar_profile_test", 20000, 5000);
+  if (dir.empty()) GTEST_SKIP() << "no writable cgroup v1 cpu controller at /sys/fs/cgroup/cpu";
+  const pid_t child = fork();
+  if (child == 0) {  // only file I/O and _exit in the child
+    if (!write_file(dir + "/cgroup.procs", std::to_string(getpid()))) _exit(255);
+    const CpuQuota q = cpu_quota();
+    _exit(q.period_s == 0.02 ? static_cast<int>(q.cores * 100 + 0.5) : 254);
   }
+  int status = 0;
+  waitpid(child, &status, 0);
+  const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -2;
   rmdir(dir.c_str());
-  ASSERT_TRUE(set) << "could not set the quota of " << dir;
   EXPECT_EQ(code, 25);  // 0.25 cores, period 20 ms
   EXPECT_EQ(cpu_quota().cores == 0 || cpu_quota().cores > 0.25, true);  // this process: not in that group
 }
@@ -175,32 +183,20 @@ TEST(Profile, ReadsTheCpuQuotaOfItsCgroup) {
 // each throttled gap), hence the bounds [2.5, 12]. The quota is recorded. Needs a writable cgroup v1
 // cpu controller (root); skipped elsewhere.
 TEST(Profile, UnderAQuotaTimesAreCpuTimeOverTheQuota) {
-  const std::string base = "/sys/fs/cgroup/cpu";
-  const std::string dir = base + "/pipar_profile_quota_" + std::to_string(getpid());
-  if (access((base + "/cpu.cfs_quota_us").c_str(), F_OK) != 0 || mkdir(dir.c_str(), 0755) != 0)
-    GTEST_SKIP() << "no writable cgroup v1 cpu controller at " << base;
-  auto write = [](const std::string& path, const std::string& v) {
-    std::FILE* f = std::fopen(path.c_str(), "w");
-    if (!f) return false;
-    const bool ok = std::fputs(v.c_str(), f) >= 0;
-    return std::fclose(f) == 0 && ok;
-  };
+  const std::string dir = cpu_group("pipar_profile_quota", 10000, 2500);
+  if (dir.empty()) GTEST_SKIP() << "no writable cgroup v1 cpu controller at /sys/fs/cgroup/cpu";
   const std::string out = testing::TempDir() + "pipar_quota_profile_" + std::to_string(getpid()) + ".json";
-  const bool set = write(dir + "/cpu.cfs_period_us", "10000") && write(dir + "/cpu.cfs_quota_us", "2500");
-  int status = -1;
-  if (set) {
-    const pid_t child = fork();
-    if (child == 0) {  // file I/O, then exec: a fresh process runs the profile
-      if (!write(dir + "/cgroup.procs", std::to_string(getpid()))) _exit(255);
-      setenv("PIPAR_QUOTA_PROFILE_OUT", out.c_str(), 1);
-      execl("/proc/self/exe", "pipar_tests", "--gtest_also_run_disabled_tests",
-            "--gtest_filter=Profile.DISABLED_ProfileOfThisProcessForTheTestAbove", static_cast<char*>(nullptr));
-      _exit(254);
-    }
-    waitpid(child, &status, 0);
+  const pid_t child = fork();
+  if (child == 0) {  // file I/O, then exec: a fresh process runs the profile
+    if (!write_file(dir + "/cgroup.procs", std::to_string(getpid()))) _exit(255);
+    setenv("PIPAR_QUOTA_PROFILE_OUT", out.c_str(), 1);
+    execl("/proc/self/exe", "pipar_tests", "--gtest_also_run_disabled_tests",
+          "--gtest_filter=Profile.DISABLED_ProfileOfThisProcessForTheTestAbove", static_cast<char*>(nullptr));
+    _exit(254);
   }
+  int status = -1;
+  waitpid(child, &status, 0);
   rmdir(dir.c_str());
-  ASSERT_TRUE(set) << "could not set the quota of " << dir;
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child failed: status " << status;
   const Profile quota = Profile::load(out);
   std::remove(out.c_str());
