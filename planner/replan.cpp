@@ -57,12 +57,23 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
       consider(used.devices[d].time_scale, m.device_time_scale[d], ds.time_scale, dn + " time scale");
   }
   consider(used.server_time_scale, m.server_time_scale, out.cluster.server_time_scale, "server time scale");
-  // The server's per-micro-batch time drifts only where the change is worth a share of the round: a
-  // few microseconds either way on a fast loop would re-plan every round for nothing.
+  // The aggregation's and the server's per-micro-batch time drift only where the change is worth a
+  // share of the round: a few microseconds either way would re-plan every round for nothing.
+  const double round_s = CostModel(used).round(current.mode, current.split, current.micro_batches).span_s;
+  if (measured(m.aggregation_s)) {
+    out.cluster.aggregation_s = m.aggregation_s;
+    const double change_s = std::abs(m.aggregation_s - used.aggregation_s);
+    if (change_s > options.drift * round_s) {
+      out.drifted = true;
+      std::ostringstream os;
+      os.precision(3);
+      os << "aggregation " << used.aggregation_s << " -> " << m.aggregation_s << " s";
+      out.reasons.push_back(os.str());
+    }
+  }
   if (measured(m.server_per_micro_batch_s)) {
     const double old_v = used.server_per_micro_batch_s, new_v = m.server_per_micro_batch_s;
     out.cluster.server_per_micro_batch_s = new_v;
-    const double round_s = CostModel(used).round(current.mode, current.split, current.micro_batches).span_s;
     const double change_s = std::abs(new_v - old_v) * static_cast<double>(server_micro_batches(used, current));
     if (change_s > options.drift * round_s) {
       out.drifted = true;

@@ -20,6 +20,8 @@ struct Measurement {
   // The server's time per micro-batch beyond its kernels and steps (as Cluster::server_per_micro_batch_s):
   // its loop's busy time around them, over the micro-batches it served.
   double server_per_micro_batch_s = 0;
+  // The server's time averaging the round's weights (as Cluster::aggregation_s).
+  double aggregation_s = 0;
 };
 
 struct ReplanOptions {
@@ -47,8 +49,8 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
 // compute is at least this share of the round, and never faster than its profile.
 constexpr double kQuotaMinShare = 0.5;
 
-// A Measurement from one round's measured busy seconds (metrics.jsonl's device_busy_seconds and
-// server_busy_seconds: the server's kernels and steps, aggregation excluded) and link rates: the time
+// A Measurement from one round's measured busy seconds (metrics.jsonl's device_busy_seconds and the
+// server's busy time on its kernels and steps, aggregation excluded) and link rates: the time
 // scales are the basis's scaled by measured / predicted busy time of `plan` under `used` (so they stay
 // relative to the profiles). Empty or non-positive entries mean "not measured". A compute resource
 // whose predicted busy time is under min_share of the predicted round is left unmeasured: its few

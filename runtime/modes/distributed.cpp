@@ -1819,7 +1819,10 @@ class ServerRunner {
     json devices = json::array();
     for (const planner::DeviceSpec& d : c.devices)
       devices.push_back({{"up_mbps", d.link.up_mbps}, {"down_mbps", d.link.down_mbps}, {"time_scale", d.time_scale}});
-    return {{"devices", devices}, {"server_time_scale", c.server_time_scale}, {"server_per_micro_batch_s", c.server_per_micro_batch_s}};
+    return {{"devices", devices},
+            {"server_time_scale", c.server_time_scale},
+            {"server_per_micro_batch_s", c.server_per_micro_batch_s},
+            {"aggregation_s", c.aggregation_s}};
   }
   void load_cluster_basis(const json& basis) {
     const json& devices = basis.at("devices");
@@ -1832,6 +1835,7 @@ class ServerRunner {
     }
     cluster_.server_time_scale = basis.at("server_time_scale").get<double>();
     cluster_.server_per_micro_batch_s = basis.value("server_per_micro_batch_s", planner::kServerPerMicroBatchS);
+    cluster_.aggregation_s = basis.value("aggregation_s", 0.0);
   }
 
   // A re-plan is a prediction; the round after it is the measurement. The plan before a change, with
@@ -1881,7 +1885,7 @@ class ServerRunner {
   // round measures slower than the last under the old plan).
   // A fixed plan is never changed, but its predicted round is re-scored under the measurements, as a
   // re-plan would score it, so that metrics.jsonl's predictions after the first round use them.
-  void maybe_replan(int r, double t0, double t1, int64_t samples) {
+  void maybe_replan(int r, double t0, double t_agg, double t1, int64_t samples) {
     if (!net_.replan || (!auto_plan_ && plan_.split.empty())) return;  // (a fixed plan the cost model could not score)
     // Link rates from the round's paced transfers, where links are shaped (emulated): unshaped, a
     // sender sees only its hand-off to the socket, and the probe before the first round stands.
@@ -1897,10 +1901,11 @@ class ServerRunner {
     const double per_sample_s = samples > 0 ? (t1 - t0) / static_cast<double>(samples) : 0;
     if (auto_plan_ && undo_replan_if_worse(r, per_sample_s, up)) return;
     planner::Measurement m =
-        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t1), up, down, 0.1,
+        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t_agg), up, down, 0.1,
                                         cluster_.host_cores > 0 ? 0.0 : std::max(server_overhead_s_, 1e-6));
+    m.aggregation_s = std::max(t1 - t_agg, 1e-6);  // averaging the round's weights, measured
     if (!speed_replans_)  // links only (undo_replan_if_worse)
-      m.device_time_scale.clear(), m.server_time_scale = 0, m.server_per_micro_batch_s = 0;
+      m.device_time_scale.clear(), m.server_time_scale = 0, m.server_per_micro_batch_s = 0, m.aggregation_s = 0;
     planner::ReplanOptions ro;
     ro.search = search_options_;
     ro.search_plans = auto_plan_;
@@ -2340,7 +2345,7 @@ class ServerRunner {
     int64_t samples = 0;
     for (const DeviceSlot& s : slots_)
       if (s.in_round && s.done && s.end) samples += s.end->samples;
-    maybe_replan(r, t0, t1, samples);  // the next round's plan, part of the checkpoint
+    maybe_replan(r, t0, t_agg, t1, samples);  // the next round's plan, part of the checkpoint
     save_round(r);  // before the metrics line: a line then always has its checkpoint, and a resume never redoes a round
     record_round(r, t0, t1, stats0, used);
   }

@@ -171,6 +171,25 @@ TEST(Replan, AFixedPlanIsReScoredNotReplaced) {
   EXPECT_TRUE(replan(used, current, m).changed);  // where the search may, it moves the cut
 }
 
+// The server's time averaging the weights, measured, joins the basis where it moves the round by more
+// than the drift's share; a few milliseconds do not.
+TEST(Replan, MeasuredAggregationJoinsTheBasisWhereItMatters) {
+  const Cluster used = cluster(100);
+  const Plan current = best_plan(used);
+  Measurement m;
+  m.aggregation_s = 0.5 * current.round_s;
+  const ReplanDecision d = replan(used, current, m);
+  EXPECT_TRUE(d.drifted);
+  ASSERT_EQ(d.reasons.size(), 1u);
+  EXPECT_NE(d.reasons[0].find("aggregation 0 -> "), std::string::npos) << d.reasons[0];
+  EXPECT_DOUBLE_EQ(d.cluster.aggregation_s, m.aggregation_s);
+  EXPECT_NEAR(d.current_round_s, 1.5 * current.round_s, 1e-9);  // the round now includes it
+  m.aggregation_s = 0.01 * current.round_s;
+  const ReplanDecision small = replan(used, current, m);
+  EXPECT_FALSE(small.drifted);
+  EXPECT_EQ(small.cluster.aggregation_s, 0.0);
+}
+
 TEST(Replan, ServerMicroBatchesAreCountedAsTheRuntimeCutsBatches) {
   Cluster c = cluster(100);
   c.devices.resize(2);
