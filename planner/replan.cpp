@@ -57,37 +57,29 @@ ReplanDecision replan(const Cluster& used, const Plan& current, const Measuremen
       consider(used.devices[d].time_scale, m.device_time_scale[d], ds.time_scale, dn + " time scale");
   }
   consider(used.server_time_scale, m.server_time_scale, out.cluster.server_time_scale, "server time scale");
-  // The aggregation's and the server's per-micro-batch time drift only where the change is worth a
-  // share of the round: a few microseconds either way would re-plan every round for nothing.
+  // Seconds of the round (the aggregation; the server's time per micro-batch, `times` a round) drift
+  // only where the change moves the round by more than the drift's share of it: a few microseconds
+  // either way would re-plan every round for nothing.
   const double round_s = CostModel(used).round(current.mode, current.split, current.micro_batches).span_s;
-  if (measured(m.aggregation_s)) {
-    out.cluster.aggregation_s = m.aggregation_s;
-    const double change_s = std::abs(m.aggregation_s - used.aggregation_s);
-    if (change_s > options.drift * round_s) {
-      out.drifted = true;
-      std::ostringstream os;
-      os.precision(3);
-      os << "aggregation " << used.aggregation_s << " -> " << m.aggregation_s << " s";
-      out.reasons.push_back(os.str());
-    }
-  }
-  if (measured(m.server_per_micro_batch_s)) {
-    const double old_v = used.server_per_micro_batch_s, new_v = m.server_per_micro_batch_s;
-    out.cluster.server_per_micro_batch_s = new_v;
-    const double change_s = std::abs(new_v - old_v) * static_cast<double>(server_micro_batches(used, current));
-    if (change_s > options.drift * round_s) {
-      out.drifted = true;
-      std::ostringstream os;
-      os.precision(3);
-      os << "server time per micro-batch " << old_v * 1e3 << " -> " << new_v * 1e3 << " ms (" << change_s << " s a round)";
-      out.reasons.push_back(os.str());
-    }
-  }
+  auto consider_seconds = [&](double old_v, double new_v, double& slot, double times, const char* what, double unit,
+                              const char* unit_name) {
+    if (!measured(new_v)) return;
+    slot = new_v;
+    const double change_s = std::abs(new_v - old_v) * times;
+    if (change_s <= options.drift * round_s) return;
+    out.drifted = true;
+    std::ostringstream os;
+    os.precision(3);
+    os << what << " " << old_v * unit << " -> " << new_v * unit << " " << unit_name << " (" << change_s << " s a round)";
+    out.reasons.push_back(os.str());
+  };
+  consider_seconds(used.aggregation_s, m.aggregation_s, out.cluster.aggregation_s, 1.0, "aggregation", 1.0, "s");
+  consider_seconds(used.server_per_micro_batch_s, m.server_per_micro_batch_s, out.cluster.server_per_micro_batch_s,
+                   static_cast<double>(server_micro_batches(used, current)), "server time per micro-batch", 1e3, "ms");
 
   if (!out.drifted) {
     out.cluster = used;
-    const CostModel model(used);
-    out.current_round_s = model.round(current.mode, current.split, current.micro_batches).span_s;
+    out.current_round_s = round_s;
     return out;
   }
   const CostModel model(out.cluster);
