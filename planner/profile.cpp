@@ -5,11 +5,11 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
-#include <ctime>
 
 #include "kernels/device.h"
 #include "kernels/parallel.h"

@@ -359,8 +359,7 @@ class DeviceRunner {
           // device answers with a hello that carries its partition size.
           if (!model_ && replay_samples_ == 0) setup(*plan);
           // The link as the first round will have it, from now on: the server probes it before planning.
-          for (const auto& d : plan->devices)
-            if (d.device == o_.id) link_->set_shape({d.uplink_mbps, cfg_latency(*plan)});
+          shape_link(*plan);
           tp::Hello ready;
           ready.device = o_.id;
           ready.capabilities = hello.capabilities;
@@ -492,8 +491,7 @@ class DeviceRunner {
       while (dp_rounds_ < before) account_round();
       account_round();
     }
-    for (const auto& d : plan.devices)
-      if (d.device == o_.id) link_->set_shape({d.uplink_mbps, cfg_latency(plan)});
+    shape_link(plan);
     // The round's starting weights.
     tp::Message m = next();
     auto* w = std::get_if<tp::Weights>(&m);
@@ -566,9 +564,10 @@ class DeviceRunner {
     ++dp_rounds_;
   }
 
-  double cfg_latency(const tp::Plan& plan) const {
-    (void)plan;
-    return json::parse(plan.config).value("latency_ms", 0.0);
+  // This device's uplink as the plan sets it (rate for its round, the run's latency).
+  void shape_link(const tp::Plan& plan) {
+    for (const auto& d : plan.devices)
+      if (d.device == o_.id) link_->set_shape({d.uplink_mbps, json::parse(plan.config).value("latency_ms", 0.0)});
   }
 
   std::pair<Tensor, Tensor> rows(int64_t begin, int64_t n) {
@@ -712,8 +711,7 @@ class DeviceRunner {
     if (plan.split_point != rec.split)
       throw Error(detail::concat("--replay: the recording was made at split ", rec.split, " but the plan splits at ", plan.split_point,
                                  " (record at that split, or give the server --split ", rec.split, ")"));
-    for (const auto& d : plan.devices)
-      if (d.device == o_.id) link_->set_shape({d.uplink_mbps, cfg_latency(plan)});
+    shape_link(plan);
     tp::Message m = next();
     auto* w = std::get_if<tp::Weights>(&m);
     if (!w) throw Error("expected the round's weights after the plan");
@@ -1912,19 +1910,15 @@ class ServerRunner {
     const json basis = cluster_basis(cluster_);
     const planner::ReplanDecision d = planner::replan(cluster_, plan_, m, ro);
     cluster_ = d.cluster;
+    std::string why;
+    for (const auto& reason : d.reasons) why += (why.empty() ? "" : "; ") + reason;
     if (!auto_plan_) {
-      if (d.drifted) {
-        std::string why;
-        for (const auto& reason : d.reasons) why += (why.empty() ? "" : "; ") + reason;
-        say(detail::concat("measured: ", why, " → the fixed plan's round predicted ", d.plan.round_s, " s"));
-      }
+      if (d.drifted) say(detail::concat("measured: ", why, " → the fixed plan's round predicted ", d.plan.round_s, " s"));
       plan_ = d.plan;
       predicted_round_s_ = plan_.round_s;
       return;
     }
     if (d.drifted) {
-      std::string why;
-      for (const auto& reason : d.reasons) why += (why.empty() ? "" : "; ") + reason;
       say("re-plan: " + why + (d.changed ? " → " + d.plan.describe() : std::string(" → plan kept")));
       replans_.push_back({{"after_round", r + 1}, {"reasons", d.reasons}, {"changed", d.changed}, {"plan", json::parse(d.plan.to_json())}});
     }
