@@ -37,6 +37,11 @@ class CpuGroups:
 
     def __init__(self, quotas, period_us):
         self.dirs = []
+        self.root = None
+        for cores in quotas:
+            if not cores > 0 or cores * period_us < 1000:
+                raise SystemExit(f"a CPU quota of {cores:g} cores over a period of {period_us} us is under the kernel's "
+                                 f"1 ms minimum: give a longer period (--period-us {int(-(-1000 // cores)) if cores > 0 else ''})")
         base_v1 = "/sys/fs/cgroup/cpu"
         base_v2 = "/sys/fs/cgroup"
         name = f"pipar_hetero_{os.getpid()}"
@@ -84,26 +89,30 @@ class CpuGroups:
                     break
                 except OSError:
                     time.sleep(0.1)  # a process still leaving the group
-        try:
-            os.rmdir(self.root)
-        except OSError:
-            pass
+        if self.root:
+            try:
+                os.rmdir(self.root)
+            except OSError:
+                pass
 
 
-def run(args, groups, out_dir, split, micro, one_split=False):
-    """One distributed run: the server (1 thread, no quota) and the devices, each in its group."""
+def run(args, groups, out_dir, split, micro, one_split=False, mode="pipar"):
+    """One distributed run: the server (no quota) and the devices, each in its group. split and micro
+    are ignored for fl (no split)."""
     n = len(groups.dirs)
-    cmd = [args.pipar, "server", "--insecure", "--listen", "tcp://127.0.0.1:*", "--mode", "pipar",
+    cmd = [args.pipar, "server", "--insecure", "--listen", "tcp://127.0.0.1:*", "--mode", mode,
            "--model", args.model, "--dataset", args.dataset, "--devices", str(n), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--uplink-mbps", str(args.uplink_mbps),
            "--downlink-mbps", str(args.downlink_mbps), "--threads", str(args.server_threads), "--seed", str(args.seed),
-           "--limit-train", str(args.limit_train), "--limit-test", str(args.limit_test), "--out", out_dir,
-           "--split", split, "--micro-batches", micro]
+           "--limit-train", str(args.limit_train), "--limit-test", str(args.limit_test), "--out", out_dir]
+    if mode != "fl":
+        cmd += ["--split", split, "--micro-batches", micro]
     if one_split:
         cmd.append("--one-split")
     cmd += args.extra.split()
     lines = run_server_and_devices(
-        cmd, lambda endpoint: [([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads", "1", "--insecure",
+        cmd, lambda endpoint: [([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads",
+                                 str(getattr(args, "device_threads", 1) or 1), "--insecure",
                                  "--reconnect", "0"], groups.enter(k)) for k in range(n)],
         out_dir + ".log")
     with open(os.path.join(out_dir, "summary.json")) as f:
@@ -114,7 +123,7 @@ def run(args, groups, out_dir, split, micro, one_split=False):
                                                "predicted_round_seconds", "bottleneck", "test_accuracy")} for x in lines],
             "plan": summary.get("plan"), "first_plan": summary.get("predicted_plan"),
             "replans": summary.get("replans", []), "accuracy": summary.get("test_accuracy"),
-            "command": " ".join(cmd)}
+            "command": " ".join(cmd), "summary": summary}
 
 
 def plan_text(r):

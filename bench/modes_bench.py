@@ -8,6 +8,13 @@ efficiency, accuracy, and pipar's ratios against sfl and fl.
 
 Every figure comes from the runs' summary.json (measured by the trainer: monotonic clocks, bytes on
 the shaped links); nothing is estimated here.
+
+With --device-cpus Q (or Q0,Q1,... one per device) each mode runs as `pipar server` and `pipar device`
+processes instead of `pipar train`, every device in a Linux cgroup with that CPU quota in cores (what
+`docker run --cpus` sets; needs root): devices as slow as the paper's, by less CPU, never by sleeps.
+
+  bench/modes_bench.py --pipar build/apps/pipar --devices 4 --device-cpus 0.1 --split auto \
+      --micro-batches auto --epochs 1 --limit-train 8000 --limit-test 2000
 """
 import argparse
 import json
@@ -16,9 +23,19 @@ import tempfile
 import time
 
 from benchrun import add_run_options, machine_line, run_train, train_command
+from hetero_bench import CpuGroups, run as hetero_run
 
 
-def run_mode(args, mode, out_dir, split, micro):
+def run_mode(args, mode, out_dir, split, micro, groups=None):
+    if groups:  # server and device processes, each device in its cgroup
+        extra = args.extra.split() + ["--latency-ms", str(args.latency_ms)]
+        t0 = time.monotonic()
+        r = hetero_run(argparse.Namespace(**{**vars(args), "extra": " ".join(extra)}), groups, out_dir, str(split),
+                       str(micro) if mode == "pipar" else "1", mode=mode)
+        s = r["summary"]
+        s["script_wall_seconds"] = time.monotonic() - t0
+        s["command"] = r["command"]
+        return s
     cmd = train_command(args, mode, args.model, args.uplink_mbps, args.epochs, out_dir)
     cmd += ["--latency-ms", str(args.latency_ms)]
     extra = args.extra.split()
@@ -51,20 +68,37 @@ def main():
     p.add_argument("--modes", default="fl,sl,sfl,pipar")
     p.add_argument("--extra", default="", help="more pipar train options for every mode, e.g. \"--dp-clip 10 --dp-sigma 0.1\" "
                    "(split modes only when they name --dp-*)")
+    p.add_argument("--device-cpus", help="each device's CPU quota in cores: one value for all, or one per device "
+                   "(runs server and device processes; needs root and a cgroup cpu controller)")
+    p.add_argument("--period-us", type=int, default=10000, help="CFS period of the quotas")
     p.add_argument("--json", help="write all summaries here")
     args = p.parse_args()
+    quotas = None
+    if args.device_cpus:
+        quotas = [float(x) for x in args.device_cpus.split(",")]
+        if len(quotas) == 1:
+            quotas *= args.devices
+        if len(quotas) != args.devices:
+            raise SystemExit(f"--device-cpus names {len(quotas)} quotas for {args.devices} devices")
 
     print(machine_line("modes_bench"))
     print(f"# {args.model} on {args.dataset} (train limit {args.limit_train or 'all'}), {args.devices} devices, "
           f"batch {args.batch_size}, {args.epochs} epochs, uplink {args.uplink_mbps} Mbit/s, downlink "
           f"{args.downlink_mbps} Mbit/s, latency {args.latency_ms} ms, split {args.split}, pipar micro-batches "
-          f"{args.micro_batches}, device threads {args.device_threads}" + (f", extra options: {args.extra}" if args.extra else ""))
+          f"{args.micro_batches}, device threads {args.device_threads}" + (f", extra options: {args.extra}" if args.extra else "")
+          + (f", device CPU quotas {','.join(f'{q:g}' for q in quotas)} cores (period {args.period_us} us), "
+             f"server and devices as separate processes" if quotas else ""))
     rows = {}
     root = tempfile.mkdtemp(prefix="pipar_modes_")
-    for mode in args.modes.split(","):
-        rows[mode] = run_mode(args, mode, os.path.join(root, mode), args.split, args.micro_batches)
-        s = rows[mode]
-        print(f"#   {mode} done: {s['train_seconds']:.1f} s, accuracy {100 * s['test_accuracy']:.2f}%", flush=True)
+    groups = CpuGroups(quotas, args.period_us) if quotas else None
+    try:
+        for mode in args.modes.split(","):
+            rows[mode] = run_mode(args, mode, os.path.join(root, mode), args.split, args.micro_batches, groups)
+            s = rows[mode]
+            print(f"#   {mode} done: {s['train_seconds']:.1f} s, accuracy {100 * s['test_accuracy']:.2f}%", flush=True)
+    finally:
+        if groups:
+            groups.close()
 
     print()
     for mode, s in rows.items():
