@@ -20,7 +20,13 @@ Outputs under --out:
 
 Every figure comes from the runs' summary.json (monotonic clocks and byte counts of the trainer);
 the only estimate, marked as such, is sfl's link share (bytes over link rate over epoch time).
-Devices are never slowed by sleeps: a slower device is one with fewer cores (--device-cores).
+Devices are never slowed by sleeps: a slower device is one with fewer cores (--device-cores), or
+with a CPU quota (--device-cpus 0.1: a tenth of a core each, by a Linux cgroup, what `docker run
+--cpus` sets; needs root), so that a machine with few cores can still run devices as slow as the
+paper's Raspberry Pis beside a server.
+
+The planner is on by default: every split mode runs with --split auto (each mode at the split its
+planner picks; sfl and sl with one micro-batch) and pipar with --micro-batches auto.
 """
 import argparse
 import csv
@@ -36,6 +42,9 @@ import subprocess
 import sys
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hetero_bench import CpuGroups  # noqa: E402  (bench/ is not a package)
 
 PAPER_SPEEDUP_VS_FL = 34.6      # "up to 34.6x faster than FL"
 PAPER_IDLE_REDUCTION_VS_FL = 64.1  # "up to 64.1x less server idle time than FL"
@@ -179,7 +188,7 @@ def stop_process(p, grace=5.0):
         pass
 
 
-def run_one(args, spec, run_dir, pinned, server_cores, device_cores):
+def run_one(args, spec, run_dir, pinned, server_cores, device_cores, groups=None):
     os.makedirs(run_dir, exist_ok=True)
     mode = spec["mode"]
     server_threads = args.server_threads or (len(server_cores) if pinned else 0)
@@ -200,6 +209,8 @@ def run_one(args, spec, run_dir, pinned, server_cores, device_cores):
         cmd += ["--split", str(spec["split"])]
     if mode == "pipar":
         cmd += ["--micro-batches", str(args.micro_batches)]
+    elif mode != "fl" and str(spec["split"]) == "auto":
+        cmd += ["--micro-batches", "1"]  # the planner picks sl's and sfl's split for whole batches
     cmd += args.server_arg
     if pinned:
         cmd = ["taskset", "-c", cpuset(server_cores)] + cmd
@@ -243,7 +254,8 @@ def run_one(args, spec, run_dir, pinned, server_cores, device_cores):
                 dcmd = ["taskset", "-c", cpuset(device_cores[k])] + dcmd
             dev_cmds.append(dcmd)
             dlog = open(os.path.join(run_dir, f"device{k}.log"), "w")
-            p = subprocess.Popen(dcmd, stdout=dlog, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            p = subprocess.Popen(dcmd, stdout=dlog, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 preexec_fn=groups.enter(k) if groups else None)
             dlog.close()
             procs.append(p)
         deadline = time.monotonic() + args.run_timeout
@@ -353,9 +365,13 @@ def write_markdown(path, rows, header_lines, plots):
         rates = sorted({float(r["uplink_arg"]) for r in rs})
         modes = [m for m in MODE_ORDER if any(r["mode_arg"] == m for r in rs)]
         cell = {(r["mode_arg"], float(r["uplink_arg"])): r for r in rs}
-        split = next((r["split"] for r in rs if r["mode_arg"] == "pipar"), next((r["split"] for r in rs if r["mode_arg"] in ("sfl", "sl")), "-"))
-        mb = next((r.get("micro_batches") for r in rs if r["mode_arg"] == "pipar"), "-")
-        lines += [f"## {model} on {ds}, {k} devices (split after block {split}, pipar micro-batches {mb})", ""]
+        # The split each mode ran (the planner's may differ by mode and by rate), and pipar's micro-batches.
+        plans = []
+        for m in ("sl", "sfl", "pipar"):
+            got = sorted({(str(r.get("split")), str(r.get("micro_batches", "-"))) for r in rs if r["mode_arg"] == m})
+            if got:
+                plans.append(f"{m} " + ", ".join(f"P={p}" + (f" N={n}" if m == "pipar" else "") for p, n in got))
+        lines += [f"## {model} on {ds}, {k} devices ({'; '.join(plans) or 'no split mode'})", ""]
         lines += ["Each cell: epoch time (s) / server idle per epoch (s) / test accuracy.", ""]
         lines.append("| mode | " + " | ".join(f"{fmt_rate(u)} up / {fmt_rate(float(cell_any(cell, u)['downlink_arg']))} down Mbit/s" for u in rates) + " |")
         lines.append("|---" * (len(rates) + 1) + "|")
@@ -531,10 +547,10 @@ def main():
     ap.add_argument("--downlink-factor", type=float, default=2.5)
     ap.add_argument("--latency-ms", type=float, default=0)
     ap.add_argument("--modes", default="fl,sl,sfl,pipar")
-    ap.add_argument("--split", default="best",
-                    help="best (per model: the block with the smallest cut activation in the first half), auto "
-                         "(the planner's choice, passed through), an integer, or model=P,model=P")
-    ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--split", default="auto",
+                    help="auto (the planner's choice for each mode, passed through), best (per model: the block with "
+                         "the smallest cut activation in the first half), an integer, or model=P,model=P")
+    ap.add_argument("--micro-batches", default="auto", help="pipar's micro-batches: auto (the planner's) or a count")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--limit-train", type=int, default=0)
@@ -545,6 +561,9 @@ def main():
                     help="taskset-pin each device to its own core(s) and the server to the rest; auto: where the "
                          "machine has devices x device-cores + server-min-cores cores")
     ap.add_argument("--device-cores", type=int, default=1, help="cores per device when pinned")
+    ap.add_argument("--device-cpus", type=float, default=0,
+                    help="each device's CPU quota in cores (a cgroup each, what docker --cpus sets; needs root); 0: none")
+    ap.add_argument("--period-us", type=int, default=20000, help="CFS period of the quotas")
     ap.add_argument("--server-min-cores", type=int, default=1, help="cores kept for the server when pinning")
     ap.add_argument("--device-threads", type=int, default=0,
                     help="pipar device --threads (default: --device-cores when pinned, else 1)")
@@ -600,6 +619,9 @@ def main():
         f"train limit {args.limit_train or 'all'}, test limit {args.limit_test or 'all'}, seed {args.seed}, "
         f"latency {fmt_rate(args.latency_ms)} ms",
     ]
+    if args.device_cpus:
+        header.append(f"- every device in a cgroup with a CPU quota of {args.device_cpus:g} cores (period "
+                      f"{args.period_us} us); the server without one")
     pin_notes = {}
     for k in device_counts:
         pinned, _, _, why = plan_cores(args, k)
@@ -623,6 +645,7 @@ def main():
     rows = []
     failures = 0
     t_all = time.monotonic()
+    groups = CpuGroups([args.device_cpus] * max(device_counts), args.period_us) if args.device_cpus else None
     for i, spec in enumerate(specs, 1):
         run_id = (f"{spec['dataset']}/{spec['model']}/d{spec['devices']}/up{fmt_rate(spec['up'])}/{spec['mode']}")
         run_dir = os.path.join(out, "runs", run_id)
@@ -630,7 +653,8 @@ def main():
         base = {"run_id": run_id, "status": "ok", "mode_arg": spec["mode"], "model_arg": spec["model"],
                 "dataset_arg": spec["dataset"], "devices_arg": spec["devices"], "uplink_arg": spec["up"],
                 "downlink_arg": spec["down"], "split_arg": spec["split"] if spec["mode"] != "fl" else "-", "pinned": pinned,
-                "server_cores": cpuset(server_cores), "device_cores": ";".join(cpuset(c) for c in device_cores)}
+                "server_cores": cpuset(server_cores), "device_cores": ";".join(cpuset(c) for c in device_cores),
+                "device_cpus": args.device_cpus or ""}
         summary_path = os.path.join(run_dir, "summary.json")
         try:
             if args.resume and os.path.isfile(summary_path):
@@ -638,7 +662,8 @@ def main():
                     summary = json.load(f)
                 wall, cmd, dev_cmds, lingered = None, ["(resumed)"], [], []
             else:
-                summary, wall, cmd, dev_cmds, lingered = run_one(args, spec, run_dir, pinned, server_cores, device_cores)
+                summary, wall, cmd, dev_cmds, lingered = run_one(args, spec, run_dir, pinned, server_cores, device_cores,
+                                                                 groups)
             row = dict(base)
             row.update(flatten(summary))
             row["epoch_time_seconds"] = per_epoch(row, "train_seconds")
@@ -671,6 +696,8 @@ def main():
         write_csv(os.path.join(out, "results.csv"), rows)
         write_markdown(os.path.join(out, "results.md"), rows, header, {})
 
+    if groups:
+        groups.close()
     plots = make_plots(out, rows)
     write_csv(os.path.join(out, "results.csv"), rows)
     write_markdown(os.path.join(out, "results.md"), rows, header, plots)
