@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <utility>
 
 namespace pipar {
 
@@ -90,6 +91,19 @@ void ReplicaStack::copy_replica(int r, Model& m, bool into_stack) {
   dev_.synchronize();
 }
 
+ReplicaStack::Staging& ReplicaStack::staging(int64_t n) {
+  if (staged_[0].n != n) {
+    std::swap(staged_[0], staged_[1]);
+    if (staged_[0].n != n) {
+      const Shape4 xs{n, cut_.c * k_, cut_.h, cut_.w};
+      staged_[0] = Staging{n, Tensor::empty_host(xs, DType::kF32, true), Tensor::empty_host({n * k_, 1, 1, 1}, DType::kI32, true),
+                           Tensor::empty_host({n, k_, 1, 1}, DType::kF32, true),
+                           device() == Device::kCpu ? Tensor() : Tensor::empty_host(xs, DType::kF32, true)};
+    }
+  }
+  return staged_[0];
+}
+
 std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item>& items, int64_t batch_size) {
   if (items.empty()) return {};
   // With profiling on, lap(t) waits for the device and adds the time since the last lap to t.
@@ -121,8 +135,8 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
   const bool all = items.size() == static_cast<size_t>(k_);
 
   // The group on the host, stacked: sample s of replica r at [(s*K + r)*F, ...); absent replicas zero.
-  Tensor x = Tensor::empty_host({n, cut_.c * k_, cut_.h, cut_.w}, DType::kF32, true);
-  Tensor y = Tensor::empty_host({n * k_, 1, 1, 1}, DType::kI32, true);
+  Staging& stage = staging(n);
+  Tensor x = stage.x, y = stage.y;
   for (int r = 0; r < k_; ++r) {
     const int i = slot[static_cast<size_t>(r)];
     const Tensor a = i < 0 ? Tensor() : items[static_cast<size_t>(i)].activation.to(Device::kCpu);
@@ -158,7 +172,7 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
     softmax_cross_entropy_queued(logits.reshape({n * k_, classes_, 1, 1}), yd, 1.0f / static_cast<float>(batch_size),
                                  losses, probs, &dlogits, st);
     if (!all) {  // absent replicas' rows get no gradient: every gradient they accumulate is zero
-      Tensor mask = Tensor::empty_host({n, k_, 1, 1}, DType::kF32, true);  // 1 for the listed replicas
+      Tensor mask = stage.mask;  // 1 for the listed replicas
       for (int64_t s = 0; s < n; ++s)
         for (int r = 0; r < k_; ++r) mask.data()[s * k_ + r] = slot[static_cast<size_t>(r)] < 0 ? 0.0f : 1.0f;
       Tensor masked = Tensor::empty({n, k_, classes_, 1}, d);
@@ -175,7 +189,13 @@ std::vector<ServerPart::Result> ReplicaStack::train_micro(const std::vector<Item
         const View dst = slice(*buffers_[j].value, r, k_), src = slice(saved[j], r, k_);
         kernels::device_copy(d, dst.data, d, src.data, static_cast<size_t>(dst.numel()) * sizeof(float), st);
       }
-  const Tensor hdx = dx.to(Device::kCpu);  // complete on return: the stream is idle
+  Tensor hdx = dx;  // on the host; from a GPU through the staging buffer, complete on return (the stream is idle)
+  if (d != Device::kCpu) {
+    if (dx.bytes() != stage.dx.bytes())
+      throw Error(detail::concat("replica stack: cut gradient ", dx.shape().str(), " for a group staged as ", stage.dx.shape().str()));
+    kernels::device_copy(Device::kCpu, stage.dx.raw(), d, dx.raw(), dx.bytes());
+    hdx = stage.dx;
+  }
   const std::vector<float> hl = losses.to_vector(), hp = probs.to_vector();
 
   std::vector<ServerPart::Result> out(items.size());

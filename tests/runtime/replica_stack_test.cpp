@@ -149,9 +149,10 @@ void check_stack_equals_alone(const Case& c, Device device) {
   };
   // Group 1: every replica, 7 samples each, listed out of order; step all. Group 2: replicas 2 and 0,
   // 5 samples each (replica 1 absent); step those two. Group 3: replica 1 alone, 3 samples; step it.
-  // (Steps where the case has them.)
-  const std::vector<std::vector<int>> groups = {{1, 0, 2}, {2, 0}, {1}};
-  const int64_t sizes[] = {7, 5, 3}, batches[] = {21, 10, 3};
+  // Groups 4 and 5 come back to sizes 5 and 3, whose host buffers the stack keeps from groups 2 and 3
+  // (with other replicas present then): replica 0 alone, then all three. (Steps where the case has them.)
+  const std::vector<std::vector<int>> groups = {{1, 0, 2}, {2, 0}, {1}, {0}, {2, 1, 0}};
+  const int64_t sizes[] = {7, 5, 3, 5, 3}, batches[] = {21, 10, 3, 5, 9};
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     SCOPED_TRACE("group " + std::to_string(gi + 1));
     std::vector<ReplicaStack::Item> items;
