@@ -11,9 +11,11 @@
 // --stack-max replicas a stack, default 64): ratios stacked/one-at-a-time and stacked/lanes.
 // --stack-profile: then where a stacked group's time goes (ReplicaStack::Profile: host assembly,
 // upload, each block's forward and backward, loss, download; the device waited for after each).
+// --busy-seconds S (CUDA): then the GPU's busy fraction while each way runs for S seconds (NVML's
+// utilization.gpu, bench/gpu_busy.h): where the rate stops growing, is the GPU busy or waiting on the host?
 // Run: build/bench/pipar_bench_server [--models vgg5:2,resnet18:3] [--devices 1,4,16,64] [--micro 10]
 //      [--threads T] [--repeats R] [--min-seconds S] [--backend cpu|cuda] [--lanes L] [--graphs on|off]
-//      [--stack-max S] (0: no stacked column) [--stack-profile]
+//      [--stack-max S] (0: no stacked column) [--stack-profile] [--busy-seconds S]
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/gpu_busy.h"
 #include "bench/harness.h"
 #include "kernels/device.h"
 #include "kernels/parallel.h"
@@ -87,7 +90,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> models = {"vgg5:2", "resnet18:3"};
   std::vector<int> devices = {1, 4, 16, 64};
   int micro = 10, repeats = 5, threads = 0, cuda_lanes = 0, stack_max = 64;
-  double min_seconds = 0.3;
+  double min_seconds = 0.3, busy_seconds = 0;
   std::string backend = "cpu";
   bool graphs = true, stack_profile = false;
   for (int i = 1; i < argc; ++i) {
@@ -106,6 +109,7 @@ int main(int argc, char** argv) {
     else if (a == "--graphs") graphs = next() != "off";
     else if (a == "--stack-max") stack_max = std::atoi(next().c_str());
     else if (a == "--stack-profile") stack_profile = true;
+    else if (a == "--busy-seconds") busy_seconds = std::atof(next().c_str());
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -129,6 +133,15 @@ int main(int argc, char** argv) {
     std::printf("# server throughput, CPU backend: %s, %d threads, %s, commit %s\n", cpu_model().c_str(), t,
                 kernels::isa_name(kernels::cpu_isa()), git_commit().c_str());
   std::printf("# one micro-batch of %d per replica per group; median of %d repeats (min..max)\n", micro, repeats);
+  std::unique_ptr<GpuBusy> nvml;
+  if (busy_seconds > 0) {
+    if (device != Device::kCuda) {
+      std::printf("# GPU busy fraction: not measured (CPU backend)\n");
+    } else {
+      nvml = std::make_unique<GpuBusy>();
+      if (!nvml->ok()) std::printf("# GPU busy fraction: not measured: %s\n", nvml->why_not().c_str());
+    }
+  }
   std::printf("%-10s %5s %7s %22s %22s %7s %22s %10s %11s\n", "model", "K", "lanes", "one-at-a-time mb/s", "grouped mb/s",
               "ratio", "stacked mb/s", "stack/one", "stack/lanes");
   for (const std::string& spec : models) {
@@ -211,6 +224,15 @@ int main(int argc, char** argv) {
                   name.c_str(), k, lane_text, s.median, s.min, s.max, g.median, g.min, g.max, q.median, sk.median, sk.min,
                   sk.max, so.median, sl.median);
       if (stack_profile && !stacks.empty()) print_stack_profile(name, k, stacks, [&] { stacked(); });
+      if (nvml && nvml->ok()) {
+        const double b1 = nvml->measure(sequential, busy_seconds), b2 = nvml->measure(grouped, busy_seconds),
+                     b3 = stacks.empty() ? -1 : nvml->measure(stacked, busy_seconds);
+        for (Replica& r : reps) r.part->step();
+        for (auto& st : stacks) st->step(all_of(*st));
+        auto pct = [](double f) { return f < 0 ? std::string("-") : std::to_string(static_cast<int>(f * 100 + 0.5)) + "%"; };
+        std::printf("#   %s K=%d GPU busy (NVML utilization.gpu, %.1f s each way): one at a time %s, lanes %s, stacked %s\n",
+                    name.c_str(), k, busy_seconds, pct(b1).c_str(), pct(b2).c_str(), pct(b3).c_str());
+      }
       std::fflush(stdout);
     }
   }
