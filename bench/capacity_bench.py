@@ -36,10 +36,11 @@ def main():
     args = p.parse_args()
     print(machine_line("capacity_bench") + f"; {args.model} split {args.split}, micro-batches of {args.micro}, "
           f"{args.micro_batches} per batch, {args.batches} batches per device per round, uplink {args.uplink_mbps:g} "
-          f"Mbit/s, downlink {args.downlink_mbps:g} Mbit/s, light devices, server batching {args.batching}", flush=True)
+          f"Mbit/s, downlink {args.downlink_mbps:g} Mbit/s, light devices, server batching {args.batching}, server "
+          f"backend {args.backend}", flush=True)
     root = tempfile.mkdtemp(prefix="pipar_capacity_")
     rec = os.path.join(root, "first.rec")
-    plain = argparse.Namespace(**{**vars(args), "uplink_mbps": 0, "downlink_mbps": 0, "batching": "lanes"})
+    plain = argparse.Namespace(**{**vars(args), "uplink_mbps": 0, "downlink_mbps": 0, "batching": "lanes", "backend": "cpu"})
     server_run(plain, os.path.join(root, "record"), 1, 1, record=rec)
     print("| K | round (s) | samples/s | bottleneck | server busy | predicted at set-up (s) | re-scored (s) | predicted bottleneck | "
           "lanes (mean group) | server loop per micro-batch (ms) |")

@@ -29,7 +29,7 @@ def server_run(args, out_dir, devices, lanes, replay=None, record=None, samples=
            "--uplink-mbps", str(getattr(args, "uplink_mbps", 0)), "--downlink-mbps", str(getattr(args, "downlink_mbps", 0)),
            "--threads", str(args.server_threads),
            "--limit-train", str(samples or bs), "--limit-test", "100", "--out", out_dir, "--server-lanes", str(lanes),
-           "--server-batching", getattr(args, "batching", "lanes")]
+           "--server-batching", getattr(args, "batching", "lanes"), "--backend", getattr(args, "backend", "cpu")]
     extra = ["--replay", replay] if replay else ["--record", record]
     lines = run_server_and_devices(
         cmd, lambda endpoint: [([args.pipar, "device", "--connect", endpoint, "--id", str(k), "--threads", "1", "--insecure",
@@ -48,6 +48,8 @@ def add_light_options(p, devices):
     p.add_argument("--batches", type=int, default=3, help="batches per device per round")
     p.add_argument("--devices", default=devices)
     p.add_argument("--server-threads", type=int, default=0, help="0: all cores")
+    p.add_argument("--backend", default="cpu", help="the server's backend: cpu, cuda or auto (the recording device "
+                   "runs on its CPU either way)")
 
 
 def main():
