@@ -470,6 +470,16 @@ int main(int argc, char** argv) {
   server->add_flag("--insecure", server_sec.insecure, "Plain links: no authentication, no encryption");
   add_train_options(server);
   add_net(server);
+  int server_shared_cores = 0, server_shared_device_threads = 1;
+  server->add_option("--shared-cores", server_shared_cores,
+                     "The devices run on this machine, sharing this many cores with the server, for the planner (as pipar "
+                     "train's devices do; 0: each device on a machine of its own)")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  server->add_option("--shared-device-threads", server_shared_device_threads,
+                     "With --shared-cores: the CPU threads of each device process")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
   bool resume = false;
   server->add_flag("--resume", resume,
                    "Go on from --out's server.ckpt (written after every round) when there is one: restart a killed server "
@@ -576,7 +586,11 @@ int main(int argc, char** argv) {
       dev_opts.security = device_security(device_sec, dev_opts.connect);
       return run_device(dev_opts);
     }
-    if (*server) net.security = server_security(server_sec);
+    if (*server) {
+      net.security = server_security(server_sec);
+      net.shared_cores = server_shared_cores;
+      net.launched_device_threads = server_shared_cores > 0 ? server_shared_device_threads : 0;
+    }
     if (*server && resume) {
       if (cfg.out_dir.empty()) throw Error("--resume needs --out: the directory whose server.ckpt to go on from");
       if (!cfg.load_path.empty()) throw Error("--resume and --load both name a checkpoint: give one");

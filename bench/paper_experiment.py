@@ -211,6 +211,10 @@ def run_one(args, spec, run_dir, pinned, server_cores, device_cores, groups=None
         cmd += ["--micro-batches", str(args.micro_batches)]
     elif mode != "fl" and str(spec["split"]) == "auto":
         cmd += ["--micro-batches", "1"]  # the planner picks sl's and sfl's split for whole batches
+    if not pinned and not args.device_cpus:
+        # The devices run beside the server on the same cores: the planner must know (pinned devices
+        # have cores of their own; quota'd ones take a bounded share).
+        cmd += ["--shared-cores", str(len(available_cores())), "--shared-device-threads", str(args.device_threads or 1)]
     cmd += args.server_arg
     if pinned:
         cmd = ["taskset", "-c", cpuset(server_cores)] + cmd

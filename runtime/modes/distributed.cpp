@@ -1691,6 +1691,9 @@ class ServerRunner {
     save_profiles();
     const std::string profiling = detail::concat("profiling: devices ", device_profile_s, " s at set-up, server ",
                                                  server_profile_s, " s");
+    if (cluster_.host_cores > 0)
+      say(detail::concat("planning for devices that share this machine's ", cluster_.host_cores, " cores with the server (",
+                         cluster_.host_device_threads, " thread(s) each)"));
     if (auto_plan_) {
       if (restore_plan()) return;
       // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.

@@ -32,8 +32,9 @@ struct NetConfig {
   // (optional) set by a launcher of device processes: "" while they run, else what went wrong, so
   // the server stops at once instead of waiting out its time-outs.
   std::function<std::string()> launched_devices_failed;
-  // (optional) set by a launcher that runs the device processes on this machine: their thread count.
-  // The planner then knows that the devices and the server share this machine's cores.
+  // (optional) where the device processes run on this machine (pipar train's launcher, or pipar server
+  // --shared-cores): their thread count. The planner then knows that the devices and the server share
+  // this machine's cores.
   int launched_device_threads = 0;
   int shared_cores = -1;  // with launched devices: the cores they share with the server (-1: this machine's; 0: ignore)
 };

@@ -47,6 +47,30 @@ TEST(Cli, TrainLaunchesDeviceProcesses) {
   EXPECT_EQ(r.output.find("WARNING"), std::string::npos) << "loopback runs need no plain-link warning";
 }
 
+// A server whose devices run beside it (pipar server --shared-cores) plans for the shared cores, as
+// pipar train does for the devices it launches.
+TEST(Cli, ServerPlansForDevicesThatShareItsCores) {
+  const std::string dir = temp_dir("shared_cores"), bin = PIPAR_BINARY, ep = "ipc://" + dir + "/server.ipc";
+  const std::string data = " --dataset synthetic --limit-train 200 --limit-test 50";
+  const std::string cmd = "(" + bin + " server --insecure --listen " + ep + " --mode pipar --devices 2 --epochs 1 " +
+                          "--batch-size 50 --uplink-mbps 0 --downlink-mbps 0 --shared-cores 2 --out " + dir + data +
+                          " & for k in 0 1; do " + bin + " device --insecure --reconnect 0 --connect " + ep + " --id $k" +
+                          " & done; wait) 2>&1";
+  std::string output;
+  FILE* p = popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof buf, p)) output.append(buf, n);
+  pclose(p);
+  EXPECT_TRUE(fs::exists(dir + "/summary.json")) << output;
+  EXPECT_NE(output.find("planning for devices that share this machine's 2 cores with the server (1 thread(s) each)"),
+            std::string::npos)
+      << output;
+  const Outcome r = run("server --insecure --shared-cores -1 --devices 1");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("--shared-cores"), std::string::npos) << r.output;
+}
+
 TEST(Cli, BadInputGivesClearErrors) {
   Outcome r = run("train --model nosuchnet --dataset synthetic --out " + temp_dir("bad"));
   EXPECT_EQ(r.code, 1);
