@@ -84,22 +84,32 @@ TEST(Split, PipelinedMicroBatchesEqualWholeBatches) {
   const uint64_t seed = test::base_seed();
   SCOPED_TRACE(test::seed_trace());
   for (size_t p : {1u, 3u}) {
+    SplitModels init = split_models("vgg5");  // the state both runs start from
+    std::vector<Tensor> start = copy_state(*init.device, 0, p);
+    for (Tensor& t : copy_state(*init.server, p)) start.push_back(t);
     const auto sfl = train_split("vgg5", p, 1, 3, 20, seed);
     for (int n : {2, 3, 7}) {  // 7 does not divide 20: uneven micro-batches
       const auto pip = train_split("vgg5", p, n, 3, 20, seed);
       ASSERT_EQ(sfl.size(), pip.size());
-      double max_err = 0, max_ref = 0;
+      ASSERT_EQ(sfl.size(), start.size());
+      // How far pipar's three steps moved the weights from where sfl's moved them, relative to how far
+      // sfl's moved them (L2 over the whole model).
+      double diff = 0, moved = 0;
       for (size_t i = 0; i < sfl.size(); ++i) {
-        const auto a = sfl[i].to_vector(), b = pip[i].to_vector();
+        const auto a = sfl[i].to_vector(), b = pip[i].to_vector(), s0 = start[i].to_vector();
         for (size_t j = 0; j < a.size(); ++j) {
-          max_err = std::max(max_err, std::abs(double(a[j]) - b[j]));
-          max_ref = std::max(max_ref, std::abs(double(a[j])));
+          diff += (double(a[j]) - b[j]) * (double(a[j]) - b[j]);
+          moved += (double(a[j]) - s0[j]) * (double(a[j]) - s0[j]);
         }
       }
-      // Only the summation order differs (per micro-batch partial sums): float32 rounding over three
-      // steps stays below 1e-5 of the largest weight.
-      EXPECT_LE(max_err, 1e-5 * max_ref) << "P=" << p << " N=" << n;
-      EXPECT_GT(max_ref, 0.0);
+      ASSERT_GT(moved, 0.0);
+      // Only the summation order differs (per micro-batch partial sums). Over 31 seeds: float32 rounding
+      // leaves 5e-7 to 2e-6 of the update; in 2 of them rounding tipped a ReLU or max-pool near-tie the
+      // other way, and that one sample's changed gradient, carried by momentum, left 2e-4 and 1.1e-3.
+      // (A bound on the largest element's error, 1e-5 of the largest weight, tripped over those.) A
+      // wrong scale or a lost micro-batch moves a seventh of the update or more: bound 1e-2.
+      EXPECT_LE(std::sqrt(diff / moved), 1e-2) << "P=" << p << " N=" << n << ": relative update error "
+                                                 << std::sqrt(diff / moved);
     }
   }
 }
