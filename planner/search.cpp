@@ -249,9 +249,12 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
   // 3. Exact re-scoring of the leaders (distinct plans), then the ranking.
   const size_t want = std::max(o.exact_rescore, o.runners_up + 1);
   std::vector<Plan> plans;
+  auto listed = [&](const std::vector<int>& split, int n) {
+    return std::any_of(plans.begin(), plans.end(), [&](const Plan& p) { return p.split == split && p.micro_batches == n; });
+  };
   for (const Candidate& c : cands) {
     if (plans.size() >= want) break;
-    if (std::any_of(plans.begin(), plans.end(), [&](const Plan& p) { return p.split == c.split && p.micro_batches == c.n; })) continue;
+    if (listed(c.split, c.n)) continue;
     plans.push_back(evaluate_plan(model, o.mode, c.split, c.n));
     ++res.evaluated;
   }
@@ -265,8 +268,7 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
     const SearchResult r1 = search(model, one);
     res.evaluated += r1.evaluated;
     for (const Plan& p : r1.ranked)
-      if (std::none_of(plans.begin(), plans.end(), [&](const Plan& q) { return q.split == p.split && q.micro_batches == p.micro_batches; }))
-        plans.push_back(p);
+      if (!listed(p.split, p.micro_batches)) plans.push_back(p);
   }
   std::sort(plans.begin(), plans.end(), [](const Plan& a, const Plan& b) {
     return better(a.round_s, a.micro_batches, a.split, b.round_s, b.micro_batches, b.split);

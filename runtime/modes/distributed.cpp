@@ -1886,7 +1886,8 @@ class ServerRunner {
   // round measures slower than the last under the old plan).
   // A fixed plan is never changed, but its predicted round is re-scored under the measurements, as a
   // re-plan would score it, so that metrics.jsonl's predictions after the first round use them.
-  void maybe_replan(int r, double t0, double t_agg, double t1, int64_t samples) {
+  // server_busy_s: the server's kernels and steps in [t0, t_agg) (the aggregation after it).
+  void maybe_replan(int r, double t0, double t_agg, double t1, int64_t samples, double server_busy_s) {
     if (!net_.replan || (!auto_plan_ && plan_.split.empty())) return;  // (a fixed plan the cost model could not score)
     // Link rates from the round's paced transfers, where links are shaped (emulated): unshaped, a
     // sender sees only its hand-off to the socket, and the probe before the first round stands.
@@ -1902,7 +1903,7 @@ class ServerRunner {
     const double per_sample_s = samples > 0 ? (t1 - t0) / static_cast<double>(samples) : 0;
     if (auto_plan_ && undo_replan_if_worse(r, per_sample_s, up)) return;
     planner::Measurement m =
-        planner::measurement_from_round(cluster_, plan_, busy, trace_.busy_seconds("server", t0, t_agg), up, down, 0.1,
+        planner::measurement_from_round(cluster_, plan_, busy, server_busy_s, up, down, 0.1,
                                         cluster_.host_cores > 0 ? 0.0 : std::max(server_overhead_s_, 1e-6));
     m.aggregation_s = std::max(t1 - t_agg, 1e-6);  // averaging the round's weights, measured
     if (!speed_replans_)  // links only (undo_replan_if_worse)
@@ -2325,6 +2326,7 @@ class ServerRunner {
       if (stacked()) store_stacks();
     }
     const double t_agg = now_seconds();
+    const double server_busy_s = trace_.busy_seconds("server", t0, t_agg);  // its kernels and steps this round
     // The server's time per micro-batch beyond its kernels and steps, measured: from the next plan on,
     // the cost model's Cluster::server_per_micro_batch_s, in place of the prior kServerPerMicroBatchS.
     // Not where the devices share the server's cores (pipar train): there a micro-batch costs the host
@@ -2332,7 +2334,7 @@ class ServerRunner {
     // Mbit/s, 4 devices on 2 cores: with the loop's 0.1 ms the planner picked N=64 at 1.16x the best
     // grid point; with the prior's 1.5 ms, 1.02x).
     server_overhead_s_ = grouped_micros_ == 0 ? 0.0
-                                              : std::max(0.0, serving_s_ - trace_.busy_seconds("server", t0, t_agg)) /
+                                              : std::max(0.0, serving_s_ - server_busy_s) /
                                                     static_cast<double>(grouped_micros_);
     aggregate();
     const double t1 = now_seconds();
@@ -2342,7 +2344,7 @@ class ServerRunner {
     int64_t samples = 0;
     for (const DeviceSlot& s : slots_)
       if (s.in_round && s.done && s.end) samples += s.end->samples;
-    maybe_replan(r, t0, t_agg, t1, samples);  // the next round's plan, part of the checkpoint
+    maybe_replan(r, t0, t_agg, t1, samples, server_busy_s);  // the next round's plan, part of the checkpoint
     save_round(r);  // before the metrics line: a line then always has its checkpoint, and a resume never redoes a round
     record_round(r, t0, t1, stats0, used);
   }
