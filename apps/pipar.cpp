@@ -280,6 +280,7 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
   so.mode = planner::parse_mode(a.mode);
   so.per_device_split = a.per_device && !c.shared_server_model;  // one server-side model splits at one block
   so.runners_up = a.top;
+  so.micro_batch_margin = cfg.plan_margin;
   // The server's profile for each lane option (measured here on one lane's threads, unless given),
   // and the option whose best plan is predicted faster.
   std::optional<planner::CostModel> cm;
@@ -324,6 +325,7 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
                                    : "");
   std::printf("searched %d plans in %.3f s\n", r->evaluated, r->seconds);
   for (size_t i = 0; i < r->ranked.size(); ++i) std::printf("%2zu. %s\n", i + 1, r->ranked[i].describe().c_str());
+  if (!r->margin_note.empty()) std::printf("    (%s)\n", r->margin_note.c_str());
   std::printf("best plan of each mode:\n");
   for (const planner::Plan& p : planner::compare_modes(*cm, so)) std::printf("    %s\n", p.describe().c_str());
   return 0;
@@ -410,6 +412,11 @@ int main(int argc, char** argv) {
                   "(planner: in sfl and pipar a split point per device, unless --one-split)")
         ->capture_default_str();
     a->add_flag("--one-split", cfg.one_split, "With --split auto: one split point for every device");
+    a->add_option("--plan-margin", cfg.plan_margin,
+                  "pipar, --micro-batches auto: more micro-batches only where predicted faster than fewer by more than "
+                  "this fraction (0: the fastest predicted)")
+        ->capture_default_str()
+        ->check(CLI::Range(0.0, 0.99));
     a->add_option("--server-model", cfg.server_model,
                   "sfl, pipar: per-device (a server-side replica per device, averaged each round) or shared (one "
                   "server-side model trained by every device's micro-batches in turn, SplitFed v2)")
@@ -549,6 +556,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"shared", "private"}));
   plan->add_option("--top", plan_args.top, "Candidates to print")->capture_default_str();
+  plan->add_option("--plan-margin", cfg.plan_margin,
+                   "pipar: more micro-batches only where predicted faster than fewer by more than this fraction (0: the fastest)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 0.99));
   plan->add_option("--backend", cfg.backend, "The server's backend, for its profile: cpu, cuda (measured on this GPU) or auto")
       ->capture_default_str();
   plan->add_option("--threads", cfg.threads, "The server's CPU threads, for its profile and lanes (0: all cores)")

@@ -125,6 +125,8 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
                                  first_split > 1 ? " (the stacked server was profiled from there)" : "",
                                  model.cluster().private_labels ? " (private labels: the device keeps the last block)" : ""));
   if (splits.empty()) throw Error(detail::concat("planner: ", blocks, " blocks leave no split point"));
+  if (!(o.micro_batch_margin >= 0) || o.micro_batch_margin >= 1)
+    throw Error(detail::concat("planner: micro-batch margin ", o.micro_batch_margin, " (a fraction in [0, 1))"));
   std::vector<int> ns = o.micro_batches;
   if (o.mode != Mode::kPipar) {
     ns = {1};
@@ -273,6 +275,29 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
   std::sort(plans.begin(), plans.end(), [](const Plan& a, const Plan& b) {
     return better(a.round_s, a.micro_batches, a.split, b.round_s, b.micro_batches, b.split);
   });
+  // The margin for more micro-batches: of the plans predicted within the margin of the fastest, the
+  // one of fewest micro-batches (the fastest of those) goes first. What it can cost is bounded by the
+  // margin, as predicted.
+  if (o.mode == Mode::kPipar && o.micro_batch_margin > 0) {
+    size_t pick = 0;
+    for (size_t i = 1; i < plans.size(); ++i)
+      if (plans[i].micro_batches < plans[pick].micro_batches && plans[i].round_s <= plans[0].round_s * (1 + o.micro_batch_margin))
+        pick = i;
+    if (pick != 0) {
+      std::ostringstream os;
+      os.setf(std::ios::fixed);
+      os.precision(1);
+      const auto name = [](const Plan& p) {
+        std::string d = p.describe();
+        return d.substr(0, d.find(':'));
+      };
+      os << "kept " << name(plans[pick]) << " over " << name(plans[0]) << ", predicted "
+         << 100 * (1 - plans[0].round_s / plans[pick].round_s) << "% faster: under the " << 100 * o.micro_batch_margin
+         << "% margin that more micro-batches must gain (--plan-margin)";
+      res.margin_note = os.str();
+      std::rotate(plans.begin(), plans.begin() + static_cast<std::ptrdiff_t>(pick), plans.begin() + static_cast<std::ptrdiff_t>(pick) + 1);
+    }
+  }
   if (plans.size() > o.runners_up + 1) plans.resize(o.runners_up + 1);
   res.best = plans.front();
   res.ranked = std::move(plans);

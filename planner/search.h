@@ -38,12 +38,21 @@ struct SearchOptions {
   double server_memory_limit = std::numeric_limits<double>::infinity();  // bytes
   size_t runners_up = 5;            // plans ranked after the best
   size_t exact_rescore = 12;        // leaders re-scored with the exact round simulation
+  // pipar: a plan with more micro-batches is chosen over one with fewer only when it is predicted
+  // faster by more than this fraction: a tie-break below the cost model's resolution (every
+  // micro-batch adds messages, smaller kernels and batch-norm updates on fewer samples). 2%, as the
+  // re-planner's min_gain: a 5% margin, measured against none on the CPU test bed, gained nothing
+  // there (bench/RESULTS.md, the paper's experiment on this CPU). 0: the fastest predicted.
+  double micro_batch_margin = 0.02;
 };
 
 struct SearchResult {
   Plan best;
   std::vector<Plan> ranked;   // best first, then the runners-up (distinct plans), by round_s
   int evaluated = 0;          // cost-model evaluations
+  // Where micro_batch_margin kept a plan of fewer micro-batches over a faster-predicted one: says which
+  // and by how much ("kept P=2 N=1 over P=2 N=2, predicted 1.6% faster: under the 5% margin ..."); else empty.
+  std::string margin_note;
   double seconds = 0;         // search time
 };
 

@@ -56,6 +56,9 @@ struct TrainConfig {
   // With --split auto: one split point for every device; otherwise (sfl, pipar) the planner may give
   // each device its own, e.g. an earlier one to a slower device.
   bool one_split = false;
+  // pipar with --micro-batches auto: more micro-batches only where predicted faster than fewer by more
+  // than this fraction (planner::SearchOptions::micro_batch_margin).
+  double plan_margin = 0.02;
   // sfl and pipar: "per-device" (a server-side replica per device, averaged after each round) or
   // "shared" (one server-side model that every device's micro-batches train in arrival order, stepped
   // at the end of each device's batch: SplitFed v2; its memory does not grow with the devices).

@@ -1625,6 +1625,7 @@ class ServerRunner {
     search_options_.mode = planner::parse_mode(cfg_.mode);
     // One server part (sl's, or --server-model shared) splits at one block for every device.
     search_options_.per_device_split = !shared_server() && !cfg_.one_split;
+    search_options_.micro_batch_margin = cfg_.plan_margin;
     search_options_.server_memory_limit = server_memory_limit();
     if (auto_plan_) {
       if (cfg_.split > 0) search_options_.splits = {cfg_.split};
@@ -1702,6 +1703,7 @@ class ServerRunner {
       apply_plan(plan_);
       say(detail::concat("planner (", now_seconds() - t0, " s, ", r.evaluated, " plans scored; ", profiling, "): ",
                          plan_.describe()));
+      if (!r.margin_note.empty()) say("  " + r.margin_note);
       for (size_t i = 1; i < r.ranked.size() && i < 4; ++i) say("  runner-up: " + r.ranked[i].describe());
     } else {
       // The plan as given (exactly the score the search gives it); the runtime never re-plans it.

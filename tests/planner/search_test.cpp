@@ -31,7 +31,9 @@ Cluster narrow_waist_cluster(size_t k) {
 
 TEST(Planner, CutsAtTheNarrowWaist) {
   const CostModel model(narrow_waist_cluster(4));
-  const SearchResult r = search(model);
+  SearchOptions o;
+  o.micro_batch_margin = 0;  // the fastest plan, ranked first (overlap gains 3% here: under the default margin)
+  const SearchResult r = search(model, o);
   EXPECT_EQ(r.best.split, (std::vector<int>{2, 2, 2, 2}));
   EXPECT_GT(r.best.micro_batches, 1);  // overlap pays off
   EXPECT_GT(r.best.round_s, 0);
@@ -215,6 +217,56 @@ TEST(Planner, PiparIsNeverPredictedSlowerThanSfl) {
           << " against " << sfl.describe();
     }
   }
+}
+
+// The margin for more micro-batches (SearchOptions::micro_batch_margin): of the plans predicted within
+// the margin of the fastest, the one of fewest micro-batches is picked, so a pick costs at most the
+// margin (as predicted); at a margin below the pipelining's predicted gain the fastest plan stays.
+TEST(Planner, MoreMicroBatchesMustGainMoreThanTheMargin) {
+  Cluster c = narrow_waist_cluster(4);
+  for (DeviceSpec& s : c.devices) s.link = {200, 500, 0.0001, 0};  // fast links: overlap gains little
+  const CostModel model(c);
+  SearchOptions o;
+  o.micro_batch_margin = 0;
+  o.runners_up = 400;
+  o.exact_rescore = 400;
+  const SearchResult fastest = search(model, o);
+  ASSERT_GT(fastest.best.micro_batches, 1) << fastest.best.describe();
+  EXPECT_TRUE(fastest.margin_note.empty());
+  SearchOptions one = o;
+  one.micro_batches = {1};
+  const Plan sfl_like = search(model, one).best;
+  const double gain = sfl_like.round_s / fastest.best.round_s - 1;  // what N = 1 loses, as a fraction
+  ASSERT_GT(gain, 0.002) << sfl_like.describe() << " against " << fastest.best.describe();
+  ASSERT_LT(gain, 0.9);
+
+  for (const double margin : {gain * 0.5, gain * 1.01, 0.05}) {
+    SearchOptions m = o;
+    m.micro_batch_margin = margin;
+    const SearchResult r = search(model, m);
+    // Bounded: the pick is within the margin of the fastest, and no plan within it has fewer micro-batches.
+    EXPECT_LE(r.best.round_s, fastest.best.round_s * (1 + margin) * (1 + 1e-12)) << margin << ": " << r.best.describe();
+    for (const Plan& p : fastest.ranked) {
+      if (p.round_s <= fastest.best.round_s * (1 + margin)) {
+        EXPECT_GE(p.micro_batches, r.best.micro_batches) << p.describe();
+      }
+    }
+    EXPECT_EQ(r.ranked.front().split, r.best.split);
+    EXPECT_EQ(r.ranked.front().micro_batches, r.best.micro_batches);
+    if (margin > gain) {
+      EXPECT_EQ(r.best.micro_batches, 1) << margin << ": " << r.best.describe();
+      EXPECT_NE(r.margin_note.find("kept"), std::string::npos) << r.margin_note;
+      EXPECT_NE(r.margin_note.find("N=1"), std::string::npos) << r.margin_note;
+    }
+    if (r.best.micro_batches == fastest.best.micro_batches) {
+      EXPECT_TRUE(r.margin_note.empty()) << r.margin_note;
+    }
+  }
+  SearchOptions bad = o;
+  bad.micro_batch_margin = -0.1;
+  EXPECT_THROW(search(model, bad), Error);
+  bad.micro_batch_margin = 1.5;
+  EXPECT_THROW(search(model, bad), Error);
 }
 
 }  // namespace

@@ -100,6 +100,9 @@ TEST(Cli, BadInputGivesClearErrors) {
       EXPECT_NE(r.output.find("--backend cuda: "), std::string::npos) << r.output;
     }
   }
+  r = run("plan --model vgg5 --plan-margin 2");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("--plan-margin"), std::string::npos) << r.output;
   r = run("train --mode local --backend gpu --dataset synthetic --out " + temp_dir("bad6"));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.output.find("unknown backend 'gpu'"), std::string::npos) << r.output;
@@ -142,6 +145,14 @@ TEST(Cli, PlanModelsTheServerLanes) {
   EXPECT_EQ(r.code, 0) << r.output;
   EXPECT_NE(r.output.find("1 server lane(s) of 2 thread(s): best round"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("2 server lane(s) of 1 thread(s): best round"), std::string::npos) << r.output;
+  // The margin more micro-batches must gain: at 90%, one micro-batch is kept and the plan says so.
+  r = run("plan --model vgg5 --devices 4 --top 2 --threads 2 --server-lanes 1 --uplink-mbps 100 --downlink-mbps 250 "
+          "--plan-margin 0.9");
+  EXPECT_EQ(r.code, 0) << r.output;
+  EXPECT_NE(r.output.find(" 1. pipar P="), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find(" N=1: batch"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("N=1 over pipar P="), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("under the 90.0% margin"), std::string::npos) << r.output;
   r = run("plan --model vgg5 --devices 4 --top 1 --server-lanes 2 --server-model shared");
   EXPECT_EQ(r.code, 1) << r.output;
   EXPECT_NE(r.output.find("one shared server-side model trains one micro-batch at a time"), std::string::npos) << r.output;
