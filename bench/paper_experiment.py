@@ -13,6 +13,7 @@ Outputs under --out:
                 the run's settings (rates, pinning, cores, command lines)
   results.md    per model: mode x uplink rate -> epoch time, server idle time, test accuracy; pipar's
                 speed-up and server-idle reduction against fl and sfl beside the paper's claims
+                (with --repeats R: medians over R runs of every cell, and each cell's range)
   *.png         epoch time against uplink rate (one line per mode) and server idle time per mode,
                 one pair per model (needs matplotlib: apt-get install python3-matplotlib; without it
                 the CSV and markdown are still written)
@@ -38,6 +39,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -354,8 +356,36 @@ def group_key(r):
     return (r["dataset_arg"], int(r["devices_arg"]), r["model_arg"])
 
 
+MEDIAN_KEYS = ("train_seconds", "server_idle_seconds", "test_accuracy", "epoch_time_seconds",
+               "server_idle_per_epoch_seconds")
+
+
+def median_rows(rows):
+    """One row per cell (data set, devices, model, mode, rate) of the runs that went well: the first
+    run's row with the medians over the cell's repeats of MEDIAN_KEYS, the repeats' count, their epoch
+    times' range, and the plans they ran (a planner's pick may differ between repeats)."""
+    cells = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            cells.setdefault((group_key(r), r["mode_arg"], float(r["uplink_arg"])), []).append(r)
+    out = []
+    for rs in cells.values():
+        m = dict(rs[0])
+        for k in MEDIAN_KEYS:
+            vals = [float(r[k]) for r in rs if r.get(k) not in (None, "")]
+            if vals:
+                m[k] = statistics.median(vals)
+        times = [per_epoch(r, "train_seconds") for r in rs]
+        m["repeats"] = len(rs)
+        m["epoch_min"], m["epoch_max"] = min(times), max(times)
+        m["plans_seen"] = sorted({(str(r.get("split")), str(r.get("micro_batches", "-"))) for r in rs})
+        out.append(m)
+    return out
+
+
 def write_markdown(path, rows, header_lines, plots):
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = median_rows(rows)
+    repeated = any(r["repeats"] > 1 for r in ok)
     lines = ["# PiPar paper experiment", ""] + header_lines + [""]
     groups = []
     for r in ok:
@@ -372,19 +402,22 @@ def write_markdown(path, rows, header_lines, plots):
         # The split each mode ran (the planner's may differ by mode and by rate), and pipar's micro-batches.
         plans = []
         for m in ("sl", "sfl", "pipar"):
-            got = sorted({(str(r.get("split")), str(r.get("micro_batches", "-"))) for r in rs if r["mode_arg"] == m})
+            got = sorted({pm for r in rs if r["mode_arg"] == m for pm in r["plans_seen"]})
             if got:
                 plans.append(f"{m} " + ", ".join(f"P={p}" + (f" N={n}" if m == "pipar" else "") for p, n in got))
         lines += [f"## {model} on {ds}, {k} devices ({'; '.join(plans) or 'no split mode'})", ""]
-        lines += ["Each cell: epoch time (s) / server idle per epoch (s) / test accuracy.", ""]
+        lines += [("Each cell, medians over the repeats: epoch time (s) (its range over the repeats) / server idle "
+                   "per epoch (s) / test accuracy." if repeated else
+                   "Each cell: epoch time (s) / server idle per epoch (s) / test accuracy."), ""]
         lines.append("| mode | " + " | ".join(f"{fmt_rate(u)} up / {fmt_rate(float(cell_any(cell, u)['downlink_arg']))} down Mbit/s" for u in rates) + " |")
         lines.append("|---" * (len(rates) + 1) + "|")
         for m in modes:
             cells = []
             for u in rates:
                 r = cell.get((m, u))
-                cells.append("-" if r is None else f"{per_epoch(r, 'train_seconds'):.2f} / {per_epoch(r, 'server_idle_seconds'):.2f} / "
-                             f"{100 * float(r['test_accuracy']):.2f}%")
+                spread = f" ({r['epoch_min']:.2f}-{r['epoch_max']:.2f}, {r['repeats']} runs)" if r and r["repeats"] > 1 else ""
+                cells.append("-" if r is None else f"{per_epoch(r, 'train_seconds'):.2f}{spread} / "
+                             f"{per_epoch(r, 'server_idle_seconds'):.2f} / {100 * float(r['test_accuracy']):.2f}%")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
         if any(m == "pipar" for m in modes):
@@ -473,7 +506,7 @@ def make_plots(out, rows):
     except ImportError:
         log("# matplotlib not found (apt-get install python3-matplotlib): no PNG plots, CSV and markdown only")
         return {}
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = median_rows(rows)
     plots = {}
     groups = []
     for r in ok:
@@ -576,9 +609,14 @@ def main():
     ap.add_argument("--run-timeout", type=float, default=7200, help="seconds before a run is stopped")
     ap.add_argument("--device-exit-grace", type=float, default=10,
                     help="seconds a device may keep running after the server finished before it is stopped")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of every cell; the table and plots show medians (the CSV every run). Repeats go "
+                         "round the whole list, so that a cell's runs are spread over the experiment's time")
     ap.add_argument("--resume", action="store_true", help="reuse runs whose summary.json is already under --out")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for pipar server (repeatable)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
 
     if not (os.path.isfile(args.pipar) and os.access(args.pipar, os.X_OK)):
         raise SystemExit(f"no pipar binary at {args.pipar}: build it (./install.sh) or pass --pipar")
@@ -643,22 +681,25 @@ def main():
                     for mode in modes:
                         specs.append(dict(dataset=ds, data_dir=ddir, devices=k, model=model, up=up, down=down,
                                           mode=mode, split=split))
+    specs = [dict(spec, repeat=rep) for rep in range(args.repeats) for spec in specs]
     log(f"# {len(specs)} runs: {len(datasets)} data set(s) x {len(device_counts)} device count(s) x {len(models)} "
-        f"model(s) x {len(rates)} rate(s) x {len(modes)} mode(s); outputs in {out}")
+        f"model(s) x {len(rates)} rate(s) x {len(modes)} mode(s)"
+        + (f" x {args.repeats} repeats" if args.repeats > 1 else "") + f"; outputs in {out}")
 
     rows = []
     failures = 0
     t_all = time.monotonic()
     groups = CpuGroups([args.device_cpus] * max(device_counts), args.period_us) if args.device_cpus else None
     for i, spec in enumerate(specs, 1):
-        run_id = (f"{spec['dataset']}/{spec['model']}/d{spec['devices']}/up{fmt_rate(spec['up'])}/{spec['mode']}")
+        run_id = (f"{spec['dataset']}/{spec['model']}/d{spec['devices']}/up{fmt_rate(spec['up'])}/{spec['mode']}"
+                  + (f"/rep{spec['repeat'] + 1}" if args.repeats > 1 else ""))
         run_dir = os.path.join(out, "runs", run_id)
         pinned, server_cores, device_cores, _ = plan_cores(args, spec["devices"])
         base = {"run_id": run_id, "status": "ok", "mode_arg": spec["mode"], "model_arg": spec["model"],
                 "dataset_arg": spec["dataset"], "devices_arg": spec["devices"], "uplink_arg": spec["up"],
                 "downlink_arg": spec["down"], "split_arg": spec["split"] if spec["mode"] != "fl" else "-", "pinned": pinned,
                 "server_cores": cpuset(server_cores), "device_cores": ";".join(cpuset(c) for c in device_cores),
-                "device_cpus": args.device_cpus or ""}
+                "device_cpus": args.device_cpus or "", "repeat": spec["repeat"] + 1}
         summary_path = os.path.join(run_dir, "summary.json")
         try:
             if args.resume and os.path.isfile(summary_path):
