@@ -17,8 +17,10 @@ processes instead of `pipar train`, every device in a Linux cgroup with that CPU
       --micro-batches auto --epochs 1 --limit-train 8000 --limit-test 2000
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -90,6 +92,7 @@ def main():
              f"server and devices as separate processes" if quotas else ""))
     rows = {}
     root = tempfile.mkdtemp(prefix="pipar_modes_")
+    atexit.register(shutil.rmtree, root, True)  # runs of hundreds of MiB each (checkpoints, traces)
     groups = CpuGroups(quotas, args.period_us) if quotas else None
     try:
         for mode in args.modes.split(","):

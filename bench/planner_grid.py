@@ -14,8 +14,10 @@ planner's own run is measured the same way. Goals (issue #5): pick within 5% of 
 median |predicted - measured| / measured at most 10%.
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 
@@ -45,6 +47,7 @@ def main():
     print(machine_line("planner_grid") + f"; {args.devices} devices, batch {args.batch_size}, "
           f"{args.limit_train} training images, downlink {args.downlink_mbps} Mbit/s", flush=True)
     root = tempfile.mkdtemp(prefix="pipar_grid_")
+    atexit.register(shutil.rmtree, root, True)  # runs of hundreds of MiB each (checkpoints, traces)
     everything = []
     summary_rows = []
     errors_all = []

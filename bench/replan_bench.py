@@ -18,8 +18,10 @@ training; evaluation excluded), summed over the run. Goal (issue #5): re-plan wi
 the change, and the run ends at least 15% faster than with re-planning off.
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import tempfile
 
@@ -77,6 +79,7 @@ def main():
           f"uplink {args.uplink_mbps:g} Mbit/s then x{args.factor:g}, downlink {args.downlink_mbps:g} Mbit/s"
           + (f", device CPU quotas {args.cpus} cores" if args.cpus else ""), flush=True)
     root = tempfile.mkdtemp(prefix="pipar_replan_")
+    atexit.register(shutil.rmtree, root, True)  # runs of hundreds of MiB each (checkpoints, traces)
     runs = []
     for rep in range(args.repeats):
         # Alternate which goes first, so that a drift of the machine's speed favours neither.

@@ -9,6 +9,7 @@
 
 #include "kernels/error.h"
 #include "kernels/kernel_cache.h"
+#include "tests/scratch.h"
 
 namespace pipar::kernels {
 namespace {
@@ -16,8 +17,7 @@ namespace {
 namespace fs = std::filesystem;
 
 std::string temp_file(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("pipar_kernel_cache_" + std::to_string(getpid()));
-  fs::create_directories(d);
+  const fs::path d = test::scratch_dir("kernel_cache", "");
   fs::remove(d / name);
   return (d / name).string();
 }

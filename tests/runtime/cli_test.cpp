@@ -9,6 +9,7 @@
 #include <string>
 
 #include "kernels/device.h"
+#include "tests/scratch.h"
 
 namespace {
 
@@ -32,9 +33,7 @@ Outcome run(const std::string& args) {
 }
 
 std::string temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("pipar_cli_test_" + std::to_string(getpid())) / name;
-  fs::create_directories(d);
-  return d.string();
+  return pipar::test::scratch_dir("cli", name);
 }
 
 TEST(Cli, TrainLaunchesDeviceProcesses) {

@@ -22,6 +22,7 @@
 #include "tests/gpu.h"
 #include "tests/runtime/process_util.h"
 #include "transport/link.h"
+#include "tests/scratch.h"
 
 namespace pipar {
 namespace {
@@ -29,9 +30,7 @@ namespace {
 namespace fs = std::filesystem;
 
 std::string temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("pipar_dist_test_" + std::to_string(getpid())) / name;
-  fs::create_directories(d);
-  return d.string();
+  return test::scratch_dir("distributed", name);
 }
 
 TrainConfig small_config(const std::string& mode, const std::string& out) {

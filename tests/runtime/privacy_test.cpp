@@ -14,6 +14,7 @@
 #include "runtime/privacy.h"
 #include "runtime/split.h"
 #include "tests/random.h"
+#include "tests/scratch.h"
 
 namespace pipar {
 namespace {
@@ -314,7 +315,7 @@ TEST(Privacy, DistributedRunReportsEpsilon) {
   c.limit_train = 400, c.limit_test = 200;
   c.epochs = 2, c.batch_size = 25, c.devices = 2, c.split = 2, c.micro_batches = 3, c.threads = 1;
   c.dp_clip = 5, c.dp_sigma = 1.5f, c.dp_sgd = true, c.dp_delta = 1e-5;
-  c.out_dir = (fs::temp_directory_path() / ("pipar_privacy_test_" + std::to_string(getpid()))).string();
+  c.out_dir = test::scratch_dir("privacy", "dp_sgd_run");
   NetConfig n;
   n.uplink_mbps = n.downlink_mbps = 0;
   n.connect_timeout_s = n.device_timeout_s = 30;

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "tests/runtime/process_util.h"
+#include "tests/scratch.h"
 
 namespace {
 
@@ -29,10 +30,7 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 std::string temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("pipar_recovery_test_" + std::to_string(getpid())) / name;
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d.string();
+  return pipar::test::scratch_dir("recovery", name, /*fresh=*/true);
 }
 
 // A loopback port free now (bound to port 0 and released): the restarted server must bind the same one.

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/trainer.h"
+#include "tests/scratch.h"
 
 namespace pipar {
 namespace {
@@ -16,9 +17,7 @@ namespace {
 namespace fs = std::filesystem;
 
 std::string temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("pipar_trainer_test_" + std::to_string(getpid())) / name;
-  fs::create_directories(d);
-  return d.string();
+  return test::scratch_dir("trainer", name);
 }
 
 nlohmann::json read_json(const std::string& path) {
