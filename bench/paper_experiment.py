@@ -17,7 +17,8 @@ Outputs under --out:
   *.png         epoch time against uplink rate (one line per mode) and server idle time per mode,
                 one pair per model (needs matplotlib: apt-get install python3-matplotlib; without it
                 the CSV and markdown are still written)
-  runs/...      each run's summary.json, metrics.jsonl, trace.json, server.log and device logs
+  runs/...      each run's summary.json, metrics.jsonl, trace.json, server.log and device logs (its
+                server.ckpt only with --keep-checkpoints)
 
 Every figure comes from the runs' summary.json (monotonic clocks and byte counts of the trainer);
 the only estimate, marked as such, is sfl's link share (bytes over link rate over epoch time).
@@ -613,6 +614,8 @@ def main():
                     help="runs of every cell; the table and plots show medians (the CSV every run). Repeats go "
                          "round the whole list, so that a cell's runs are spread over the experiment's time")
     ap.add_argument("--resume", action="store_true", help="reuse runs whose summary.json is already under --out")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished run's server.ckpt (removed by default: VGG16's is 1.3 GiB)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for pipar server (repeatable)")
     args = ap.parse_args()
     if args.repeats < 1:
@@ -709,6 +712,12 @@ def main():
             else:
                 summary, wall, cmd, dev_cmds, lingered = run_one(args, spec, run_dir, pinned, server_cores, device_cores,
                                                                  groups)
+                # The server's crash-recovery checkpoint (every server-side replica, up to GiBs a run) has
+                # done its job once the run finished; the figures are in summary.json and metrics.jsonl.
+                if not args.keep_checkpoints:
+                    for name in os.listdir(run_dir):
+                        if name.startswith("server.ckpt"):
+                            os.remove(os.path.join(run_dir, name))
             row = dict(base)
             row.update(flatten(summary))
             row["epoch_time_seconds"] = per_epoch(row, "train_seconds")
