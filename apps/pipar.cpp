@@ -313,7 +313,9 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
     planner::SearchResult res = planner::search(m, so);
     if (lane_choices.size() > 1)
       std::fprintf(stderr, "%d server lane(s) of %d thread(s): best round %.4f s\n", lanes, per_lane, res.best.round_s);
-    if (!r || res.best.round_s < r->best.round_s) cm.emplace(std::move(m)), r = std::move(res);
+    // More lanes only for a gain beyond the plan margin, as the server chooses them.
+    const double need = r && lanes > cm->cluster().server_lanes ? 1 - cfg.plan_margin : 1.0;
+    if (!r || res.best.round_s < r->best.round_s * need) cm.emplace(std::move(m)), r = std::move(res);
   }
   c = cm->cluster();
   std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms, "
