@@ -314,8 +314,8 @@ int cmd_plan(const TrainConfig& cfg, const NetConfig& net, const PlanArgs& a) {
     if (lane_choices.size() > 1)
       std::fprintf(stderr, "%d server lane(s) of %d thread(s): best round %.4f s\n", lanes, per_lane, res.best.round_s);
     // More lanes only for a gain beyond the plan margin, as the server chooses them.
-    const double need = r && lanes > cm->cluster().server_lanes ? 1 - cfg.plan_margin : 1.0;
-    if (!r || res.best.round_s < r->best.round_s * need) cm.emplace(std::move(m)), r = std::move(res);
+    if (!r || planner::gains_beyond(res.best.round_s, r->best.round_s, lanes > cm->cluster().server_lanes ? cfg.plan_margin : 0.0))
+      cm.emplace(std::move(m)), r = std::move(res);
   }
   c = cm->cluster();
   std::printf("%s, %d devices, batch %d, %lld samples per device, uplink %.1f Mbit/s, downlink %.1f Mbit/s, latency %.1f ms, "
@@ -354,6 +354,13 @@ int main(int argc, char** argv) {
 
   TrainConfig cfg;
   std::string split_arg = "auto", micro_arg = "auto";
+  auto add_plan_margin = [&](CLI::App* a) {
+    a->add_option("--plan-margin", cfg.plan_margin,
+                  "More micro-batches (pipar) or more server lanes only where predicted faster than fewer by more than "
+                  "this fraction (0: the fastest predicted)")
+        ->capture_default_str()
+        ->check(CLI::Range(0.0, 0.99));
+  };
   auto* train = app.add_subcommand("train", "Train a model (writes metrics.jsonl and summary.json under --out)");
   auto add_train_options = [&](CLI::App* a) {
     a->add_option("--mode", cfg.mode,
@@ -414,11 +421,7 @@ int main(int argc, char** argv) {
                   "(planner: in sfl and pipar a split point per device, unless --one-split)")
         ->capture_default_str();
     a->add_flag("--one-split", cfg.one_split, "With --split auto: one split point for every device");
-    a->add_option("--plan-margin", cfg.plan_margin,
-                  "pipar, --micro-batches auto: more micro-batches only where predicted faster than fewer by more than "
-                  "this fraction (0: the fastest predicted)")
-        ->capture_default_str()
-        ->check(CLI::Range(0.0, 0.99));
+    add_plan_margin(a);
     a->add_option("--server-model", cfg.server_model,
                   "sfl, pipar: per-device (a server-side replica per device, averaged each round) or shared (one "
                   "server-side model trained by every device's micro-batches in turn, SplitFed v2)")
@@ -558,10 +561,7 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::IsMember({"shared", "private"}));
   plan->add_option("--top", plan_args.top, "Candidates to print")->capture_default_str();
-  plan->add_option("--plan-margin", cfg.plan_margin,
-                   "pipar: more micro-batches only where predicted faster than fewer by more than this fraction (0: the fastest)")
-      ->capture_default_str()
-      ->check(CLI::Range(0.0, 0.99));
+  add_plan_margin(plan);
   plan->add_option("--backend", cfg.backend, "The server's backend, for its profile: cpu, cuda (measured on this GPU) or auto")
       ->capture_default_str();
   plan->add_option("--threads", cfg.threads, "The server's CPU threads, for its profile and lanes (0: all cores)")

@@ -13,7 +13,7 @@ bool Plan::shared_split() const {
   return std::all_of(split.begin(), split.end(), [&](int p) { return p == split.front(); });
 }
 
-std::string Plan::describe() const {
+std::string Plan::label() const {
   std::ostringstream os;
   os << mode_name(mode);
   if (!split.empty()) {
@@ -26,6 +26,12 @@ std::string Plan::describe() const {
     }
   }
   if (mode == Mode::kPipar) os << " N=" << micro_batches;
+  return os.str();
+}
+
+std::string Plan::describe() const {
+  std::ostringstream os;
+  os << label();
   os.setf(std::ios::fixed);
   os.precision(4);
   os << ": batch " << batch_s << " s, round " << round_s << " s, bottleneck " << bottleneck;
@@ -68,6 +74,8 @@ Plan Plan::from_json(const std::string& text) {
     throw Error(std::string("bad plan JSON: ") + e.what());
   }
 }
+
+bool gains_beyond(double candidate_s, double current_s, double margin) { return candidate_s < current_s * (1 - margin); }
 
 Plan evaluate_plan(const CostModel& model, Mode mode, std::vector<int> split, int micro_batches) {
   Plan p;
@@ -287,11 +295,7 @@ SearchResult search(const CostModel& model, const SearchOptions& o) {
       std::ostringstream os;
       os.setf(std::ios::fixed);
       os.precision(1);
-      const auto name = [](const Plan& p) {
-        std::string d = p.describe();
-        return d.substr(0, d.find(':'));
-      };
-      os << "kept " << name(plans[pick]) << " over " << name(plans[0]) << ", predicted "
+      os << "kept " << plans[pick].label() << " over " << plans[0].label() << ", predicted "
          << 100 * (1 - plans[0].round_s / plans[pick].round_s) << "% faster: under the " << 100 * o.micro_batch_margin
          << "% margin that more micro-batches must gain (--plan-margin)";
       res.margin_note = os.str();

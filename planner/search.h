@@ -23,6 +23,7 @@ struct Plan {
   int64_t server_memory_bytes = 0;
 
   bool shared_split() const;   // every device splits at the same block
+  std::string label() const;     // "pipar P=2 N=8"
   std::string describe() const;  // "pipar P=2 N=8: batch 0.123 s, round 4.56 s, bottleneck server"
   std::string to_json() const;   // {"mode","split":[..],"micro_batches","batch_s","round_s","bottleneck",...}
   static Plan from_json(const std::string& text);  // what to_json wrote; throws pipar::Error otherwise
@@ -59,6 +60,10 @@ struct SearchResult {
 // What to try when no plan fits the memory limits: the options every such error names (search's, the
 // server's for a fixed plan).
 std::string memory_options(const Cluster& cluster, Mode mode);
+
+// Whether a choice of more concurrency (more server lanes) predicted to take candidate_s is worth it
+// over the current one's current_s: faster by more than `margin` (a fraction; TrainConfig::plan_margin).
+bool gains_beyond(double candidate_s, double current_s, double margin);
 
 // Fills a plan's predicted times, bottleneck and memory from the cost model.
 Plan evaluate_plan(const CostModel& model, Mode mode, std::vector<int> split, int micro_batches);

@@ -56,8 +56,8 @@ struct TrainConfig {
   // With --split auto: one split point for every device; otherwise (sfl, pipar) the planner may give
   // each device its own, e.g. an earlier one to a slower device.
   bool one_split = false;
-  // pipar with --micro-batches auto: more micro-batches only where predicted faster than fewer by more
-  // than this fraction (planner::SearchOptions::micro_batch_margin).
+  // More micro-batches (pipar, --micro-batches auto; planner::SearchOptions::micro_batch_margin) or
+  // more server lanes only where predicted faster than fewer by more than this fraction.
   double plan_margin = 0.02;
   // sfl and pipar: "per-device" (a server-side replica per device, averaged after each round) or
   // "shared" (one server-side model that every device's micro-batches train in arrival order, stepped

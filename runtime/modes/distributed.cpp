@@ -1653,8 +1653,8 @@ class ServerRunner {
                                     lanes.second, " thread", lanes.second > 1 ? "s" : "", ": round ", predicted, " s");
       // More lanes (more concurrency, like more micro-batches) only for a gain beyond the plan margin:
       // measured, 2 lanes picked for a 0.5% predicted gain ran 10% slower than sfl (bench/RESULTS.md).
-      const double need = lanes.first > chosen.first ? 1 - cfg_.plan_margin : 1.0;
-      if (&lanes == &lane_choices.front() || predicted < best_s * need) {
+      if (&lanes == &lane_choices.front() ||
+          planner::gains_beyond(predicted, best_s, lanes.first > chosen.first ? cfg_.plan_margin : 0.0)) {
         best_s = predicted;
         cluster_ = std::move(c);
         chosen = lanes;
