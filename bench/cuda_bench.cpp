@@ -2,7 +2,8 @@
 // GEMM path against cuBLAS (kernels::cuda::set_gemm_backend under the "handwritten" kernel choice) and
 // against the vendor choice (cuDNN's fastest deterministic algorithm for convolutions, cuBLAS for
 // linear layers), forward, backward-input and backward-weight(+bias) timed separately on one stream
-// with CUDA events, medians over repeats.
+// with CUDA events, medians over repeats. "base" is the hand-written path under GemmPlanning::kBaseline
+// (64x64 tiles, a GEMM per sample: the path before the 128x128 tile and the folding of samples).
 // The layers are not typed in here: a CPU forward of the model's server part at each micro-batch
 // size records the shapes of every conv2d_forward and linear_forward it calls (set_shape_recorder).
 // Identical shapes are timed once and counted as often as the part has them.
@@ -362,14 +363,14 @@ int main(int argc, char** argv) {
                 "no TF32), one stream, CUDA events, "
                 "median of %d samples of >= %.2f ms\n",
                 git_commit().c_str(), repeats, min_ms);
-    std::printf("%-22s %5s %-40s %4s %-16s %10s %10s %10s %8s %9s\n", "model:split", "micro", "layer", "x", "pass",
-                "hand ms", "cublas ms", "vendor ms", "vend/hand", "max|diff|");
+    std::printf("%-22s %5s %-40s %4s %-16s %10s %10s %10s %10s %8s %9s\n", "model:split", "micro", "layer", "x", "pass",
+                "base ms", "hand ms", "cublas ms", "vendor ms", "vend/hand", "max|diff|");
     nlohmann::json out = {{"commit", git_commit()}, {"layers", nlohmann::json::array()}, {"steps", nlohmann::json::array()}};
     std::mt19937 rng(20261130);
     for (const std::string& s : layers ? models : std::vector<std::string>{}) {
       const Spec spec = parse_spec(s);
       for (int micro : micros) {
-        double total[3] = {0, 0, 0};
+        double total[4] = {0, 0, 0, 0};  // hand, cublas, vendor, hand with the baseline planning
         for (const Recorded& r : record_layers(spec, micro)) {
           const k::LayerShape& l = r.shape;
           const Shape4 ys = l.conv ? k::conv2d_out_shape(l.x, l.w, l.p) : k::linear_out_shape(l.x, l.w);
@@ -393,24 +394,35 @@ int main(int argc, char** argv) {
               }
             }
           };
-          // Agreement of the two GEMM backends on this shape (forward output), as a sanity check.
+          // Agreement on this shape (forward output), as a sanity check: the hand-written path (and its
+          // baseline planning) against cuBLAS.
           kc::set_kernel_choice(kc::KernelChoice::kHandwritten);
           kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
           pass(0);
           const auto hand_y = y.host(st);
+          kc::set_gemm_planning(kc::GemmPlanning::kBaseline);
+          pass(0);
+          const auto base_y = y.host(st);
+          kc::set_gemm_planning(kc::GemmPlanning::kAuto);
           kc::set_gemm_backend(kc::GemmBackend::kCublas);
           pass(0);
           const auto cb_y = y.host(st);
-          double diff = 0, scale = 0;
-          for (size_t i = 0; i < hand_y.size(); ++i) {
-            diff = std::max(diff, static_cast<double>(std::fabs(hand_y[i] - cb_y[i])));
-            scale = std::max(scale, static_cast<double>(std::fabs(cb_y[i])));
-          }
-          const double rel = scale > 0 ? diff / scale : diff;
+          auto rel_diff = [&](const std::vector<float>& got) {
+            double diff = 0, scale = 0;
+            for (size_t i = 0; i < got.size(); ++i) {
+              diff = std::max(diff, static_cast<double>(std::fabs(got[i] - cb_y[i])));
+              scale = std::max(scale, static_cast<double>(std::fabs(cb_y[i])));
+            }
+            return scale > 0 ? diff / scale : diff;
+          };
+          const double rel = std::max(rel_diff(hand_y), rel_diff(base_y));
           nlohmann::json times;
           for (int ps = 0; ps < 3; ++ps) {
             kc::set_kernel_choice(kc::KernelChoice::kHandwritten);
             kc::set_gemm_backend(kc::GemmBackend::kHandwritten);
+            kc::set_gemm_planning(kc::GemmPlanning::kBaseline);
+            const Stats hb = time_ms([&] { pass(ps); }, st, repeats, min_ms);
+            kc::set_gemm_planning(kc::GemmPlanning::kAuto);
             const Stats h = time_ms([&] { pass(ps); }, st, repeats, min_ms);
             kc::set_gemm_backend(kc::GemmBackend::kCublas);
             const Stats c = time_ms([&] { pass(ps); }, st, repeats, min_ms);
@@ -418,10 +430,12 @@ int main(int argc, char** argv) {
             kc::set_kernel_choice(kc::KernelChoice::kVendor);  // the first call (in time_ms's warm-up) autotunes
             const Stats v = time_ms([&] { pass(ps); }, st, repeats, min_ms);
             total[0] += h.median * r.count, total[1] += c.median * r.count, total[2] += v.median * r.count;
-            std::printf("%-22s %5d %-40s %4d %-16s %10.4f %10.4f %10.4f %8.2f %9.1e\n", s.c_str(), micro,
-                        describe(l).c_str(), r.count, kPasses[ps], h.median, c.median, v.median,
+            total[3] += hb.median * r.count;
+            std::printf("%-22s %5d %-40s %4d %-16s %10.4f %10.4f %10.4f %10.4f %8.2f %9.1e\n", s.c_str(), micro,
+                        describe(l).c_str(), r.count, kPasses[ps], hb.median, h.median, c.median, v.median,
                         std::min(c.median, v.median) / h.median, rel);
-            times[kPasses[ps]] = {{"handwritten_ms", h.median}, {"cublas_ms", c.median}, {"vendor_ms", v.median}};
+            times[kPasses[ps]] = {{"handwritten_ms", h.median}, {"baseline_ms", hb.median}, {"cublas_ms", c.median},
+                                  {"vendor_ms", v.median}};
           }
           out["layers"].push_back({{"model", spec.model}, {"split", spec.split}, {"dataset", spec.dataset},
                                    {"micro", micro}, {"count", r.count}, {"conv", l.conv},
@@ -431,8 +445,8 @@ int main(int argc, char** argv) {
                                    {"times", times}});
           std::fflush(stdout);
         }
-        std::printf("%-22s %5d %-40s %4s %-16s %10.4f %10.4f %10.4f %8.2f\n", s.c_str(), micro,
-                    "all conv+linear passes", "", "total", total[0], total[1], total[2],
+        std::printf("%-22s %5d %-40s %4s %-16s %10.4f %10.4f %10.4f %10.4f %8.2f\n", s.c_str(), micro,
+                    "all conv+linear passes", "", "total", total[3], total[0], total[1], total[2],
                     std::min(total[1], total[2]) / total[0]);
       }
     }

@@ -59,7 +59,8 @@ void with_gemm(const Impl& impl, F&& f) {
   f();
 }
 
-// This GPU's and these libraries' prefix of every key ("NVIDIA H200|sm90|cuda13000|cublas130000|cudnn91900").
+// This GPU's, these libraries' and our kernels' prefix of every key
+// ("NVIDIA H200|sm90|cuda13000|cublas13.0.0|cudnn91900|ours2").
 std::string device_key();
 // The on-disk cache's file ("" = memory only) and its entries for this device_key(): "what → value".
 std::string cache_path();

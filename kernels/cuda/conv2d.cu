@@ -3,6 +3,10 @@
 // shape and pass by the autotuner (autotune.h) under kernel_choice();
 // 1x1 stride-1 unpadded convolutions read x directly; direct kernels for depthwise ones (one input
 // channel per group). col2im is a gather (one thread per dx element): no atomics, deterministic.
+// Forward and backward input run a GEMM per sample (n = the output positions), or, where that would
+// leave the tiles' columns mostly empty (small outputs: VGG16's 4x4 and 2x2), one GEMM with the
+// samples side by side as columns and a pass that reorders (gemm_detail::fold_samples_as_columns; that
+// path has not yet run on a GPU). Backward weight always lays the samples side by side.
 // Verified on an H200 (OpsCuda.Conv2d*, against the CPU; speeds in bench/RESULTS.md); the workspace
 // chunking for inputs over 128 MiB of columns is not exercised by the tests.
 #include <string>
@@ -10,7 +14,9 @@
 
 #include "kernels/conv_geometry.h"
 #include "kernels/cuda/autotune.h"
+#include "kernels/cuda/conv_kernels.cuh"
 #include "kernels/cuda/cudnn_conv.h"
+#include "kernels/cuda/gemm_plan.h"
 #include "kernels/cuda/kernel_util.cuh"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/runtime_cuda.h"
@@ -20,12 +26,12 @@ namespace pipar::kernels::cuda {
 namespace {
 
 using kernels::ConvGeom;
-
-// im2col/col2im layout of a chunk of cs samples: element (s, row, p) of the column matrix lives at
-// col[s*s_stride + row*r_stride + p], row = (c*kh + i)*kw + j, p = oy*ow + ox.
-struct ColLayout {
-  int64_t s_stride, r_stride;
-};
+using conv_detail::all_channels;
+using conv_detail::ColLayout;
+using conv_detail::conv2d_col2im_kernel;
+using conv_detail::conv2d_im2col_kernel;
+using conv_detail::conv2d_pack_dy_kernel;
+using conv_detail::conv2d_unpack_y_kernel;
 
 // Scratch of the GEMM passes is bounded: samples are processed in chunks of at most this many floats.
 constexpr int64_t kWorkspaceFloats = int64_t{32} << 20;  // 128 MiB
@@ -44,61 +50,6 @@ int64_t chunk_samples(int64_t n, int64_t floats_per_sample) {
 __global__ void conv2d_bias_broadcast_kernel(const float* __restrict__ b, float* __restrict__ y, int64_t total,
                                              int64_t k, int64_t plane) {
   for (int64_t i = global_index(); i < total; i += grid_stride()) y[i] = b[(i / plane) % k];
-}
-
-// x points at channel 0 of the group in sample 0 of the chunk; a sample's stride is g.c*g.hw.
-__global__ void conv2d_im2col_kernel(ConvGeom g, const float* __restrict__ x, float* __restrict__ col, int64_t cs,
-                                     ColLayout lay) {
-  const int64_t total = cs * g.ckk * g.ohw;
-  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
-    const int64_t p = idx % g.ohw, t = idx / g.ohw;
-    const int64_t row = t % g.ckk, s = t / g.ckk;
-    const int64_t ch = row / (g.kh * g.kw), ij = row % (g.kh * g.kw);
-    const int64_t i = ij / g.kw, j = ij % g.kw;
-    const int64_t iy = (p / g.ow) * g.sh - g.ph + i, ix = (p % g.ow) * g.sw - g.pw + j;
-    float v = 0.0f;
-    if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = x[(s * g.c + ch) * g.hw + iy * g.w + ix];
-    col[s * lay.s_stride + row * lay.r_stride + p] = v;
-  }
-}
-
-// dx (channel 0 of the group, sample 0 of the chunk) = col2im(col): each dx element gathers the column
-// entries that im2col copied it to, so dx is overwritten and no two threads write one address.
-__global__ void conv2d_col2im_kernel(ConvGeom g, const float* __restrict__ col, float* __restrict__ dx, int64_t cs,
-                                     ColLayout lay) {
-  const int64_t total = cs * g.cg * g.hw;
-  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
-    const int64_t ix = idx % g.w, t = idx / g.w;
-    const int64_t iy = t % g.h, t2 = t / g.h;
-    const int64_t ch = t2 % g.cg, s = t2 / g.cg;
-    const float* cs_base = col + s * lay.s_stride;
-    float sum = 0.0f;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ty = iy + g.ph - i;
-      if (ty < 0 || ty % g.sh != 0) continue;
-      const int64_t oy = ty / g.sh;
-      if (oy >= g.oh) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t tx = ix + g.pw - j;
-        if (tx < 0 || tx % g.sw != 0) continue;
-        const int64_t ox = tx / g.sw;
-        if (ox >= g.ow) continue;
-        sum += cs_base[((ch * g.kh + i) * g.kw + j) * lay.r_stride + oy * g.ow + ox];
-      }
-    }
-    dx[(s * g.c + ch) * g.hw + iy * g.w + ix] = sum;
-  }
-}
-
-// dst [k, cs*ohw] = dy chunk [cs, k, ohw] with samples laid side by side as columns.
-__global__ void conv2d_pack_dy_kernel(const float* __restrict__ dy, float* __restrict__ dst, int64_t cs, int64_t k,
-                                      int64_t ohw) {
-  const int64_t total = cs * k * ohw, len = cs * ohw;
-  for (int64_t idx = global_index(); idx < total; idx += grid_stride()) {
-    const int64_t p = idx % ohw, t = idx / ohw;
-    const int64_t kk = t % k, s = t / k;
-    dst[kk * len + s * ohw + p] = dy[idx];
-  }
 }
 
 // Depthwise forward, one thread per output element; sums in the CPU's order (bias, then i, then j).
@@ -220,6 +171,13 @@ void conv2d_pack_dy(const float* dy, float* dst, int64_t cs, int64_t k, int64_t 
   PIPAR_CUDA_CHECK(cudaGetLastError());
 }
 
+void conv2d_unpack_y(const float* src, const float* b, float* y, int64_t cs, int64_t k, int64_t ohw, cudaStream_t s) {
+  const int64_t total = cs * k * ohw;
+  if (total == 0) return;
+  conv2d_unpack_y_kernel<<<grid_1d(total), kThreads, 0, s>>>(src, b, y, cs, k, ohw);
+  PIPAR_CUDA_CHECK(cudaGetLastError());
+}
+
 void conv2d_depthwise_forward(const ConvGeom& g, const float* x, const float* w, const float* b, float* y,
                               cudaStream_t s) {
   const int64_t total = g.n * g.k * g.ohw;
@@ -257,13 +215,33 @@ void channel_sum_accumulate(const float* dy, float* db, int64_t n, int64_t k, in
 
 namespace {
 
-// im2col and col2im over all of a sample's channels at once: the rows of group grp are
-// [grp * ckk, (grp + 1) * ckk) (the kernels read cg and ckk only, not the group count).
-ConvGeom all_channels(const ConvGeom& g) {
-  ConvGeom a = g;
-  a.cg = g.c;
-  a.ckk = g.c * g.kh * g.kw;
-  return a;
+
+// C = op(A) B per group, alpha 1, beta 0.
+void run(const conv_detail::GroupGemm& p, const float* a, const float* b, float* c, StreamRef s) {
+  gemm_strided_batched(p.trans_a, false, p.m, p.n, p.k, 1.0f, a, p.lda, p.stride_a, b, p.ldb, p.stride_b, 0.0f, c, p.ldc,
+                       p.stride_c, p.batch, s);
+}
+
+// Whether forward and backward input lay the samples side by side as GEMM columns.
+bool fold(const ConvGeom& g) {
+  return gemm_planning() == GemmPlanning::kAuto && gemm_detail::fold_samples_as_columns(g.ohw, g.n);
+}
+
+// Forward with the chunk's samples side by side as columns (gemm_detail::fold_samples_as_columns):
+// Y_g [kg, cs*ohw] = W_g [kg, ckk] . col_g [ckk, cs*ohw], the groups batched, then y = Y + b.
+void forward_gemm_folded(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
+  const cudaStream_t st = native(s);
+  const ConvGeom all = all_channels(g);
+  const int64_t rows = all.ckk;
+  const int64_t cs_max = chunk_samples(g.n, (g.k + rows) * g.ohw);
+  float* yc = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + rows) * g.ohw));
+  float* col = yc + cs_max * g.k * g.ohw;
+  for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
+    const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
+    conv2d_im2col(all, x.data + s0 * g.c * g.hw, col, cs, conv_detail::folded_layout(g, cs), st);
+    run(conv_detail::folded_forward_gemm(g, cs), w.data, col, yc, s);
+    conv2d_unpack_y(yc, b.data, y.data + s0 * g.k * g.ohw, cs, g.k, g.ohw, st);
+  }
 }
 
 void forward_gemm(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
@@ -272,6 +250,7 @@ void forward_gemm(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View
     conv2d_depthwise_forward(g, x.data, w.data, b.data, y.data, st);
     return;
   }
+  if (fold(g)) return forward_gemm_folded(g, x, w, b, y, s);
   if (b.data) conv2d_bias_broadcast(b.data, y.data, y.numel(), g.k, g.ohw, st);
   const float beta = b.data ? 1.0f : 0.0f;
   const ConvGeom all = all_channels(g);
@@ -294,12 +273,30 @@ void forward_gemm(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View
   }
 }
 
+// Backward input with the chunk's samples side by side as columns: dY packed to [k, cs*ohw], then
+// dcol_g [ckk, cs*ohw] = W_g^T [ckk, kg] . dY_g [kg, cs*ohw], the groups batched, then col2im.
+void backward_input_gemm_folded(const ConvGeom& g, ConstView dy, ConstView w, View dx, StreamRef s) {
+  const cudaStream_t st = native(s);
+  const ConvGeom all = all_channels(g);
+  const int64_t rows = all.ckk;
+  const int64_t cs_max = chunk_samples(g.n, (g.k + rows) * g.ohw);
+  float* dyc = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + rows) * g.ohw));
+  float* col = dyc + cs_max * g.k * g.ohw;
+  for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
+    const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
+    conv2d_pack_dy(dy.data + s0 * g.k * g.ohw, dyc, cs, g.k, g.ohw, st);
+    run(conv_detail::folded_backward_input_gemm(g, cs), w.data, dyc, col, s);
+    conv2d_col2im(all, col, dx.data + s0 * g.c * g.hw, cs, conv_detail::folded_layout(g, cs), st);
+  }
+}
+
 void backward_input_gemm(const ConvGeom& g, ConstView dy, ConstView w, View dx, StreamRef s) {
   const cudaStream_t st = native(s);
   if (g.depthwise()) {
     conv2d_depthwise_backward_input(g, dy.data, w.data, dx.data, st);
     return;
   }
+  if (fold(g)) return backward_input_gemm_folded(g, dy, w, dx, s);
   const ConvGeom all = all_channels(g);
   const int64_t rows = all.ckk;
   const int64_t cs_max = chunk_samples(g.n, g.pointwise() ? 0 : rows * g.ohw);

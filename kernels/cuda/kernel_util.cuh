@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/grid_index.cuh"
 
 namespace pipar::kernels::cuda {
 
@@ -30,10 +31,6 @@ inline cudaStream_t checked_stream(::pipar::StreamRef s, const char* op) {
 // db[ch] += sum over n samples and `plane` positions of dy[s, ch, :] (conv2d.cu; linear.cu uses it
 // with plane = 1). One block per channel, sums in double, one writer per element.
 void channel_sum_accumulate(const float* dy, float* db, int64_t n, int64_t k, int64_t plane, cudaStream_t s);
-
-// Index of this thread in a 1-D grid-stride loop, and the stride (int64: sizes may exceed 2^31).
-__device__ inline int64_t global_index() { return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; }
-__device__ inline int64_t grid_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
 
 // Sum of v over the block, returned to every thread. Every thread of the block must call it (no
 // divergence); blockDim.x must be a multiple of 32 and at most 1024. Safe to call repeatedly.

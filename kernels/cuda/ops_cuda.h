@@ -32,6 +32,15 @@ class ScopedGemmBackend {
   int prev_;
 };
 
+// How the hand-written path shapes its work. kAuto: per GEMM the 64x64 or the 128x128 tile
+// (gemm_kernels.cuh's plan_gemm), and a convolution's samples side by side as columns where its
+// output is small (fold_samples_as_columns). kBaseline: the 64x64 tile everywhere and one GEMM per
+// sample, as measured on the H200 before those two (bench/RESULTS.md); for A/B benchmarks. Initial
+// value: PIPAR_GEMM_PLANNING ("baseline"; anything else or unset: auto). Process-wide, thread-safe.
+enum class GemmPlanning { kAuto, kBaseline };
+void set_gemm_planning(GemmPlanning p);
+GemmPlanning gemm_planning();
+
 // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C (device pointers, leading dims in
 // elements). beta == 0 overwrites C without reading it (NaN in C does not propagate).
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,

@@ -1,11 +1,15 @@
 // The hand-written CUDA GEMM kernels (kernels/cuda/gemm_kernels.cuh) run on the CPU through the kernel
 // emulation (cuda_emulation.h): both tilings, every transpose, split-K and its reduction, two-level
-// batches, padded leading dimensions and ragged edges, against a double reference. Runs everywhere
-// (no GPU needed); the same kernels' GPU tests are OpsCuda.Gemm* in cuda_ops_test.cpp.
+// batches, padded leading dimensions and ragged edges, against a double reference; and a
+// convolution's forward and backward-input passes with the samples side by side as GEMM columns
+// (kernels/cuda/conv_kernels.cuh), kernel by kernel in conv2d.cu's order, against the CPU backend.
+// Runs everywhere (no GPU needed); the GPU tests of the same code are OpsCuda.Gemm* and
+// OpsCuda.Conv2d* in cuda_ops_test.cpp.
 // Inputs are small integers (products and sums exact in float32, so results must match exactly) or
 // uniform floats (tolerance 1e-5 relative to the largest reference entry: K <= 300 terms of size 1).
 #include "tests/kernels/cuda_emulation.h"
 // (the emulation must come first)
+#include "kernels/cuda/conv_kernels.cuh"
 #include "kernels/cuda/gemm_kernels.cuh"
 
 #include <gtest/gtest.h>
@@ -15,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/ops.h"
+#include "tests/kernels/op_test_util.h"
 #include "tests/random.h"
 
 namespace pipar {
@@ -97,23 +103,28 @@ std::vector<double> reference(const Problem& p, const Operands& o, float alpha, 
 }
 
 // What gemm.cu's launcher does with a plan, through the emulation.
-void run_plan(const Problem& p, const GemmPlan& plan, float alpha, float beta, Operands& o) {
-  const int64_t batch = p.outer * p.inner;
-  const KernelFn kernel = kernel_for(p.ta, p.tb, plan.tiling);
-  const dim3 grid(static_cast<unsigned>(gd::gemm_ceil_div(p.n, plan.tile)),
-                  static_cast<unsigned>(gd::gemm_ceil_div(p.m, plan.tile)), static_cast<unsigned>(batch * plan.splits));
+void run_gemm(const GemmPlan& plan, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+              int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const Batch2& bt,
+              int64_t batch) {
+  const KernelFn kernel = kernel_for(ta, tb, plan.tiling);
+  const dim3 grid(static_cast<unsigned>(gd::gemm_ceil_div(n, plan.tile)),
+                  static_cast<unsigned>(gd::gemm_ceil_div(m, plan.tile)), static_cast<unsigned>(batch * plan.splits));
   if (plan.splits == 1) {
-    test::emu::launch(grid, dim3(gd::kThreads), kernel, p.m, p.n, p.k, alpha, o.a.data(), o.lda, o.b.data(), o.ldb, beta,
-                      o.c.data(), o.ldc, o.bt, int64_t{0}, 1, p.k, static_cast<float*>(nullptr), batch);
+    test::emu::launch(grid, dim3(gd::kThreads), kernel, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, bt, int64_t{0}, 1,
+                      k, static_cast<float*>(nullptr), batch);
     return;
   }
   // Partials start as NaN: an element the kernel fails to write poisons the sum.
-  std::vector<float> partial(plan.splits * batch * p.m * p.n, std::nanf(""));
-  test::emu::launch(grid, dim3(gd::kThreads), kernel, p.m, p.n, p.k, alpha, o.a.data(), o.lda, o.b.data(), o.ldb, beta,
-                    o.c.data(), o.ldc, o.bt, int64_t{0}, static_cast<int>(plan.splits), plan.k_chunk, partial.data(),
-                    batch);
-  test::emu::launch(dim3(3), dim3(64), &gd::gemm_splitk_reduce, p.m, p.n, batch, static_cast<int>(plan.splits),
-                    static_cast<const float*>(partial.data()), alpha, beta, o.c.data(), o.ldc, o.bt);
+  std::vector<float> partial(plan.splits * batch * m * n, std::nanf(""));
+  test::emu::launch(grid, dim3(gd::kThreads), kernel, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, bt, int64_t{0},
+                    static_cast<int>(plan.splits), plan.k_chunk, partial.data(), batch);
+  test::emu::launch(dim3(3), dim3(64), &gd::gemm_splitk_reduce, m, n, batch, static_cast<int>(plan.splits),
+                    static_cast<const float*>(partial.data()), alpha, beta, c, ldc, bt);
+}
+
+void run_plan(const Problem& p, const GemmPlan& plan, float alpha, float beta, Operands& o) {
+  run_gemm(plan, p.ta, p.tb, p.m, p.n, p.k, alpha, o.a.data(), o.lda, o.b.data(), o.ldb, beta, o.c.data(), o.ldc, o.bt,
+           p.outer * p.inner);
 }
 
 void check(const Problem& p, const GemmPlan& plan, bool integers, uint64_t salt) {
@@ -219,6 +230,89 @@ TEST(CudaKernelsEmulated, PlanPicksTheLargeTileWhereItFillsTheGpu) {
   EXPECT_EQ(p.k_chunk, 3136);
   // K = 0 (C = beta C): one chunk.
   EXPECT_EQ(gd::plan_gemm(5, 7, 0, 1, 132, true).splits, 1);
+}
+
+TEST(CudaKernelsEmulated, SmallOutputsFoldSamplesIntoColumns) {
+  // outputs that leave the 64-column tiles mostly empty, with more than one sample
+  EXPECT_TRUE(gd::fold_samples_as_columns(16, 100));  // 4x4: 16 of 64 columns
+  EXPECT_TRUE(gd::fold_samples_as_columns(4, 10));    // 2x2
+  EXPECT_TRUE(gd::fold_samples_as_columns(1, 2));     // 1x1
+  EXPECT_TRUE(gd::fold_samples_as_columns(49, 25));   // 7x7: 49 of 64
+  EXPECT_TRUE(gd::fold_samples_as_columns(196, 10));  // 14x14: 196 of 256
+  // full tiles, nearly full ones, or one sample: the per-sample GEMMs
+  EXPECT_FALSE(gd::fold_samples_as_columns(64, 100));
+  EXPECT_FALSE(gd::fold_samples_as_columns(1024, 100));
+  EXPECT_FALSE(gd::fold_samples_as_columns(784, 10));  // 28x28: 784 of 832
+  EXPECT_FALSE(gd::fold_samples_as_columns(16, 1));
+}
+
+// --- convolution passes with the samples side by side as columns -------------------------------------
+
+namespace cd = kernels::cuda::conv_detail;
+using kernels::Conv2dParams;
+using kernels::ConvGeom;
+using test::cview;
+using test::view;
+
+// conv2d.cu's group GEMM (strided batch over the groups) as its launcher plans it for `sms`.
+void run_group_gemm(const cd::GroupGemm& p, const float* a, const float* b, float* c, int64_t sms) {
+  const Batch2 bt{1, p.stride_a, 0, p.stride_b, 0, p.stride_c, 0};
+  run_gemm(gd::plan_gemm(p.m, p.n, p.k, p.batch, sms, true), p.trans_a, false, p.m, p.n, p.k, 1.0f, a, p.lda, b, p.ldb,
+           0.0f, c, p.ldc, bt, p.batch);
+}
+
+struct FoldCase {
+  Shape4 x, w;
+  int k, s, pad, groups;
+};
+
+void check_folded_conv(const FoldCase& fc, int64_t sms, uint64_t salt) {
+  SCOPED_TRACE("x " + fc.x.str() + " w " + fc.w.str() + " k" + std::to_string(fc.k) + " s" + std::to_string(fc.s) +
+               " p" + std::to_string(fc.pad) + " g" + std::to_string(fc.groups) + " sms " + std::to_string(sms));
+  Conv2dParams p;
+  p.kh = p.kw = fc.k, p.sh = p.sw = fc.s, p.ph = p.pw = fc.pad, p.groups = fc.groups;
+  const Shape4 ys = kernels::conv2d_out_shape(fc.x, fc.w, p), bs{fc.w.n, 1, 1, 1};
+  const ConvGeom g = kernels::conv_geometry(p, fc.x, ys), all = cd::all_channels(g);
+  ASSERT_TRUE(gd::fold_samples_as_columns(g.ohw, g.n)) << "the case must take the folded path";
+  Rng rng(salt);
+  const std::vector<float> x = rng.small_int_vec(fc.x.numel()), w = rng.small_int_vec(fc.w.numel()),
+                           b = rng.small_int_vec(fc.w.n), dy = rng.small_int_vec(ys.numel());
+  std::vector<float> y_ref(ys.numel()), dx_ref(fc.x.numel());
+  kernels::conv2d_forward(p, cview(x, fc.x), cview(w, fc.w), cview(b, bs), view(y_ref, ys));
+  kernels::conv2d_backward_input(p, cview(dy, ys), cview(w, fc.w), view(dx_ref, fc.x));
+
+  // One chunk of all samples; scratch starts as NaN, so a position no kernel writes shows.
+  const int64_t cs = g.n, len = cs * g.ohw;
+  std::vector<float> col(all.ckk * len, std::nanf("")), scratch(g.k * len, std::nanf(""));
+  std::vector<float> y(ys.numel(), std::nanf("")), dx(fc.x.numel(), std::nanf(""));
+  const dim3 grid(5), block(64);  // a grid-stride loop: fewer threads than elements
+  // forward: im2col, the group GEMM, unpack with the bias
+  test::emu::launch(grid, block, &cd::conv2d_im2col_kernel, all, x.data(), col.data(), cs, cd::folded_layout(g, cs));
+  run_group_gemm(cd::folded_forward_gemm(g, cs), w.data(), col.data(), scratch.data(), sms);
+  test::emu::launch(grid, block, &cd::conv2d_unpack_y_kernel, static_cast<const float*>(scratch.data()), b.data(),
+                    y.data(), cs, g.k, g.ohw);
+  EXPECT_EQ(y, y_ref) << "forward";
+  // backward input: pack dY, the group GEMM, col2im
+  test::emu::launch(grid, block, &cd::conv2d_pack_dy_kernel, dy.data(), scratch.data(), cs, g.k, g.ohw);
+  run_group_gemm(cd::folded_backward_input_gemm(g, cs), w.data(), scratch.data(), col.data(), sms);
+  test::emu::launch(grid, block, &cd::conv2d_col2im_kernel, all, static_cast<const float*>(col.data()), dx.data(), cs,
+                    cd::folded_layout(g, cs));
+  EXPECT_EQ(dx, dx_ref) << "backward input";
+}
+
+TEST(CudaKernelsEmulated, FoldedConvolutionMatchesCpu) {
+  SCOPED_TRACE(seed_trace());
+  const FoldCase cases[] = {
+      {{3, 5, 4, 4}, {6, 5, 3, 3}, 3, 1, 1, 1},     // VGG16's 4x4 layers, small
+      {{2, 4, 9, 9}, {5, 4, 3, 3}, 3, 2, 1, 1},     // strided to 5x5
+      {{3, 8, 2, 2}, {12, 2, 1, 1}, 1, 1, 0, 4},    // grouped pointwise at 2x2
+      {{2, 3, 5, 5}, {4, 3, 5, 5}, 5, 1, 0, 1},     // 1x1 output
+      {{4, 6, 7, 7}, {6, 2, 3, 3}, 3, 1, 1, 3},     // 7x7, grouped
+      {{2, 140, 2, 2}, {130, 140, 1, 1}, 1, 1, 0, 1},  // more than one large tile of rows
+  };
+  uint64_t salt = 400;
+  for (int64_t sms : {int64_t{132}, int64_t{2}})
+    for (const FoldCase& fc : cases) check_folded_conv(fc, sms, ++salt);
 }
 
 }  // namespace

@@ -5,6 +5,9 @@
 // and __shared__ variables are function statics, shared by the block's threads; blocks run one
 // after another (the next starts when every thread has finished the last), so statics are never
 // shared between blocks that run at once.
+// Include it only in a test file of its own: it defines CUDA's names (threadIdx, __shared__, dim3 ...)
+// for the whole translation unit. Kernel headers give their kernels internal linkage, so that their
+// host copies here never meet the CUDA library's kernels at link time.
 // What it checks: that every output is computed from the right inputs, with every thread's view of
 // shared memory as the barriers order it (a missing barrier shows as wrong results where threads
 // interleave, not reliably); 16-byte shared reads are checked aligned (emu::misaligned counts
@@ -21,10 +24,14 @@
 #include <thread>
 #include <vector>
 
-struct dim3 {
+namespace pipar::test::emu {
+// CUDA's dim3, under a name of our own: the test binary may link CUDA code, whose dim3 is another type.
+struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
-  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+  constexpr Dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
+}  // namespace pipar::test::emu
+using dim3 = ::pipar::test::emu::Dim3;
 
 namespace pipar::test::emu {
 inline thread_local dim3 thread_idx, block_idx;

@@ -287,6 +287,10 @@ std::vector<ConvCase> conv_cases() {
       {{3, 12, 9, 9}, {20, 3, 3, 3}, params(3, 3, 1, 1, 1, 1, 4), true},      // samples x groups in one batched GEMM
       {{2, 8, 5, 5}, {12, 2, 1, 1}, params(1, 1, 1, 1, 0, 0, 4), false},      // grouped pointwise
       {{5, 48, 7, 7}, {48, 3, 3, 3}, params(3, 3, 1, 1, 1, 1, 16), false},    // a stack of 16 replicas' convolutions
+      // Small outputs, several samples: one GEMM with the samples as columns (gemm_kernels.cuh)
+      {{7, 40, 4, 4}, {37, 40, 3, 3}, params(3, 3, 1, 1, 1, 1, 1), true},    // VGG16's 4x4 layers, ragged
+      {{3, 6, 9, 9}, {5, 6, 3, 3}, params(3, 3, 2, 2, 1, 1, 1), true},       // strided to 5x5
+      {{6, 8, 2, 2}, {12, 2, 1, 1}, params(1, 1, 1, 1, 0, 0, 4), true},      // grouped pointwise at 2x2
   };
 }
 
