@@ -216,6 +216,20 @@ void channel_sum_accumulate(const float* dy, float* db, int64_t n, int64_t k, in
 namespace {
 
 
+// Scratch of the passes with a chunk's samples side by side as columns: by_channel [k, cs*ohw] (y or
+// dy by output channel), then col [c*kh*kw, cs*ohw], for chunks of at most cs_max samples.
+struct FoldedScratch {
+  int64_t cs_max;
+  float* by_channel;
+  float* col;
+};
+FoldedScratch folded_scratch(const ConvGeom& g, StreamRef s) {
+  const int64_t rows = g.c * g.kh * g.kw;
+  const int64_t cs_max = chunk_samples(g.n, (g.k + rows) * g.ohw);
+  float* ws = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + rows) * g.ohw));
+  return FoldedScratch{cs_max, ws, ws + cs_max * g.k * g.ohw};
+}
+
 // C = op(A) B per group, alpha 1, beta 0.
 void run(const conv_detail::GroupGemm& p, const float* a, const float* b, float* c, StreamRef s) {
   gemm_strided_batched(p.trans_a, false, p.m, p.n, p.k, 1.0f, a, p.lda, p.stride_a, b, p.ldb, p.stride_b, 0.0f, c, p.ldc,
@@ -232,10 +246,7 @@ bool fold(const ConvGeom& g) {
 void forward_gemm_folded(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View y, StreamRef s) {
   const cudaStream_t st = native(s);
   const ConvGeom all = all_channels(g);
-  const int64_t rows = all.ckk;
-  const int64_t cs_max = chunk_samples(g.n, (g.k + rows) * g.ohw);
-  float* yc = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + rows) * g.ohw));
-  float* col = yc + cs_max * g.k * g.ohw;
+  const auto [cs_max, yc, col] = folded_scratch(g, s);
   for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
     const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
     conv2d_im2col(all, x.data + s0 * g.c * g.hw, col, cs, conv_detail::folded_layout(g, cs), st);
@@ -278,10 +289,7 @@ void forward_gemm(const ConvGeom& g, ConstView x, ConstView w, ConstView b, View
 void backward_input_gemm_folded(const ConvGeom& g, ConstView dy, ConstView w, View dx, StreamRef s) {
   const cudaStream_t st = native(s);
   const ConvGeom all = all_channels(g);
-  const int64_t rows = all.ckk;
-  const int64_t cs_max = chunk_samples(g.n, (g.k + rows) * g.ohw);
-  float* dyc = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + rows) * g.ohw));
-  float* col = dyc + cs_max * g.k * g.ohw;
+  const auto [cs_max, dyc, col] = folded_scratch(g, s);
   for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
     const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max;
     conv2d_pack_dy(dy.data + s0 * g.k * g.ohw, dyc, cs, g.k, g.ohw, st);
@@ -328,15 +336,11 @@ void backward_weight_gemm(const ConvGeom& g, ConstView x, ConstView dy, float* d
   // dW_g [kg, ckk] += dy_g [kg, L] . col_g [ckk, L]^T, L = cs*ohw: the chunk's samples side by side as
   // columns, so one GEMM sums over samples and positions; the groups batched in one call.
   const ConvGeom all = all_channels(g);
-  const int64_t rows = all.ckk;
-  const int64_t cs_max = chunk_samples(g.n, (g.k + rows) * g.ohw);
-  float* ws = static_cast<float*>(stream_workspace(s, sizeof(float) * cs_max * (g.k + rows) * g.ohw));
-  float* dyc = ws;
-  float* col = ws + cs_max * g.k * g.ohw;
+  const auto [cs_max, dyc, col] = folded_scratch(g, s);
   for (int64_t s0 = 0; s0 < g.n; s0 += cs_max) {
     const int64_t cs = g.n - s0 < cs_max ? g.n - s0 : cs_max, len = cs * g.ohw;
     conv2d_pack_dy(dy.data + s0 * g.k * g.ohw, dyc, cs, g.k, g.ohw, st);
-    conv2d_im2col(all, x.data + s0 * g.c * g.hw, col, cs, ColLayout{g.ohw, len}, st);
+    conv2d_im2col(all, x.data + s0 * g.c * g.hw, col, cs, conv_detail::folded_layout(g, cs), st);
     gemm_strided_batched(false, true, g.kg, g.ckk, len, 1.0f, dyc, len, g.kg * len, col, len, g.ckk * len, 1.0f, dw,
                          g.ckk, g.kg * g.ckk, g.groups, s);
   }
