@@ -238,7 +238,7 @@ void run(const conv_detail::GroupGemm& p, const float* a, const float* b, float*
 
 // Whether forward and backward input lay the samples side by side as GEMM columns.
 bool fold(const ConvGeom& g) {
-  return gemm_planning() == GemmPlanning::kAuto && gemm_detail::fold_samples_as_columns(g.ohw, g.n);
+  return gemm_planning() != GemmPlanning::kBaseline && gemm_detail::fold_samples_as_columns(g.ohw, g.n);
 }
 
 // Forward with the chunk's samples side by side as columns (gemm_detail::fold_samples_as_columns):

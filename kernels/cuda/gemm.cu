@@ -40,8 +40,11 @@ void gemm_tiled(int64_t m, int64_t n, int64_t k, float alpha, const float* a, in
   // K chunks live in gridDim.z beside the batch, and one launch must hold every row (gridDim.y and .z
   // are limited to 65535).
   const bool split_ok = m <= kMaxGridYZ * gemm_detail::kSmallTile && k > 0 && batch <= kMaxGridYZ / gemm_detail::kMaxSplits;
-  const GemmPlan plan =
-      gemm_detail::plan_gemm(m, n, k, batch, multiprocessors(), split_ok, gemm_planning() == GemmPlanning::kAuto);
+  const GemmPlanning planning = gemm_planning();
+  const gemm_detail::TilingRule rule = planning == GemmPlanning::kBaseline ? gemm_detail::TilingRule::kSmallOnly
+                                       : planning == GemmPlanning::kLarge  ? gemm_detail::TilingRule::kLargeOnly
+                                                                           : gemm_detail::TilingRule::kByShape;
+  const GemmPlan plan = gemm_detail::plan_gemm(m, n, k, batch, multiprocessors(), split_ok, rule);
   const bool large = plan.tiling == gemm_detail::Tiling::kLarge;
   const auto kernel = large ? gemm_detail::gemm_large_kernel<TransA, TransB> : gemm_detail::gemm_small_kernel<TransA, TransB>;
   const int64_t grid_x = ceil_div(n, plan.tile);
@@ -120,7 +123,8 @@ std::atomic<GemmBackend>& backend_state() {
 std::atomic<GemmPlanning>& planning_state() {
   static std::atomic<GemmPlanning> p{[] {
     const char* e = std::getenv("PIPAR_GEMM_PLANNING");
-    return e && std::strcmp(e, "baseline") == 0 ? GemmPlanning::kBaseline : GemmPlanning::kAuto;
+    if (e && std::strcmp(e, "baseline") == 0) return GemmPlanning::kBaseline;
+    return e && std::strcmp(e, "large") == 0 ? GemmPlanning::kLarge : GemmPlanning::kAuto;
   }()};
   return p;
 }
@@ -136,6 +140,9 @@ thread_local int t_backend_override = -1;  // ScopedGemmBackend: a GemmBackend, 
 void set_gemm_backend(GemmBackend b) { backend_state().store(b); }
 void set_gemm_planning(GemmPlanning p) { planning_state().store(p); }
 GemmPlanning gemm_planning() { return planning_state().load(); }
+const char* gemm_planning_name(GemmPlanning p) {
+  return p == GemmPlanning::kBaseline ? "baseline" : p == GemmPlanning::kLarge ? "large" : "auto";
+}
 GemmBackend gemm_backend() {
   return t_backend_override >= 0 ? static_cast<GemmBackend>(t_backend_override) : backend_state().load();
 }

@@ -87,16 +87,20 @@ inline int64_t split_count(int64_t blocks, int64_t k, int64_t sms) {
 // ratio (bench/cuda_bench.cpp --layer); the results are the same either way.
 constexpr double kLargeAdvantage = 1.5;
 
-// split_ok: the batch leaves room in gridDim.z for K chunks (the launcher's limit); allow_large: false
-// keeps the small tile everywhere (GemmPlanning::kBaseline).
+// Which tilings plan_gemm may take: by shape, or one everywhere (GemmPlanning::kBaseline and kLarge,
+// ops_cuda.h: the A/B benchmarks, and the GPU tests of each kernel on every shape).
+enum class TilingRule { kByShape, kSmallOnly, kLargeOnly };
+
+// split_ok: the batch leaves room in gridDim.z for K chunks (the launcher's limit).
 inline GemmPlan plan_gemm(int64_t m, int64_t n, int64_t k, int64_t batch, int64_t sms, bool split_ok,
-                          bool allow_large = true) {
+                          TilingRule rule = TilingRule::kByShape) {
   GemmPlan p;
   const int64_t small_blocks = gemm_ceil_div(m, kSmallTile) * gemm_ceil_div(n, kSmallTile) * batch;
   const int64_t large_blocks = gemm_ceil_div(m, kLargeTile) * gemm_ceil_div(n, kLargeTile) * batch;
   const int64_t large_splits = split_ok ? split_count(large_blocks, k, sms) : 1;
-  if (allow_large && tile_efficiency(m, n, kLargeTile) * kLargeAdvantage >= tile_efficiency(m, n, kSmallTile) &&
-      large_blocks * large_splits >= sms) {
+  const bool by_shape = tile_efficiency(m, n, kLargeTile) * kLargeAdvantage >= tile_efficiency(m, n, kSmallTile) &&
+                        large_blocks * large_splits >= sms;
+  if (rule == TilingRule::kLargeOnly || (rule == TilingRule::kByShape && by_shape)) {
     p.tiling = Tiling::kLarge, p.tile = kLargeTile, p.splits = large_splits;
   } else {
     p.splits = split_ok ? split_count(small_blocks, k, sms) : 1;

@@ -35,11 +35,14 @@ class ScopedGemmBackend {
 // How the hand-written path shapes its work. kAuto: per GEMM the 64x64 or the 128x128 tile
 // (gemm_kernels.cuh's plan_gemm), and a convolution's samples side by side as columns where its
 // output is small (fold_samples_as_columns). kBaseline: the 64x64 tile everywhere and one GEMM per
-// sample, as measured on the H200 before those two (bench/RESULTS.md); for A/B benchmarks. Initial
-// value: PIPAR_GEMM_PLANNING ("baseline"; anything else or unset: auto). Process-wide, thread-safe.
-enum class GemmPlanning { kAuto, kBaseline };
+// sample, as measured on the H200 before those two (bench/RESULTS.md); for A/B benchmarks. kLarge:
+// as kAuto but the 128x128 tile everywhere (the GPU tests run that kernel on every shape). Initial
+// value: PIPAR_GEMM_PLANNING ("baseline" or "large"; anything else or unset: auto). Process-wide,
+// thread-safe.
+enum class GemmPlanning { kAuto, kBaseline, kLarge };
 void set_gemm_planning(GemmPlanning p);
 GemmPlanning gemm_planning();
+const char* gemm_planning_name(GemmPlanning p);
 
 // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C (device pointers, leading dims in
 // elements). beta == 0 overwrites C without reading it (NaN in C does not propagate).

@@ -224,6 +224,12 @@ TEST(CudaKernelsEmulated, PlanPicksTheLargeTileWhereItFillsTheGpu) {
   EXPECT_EQ(p.k_chunk % gd::kSmallK, 0);
   // Per-sample GEMMs of a 4x4 output (n = 16): large tiles waste 7/8 of their columns.
   EXPECT_EQ(gd::plan_gemm(512, 16, 4608, 100, 132, true).tiling, Tiling::kSmall);
+  // Forced tilings (GemmPlanning::kBaseline, kLarge): that tile whatever the shape, K still split.
+  EXPECT_EQ(gd::plan_gemm(512, 1600, 4608, 1, 132, true, gd::TilingRule::kSmallOnly).tiling, Tiling::kSmall);
+  p = gd::plan_gemm(10, 128, 3136, 1, 132, true, gd::TilingRule::kLargeOnly);
+  EXPECT_EQ(p.tiling, Tiling::kLarge);
+  EXPECT_GT(p.splits, 1);
+  EXPECT_EQ(p.k_chunk % gd::kLargeK, 0);
   // No room for chunks in the grid: no split, whatever the shape.
   p = gd::plan_gemm(10, 128, 3136, 1, 132, false);
   EXPECT_EQ(p.splits, 1);

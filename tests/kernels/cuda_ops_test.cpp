@@ -77,6 +77,7 @@ namespace {
 using kernels::Conv2dParams;
 using kernels::Pool2dParams;
 using kernels::cuda::GemmBackend;
+using kernels::cuda::GemmPlanning;
 using kernels::cuda::Stream;
 
 // --- device buffers with guard elements --------------------------------------------------------------
@@ -158,18 +159,41 @@ class ChoiceGuard {
   kernels::cuda::KernelChoice saved_;
 };
 
-// One GEMM backend for conv and linear layers too (kernel choice "handwritten" leaves the layers on the
-// process-wide backend instead of the autotuner's pick); both restored on scope exit.
+// A GEMM backend and, for ours, how it shapes its work (ops_cuda.h's GemmPlanning: by shape, the
+// 64x64 tile and a GEMM per sample everywhere, or the 128x128 tile everywhere, so that each kernel
+// meets every shape).
+struct GemmConfig {
+  GemmBackend backend;
+  GemmPlanning planning;
+  std::string name() const {
+    return std::string(kernels::cuda::gemm_backend_name(backend)) +
+           (backend == GemmBackend::kHandwritten ? std::string(" ") + kernels::cuda::gemm_planning_name(planning) : "");
+  }
+};
+
+// One GEMM configuration for conv and linear layers too (kernel choice "handwritten" leaves the layers
+// on the process-wide backend instead of the autotuner's pick); all restored on scope exit.
 class BackendGuard {
  public:
-  explicit BackendGuard(GemmBackend b) : saved_(kernels::cuda::gemm_backend()) { kernels::cuda::set_gemm_backend(b); }
-  ~BackendGuard() { kernels::cuda::set_gemm_backend(saved_); }
+  explicit BackendGuard(const GemmConfig& c)
+      : saved_(kernels::cuda::gemm_backend()), saved_planning_(kernels::cuda::gemm_planning()) {
+    kernels::cuda::set_gemm_backend(c.backend);
+    kernels::cuda::set_gemm_planning(c.planning);
+  }
+  ~BackendGuard() {
+    kernels::cuda::set_gemm_backend(saved_);
+    kernels::cuda::set_gemm_planning(saved_planning_);
+  }
 
  private:
   ChoiceGuard choice_{kernels::cuda::KernelChoice::kHandwritten};
   GemmBackend saved_;
+  GemmPlanning saved_planning_;
 };
-constexpr GemmBackend kBackends[] = {GemmBackend::kHandwritten, GemmBackend::kCublas};
+const GemmConfig kBackends[] = {{GemmBackend::kHandwritten, GemmPlanning::kAuto},
+                                {GemmBackend::kHandwritten, GemmPlanning::kBaseline},
+                                {GemmBackend::kHandwritten, GemmPlanning::kLarge},
+                                {GemmBackend::kCublas, GemmPlanning::kAuto}};
 
 // Tolerances. Conv/linear/GEMM: 1e-4 of max|ref| — float sums of a few hundred to a few thousand
 // products in a different order (tiles, FMA) than the CPU's, with TF32 off. Element-wise ops are
@@ -196,8 +220,8 @@ std::vector<double> gemm_reference(bool ta, bool tb, int64_t m, int64_t n, int64
   return out;
 }
 
-void check_gemm(GemmBackend backend, bool ta, bool tb, int64_t m, int64_t n, int64_t k, bool integers, uint64_t salt) {
-  SCOPED_TRACE(::testing::Message() << kernels::cuda::gemm_backend_name(backend) << " ta=" << ta << " tb=" << tb
+void check_gemm(const GemmConfig& backend, bool ta, bool tb, int64_t m, int64_t n, int64_t k, bool integers, uint64_t salt) {
+  SCOPED_TRACE(::testing::Message() << backend.name() << " ta=" << ta << " tb=" << tb
                                     << " m=" << m << " n=" << n << " k=" << k << (integers ? " integers" : ""));
   BackendGuard guard(backend);
   Stream st;
@@ -231,7 +255,7 @@ TEST(OpsCuda, GemmMatchesReferenceEveryTransposeAndBackend) {
   const int64_t shapes[][3] = {{1, 1, 1},   {3, 17, 33},  {33, 3, 17},     {65, 129, 257},
                                {17, 1, 64}, {1, 257, 3},  {10, 128, 3136}, {7, 33, 1001}, {64, 70, 490}};
   uint64_t salt = 0;
-  for (GemmBackend be : kBackends)
+  for (const GemmConfig& be : kBackends)
     for (int t = 0; t < 4; ++t)
       for (const auto& sh : shapes) check_gemm(be, t & 1, t & 2, sh[0], sh[1], sh[2], false, ++salt);
 }
@@ -240,7 +264,7 @@ TEST(OpsCuda, GemmSmallIntegersExact) {
   PIPAR_REQUIRE_CUDA();
   SCOPED_TRACE(seed_trace());
   uint64_t salt = 100;
-  for (GemmBackend be : kBackends)
+  for (const GemmConfig& be : kBackends)
     for (int t = 0; t < 4; ++t) {
       check_gemm(be, t & 1, t & 2, 70, 67, 300, true, ++salt);  // crosses tile edges in every dimension
       check_gemm(be, t & 1, t & 2, 1, 3, 17, true, ++salt);
@@ -250,7 +274,7 @@ TEST(OpsCuda, GemmSmallIntegersExact) {
 
 TEST(OpsCuda, GemmZeroKScalesC) {
   PIPAR_REQUIRE_CUDA();
-  for (GemmBackend be : kBackends) check_gemm(be, false, false, 5, 7, 0, true, 7);
+  for (const GemmConfig& be : kBackends) check_gemm(be, false, false, 5, 7, 0, true, 7);
 }
 
 // --- convolution ------------------------------------------------------------------------------------
@@ -336,9 +360,9 @@ TEST(OpsCuda, Conv2dMatchesCpu) {
   PIPAR_REQUIRE_CUDA();
   SCOPED_TRACE(seed_trace());
   uint64_t salt = 1000;
-  for (GemmBackend be : kBackends) {
+  for (const GemmConfig& be : kBackends) {
     BackendGuard guard(be);
-    SCOPED_TRACE(kernels::cuda::gemm_backend_name(be));
+    SCOPED_TRACE(be.name());
     for (const ConvCase& c : conv_cases()) check_conv(c, false, ++salt);
   }
 }
@@ -347,9 +371,9 @@ TEST(OpsCuda, Conv2dSmallIntegersExact) {
   PIPAR_REQUIRE_CUDA();
   SCOPED_TRACE(seed_trace());
   uint64_t salt = 2000;
-  for (GemmBackend be : kBackends) {
+  for (const GemmConfig& be : kBackends) {
     BackendGuard guard(be);
-    SCOPED_TRACE(kernels::cuda::gemm_backend_name(be));
+    SCOPED_TRACE(be.name());
     for (const ConvCase& c : conv_cases()) check_conv(c, true, ++salt);
   }
 }
@@ -397,9 +421,9 @@ TEST(OpsCuda, LinearMatchesCpu) {
   PIPAR_REQUIRE_CUDA();
   SCOPED_TRACE(seed_trace());
   uint64_t salt = 3000;
-  for (GemmBackend be : kBackends) {
+  for (const GemmConfig& be : kBackends) {
     BackendGuard guard(be);
-    SCOPED_TRACE(kernels::cuda::gemm_backend_name(be));
+    SCOPED_TRACE(be.name());
     for (bool integers : {false, true}) {
       check_linear({1, 1, 1, 1}, 1, true, integers, ++salt);
       check_linear({3, 17, 1, 1}, 33, true, integers, ++salt);
@@ -819,9 +843,9 @@ TEST(OpsCuda, TwoStreamsMatchOneStream) {
   const std::vector<float> x = rng.uniform_vec(StepBuffers::kX.numel()), w = rng.uniform_vec(StepBuffers::kW.numel());
   const std::vector<float> lw = rng.uniform_vec(10 * 512, -0.05f, 0.05f);
   const std::vector<int32_t> labels{0, 7, 9};
-  for (GemmBackend be : kBackends) {
+  for (const GemmConfig& be : kBackends) {
     BackendGuard guard(be);
-    SCOPED_TRACE(kernels::cuda::gemm_backend_name(be));
+    SCOPED_TRACE(be.name());
     Stream s0, s1, s2;
     StepBuffers ref(x, w, lw, labels, s0), one(x, w, lw, labels, s1), two(x, w, lw, labels, s2);
     for (int it = 0; it < 3; ++it) {
