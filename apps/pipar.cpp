@@ -466,6 +466,14 @@ int main(int argc, char** argv) {
         ->capture_default_str();
   };
   add_net(train);
+  auto add_profile_clock = [&](CLI::App* a) {
+    a->add_option("--device-profile-clock", net.device_profile_clock,
+                  "What times the devices' set-up profiles: wall, cpu (CPU time, one-thread devices), or auto (CPU time "
+                  "where one-thread devices share this machine's cores)")
+        ->check(CLI::IsMember({"auto", "wall", "cpu"}))
+        ->capture_default_str();
+  };
+  add_profile_clock(train);
   train->add_option("--device-threads", device_threads, "CPU threads of each device process (distributed modes)")
       ->capture_default_str();
   train->add_option("--shared-cores", net.shared_cores,
@@ -482,6 +490,7 @@ int main(int argc, char** argv) {
   server->add_flag("--insecure", server_sec.insecure, "Plain links: no authentication, no encryption");
   add_train_options(server);
   add_net(server);
+  add_profile_clock(server);
   int server_shared_cores = 0, server_shared_device_threads = 1;
   server->add_option("--shared-cores", server_shared_cores,
                      "The devices run on this machine, sharing this many cores with the server, for the planner (as pipar "

@@ -228,7 +228,8 @@ struct Task {
 // Compute on cores that the devices and the server may share (Cluster::host_cores > 0): every
 // running thread gets an equal share of the cores (processor sharing, as the OS's scheduler), so a
 // task runs at its profile's pace only in the company its profile was measured in: a device's
-// alongside all K devices (min(threads, cores / K) cores), the server's alone (min(threads, cores)).
+// alongside all K devices (min(threads, cores / K) cores) or alone (Cluster::host_device_profiles_alone),
+// the server's alone (min(threads, cores)).
 // Each side keeps a virtual clock that advances at its current pace; a task ends when its side's
 // clock has advanced by its work. Devices all run at one pace (their threads are the same), so their
 // running tasks sit in one heap keyed by the virtual time they end at. A server of 0 threads (a GPU's)
@@ -236,9 +237,9 @@ struct Task {
 // at its start plus its work.
 class Cores {
  public:
-  Cores(int cores, int device_threads, int server_threads, size_t k)
+  Cores(int cores, int device_threads, int server_threads, size_t k, bool devices_alone)
       : cores_(cores), dev_threads_(device_threads), srv_threads_(server_threads),
-        dev_profiled_(std::min<double>(device_threads, static_cast<double>(cores) / static_cast<double>(k))) {}
+        dev_profiled_(std::min<double>(device_threads, static_cast<double>(cores) / static_cast<double>(devices_alone ? 1 : k))) {}
   bool shared() const { return cores_ > 0; }
   double device_clock() const { return vd_; }
   double server_clock() const { return vs_; }
@@ -340,7 +341,7 @@ double CostModel::simulate(Mode mode, const std::vector<int>& split, int micro_b
   const bool grouped = (c_.server_lanes > 1 || stacked) && !c_.private_labels;
   const size_t lanes = stacked ? k : static_cast<size_t>(c_.server_lanes);
   const int lane_threads = std::max(1, c_.host_server_threads / c_.server_lanes);
-  Cores cores(c_.host_cores, c_.host_device_threads, c_.host_server_threads, k);
+  Cores cores(c_.host_cores, c_.host_device_threads, c_.host_server_threads, k, c_.host_device_profiles_alone);
   double now = 0, span = 0, core_s = 0;
 
   auto stage_of = [&](size_t d, int64_t m) -> const Stage& {

@@ -16,7 +16,8 @@
 // Shared host (Cluster::host_cores > 0, `pipar train`): the compute stages of the devices and the
 // server run on the same cores, each running thread on an equal share of them (processor sharing),
 // so a stage's time is its profile's only in the company its profile was measured in: the server's
-// alone, a device's alongside all K devices. A server stage that overlaps the devices' compute runs
+// alone, a device's alongside all K devices (or alone too, where the devices measured their CPU time:
+// Cluster::host_device_profiles_alone). A server stage that overlaps the devices' compute runs
 // slower than its profile, a device's that runs while the others wait, faster.
 //
 // With server lanes L > 1 (cross-device batching), when the server comes free it takes the arrivals
@@ -82,6 +83,9 @@ struct Cluster {
   int host_cores = 0;
   int host_server_threads = 1;  // threads of the server's kernels (its profile was measured alone with them); 0: a GPU's
   int host_device_threads = 1;  // threads of each device; their profiles were measured all at once
+  // Their profiles are each device's speed alone (min(threads, cores)), not all K at once (min(threads,
+  // cores / K)): profiled in CPU time on one thread (Profile::cpu_time), as `pipar train`'s devices do.
+  bool host_device_profiles_alone = false;
   // sfl and pipar with one server-side model for all devices (--server-model shared): its weights,
   // gradients and momentum count once in the server's memory, not once per device.
   bool shared_server_model = false;

@@ -33,15 +33,17 @@ double mean(std::vector<double> v) {
   return v.empty() ? 0 : sum / static_cast<double>(v.size());
 }
 
-// What a profile's times are read from: the wall clock, or (cores > 0) the process's CPU time spread
-// over `cores` (ProfileOptions::cpu_time_cores).
+// What a profile's times are read from: the wall clock, or (cores > 0) the CPU time spread over
+// `cores` (ProfileOptions::cpu_time_cores): the calling thread's where the kernels run on it alone
+// (one thread: neither the transport's threads nor, where devices are threads of one process as in
+// the tests, the other devices' count), else the process's.
 class Stopwatch {
  public:
-  explicit Stopwatch(double cores) : cores_(cores) {}
+  Stopwatch(double cores, bool one_thread) : cores_(cores), clock_(one_thread ? CLOCK_THREAD_CPUTIME_ID : CLOCK_PROCESS_CPUTIME_ID) {}
   double now() const {
     if (cores_ > 0) {
       timespec ts{};
-      clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+      clock_gettime(clock_, &ts);
       return (static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9) / cores_;
     }
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -50,6 +52,7 @@ class Stopwatch {
 
  private:
   double cores_;
+  clockid_t clock_;
 };
 
 constexpr int kMaxPasses = 100000;  // min_seconds_per_size: a bound on passes at one size
@@ -184,6 +187,7 @@ std::string Profile::to_json() const {
                   {"source", source},
                   {"seconds", seconds},
                   {"cpu_quota_cores", cpu_quota_cores},
+                  {"cpu_time", cpu_time},
                   {"sizes", sizes},
                   {"min_micro_batch", min_micro_batch},
                   {"loss_s", loss_s},
@@ -247,6 +251,7 @@ Profile Profile::from_json(const std::string& text) {
     p.source = j.value("source", "measured");
     p.seconds = j.value("seconds", 0.0);
     p.cpu_quota_cores = j.value("cpu_quota_cores", 0.0);
+    p.cpu_time = j.value("cpu_time", false);
     for (const json& m : list_of(j.at("sizes"), "sizes", kMaxProfileSizes))
       p.sizes.push_back(int_of(m, "a size", 1, kMaxProfileMicroBatch));
     p.min_micro_batch = j.contains("min_micro_batch")
@@ -408,9 +413,10 @@ Profile profile_model(Model& model, const ProfileOptions& options) {
   const ScopedThreads threads(options.threads);
 
   const auto t_start = std::chrono::steady_clock::now();
-  const Stopwatch watch(options.cpu_time_cores);
+  const Stopwatch watch(options.cpu_time_cores, kernels::num_threads() == 1);
   Profile p = describe(model);
   p.sizes = sizes;
+  p.cpu_time = options.cpu_time_cores > 0;
   const size_t nb = model.num_blocks();
   std::vector<std::vector<Param*>> params(nb);
   for (size_t b = 0; b < nb; ++b) params[b] = model.params(b, b + 1);

@@ -39,6 +39,9 @@ struct Profile {
   // The CPU quota it was measured under (cores, as cpu_quota(); 0: none). Its times are then the speed
   // the quota sustains under a full load; a lightly loaded process runs faster, in bursts.
   double cpu_quota_cores = 0;
+  // Its times are the process's CPU time (ProfileOptions::cpu_time_cores), not the wall clock's: on
+  // one thread, the speed it runs at with a core to itself, whatever else shared the cores meanwhile.
+  bool cpu_time = false;
   std::vector<int64_t> sizes;        // micro-batch sizes measured, strictly increasing, >= 1
   int64_t min_micro_batch = 1;       // the smallest size training accepts (2 where batch-norm sees one value per channel at 1)
   std::vector<double> loss_s;        // softmax cross-entropy (forward + gradient) at each size
@@ -133,6 +136,8 @@ CpuQuota cpu_quota();
 // a CPU quota (cpu_quota) below the threads measured with, times are CPU time over the quota
 // (cpu_time_cores), each size over several of the quota's periods (min_seconds_per_size), and the
 // profile records the quota (cpu_quota_cores). *note (if given) says what the quota made it do.
+// Without a binding quota, options.cpu_time_cores (if set) stands: a device that shares its machine's
+// cores with others measured at the same time asks for its CPU time on one thread (cpu_time_cores 1).
 Profile profile_this_process(Model& model, ProfileOptions options, std::string* note = nullptr);
 
 // A FLOP-based estimate (no measurement): forward = fixed_s + flops/flops_per_s per block, backward

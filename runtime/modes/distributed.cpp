@@ -47,6 +47,15 @@ namespace {
 
 bool is_split_mode(const std::string& mode) { return mode == "sl" || mode == "sfl" || mode == "pipar"; }
 
+// Whether the devices time their set-up profiles by their CPU time (NetConfig::device_profile_clock).
+bool device_profiles_in_cpu_time(const NetConfig& n) {
+  if (n.device_profile_clock == "cpu") return true;
+  if (n.device_profile_clock == "wall") return false;
+  if (n.device_profile_clock != "auto")
+    throw Error("device profile clock '" + n.device_profile_clock + "': expected auto, wall or cpu");
+  return n.launched_device_threads == 1 && n.shared_cores != 0;
+}
+
 json config_to_json(const TrainConfig& c, const NetConfig& n) {
   return {{"mode", c.mode},
           {"model", c.model},
@@ -78,7 +87,8 @@ json config_to_json(const TrainConfig& c, const NetConfig& n) {
           {"latency_ms", n.latency_ms},
           // Devices measure their block times for the planner: it chooses the plan (--split or
           // --micro-batches auto) or scores the fixed one (predicted_round_seconds).
-          {"profile", is_split_mode(c.mode)}};
+          {"profile", is_split_mode(c.mode)},
+          {"profile_cpu_time", device_profiles_in_cpu_time(n)}};
 }
 
 TrainConfig config_from_json(const json& j) {
@@ -446,10 +456,14 @@ class DeviceRunner {
     labels_ = Tensor::empty({cfg_.batch_size, 1, 1, 1}, Device::kCpu, DType::kI32);
     // The planner needs this device's measured block times (to choose the plan, or to predict the
     // round time of a fixed one).
-    if (json::parse(plan.config).value("profile", false)) {
+    const json config = json::parse(plan.config);
+    if (config.value("profile", false)) {
       planner::ProfileOptions po;
       po.threads = o_.threads;
       po.sizes = {1, 4, 16, std::max<int64_t>(16, cfg_.batch_size)};
+      // Devices that share their cores with each other profile all at once: on one thread, their CPU
+      // time is their speed alone, whatever the OS's sharing did to the wall clock meanwhile.
+      if (config.value("profile_cpu_time", false) && o_.threads == 1) po.cpu_time_cores = 1;
       // A model of its own, as the server's: profiling takes SGD steps whose momentum (and batch-norm
       // statistics) would otherwise carry into training. The round's weights overwrite the values, not
       // the momentum: with private labels the tail's first steps went 0.5% off the shared run's.
@@ -457,6 +471,7 @@ class DeviceRunner {
       std::string note;
       const planner::Profile p = planner::profile_this_process(*own, po, &note);
       if (!note.empty()) log(note);
+      else if (p.cpu_time) log("profiling CPU time on 1 thread (devices that share cores profile at once)");
       profile_ = p.to_json();
     }
   }
@@ -1127,6 +1142,7 @@ class ServerRunner {
   void validate() {
     if (cfg_.mode != "fl" && !split_mode()) throw Error("unknown mode '" + cfg_.mode + "'; use local, fl, sl, sfl or pipar");
     if (cfg_.devices < 1 || cfg_.devices > 1024) throw Error("--devices must be 1..1024");
+    device_profiles_in_cpu_time(net_);  // an unknown clock fails here, before any device connects
     if (cfg_.batch_size < 2) throw Error("--batch-size must be at least 2");
     if (cfg_.micro_batches == 0 || cfg_.micro_batches < -1) throw Error("--micro-batches must be at least 1 (or auto)");
     if (cfg_.mode != "pipar") cfg_.micro_batches = 1;  // whole batches
@@ -1554,6 +1570,11 @@ class ServerRunner {
     if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
       c.host_cores = net_.shared_cores > 0 ? net_.shared_cores : kernels::hardware_threads();
       c.host_device_threads = net_.launched_device_threads;
+      // Each device's speed alone where every profile was timed by its CPU time (the devices profile
+      // at once; see NetConfig::device_profile_clock).
+      c.host_device_profiles_alone = std::all_of(profiles.begin(), profiles.end(), [](const planner::Profile& p) {
+        return p.cpu_time && p.cpu_quota_cores == 0 && p.threads == 1;
+      });
       c.host_server_threads = cuda ? 0 : lanes.first * lanes.second;  // a GPU server's kernels take no host core
     }
     c.private_labels = private_labels();  // the extra hop, and split points that leave the device the tail
@@ -1697,7 +1718,8 @@ class ServerRunner {
                                                  server_profile_s, " s");
     if (cluster_.host_cores > 0)
       say(detail::concat("planning for devices that share this machine's ", cluster_.host_cores, " cores with the server (",
-                         cluster_.host_device_threads, " thread(s) each)"));
+                         cluster_.host_device_threads, " thread(s) each; their profiles ",
+                         cluster_.host_device_profiles_alone ? "alone, in CPU time)" : "all at once)"));
     if (auto_plan_) {
       if (restore_plan()) return;
       // Micro-batches of one sample break batch-norm on models whose maps shrink to 1x1.

@@ -37,6 +37,12 @@ struct NetConfig {
   // this machine's cores.
   int launched_device_threads = 0;
   int shared_cores = -1;  // with launched devices: the cores they share with the server (-1: this machine's; 0: ignore)
+  // The clock the devices' set-up profiles are timed by: "wall"; "cpu", their CPU time (one-thread
+  // devices only: more threads keep the wall clock); "auto", CPU time where they share this machine's
+  // cores with each other (launched_device_threads 1, shared_cores not 0), since all profile at once
+  // and a wall-clock profile then holds however the OS shared the cores meanwhile (measured: 2.1-3.8x
+  // slower than alone, four devices on 2 cores, where the cost model takes 2x).
+  std::string device_profile_clock = "auto";
 };
 
 // Runs the server of a distributed run to the end: waits for cfg.devices devices, trains cfg.epochs

@@ -145,6 +145,30 @@ TEST(CostModel, ADeviceAloneRunsFasterThanItsSharedProfile) {
   EXPECT_NEAR(CostModel(c).batch(Mode::kSl, {1, 1, 1, 1}, 1).span_s, 36.0, 1e-9);
 }
 
+// Device profiles timed alone (host_device_profiles_alone: in CPU time, on one thread) hold half the
+// times of profiles taken four at once on 2 cores (half a core each), so the two clusters are the same
+// in every mode: sl's devices, which take turns, then run exactly at their profile's pace (48 s, as on
+// separate machines), and every mode agrees with the at-once cluster whose devices are twice as slow.
+TEST(CostModel, DevicesProfiledAloneAreTheAtOnceProfileAtTheirShareOfTheCores) {
+  Cluster alone = two_block_cluster(4, 0, 0, 0);
+  alone.host_cores = 2, alone.host_device_threads = 1, alone.host_server_threads = 2;
+  alone.host_device_profiles_alone = true;
+  EXPECT_NEAR(CostModel(alone).batch(Mode::kSl, {1, 1, 1, 1}, 1).span_s, 48.0, 1e-9);
+  Cluster at_once = alone;
+  at_once.host_device_profiles_alone = false;
+  for (DeviceSpec& d : at_once.devices) d.time_scale = 2;
+  for (const Mode mode : {Mode::kSl, Mode::kSfl, Mode::kPipar})
+    for (const int n : {1, 2}) {
+      const double a = CostModel(alone).batch(mode, {1, 1, 1, 1}, n).span_s;
+      EXPECT_NEAR(a, CostModel(at_once).batch(mode, {1, 1, 1, 1}, n).span_s, 1e-9 * a) << mode_name(mode) << " N=" << n;
+    }
+  // The at-once reading of the alone profile takes the devices for twice as fast as they run together.
+  Cluster misread = alone;
+  misread.host_device_profiles_alone = false;
+  EXPECT_LT(CostModel(misread).batch(Mode::kSfl, {1, 1, 1, 1}, 1).span_s,
+            CostModel(alone).batch(Mode::kSfl, {1, 1, 1, 1}, 1).span_s);
+}
+
 // Random clusters of several devices, lanes or not: with cores to spare the shared host is exactly
 // the separate machines' simulation; with one core too few no round is shorter than its compute over
 // the cores (one server lane: a lane group smaller than the lanes uses fewer threads than the bound
@@ -170,6 +194,9 @@ TEST(CostModel, SharedHostMatchesSeparateMachinesWithCoresToSpareAndHoldsItsCore
     c.host_device_threads = 1, c.host_server_threads = c.server_lanes;
     c.host_cores = static_cast<int>(k) + c.server_lanes;
     EXPECT_NEAR(CostModel(c).round(Mode::kPipar, split, n).span_s, separate, 1e-9 * separate) << "trial " << trial;
+    c.host_device_profiles_alone = true;  // a core each: alone or at once, the same pace
+    EXPECT_NEAR(CostModel(c).round(Mode::kPipar, split, n).span_s, separate, 1e-9 * separate) << "trial " << trial;
+    c.host_device_profiles_alone = false;
     if (c.server_lanes > 1) continue;
     c.host_cores = static_cast<int>(k);  // each device profiled on a core of its own
     const Timing shared = CostModel(c).round(Mode::kPipar, split, n);

@@ -62,12 +62,16 @@ TEST(Cli, ServerPlansForDevicesThatShareItsCores) {
   while (size_t n = fread(buf, 1, sizeof buf, p)) output.append(buf, n);
   pclose(p);
   EXPECT_TRUE(fs::exists(dir + "/summary.json")) << output;
-  EXPECT_NE(output.find("planning for devices that share this machine's 2 cores with the server (1 thread(s) each)"),
+  EXPECT_NE(output.find("planning for devices that share this machine's 2 cores with the server (1 thread(s) each; "
+                        "their profiles alone, in CPU time)"),
             std::string::npos)
       << output;
-  const Outcome r = run("server --insecure --shared-cores -1 --devices 1");
+  Outcome r = run("server --insecure --shared-cores -1 --devices 1");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.output.find("--shared-cores"), std::string::npos) << r.output;
+  r = run("server --insecure --shared-cores 2 --devices 1 --device-profile-clock sundial");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.output.find("--device-profile-clock"), std::string::npos) << r.output;
 }
 
 TEST(Cli, BadInputGivesClearErrors) {

@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "kernels/rng.h"
+#include "planner/profile.h"
 #include "runtime/checkpoint.h"
 #include "runtime/data.h"
 #include "runtime/model.h"
@@ -61,7 +62,7 @@ NetConfig fast_net() {
 
 // Runs a server and `devices` real devices (threads) to the end.
 TrainResult run_cluster(const TrainConfig& c, const NetConfig& n, int devices,
-                        const std::function<void(const std::string&)>& extra = {}) {
+                        const std::function<void(const std::string&)>& extra = {}, ProgressSink* progress = nullptr) {
   std::vector<std::thread> threads;
   std::vector<int> codes(static_cast<size_t>(devices), -1);
   struct JoinAll {  // a failing server must not leave joinable threads behind
@@ -71,7 +72,7 @@ TrainResult run_cluster(const TrainConfig& c, const NetConfig& n, int devices,
         if (x.joinable()) x.join();
     }
   } join_all{threads};
-  TrainResult r = run_server(c, n, nullptr, [&](const std::string& endpoint) {
+  TrainResult r = run_server(c, n, progress, [&](const std::string& endpoint) {
     for (int d = 0; d < devices; ++d)
       threads.emplace_back([&, d, endpoint] {
         DeviceOptions o;
@@ -527,6 +528,37 @@ std::vector<nlohmann::json> metrics(const std::string& dir) {
   std::vector<nlohmann::json> out;
   for (std::string line; std::getline(f, line);) out.push_back(nlohmann::json::parse(line));
   return out;
+}
+
+// Devices that share the server's machine on one thread each (launched_device_threads 1, as pipar
+// train's) profile at set-up in their CPU time, and the planner reads those profiles as each device's
+// speed alone (the server log says so); --device-profile-clock wall keeps the wall clock, an unknown
+// clock is refused before anything starts.
+TEST(Distributed, DevicesSharingTheCoresProfileInCpuTime) {
+  for (const std::string clock : {"auto", "wall"}) {
+    TrainConfig c = small_config("pipar", "profile_clock_" + clock);
+    c.split = c.micro_batches = -1;
+    NetConfig n = fast_net();
+    n.launched_device_threads = 1;
+    n.shared_cores = 2;
+    n.device_profile_clock = clock;
+    Said said;
+    run_cluster(c, n, 2, {}, &said);
+    for (const int d : {0, 1}) {
+      const planner::Profile p = planner::Profile::load(c.out_dir + "/profile_device" + std::to_string(d) + ".json");
+      EXPECT_EQ(p.cpu_time, clock == "auto") << clock << " device " << d;
+    }
+    EXPECT_TRUE(said.any(clock == "auto" ? "their profiles alone, in CPU time" : "their profiles all at once")) << clock;
+  }
+  NetConfig bad = fast_net();
+  bad.device_profile_clock = "sundial";
+  TrainConfig c = small_config("pipar", "profile_clock_bad");
+  try {
+    run_server(c, bad);
+    ADD_FAILURE() << "an unknown profile clock was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("sundial"), std::string::npos) << e.what();
+  }
 }
 
 // Runs a and b trained the same model over `rounds` rounds of small_config: per round the train and
