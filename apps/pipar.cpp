@@ -428,8 +428,8 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     a->add_option("--server-lanes", cfg.server_lanes,
                   "sfl, pipar: server-side replicas trained side by side, each on a share of the server's threads "
-                  "(cross-device batching; 0: one at a time or min(devices, threads) lanes, as the cost model predicts faster; "
-                  "1: one micro-batch at a time)")
+                  "(cross-device batching; 0: one at a time or min(devices, threads) lanes, as the cost model predicts faster, "
+                  "one at a time where the devices share the server's cores; 1: one micro-batch at a time)")
         ->capture_default_str();
     a->add_option("--server-batching", cfg.server_batching,
                   "sfl, pipar: lanes (replicas side by side, --server-lanes), stack (up to 64 replicas stacked: one "

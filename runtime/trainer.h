@@ -29,8 +29,9 @@ struct TrainConfig {
   float weight_decay = 0.0f;
   int threads = 0;  // 0 = all cores
   // sfl, pipar (per-device server-side replicas, shared labels): replicas the server trains side by
-  // side, each on threads / lanes cores (cross-device batching, runtime/lanes.h); 0 = min(devices,
-  // threads); 1 = one micro-batch at a time on all threads.
+  // side, each on threads / lanes cores (cross-device batching, runtime/lanes.h); 0 = one at a time or
+  // min(devices, threads) lanes, as the cost model predicts faster (one at a time where the devices
+  // share the server's cores); 1 = one micro-batch at a time on all threads.
   int server_lanes = 0;
   // sfl, pipar (per-device replicas, shared labels, one split): "lanes" (above), or "stack": up to 64
   // replicas stacked as one part (runtime/replica_stack.h), a group of same-size micro-batches trained

@@ -1426,6 +1426,11 @@ class ServerRunner {
     }
     if (cuda) return {ServerLanes::cuda_lanes(cfg_.devices, cfg_.server_lanes)};
     if (private_labels() && cfg_.server_lanes == 0) return {{1, threads}};
+    // Devices on the server's own cores (pipar train, --shared-cores): lanes only where asked for. The
+    // cost model credits them with gains they never showed beside the devices on a 2-core test bed
+    // (bench/RESULTS.md: VGG16, predicted 10%, measured 3-6% slower; VGG11 at 50 Mbit/s, predicted
+    // 18%, 2-lane runs 3.90-4.66 s against one lane's 3.43-3.92), though alone they gain 1.11-1.15x.
+    if (cfg_.server_lanes == 0 && net_.launched_device_threads > 0 && net_.shared_cores != 0) return {{1, threads}};
     return ServerLanes::options(cfg_.devices, threads, cfg_.server_lanes);
   }
 
