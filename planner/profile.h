@@ -39,8 +39,9 @@ struct Profile {
   // The CPU quota it was measured under (cores, as cpu_quota(); 0: none). Its times are then the speed
   // the quota sustains under a full load; a lightly loaded process runs faster, in bursts.
   double cpu_quota_cores = 0;
-  // Its times are the process's CPU time (ProfileOptions::cpu_time_cores), not the wall clock's: on
-  // one thread, the speed it runs at with a core to itself, whatever else shared the cores meanwhile.
+  // Its times are CPU time (ProfileOptions::cpu_time_cores; on one thread that thread's), not the
+  // wall clock's: on one thread, the speed it runs at with a core to itself, whatever else shared the
+  // cores meanwhile.
   bool cpu_time = false;
   std::vector<int64_t> sizes;        // micro-batch sizes measured, strictly increasing, >= 1
   int64_t min_micro_batch = 1;       // the smallest size training accepts (2 where batch-norm sees one value per channel at 1)

@@ -47,13 +47,17 @@ namespace {
 
 bool is_split_mode(const std::string& mode) { return mode == "sl" || mode == "sfl" || mode == "pipar"; }
 
+// Whether the device processes run on the server's machine and share its cores (pipar train's, or
+// pipar server --shared-cores), for the planner.
+bool devices_share_cores(const NetConfig& n) { return n.launched_device_threads > 0 && n.shared_cores != 0; }
+
 // Whether the devices time their set-up profiles by their CPU time (NetConfig::device_profile_clock).
 bool device_profiles_in_cpu_time(const NetConfig& n) {
   if (n.device_profile_clock == "cpu") return true;
   if (n.device_profile_clock == "wall") return false;
   if (n.device_profile_clock != "auto")
     throw Error("device profile clock '" + n.device_profile_clock + "': expected auto, wall or cpu");
-  return n.launched_device_threads == 1 && n.shared_cores != 0;
+  return devices_share_cores(n) && n.launched_device_threads == 1;
 }
 
 json config_to_json(const TrainConfig& c, const NetConfig& n) {
@@ -1430,7 +1434,7 @@ class ServerRunner {
     // cost model credits them with gains they never showed beside the devices on a 2-core test bed
     // (bench/RESULTS.md: VGG16, predicted 10%, measured 3-6% slower; VGG11 at 50 Mbit/s, predicted
     // 18%, 2-lane runs 3.90-4.66 s against one lane's 3.43-3.92), though alone they gain 1.11-1.15x.
-    if (cfg_.server_lanes == 0 && net_.launched_device_threads > 0 && net_.shared_cores != 0) return {{1, threads}};
+    if (cfg_.server_lanes == 0 && devices_share_cores(net_)) return {{1, threads}};
     return ServerLanes::options(cfg_.devices, threads, cfg_.server_lanes);
   }
 
@@ -1572,7 +1576,7 @@ class ServerRunner {
     c.server_per_micro_batch_s = planner::kServerPerMicroBatchS;
     const bool cuda = server_device_ != Device::kCpu;
     c.server_lanes = cuda ? 1 : lanes.first;  // a GPU: one server, its streams' overlap not credited
-    if (net_.launched_device_threads > 0 && net_.shared_cores != 0) {  // pipar train: devices and server on one machine
+    if (devices_share_cores(net_)) {  // pipar train: devices and server on one machine
       c.host_cores = net_.shared_cores > 0 ? net_.shared_cores : kernels::hardware_threads();
       c.host_device_threads = net_.launched_device_threads;
       // Each device's speed alone where every profile was timed by its CPU time (the devices profile

@@ -6,9 +6,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <csignal>
-
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -252,8 +251,8 @@ TEST(Profile, CpuTimeNeedsTheCpuAndPositiveCores) {
 // VGG5 at 16 samples beside 2x the cores' spinning processes, against the same profile without them,
 // each size timed for 0.5 s (a mean over passes: a median of a few short passes can miss the time
 // slices others took). Each spinner takes a share of the cores, so the wall-clock profile is ~2.5x
-// slower (2.35-3.65x seen on a 2-vCPU EPYC VM), the CPU-time one near alone, but for caches and a
-// sibling hyperthread (0.95-1.39x seen). Bounds: wall > 1.5x alone, CPU time within 0.6-1.8x alone
+// slower (1.89-3.65x over nine runs on a 2-vCPU EPYC VM), the CPU-time one near alone, but for
+// caches and a sibling hyperthread (0.95-1.39x). Bounds: wall > 1.5x alone, CPU time within 0.6-1.8x alone
 // and under 0.75x the wall clock's.
 TEST(Profile, OneThreadInCpuTimeIgnoresNeighbours) {
   ProfileOptions o;
